@@ -1,0 +1,5 @@
+import sys
+
+from meshlib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,834 @@
+"""The environment, turned into frozen configuration objects.
+
+Every variable meshlib reads is declared once in ``VARIABLES``: its name, default, an
+example, what a valid value looks like, and a description. That one table drives the
+parsing, the validation messages, the per-service overrides, the check for unknown
+``MESH_*`` names, and the table in docs/configuration.md (a test keeps the two equal).
+
+A bad value raises ``ConfigError`` with one line per bad variable naming the variable,
+the value and what was expected, so a typo stops start-up instead of surfacing as a
+mysterious timeout an hour later.
+
+Per-service overrides put the service after a double underscore, upper-cased with ``-``
+as ``_``: ``MESH_TIMEOUT__WEATHER=1s`` applies to the service ``weather`` only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+from ._exceptions import ConfigError
+
+__all__ = [
+    "VARIABLES",
+    "ConsulSettings",
+    "HashOn",
+    "HostPort",
+    "MeshConfig",
+    "ServicePolicy",
+    "Variable",
+    "load_config",
+    "markdown_table",
+    "override_key",
+    "parse_duration",
+]
+
+logger = logging.getLogger("meshlib.config")
+
+LB_POLICIES = ("round_robin", "least_request", "p2c_ewma", "random", "ring_hash")
+LbPolicy = Literal["round_robin", "least_request", "p2c_ewma", "random", "ring_hash"]
+TlsMode = Literal["off", "permissive", "strict"]
+DiscoveryMode = Literal["consul", "static"]
+
+_SERVICE_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?)$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+# --------------------------------------------------------------------------- values
+
+
+class _Invalid(ValueError):
+    """A parser's explanation meant for the user; other ValueErrors only say 'invalid'."""
+
+
+class HostPort(NamedTuple):
+    """One statically configured endpoint: host, port and load-balancing weight."""
+
+    host: str
+    port: int
+    weight: int = 1
+
+
+class HashOn(NamedTuple):
+    """What ``ring_hash`` hashes: a request header or a cookie, by name."""
+
+    source: Literal["header", "cookie"]
+    name: str
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``250ms``, ``2s``, ``1m``, ``1h``, ``1m30s`` or bare seconds (``0.5``) to seconds.
+
+    Raises ``ValueError`` for anything else, including zero, negatives, NaN and infinity.
+    """
+    value = text.strip().lower()
+    seconds: float
+    try:
+        seconds = float(value)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for match in _DURATION_PART.finditer(value):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            pos = match.end()
+        if pos == 0 or pos != len(value):
+            raise ValueError(text) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(text)
+    return seconds
+
+
+def _duration(text: str) -> float:
+    return parse_duration(text)
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        number = int(text.strip(), 10)
+        if not low <= number <= high:
+            raise ValueError(text)
+        return number
+
+    return parse
+
+
+def _ratio(low: float, high: float) -> Callable[[str], float]:
+    """``20%`` or ``0.2``: a fraction between ``low`` and ``high``."""
+
+    def parse(text: str) -> float:
+        value = text.strip()
+        number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+        if not (math.isfinite(number) and low <= number <= high):
+            raise ValueError(text)
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _service_name(text: str) -> str:
+    if not _SERVICE_NAME.match(text):
+        raise ValueError(text)
+    return text
+
+
+def _version(text: str) -> str:
+    if not _VERSION.match(text):
+        raise ValueError(text)
+    return text
+
+
+def _host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text.partition("]")
+        host += "]"
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise _Invalid(f"{text!r} is not host:port")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise _Invalid(f"{text!r} has no port")
+        port = default_port
+    else:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise _Invalid(f"{text!r} has no valid port")
+        port = int(port_text)
+    if not _HOST.match(host):
+        raise _Invalid(f"{text!r} has no valid host")
+    return host.strip("[]"), port
+
+
+def _static_services(text: str) -> Mapping[str, tuple[HostPort, ...]]:
+    services: dict[str, tuple[HostPort, ...]] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, endpoints_text = entry.partition("=")
+        name = name.strip()
+        if not sep or not _SERVICE_NAME.match(name):
+            raise _Invalid(f"{entry!r} does not start with a service name and '='")
+        if name in services:
+            raise _Invalid(f"service {name!r} appears twice")
+        endpoints: list[HostPort] = []
+        for item in filter(None, (part.strip() for part in endpoints_text.split(","))):
+            address, star, weight_text = item.partition("*")
+            weight = 1
+            if star:
+                if not weight_text.isdigit() or not 1 <= int(weight_text) <= 1000:
+                    raise _Invalid(f"weight in {item!r} is not a whole number from 1 to 1000")
+                weight = int(weight_text)
+            host, port = _host_port(address)
+            endpoints.append(HostPort(host, port, weight))
+        if not endpoints:
+            raise _Invalid(f"service {name!r} has no endpoints")
+        services[name] = tuple(endpoints)
+    return MappingProxyType(services)
+
+
+def _hash_on(text: str) -> HashOn:
+    source, sep, name = text.strip().partition(":")
+    if not sep or source not in ("header", "cookie") or not _HEADER_NAME.match(name):
+        raise ValueError(text)
+    return HashOn(source, name.lower() if source == "header" else name)  # type: ignore[arg-type]
+
+
+def _consul_addr(text: str) -> str:
+    """``host:port`` or ``http(s)://host[:port]`` -> base URL without a trailing slash."""
+    value = text.strip()
+    if "://" not in value:
+        host, port = _host_port(value, default_port=8500)
+        return f"http://{_bracket(host)}:{port}"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(text)
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(text)
+    port = parts.port or (443 if parts.scheme == "https" else 8500)
+    return f"{parts.scheme}://{_bracket(parts.hostname)}:{port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise _Invalid(f"no readable file at {text!r}")
+    return text
+
+
+def _host_name(text: str) -> str:
+    if not _HOST.match(text.strip()) or text.strip().startswith("["):
+        raise ValueError(text)
+    return text.strip()
+
+
+def _text(text: str) -> str:
+    return text
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable meshlib reads."""
+
+    name: str
+    default: str
+    example: str
+    expected: str
+    help: str
+    parse: Callable[[str], Any] = field(repr=False, compare=False)
+    #: May be overridden per service as ``<name>__<SERVICE>``.
+    per_service: bool = False
+    #: Whose variable it is: meshlib's own, or Consul's / OpenTelemetry's honoured as is.
+    owner: Literal["meshlib", "consul", "otel"] = "meshlib"
+    #: Never echo the value in an error message (tokens).
+    secret: bool = False
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "MESH_SERVICE_NAME",
+        "`OTEL_SERVICE_NAME`, else unset",
+        "forecast",
+        "a service name: lowercase letters, digits and '-', starting with a letter, "
+        "at most 63 characters",
+        "The name this process serves as in the mesh (registration, identity, telemetry). "
+        "A process that only calls other services may leave it unset.",
+        _service_name,
+    ),
+    Variable(
+        "MESH_SERVICE_VERSION",
+        "unset",
+        "v2",
+        "a version label of letters, digits, '.', '_' or '-' (at most 63 characters)",
+        "The version of this instance, registered in Consul's `Meta.version`; subsets and "
+        "canaries select on it.",
+        _version,
+    ),
+    Variable(
+        "MESH_DISCOVERY",
+        "`consul` if `CONSUL_HTTP_ADDR` is set, else `static`",
+        "static",
+        "one of consul, static",
+        "Where endpoints come from: Consul's health API, or `MESH_STATIC_SERVICES`.",
+        _choice("consul", "static"),
+    ),
+    Variable(
+        "MESH_STATIC_SERVICES",
+        "empty",
+        "weather=127.0.0.1:8001,127.0.0.1:8002;geo=[::1]:9001*2",
+        "'service=host:port,host:port;service=host:port' with an optional weight as 'host:port*3'",
+        "Endpoints of each service for static discovery (the embedded default).",
+        _static_services,
+    ),
+    Variable(
+        "MESH_DISCOVERY_TIMEOUT",
+        "2s",
+        "500ms",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "How long the first request to a service never seen before may wait for discovery "
+        "to find it. Requests to known services never wait on discovery.",
+        _duration,
+    ),
+    Variable(
+        "MESH_LB",
+        "p2c_ewma",
+        "round_robin",
+        "one of " + ", ".join(LB_POLICIES),
+        "Load-balancing policy: power of two choices over peak-EWMA latency (`p2c_ewma`), "
+        "`least_request` (P2C on in-flight requests), `round_robin`, `random`, or "
+        "`ring_hash` (sticky by `MESH_LB_HASH_ON`). All honour endpoint weights.",
+        _choice(*LB_POLICIES),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_LB_HASH_ON",
+        "unset (a random key per request)",
+        "header:x-user-id",
+        "'header:<name>' or 'cookie:<name>'",
+        "What `ring_hash` hashes to pick an endpoint, so one user sticks to one instance.",
+        _hash_on,
+        per_service=True,
+    ),
+    Variable(
+        "MESH_TIMEOUT",
+        "5s",
+        "800ms",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "Timeout of one attempt (connect, write, and each read).",
+        _duration,
+        per_service=True,
+    ),
+    Variable(
+        "MESH_DEADLINE",
+        "15s",
+        "3s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "Budget of the whole request: every attempt and backoff. The remaining budget is sent "
+        "downstream in `x-mesh-deadline-ms` so the callee can give up early.",
+        _duration,
+        per_service=True,
+    ),
+    Variable(
+        "MESH_RETRIES",
+        "2",
+        "3",
+        "a whole number from 0 to 10",
+        "Retries after the first attempt, for retryable outcomes only (connect failures, "
+        "resets before a response, 502/503/504); non-idempotent requests only by opt-in.",
+        _int_between(0, 10),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_RETRY_BUDGET",
+        "20%",
+        "0.1",
+        "a ratio from 0% to 1000%, as '20%' or '0.2'",
+        "Retries allowed as a share of recent requests (over 10 s), on top of "
+        "`MESH_RETRY_MIN_PER_SECOND`, so a dead service does not get a retry storm.",
+        _ratio(0.0, 10.0),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_RETRY_MIN_PER_SECOND",
+        "10",
+        "5",
+        "a whole number from 0 to 100000",
+        "Retries always allowed per second regardless of the ratio, so low-traffic services "
+        "can still retry.",
+        _int_between(0, 100_000),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_RETRY_BACKOFF",
+        "25ms",
+        "50ms",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "Base of the exponential backoff between attempts (full jitter).",
+        _duration,
+        per_service=True,
+    ),
+    Variable(
+        "MESH_RETRY_BACKOFF_MAX",
+        "250ms",
+        "1s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "Longest backoff between two attempts; a `Retry-After` longer than the remaining "
+        "deadline is not waited for.",
+        _duration,
+        per_service=True,
+    ),
+    Variable(
+        "MESH_OUTLIER_CONSECUTIVE_ERRORS",
+        "5",
+        "3",
+        "a whole number from 1 to 1000",
+        "Consecutive gateway errors (502/503/504, connect failures, resets) or 5xx that eject "
+        "an endpoint from load balancing.",
+        _int_between(1, 1000),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_OUTLIER_EJECTION_TIME",
+        "30s",
+        "5s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "Base ejection time; an endpoint ejected again stays out that many times longer "
+        "(capped at 10 times the base).",
+        _duration,
+        per_service=True,
+    ),
+    Variable(
+        "MESH_OUTLIER_MAX_EJECTION",
+        "50%",
+        "34%",
+        "a ratio from 0% to 100%, as '50%' or '0.5'",
+        "Most of a service's endpoints that may be ejected at once (at least one always may).",
+        _ratio(0.0, 1.0),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_PANIC_THRESHOLD",
+        "50%",
+        "0",
+        "a ratio from 0% to 100%, as '50%' or '0.5'",
+        "When fewer than this share of endpoints are available, balance across all of them "
+        "(ejected ones too) rather than overload the few left. `0` disables panic mode.",
+        _ratio(0.0, 1.0),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_BREAKER_FAILURES",
+        "20",
+        "10",
+        "a whole number from 1 to 100000",
+        "Consecutive failed requests to a service (after retries) that open its circuit "
+        "breaker; while open, requests fail fast with `meshlib.CircuitOpen`.",
+        _int_between(1, 100_000),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_BREAKER_RESET",
+        "10s",
+        "30s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "How long an open breaker stays open before letting probes through (half-open).",
+        _duration,
+        per_service=True,
+    ),
+    Variable(
+        "MESH_BREAKER_PROBES",
+        "1",
+        "3",
+        "a whole number from 1 to 1000",
+        "Requests let through at once while half-open; the rest fail fast until a probe "
+        "succeeds (closing the breaker) or fails (re-opening it).",
+        _int_between(1, 1000),
+        per_service=True,
+    ),
+    Variable(
+        "MESH_TLS",
+        "off",
+        "strict",
+        "one of off, permissive, strict",
+        "Mesh TLS: `off` is plain HTTP; `permissive` serves mTLS and plaintext (to migrate a "
+        "fleet without downtime); `strict` requires mTLS both ways.",
+        _choice("off", "permissive", "strict"),
+    ),
+    # ---- Consul's own variables, honoured as the consul CLI reads them
+    Variable(
+        "CONSUL_HTTP_ADDR",
+        "unset (no Consul)",
+        "127.0.0.1:8500",
+        "host:port or http(s)://host[:port]",
+        "Address of the local Consul agent. Setting it makes Consul the default discovery.",
+        _consul_addr,
+        owner="consul",
+    ),
+    Variable(
+        "CONSUL_HTTP_TOKEN",
+        "unset",
+        "(an ACL token)",
+        "an ACL token",
+        "ACL token sent to Consul as `X-Consul-Token`. Never logged.",
+        _text,
+        owner="consul",
+        secret=True,
+    ),
+    Variable(
+        "CONSUL_HTTP_TOKEN_FILE",
+        "unset",
+        "/run/secrets/consul-token",
+        "the path of a readable file",
+        "File holding the ACL token (used when `CONSUL_HTTP_TOKEN` is unset).",
+        _existing_file,
+        owner="consul",
+    ),
+    Variable(
+        "CONSUL_HTTP_SSL",
+        "false",
+        "true",
+        "true or false",
+        "Talk to Consul over HTTPS when `CONSUL_HTTP_ADDR` has no scheme.",
+        _bool,
+        owner="consul",
+    ),
+    Variable(
+        "CONSUL_HTTP_SSL_VERIFY",
+        "true",
+        "false",
+        "true or false",
+        "Verify Consul's HTTPS certificate.",
+        _bool,
+        owner="consul",
+    ),
+    Variable(
+        "CONSUL_CACERT",
+        "unset (system trust)",
+        "/etc/consul.d/ca.pem",
+        "the path of a readable file",
+        "CA bundle that signs Consul's HTTPS certificate.",
+        _existing_file,
+        owner="consul",
+    ),
+    Variable(
+        "CONSUL_CLIENT_CERT",
+        "unset",
+        "/etc/consul.d/client.pem",
+        "the path of a readable file",
+        "Client certificate for Consul's HTTPS API (with `CONSUL_CLIENT_KEY`).",
+        _existing_file,
+        owner="consul",
+    ),
+    Variable(
+        "CONSUL_CLIENT_KEY",
+        "unset",
+        "/etc/consul.d/client-key.pem",
+        "the path of a readable file",
+        "Key of `CONSUL_CLIENT_CERT`.",
+        _existing_file,
+        owner="consul",
+    ),
+    Variable(
+        "CONSUL_TLS_SERVER_NAME",
+        "unset",
+        "consul.example.internal",
+        "a host name",
+        "Server name to verify Consul's certificate against.",
+        _host_name,
+        owner="consul",
+    ),
+    # ---- OpenTelemetry's: the SDK reads all OTEL_*; meshlib itself reads this one
+    Variable(
+        "OTEL_SERVICE_NAME",
+        "unset",
+        "forecast",
+        "a service name",
+        "Used as `MESH_SERVICE_NAME` when that is unset. All other `OTEL_*` variables are "
+        "honoured by the OpenTelemetry SDK as documented there.",
+        _text,
+        owner="otel",
+    ),
+)
+
+_BY_NAME: Mapping[str, Variable] = MappingProxyType({v.name: v for v in VARIABLES})
+
+
+def override_key(service: str) -> str:
+    """The suffix of a per-service override: ``forecast-v2`` -> ``FORECAST_V2``."""
+    return service.upper().replace("-", "_").replace(".", "_")
+
+
+# --------------------------------------------------------------------------- config objects
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """How calls to one service behave. Swapping one for another is a pointer swap."""
+
+    lb: LbPolicy = "p2c_ewma"
+    hash_on: HashOn | None = None
+    timeout: float = 5.0
+    deadline: float = 15.0
+    retries: int = 2
+    retry_budget: float = 0.2
+    retry_min_per_second: int = 10
+    retry_backoff: float = 0.025
+    retry_backoff_max: float = 0.25
+    outlier_consecutive_errors: int = 5
+    outlier_ejection_time: float = 30.0
+    outlier_max_ejection: float = 0.5
+    panic_threshold: float = 0.5
+    breaker_failures: int = 20
+    breaker_reset: float = 10.0
+    breaker_probes: int = 1
+
+
+#: ServicePolicy field <- variable name
+_POLICY_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "MESH_LB": "lb",
+        "MESH_LB_HASH_ON": "hash_on",
+        "MESH_TIMEOUT": "timeout",
+        "MESH_DEADLINE": "deadline",
+        "MESH_RETRIES": "retries",
+        "MESH_RETRY_BUDGET": "retry_budget",
+        "MESH_RETRY_MIN_PER_SECOND": "retry_min_per_second",
+        "MESH_RETRY_BACKOFF": "retry_backoff",
+        "MESH_RETRY_BACKOFF_MAX": "retry_backoff_max",
+        "MESH_OUTLIER_CONSECUTIVE_ERRORS": "outlier_consecutive_errors",
+        "MESH_OUTLIER_EJECTION_TIME": "outlier_ejection_time",
+        "MESH_OUTLIER_MAX_EJECTION": "outlier_max_ejection",
+        "MESH_PANIC_THRESHOLD": "panic_threshold",
+        "MESH_BREAKER_FAILURES": "breaker_failures",
+        "MESH_BREAKER_RESET": "breaker_reset",
+        "MESH_BREAKER_PROBES": "breaker_probes",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsulSettings:
+    """How to reach the Consul agent (from Consul's own ``CONSUL_*`` variables)."""
+
+    address: str
+    token: str | None = field(default=None, repr=False)
+    verify: bool = True
+    cacert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    tls_server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """The whole validated configuration of a process."""
+
+    service_name: str | None = None
+    service_version: str | None = None
+    discovery: DiscoveryMode = "static"
+    static_services: Mapping[str, tuple[HostPort, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    discovery_timeout: float = 2.0
+    tls: TlsMode = "off"
+    consul: ConsulSettings | None = None
+    defaults: ServicePolicy = field(default_factory=ServicePolicy)
+    #: override_key(service) -> that service's policy
+    overrides: Mapping[str, ServicePolicy] = field(default_factory=lambda: MappingProxyType({}))
+
+    def policy(self, service: str) -> ServicePolicy:
+        """The policy for calls to ``service``: the defaults with its overrides applied."""
+        return self.overrides.get(override_key(service), self.defaults)
+
+
+# --------------------------------------------------------------------------- loading
+
+_reported_unknown: set[str] = set()
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
+    """Read and validate the configuration from ``environ`` (default: ``os.environ``).
+
+    Raises ``ConfigError`` listing every bad value, one line each.
+    """
+    env = os.environ if environ is None else environ
+    errors: list[str] = []
+
+    def get(name: str) -> Any:
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            return None
+        return _parse(_BY_NAME[name], name, raw, errors)
+
+    consul_addr = get("CONSUL_HTTP_ADDR")
+    discovery: DiscoveryMode = get("MESH_DISCOVERY") or ("consul" if consul_addr else "static")
+    consul: ConsulSettings | None = None
+    if discovery == "consul" and consul_addr is None:
+        errors.append(
+            f"MESH_DISCOVERY={env.get('MESH_DISCOVERY')!r}: expected CONSUL_HTTP_ADDR to be set "
+            "as well (the address of the local Consul agent), or MESH_DISCOVERY=static"
+        )
+    if consul_addr is not None:
+        if (
+            get("CONSUL_HTTP_SSL")
+            and consul_addr.startswith("http://")
+            and "://" not in env.get("CONSUL_HTTP_ADDR", "")
+        ):
+            consul_addr = "https://" + consul_addr.removeprefix("http://")
+        token = get("CONSUL_HTTP_TOKEN")
+        token_file = get("CONSUL_HTTP_TOKEN_FILE")
+        if token is None and token_file is not None:
+            try:
+                with open(token_file, encoding="utf-8") as fh:
+                    token = fh.read().strip() or None
+            except OSError as exc:
+                errors.append(
+                    f"CONSUL_HTTP_TOKEN_FILE={token_file!r}: expected a readable file ({exc})"
+                )
+        verify = get("CONSUL_HTTP_SSL_VERIFY")
+        consul = ConsulSettings(
+            address=consul_addr,
+            token=token,
+            verify=True if verify is None else verify,
+            cacert=get("CONSUL_CACERT"),
+            client_cert=get("CONSUL_CLIENT_CERT"),
+            client_key=get("CONSUL_CLIENT_KEY"),
+            tls_server_name=get("CONSUL_TLS_SERVER_NAME"),
+        )
+
+    defaults = _policy(env, "", ServicePolicy(), errors)
+    overrides: dict[str, ServicePolicy] = {}
+    suffixes = {
+        name.partition("__")[2]
+        for name in env
+        if "__" in name and name.partition("__")[0] in _POLICY_FIELDS
+    }
+    for suffix in sorted(suffixes):
+        if suffix:
+            overrides[suffix] = _policy(env, "__" + suffix, defaults, errors)
+
+    service_name = get("MESH_SERVICE_NAME")
+    if service_name is None and env.get("OTEL_SERVICE_NAME"):
+        otel_name = env["OTEL_SERVICE_NAME"]
+        if _SERVICE_NAME.match(otel_name):
+            service_name = otel_name
+        else:
+            errors.append(
+                f"OTEL_SERVICE_NAME={otel_name!r} (used because MESH_SERVICE_NAME is unset): "
+                f"expected {_BY_NAME['MESH_SERVICE_NAME'].expected}"
+            )
+    static = get("MESH_STATIC_SERVICES")
+    config = MeshConfig(
+        service_name=service_name,
+        service_version=get("MESH_SERVICE_VERSION"),
+        discovery=discovery,
+        static_services=static if static is not None else MappingProxyType({}),
+        discovery_timeout=get("MESH_DISCOVERY_TIMEOUT") or 2.0,
+        tls=get("MESH_TLS") or "off",
+        consul=consul,
+        defaults=defaults,
+        overrides=MappingProxyType(overrides),
+    )
+    if errors:
+        raise ConfigError(errors)
+    _report_unknown(env)
+    return config
+
+
+def _parse(var: Variable, name: str, raw: str, errors: list[str]) -> Any:
+    try:
+        return var.parse(raw)
+    except ValueError as exc:
+        shown = "<redacted>" if var.secret else repr(raw)
+        extra = f" ({exc})" if isinstance(exc, _Invalid) else ""
+        errors.append(f"{name}={shown}: expected {var.expected}{extra}")
+        return None
+
+
+def _policy(
+    env: Mapping[str, str], suffix: str, base: ServicePolicy, errors: list[str]
+) -> ServicePolicy:
+    changes: dict[str, Any] = {}
+    for var_name, attr in _POLICY_FIELDS.items():
+        name = var_name + suffix
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        value = _parse(_BY_NAME[var_name], name, raw, errors)
+        if value is not None:
+            changes[attr] = value
+    policy = ServicePolicy(**{**_as_dict(base), **changes})
+    if policy.retry_backoff_max < policy.retry_backoff:
+        errors.append(
+            f"MESH_RETRY_BACKOFF_MAX{suffix}="
+            f"{env.get('MESH_RETRY_BACKOFF_MAX' + suffix, '250ms')!r}:"
+            f" expected at least MESH_RETRY_BACKOFF{suffix} ({policy.retry_backoff:g}s)"
+        )
+    return policy
+
+
+def _as_dict(policy: ServicePolicy) -> dict[str, Any]:
+    return {name: getattr(policy, name) for name in ServicePolicy.__slots__}
+
+
+def _report_unknown(env: Mapping[str, str]) -> None:
+    """Log each unknown ``MESH_*`` variable once per process, with a likely correction."""
+    known = [v.name for v in VARIABLES if v.owner == "meshlib"]
+    for name in sorted(env):
+        if not name.startswith("MESH_") or name in _reported_unknown:
+            continue
+        base, sep, suffix = name.partition("__")
+        if name in _BY_NAME or (sep and suffix and base in _POLICY_FIELDS):
+            continue
+        if name.startswith("MESH_TEST_"):  # the test suite's own knobs
+            continue
+        _reported_unknown.add(name)
+        guess = difflib.get_close_matches(base, known, n=1)
+        hint = f"; did you mean {guess[0]}{sep}{suffix}?" if guess else ""
+        if sep and base in _BY_NAME:
+            hint = f"; {base} cannot be set per service"
+        logger.warning("unknown environment variable %s is ignored%s", name, hint)
+
+
+def markdown_table(owner: Literal["meshlib", "consul", "otel"]) -> str:
+    """The docs table of one owner's variables, as docs/configuration.md shows it."""
+    lines = [
+        "| Variable | Default | Example | Per service | Description |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for var in VARIABLES:
+        if var.owner != owner:
+            continue
+        per_service = "yes" if var.per_service else ""
+        text = f"{var.help} Expected: {var.expected}.".replace("<", "&lt;").replace(">", "&gt;")
+        lines.append(f"| `{var.name}` | {var.default} | `{var.example}` | {per_service} | {text} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""What discovery produces: endpoints, immutable snapshots of them, and the protocol.
+
+Discovery runs in the background and publishes a new ``Snapshot`` per service whenever
+the set of healthy instances changes; the request path only ever reads the latest
+snapshot (an attribute read), so it never waits on Consul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+__all__ = ["Discovery", "Endpoint", "Snapshot"]
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One instance of a service, as discovery reports it."""
+
+    host: str
+    port: int
+    weight: int = 1
+    #: Stable identity: Consul's service ID, or ``host:port`` for static endpoints.
+    id: str = ""
+    node: str = ""
+    meta: Mapping[str, str] = field(default=_EMPTY, compare=False)
+    tags: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def key(self) -> str:
+        """The identity used to carry per-endpoint state across snapshots."""
+        return self.id or self.address
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The healthy endpoints of one service at one moment. Never mutated; replaced."""
+
+    service: str
+    endpoints: tuple[Endpoint, ...]
+    #: Consul's ``X-Consul-Index`` for this answer, or a counter for static discovery.
+    index: int = 0
+
+
+SnapshotListener = Callable[[Snapshot], None]
+
+
+class Discovery(Protocol):
+    """A source of snapshots. Implementations: static (from config) and Consul."""
+
+    def snapshot(self, service: str) -> Snapshot | None:
+        """The latest snapshot of ``service``; ``None`` if it is not known (yet). Never blocks."""
+
+    def knows(self, service: str) -> bool | None:
+        """Whether ``service`` exists: True, False, or None while that is not known yet."""
+
+    def wait(self, service: str, timeout: float) -> Snapshot | None:
+        """Block up to ``timeout`` seconds for the first snapshot of ``service``.
+
+        Called at most once per service, on the first request to it; returns ``None``
+        if the service does not exist or discovery could not say in time.
+        """
+
+    def subscribe(self, listener: SnapshotListener) -> None:
+        """Call ``listener`` (from the discovery thread) with every new snapshot."""
+
+    def close(self) -> None:
+        """Stop background work and release connections."""

@@ -1,0 +1,282 @@
+"""The environment -> configuration: every variable parsed, validated and documented."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import meshlib
+from meshlib._config import (
+    VARIABLES,
+    HashOn,
+    HostPort,
+    ServicePolicy,
+    load_config,
+    markdown_table,
+    parse_duration,
+)
+
+#: One bad value per variable and a fragment its error must contain. A variable added to
+#: the code without a bad case here fails test_every_variable_has_a_bad_value_case.
+BAD_VALUES: dict[str, tuple[str, str]] = {
+    "MESH_SERVICE_NAME": ("Weather Service", "a service name"),
+    "MESH_SERVICE_VERSION": ("v 2", "a version label"),
+    "MESH_DISCOVERY": ("zookeeper", "one of consul, static"),
+    "MESH_STATIC_SERVICES": ("weather=127.0.0.1", "has no port"),
+    "MESH_DISCOVERY_TIMEOUT": ("soon", "a duration"),
+    "MESH_LB": ("fastest", "one of round_robin, least_request, p2c_ewma, random, ring_hash"),
+    "MESH_LB_HASH_ON": ("query:user", "'header:<name>' or 'cookie:<name>'"),
+    "MESH_TIMEOUT": ("-1s", "a duration"),
+    "MESH_DEADLINE": ("0", "a duration"),
+    "MESH_RETRIES": ("11", "a whole number from 0 to 10"),
+    "MESH_RETRY_BUDGET": ("lots", "a ratio from 0% to 1000%"),
+    "MESH_RETRY_MIN_PER_SECOND": ("-3", "a whole number from 0 to 100000"),
+    "MESH_RETRY_BACKOFF": ("25 ms", "a duration"),
+    "MESH_RETRY_BACKOFF_MAX": ("1y", "a duration"),
+    "MESH_OUTLIER_CONSECUTIVE_ERRORS": ("0", "a whole number from 1 to 1000"),
+    "MESH_OUTLIER_EJECTION_TIME": ("nan", "a duration"),
+    "MESH_OUTLIER_MAX_EJECTION": ("150%", "a ratio from 0% to 100%"),
+    "MESH_PANIC_THRESHOLD": ("1.5", "a ratio from 0% to 100%"),
+    "MESH_BREAKER_FAILURES": ("many", "a whole number from 1 to 100000"),
+    "MESH_BREAKER_RESET": ("inf", "a duration"),
+    "MESH_BREAKER_PROBES": ("0", "a whole number from 1 to 1000"),
+    "MESH_TLS": ("on", "one of off, permissive, strict"),
+    "CONSUL_HTTP_ADDR": ("unix:///var/run/consul.sock", "host:port or http(s)://host[:port]"),
+    "CONSUL_HTTP_TOKEN_FILE": ("/nonexistent/token", "the path of a readable file"),
+    "CONSUL_HTTP_SSL": ("maybe", "true or false"),
+    "CONSUL_HTTP_SSL_VERIFY": ("sometimes", "true or false"),
+    "CONSUL_CACERT": ("/nonexistent/ca.pem", "the path of a readable file"),
+    "CONSUL_CLIENT_CERT": ("/nonexistent/c.pem", "the path of a readable file"),
+    "CONSUL_CLIENT_KEY": ("/nonexistent/k.pem", "the path of a readable file"),
+    "CONSUL_TLS_SERVER_NAME": ("not a host", "a host name"),
+    "OTEL_SERVICE_NAME": ("My Service", "a service name"),
+}
+#: Variables that accept any value (so cannot be given a bad one).
+ANY_VALUE = {"CONSUL_HTTP_TOKEN"}
+
+#: CONSUL_* variables are read only when there is a Consul to talk to.
+BASE_ENV = {"CONSUL_HTTP_ADDR": "127.0.0.1:8500"}
+
+
+def test_every_variable_has_a_bad_value_case() -> None:
+    assert {v.name for v in VARIABLES} == set(BAD_VALUES) | ANY_VALUE
+
+
+@pytest.mark.parametrize(("name", "case"), sorted(BAD_VALUES.items()))
+def test_bad_value_stops_start_up_with_one_line_naming_variable_value_and_expectation(
+    name: str, case: tuple[str, str]
+) -> None:
+    value, expected = case
+    env = {**BASE_ENV, name: value}
+    with pytest.raises(meshlib.ConfigError) as info:
+        load_config(env)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{name}={value!r}") or message.startswith(
+        f"{name}={value!r} (used because"
+    )
+    assert expected in message
+    assert "expected" in message
+
+
+def test_bad_values_are_all_reported_one_line_each() -> None:
+    env = {"MESH_TIMEOUT": "soon", "MESH_LB": "fastest", "MESH_RETRIES__WEATHER": "x"}
+    with pytest.raises(meshlib.ConfigError) as info:
+        load_config(env)
+    assert len(info.value.errors) == 3
+    assert str(info.value).count("\n") == 2
+    assert "MESH_RETRIES__WEATHER='x': expected a whole number from 0 to 10" in info.value.errors
+
+
+def test_config_error_is_a_mesh_error_and_a_value_error() -> None:
+    assert issubclass(meshlib.ConfigError, meshlib.MeshError)
+    assert issubclass(meshlib.ConfigError, ValueError)
+
+
+def test_client_and_middleware_refuse_to_start_on_bad_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MESH_TIMEOUT", "soon")
+    with pytest.raises(meshlib.ConfigError, match="MESH_TIMEOUT='soon'"):
+        meshlib.Client()
+    with pytest.raises(meshlib.ConfigError, match="MESH_TIMEOUT='soon'"):
+        meshlib.AsyncClient()
+
+    async def app(scope: object, receive: object, send: object) -> None: ...
+
+    with pytest.raises(meshlib.ConfigError, match="MESH_TIMEOUT='soon'"):
+        meshlib.ASGIMiddleware(app)
+    with pytest.raises(meshlib.ConfigError, match="MESH_TIMEOUT='soon'"):
+        meshlib.WSGIMiddleware(lambda environ, start_response: [])
+
+
+def test_token_is_never_echoed_in_errors(tmp_path: Path) -> None:
+    secret = "s3cr3t-token-value"
+    with pytest.raises(meshlib.ConfigError) as info:
+        load_config({"CONSUL_HTTP_ADDR": "bad addr", "CONSUL_HTTP_TOKEN": secret})
+    assert secret not in str(info.value)
+    config = load_config({"CONSUL_HTTP_ADDR": "127.0.0.1:8500", "CONSUL_HTTP_TOKEN": secret})
+    assert config.consul is not None
+    assert config.consul.token == secret
+    assert secret not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("2s", 2.0),
+        ("1m", 60.0),
+        ("1h", 3600.0),
+        ("1m30s", 90.0),
+        ("1.5s", 1.5),
+        ("2", 2.0),
+        ("0.25", 0.25),
+        (" 3s ", 3.0),
+    ],
+)
+def test_durations_accept_units_and_bare_seconds(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "s", "2x", "1s2", "-1", "0", "0s", "nan", "inf", "1 s", "ms"])
+def test_durations_reject_the_rest(text: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - the plain parser raises ValueError
+        parse_duration(text)
+
+
+def test_defaults_with_an_empty_environment() -> None:
+    config = load_config({})
+    assert config.discovery == "static"
+    assert config.tls == "off"
+    assert config.consul is None
+    assert config.service_name is None
+    assert config.defaults == ServicePolicy()
+    assert config.defaults.lb == "p2c_ewma"
+
+
+def test_discovery_defaults_to_consul_when_consul_addr_is_set() -> None:
+    config = load_config({"CONSUL_HTTP_ADDR": "127.0.0.1:8600"})
+    assert config.discovery == "consul"
+    assert config.consul is not None
+    assert config.consul.address == "http://127.0.0.1:8600"
+    assert (
+        load_config({"CONSUL_HTTP_ADDR": "127.0.0.1:8600", "MESH_DISCOVERY": "static"}).discovery
+        == "static"
+    )
+
+
+def test_consul_discovery_without_an_address_is_an_error() -> None:
+    with pytest.raises(meshlib.ConfigError, match="expected CONSUL_HTTP_ADDR to be set"):
+        load_config({"MESH_DISCOVERY": "consul"})
+
+
+@pytest.mark.parametrize(
+    ("addr", "env", "url"),
+    [
+        ("consul.internal", {}, "http://consul.internal:8500"),
+        ("10.0.0.5:8501", {"CONSUL_HTTP_SSL": "true"}, "https://10.0.0.5:8501"),
+        ("https://consul.internal", {}, "https://consul.internal:443"),
+        ("http://[::1]:8500/", {}, "http://[::1]:8500"),
+        ("[::1]:8500", {}, "http://[::1]:8500"),
+    ],
+)
+def test_consul_address_forms(addr: str, env: dict[str, str], url: str) -> None:
+    config = load_config({"CONSUL_HTTP_ADDR": addr, **env})
+    assert config.consul is not None
+    assert config.consul.address == url
+
+
+def test_consul_token_file_is_read(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("abc-123\n")
+    config = load_config(
+        {"CONSUL_HTTP_ADDR": "127.0.0.1:8500", "CONSUL_HTTP_TOKEN_FILE": str(token_file)}
+    )
+    assert config.consul is not None
+    assert config.consul.token == "abc-123"
+
+
+def test_static_services_with_weights_and_ipv6() -> None:
+    config = load_config(
+        {"MESH_STATIC_SERVICES": "weather=127.0.0.1:8001*3, localhost:8002 ; geo=[::1]:9001"}
+    )
+    assert config.static_services == {
+        "weather": (HostPort("127.0.0.1", 8001, 3), HostPort("localhost", 8002, 1)),
+        "geo": (HostPort("::1", 9001, 1),),
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("weather=127.0.0.1:8001;weather=127.0.0.1:8002", "appears twice"),
+        ("weather=", "has no endpoints"),
+        ("127.0.0.1:8001", "does not start with a service name"),
+        ("weather=127.0.0.1:8001*0", "weight"),
+        ("weather=127.0.0.1:99999", "no valid port"),
+        ("Weather=127.0.0.1:8001", "does not start with a service name"),
+    ],
+)
+def test_static_services_errors_say_which_part_is_wrong(value: str, fragment: str) -> None:
+    with pytest.raises(meshlib.ConfigError, match=fragment):
+        load_config({"MESH_STATIC_SERVICES": value})
+
+
+def test_per_service_overrides_apply_to_that_service_only() -> None:
+    config = load_config(
+        {
+            "MESH_TIMEOUT": "2s",
+            "MESH_TIMEOUT__WEATHER": "500ms",
+            "MESH_LB__FORECAST_V2": "round_robin",
+            "MESH_LB_HASH_ON__GEO": "cookie:session",
+        }
+    )
+    assert config.policy("weather").timeout == 0.5
+    assert config.policy("weather").lb == "p2c_ewma"
+    assert config.policy("forecast-v2").lb == "round_robin"
+    assert config.policy("forecast-v2").timeout == 2.0
+    assert config.policy("geo").hash_on == HashOn("cookie", "session")
+    assert config.policy("other").timeout == 2.0
+
+
+def test_backoff_max_below_base_is_an_error() -> None:
+    with pytest.raises(meshlib.ConfigError, match="MESH_RETRY_BACKOFF_MAX='10ms'"):
+        load_config({"MESH_RETRY_BACKOFF": "50ms", "MESH_RETRY_BACKOFF_MAX": "10ms"})
+
+
+def test_service_name_falls_back_to_otel_service_name() -> None:
+    assert load_config({"OTEL_SERVICE_NAME": "forecast"}).service_name == "forecast"
+    config = load_config({"OTEL_SERVICE_NAME": "forecast", "MESH_SERVICE_NAME": "geo"})
+    assert config.service_name == "geo"
+
+
+def test_unknown_mesh_variables_are_reported_with_a_suggestion(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="meshlib.config"):
+        load_config({"MESH_TIMOUT": "2s", "MESH_TLS__WEATHER": "strict", "MESH_RETRIES__GEO": "1"})
+    messages = [r.getMessage() for r in caplog.records]
+    assert "unknown environment variable MESH_TIMOUT is ignored; did you mean MESH_TIMEOUT?" in (
+        messages
+    )
+    assert (
+        "unknown environment variable MESH_TLS__WEATHER is ignored; "
+        "MESH_TLS cannot be set per service"
+    ) in messages
+    assert not any("MESH_RETRIES__GEO" in m for m in messages)
+
+
+def test_docs_table_matches_the_code() -> None:
+    """docs/configuration.md shows exactly the variables the code reads.
+
+    To update the docs after changing VARIABLES: ``python scripts/config_docs.py``.
+    """
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for owner in ("meshlib", "consul", "otel"):
+        assert markdown_table(owner) in text, (
+            f"the {owner} table in docs/configuration.md is stale; "
+            "run `python scripts/config_docs.py` to regenerate it"
+        )
