@@ -27,19 +27,18 @@ class Endpoint:
     #: Stable identity: Consul's service ID, or ``host:port`` for static endpoints.
     id: str = ""
     node: str = ""
-    meta: Mapping[str, str] = field(default=_EMPTY, compare=False)
+    meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False)
     tags: tuple[str, ...] = field(default=(), compare=False)
+    #: ``host:port`` (IPv6 hosts in brackets); computed once.
+    address: str = field(init=False, compare=False, repr=False)
+    #: The identity that carries per-endpoint state across snapshots: ``id`` or ``address``.
+    key: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        """``host:port`` (IPv6 hosts in brackets)."""
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def key(self) -> str:
-        """The identity used to carry per-endpoint state across snapshots."""
-        return self.id or self.address
+        address = f"{host}:{self.port}"
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "key", self.id or address)
 
 
 @dataclass(frozen=True, slots=True)

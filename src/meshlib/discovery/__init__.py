@@ -1,0 +1,41 @@
+"""Service discovery: where a service's healthy endpoints come from.
+
+Two sources implement one ``Discovery`` protocol: ``ConsulDiscovery`` (blocking queries
+against Consul's health API on one background thread) and ``StaticDiscovery`` (a fixed list
+from ``MESH_STATIC_SERVICES``, the embedded default). Both publish immutable ``Snapshot``
+objects that the request path reads without waiting; ``make_discovery`` picks the source the
+configuration asks for.
+"""
+
+from __future__ import annotations
+
+from .._config import MeshConfig
+from .._exceptions import ConfigError
+from ._consul import ConsulDiscovery
+from ._endpoint import Discovery, Endpoint, Snapshot, SnapshotListener
+from ._static import StaticDiscovery
+
+__all__ = [
+    "ConsulDiscovery",
+    "Discovery",
+    "Endpoint",
+    "Snapshot",
+    "SnapshotListener",
+    "StaticDiscovery",
+    "make_discovery",
+]
+
+
+def make_discovery(config: MeshConfig) -> Discovery:
+    """The discovery ``config`` asks for: Consul if ``config.discovery`` is ``"consul"``.
+
+    Otherwise static discovery from ``config.static_services``.
+    """
+    if config.discovery == "consul":
+        if config.consul is None:
+            raise ConfigError(
+                "MESH_DISCOVERY='consul': expected CONSUL_HTTP_ADDR to be set as well "
+                "(the address of the local Consul agent), or MESH_DISCOVERY=static"
+            )
+        return ConsulDiscovery(config.consul)
+    return StaticDiscovery(config.static_services)

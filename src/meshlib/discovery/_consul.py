@@ -1,0 +1,477 @@
+"""Endpoints from Consul's health API, kept current by blocking queries on one thread.
+
+The request path must never wait on Consul, so every service the process has mentioned is
+watched in the background with a blocking query (a long poll that Consul answers as soon as
+the service's healthy instances change), and the request path only reads the latest
+immutable ``Snapshot``: a dict lookup, no lock, no I/O.
+
+One thread, one asyncio event loop, one task per watched service. A thread per watch (what
+py-consul's sync client would need, since each blocking query holds its caller for up to
+``wait`` seconds) costs a thread for every service called; py-consul's async client runs on
+aiohttp, a second HTTP stack next to the httpx meshlib is built on. So the watches use a
+plain ``httpx.AsyncClient``. One more task watches ``/v1/catalog/services`` so ``knows()``
+can tell "no such service" from "not answered yet" without a request per service.
+
+Blocking-query etiquette, as Consul's documentation asks of every client
+(https://developer.hashicorp.com/consul/api-docs/features/blocking):
+
+* send the last ``X-Consul-Index`` with a ``wait``; leave the HTTP timeout above ``wait``
+  plus the up to ``wait / 16`` jitter Consul adds;
+* if the index goes backwards (a restarted dev agent, a restored snapshot), reset it to 0,
+  so the next query answers at once instead of blocking on an index that will not come;
+* never block on an index of 0 or less: use 1;
+* rate-limit each loop (``min_interval``): a flapping service must not turn the watch into
+  a busy loop against the servers;
+* on errors back off with full jitter (up to ``max_backoff``) and keep serving the last
+  good snapshot. After an error the next query starts from index 0 as well: the agent may
+  have restarted with a lower index, and a stale one would hide changes for up to ``wait``.
+
+A control plane that blinks must not empty the data plane: while Consul is unreachable the
+last known endpoints stay in service (as Envoy and Linkerd do), and the outage is logged once
+when it starts and once when it ends, never per retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from contextlib import suppress
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from .._config import ConsulSettings
+from ._endpoint import Endpoint, Snapshot, SnapshotListener
+
+__all__ = ["ConsulDiscovery"]
+
+logger = logging.getLogger("meshlib.discovery")
+
+# Consul refuses more than 200 concurrent HTTP connections per client address by default
+# (limits.http_max_conns_per_client). Each watch holds one connection for its blocking query,
+# so stay below that with room for the application's own Consul clients; watches beyond this
+# wait for a connection instead of being refused.
+_MAX_CONNECTIONS = 150
+
+
+class _BadAnswer(Exception):
+    """Consul answered, but not with something a watch can use."""
+
+
+class ConsulDiscovery:
+    """Discovery from Consul: blocking queries on ``/v1/health/service/<name>?passing``.
+
+    ``settings`` says where the agent is and how to authenticate. ``wait`` is how long one
+    blocking query may be held by Consul; ``min_interval`` is the shortest time between two
+    queries of one watch; ``max_backoff`` caps the pause after an error. The last two exist
+    mostly so tests can make them short.
+
+    A service is watched from the first ``snapshot()`` (or ``wait()``) that mentions it, for
+    the life of the discovery. Every watch runs on one daemon thread; ``close()`` stops it.
+    """
+
+    def __init__(
+        self,
+        settings: ConsulSettings,
+        *,
+        wait: float = 30.0,
+        min_interval: float = 0.1,
+        max_backoff: float = 2.0,
+    ) -> None:
+        if not wait > 0:
+            raise ValueError(f"wait must be positive, not {wait!r}")
+        if not (min_interval >= 0 and max_backoff > 0):
+            raise ValueError("min_interval must be >= 0 and max_backoff > 0")
+        self._address = settings.address
+        self._wait_ms = max(1, round(wait * 1000))
+        self._min_interval = min_interval
+        self._max_backoff = max_backoff
+
+        #: service -> latest snapshot. Replaced item by item, never mutated in place.
+        self._snapshots: dict[str, Snapshot] = {}
+        #: every service name in the catalog; None until the catalog first answers.
+        self._services: frozenset[str] | None = None
+        self._watched: set[str] = set()
+        self._listeners: tuple[SnapshotListener, ...] = ()
+        self._lock = threading.Lock()  # starting watches, subscribing, closing; never I/O
+        self._changed = threading.Condition()  # wakes wait() on new snapshots / catalog
+        self._closed = False
+        #: loop time the current outage was noticed, or None (discovery thread only)
+        self._outage_since: float | None = None
+
+        tls = settings.address.startswith("https://")
+        headers = {"X-Consul-Token": settings.token} if settings.token else {}
+        self._extensions: dict[str, Any] = (
+            {"sni_hostname": settings.tls_server_name} if tls and settings.tls_server_name else {}
+        )
+        self._client = httpx.AsyncClient(
+            base_url=settings.address,
+            headers=headers,
+            # Plain http has no TLS to verify; False only skips loading a CA bundle (~30 ms).
+            verify=_ssl_context(settings) if tls else False,
+            timeout=httpx.Timeout(10.0, read=wait + wait / 16 + 10.0, pool=None),
+            limits=httpx.Limits(
+                max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_CONNECTIONS
+            ),
+        )
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = _InlineResolvingLoop()
+        self._thread = threading.Thread(
+            target=self._run, name="meshlib-consul-discovery", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the Discovery API
+
+    def snapshot(self, service: str) -> Snapshot | None:
+        """The latest snapshot of ``service``, or None before its first answer. Never blocks.
+
+        The first call for a service starts watching it.
+        """
+        if service not in self._watched:
+            self._watch(service)
+        return self._snapshots.get(service)
+
+    def knows(self, service: str) -> bool | None:
+        """Whether ``service`` is in Consul's catalog; None before the catalog first answered."""
+        snapshot = self._snapshots.get(service)
+        if snapshot is not None and snapshot.endpoints:
+            return True  # the catalog watch may simply not have caught up yet
+        services = self._services
+        return None if services is None else service in services
+
+    def wait(self, service: str, timeout: float) -> Snapshot | None:
+        """Block up to ``timeout`` seconds for the first answer about ``service``.
+
+        Returns None at once when the catalog says the service does not exist, and a
+        snapshot without endpoints when it exists but has no healthy instance.
+        """
+        self.snapshot(service)  # starts the watch
+        with self._changed:
+            self._changed.wait_for(lambda: self._closed or self._settle(service)[0], timeout)
+        return self._settle(service)[1]
+
+    def _settle(self, service: str) -> tuple[bool, Snapshot | None]:
+        """(whether discovery can answer for ``service`` now, that answer)."""
+        snapshot = self._snapshots.get(service)
+        if snapshot is not None and snapshot.endpoints:
+            return True, snapshot
+        services = self._services
+        if services is None:  # an empty health answer alone cannot tell "none healthy"
+            return False, snapshot  # from "no such service": the catalog can
+        if service not in services:
+            return True, None
+        return snapshot is not None, snapshot
+
+    def subscribe(self, listener: SnapshotListener) -> None:
+        """Call ``listener(snapshot)`` on the discovery thread for every new snapshot.
+
+        A listener that raises is logged and stays subscribed; it cannot stop the watches.
+        """
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+    def close(self) -> None:
+        """Stop every watch and the discovery thread and close the HTTP client. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._stopping.set)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10.0)
+            if self._thread.is_alive():
+                logger.warning("the Consul discovery thread did not stop within 10 s")
+        with self._changed:
+            self._changed.notify_all()
+
+    def __enter__(self) -> ConsulDiscovery:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ calling threads
+
+    def _watch(self, service: str) -> None:
+        with self._lock:
+            if service in self._watched or self._closed:
+                return
+            self._watched.add(service)
+            with suppress(RuntimeError):  # the loop died; nothing will ever answer
+                self._loop.call_soon_threadsafe(self._spawn, self._watch_health(service))
+
+    # ------------------------------------------------------------------ the discovery thread
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._main())
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    async def _main(self) -> None:
+        self._spawn(self._watch_catalog())
+        try:
+            await self._stopping.wait()
+        finally:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._client.aclose()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        if self._stopping.is_set():
+            coroutine.close()
+            return
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("a Consul watch stopped", exc_info=task.exception())
+
+    async def _watch_health(self, service: str) -> None:
+        last: tuple[object, ...] | None = None
+
+        def answer(body: Any, index: int) -> None:
+            nonlocal last
+            endpoints = _endpoints(body)
+            fingerprint = tuple(_fingerprint(endpoint) for endpoint in endpoints)
+            if fingerprint == last:
+                return
+            last = fingerprint
+            logger.debug("service %s: %d healthy endpoints", service, len(endpoints))
+            self._publish(Snapshot(service, endpoints, index))
+
+        path = f"/v1/health/service/{quote(service, safe='')}"
+        await self._blocking_loop(path, {"passing": "1"}, answer)
+
+    async def _watch_catalog(self) -> None:
+        def answer(body: Any, index: int) -> None:
+            if not isinstance(body, dict) or not all(isinstance(name, str) for name in body):
+                raise _BadAnswer("the catalog is not a JSON object of service names")
+            services = frozenset(body)
+            if services != self._services:
+                self._services = services
+                with self._changed:
+                    self._changed.notify_all()
+
+        await self._blocking_loop("/v1/catalog/services", {}, answer)
+
+    async def _blocking_loop(
+        self, path: str, params: Mapping[str, str], answer: Callable[[Any, int], None]
+    ) -> None:
+        """Query ``path`` forever, following Consul's blocking-query rules (module docstring)."""
+        loop = asyncio.get_running_loop()
+        index = 0
+        failures = 0
+        not_before = 0.0
+        while True:
+            delay = not_before - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the rate limit: one query per min_interval
+            sent = loop.time()
+            not_before = sent + self._min_interval
+            try:
+                body, new_index = await self._get(path, params, index)
+                answer(body, new_index)
+            except Exception as exc:  # any failure: keep the last snapshot and retry
+                failures += 1
+                index = 0
+                self._failed(_reason(exc), loop.time())
+                base = max(self._min_interval, 0.05)
+                cap = min(self._max_backoff, base * 2 ** min(failures, 32))
+                backoff = random.uniform(0, cap)  # full jitter
+                logger.debug("%s failed (%s); retrying in %.2f s", path, _reason(exc), backoff)
+                await asyncio.sleep(backoff)
+                continue
+            failures = 0
+            self._recovered(sent)
+            index = _next_index(index, new_index)
+
+    async def _get(self, path: str, params: Mapping[str, str], index: int) -> tuple[Any, int]:
+        query = dict(params)
+        if index > 0:
+            query.update(index=str(index), wait=f"{self._wait_ms}ms")
+        response = await self._client.get(path, params=query, extensions=self._extensions)
+        if response.status_code != 200:
+            text = " ".join(response.text.split())[:200]
+            raise _BadAnswer(f"HTTP {response.status_code} {text}".rstrip())
+        header = response.headers.get("X-Consul-Index")
+        try:
+            new_index = int(header or "")
+        except ValueError:
+            raise _BadAnswer(f"X-Consul-Index {header!r} is not a number") from None
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise _BadAnswer(f"malformed JSON ({exc})") from None
+        return body, new_index
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        self._snapshots[snapshot.service] = snapshot  # one assignment: readers take no lock
+        with self._changed:
+            self._changed.notify_all()
+        for listener in self._listeners:
+            try:
+                listener(snapshot)
+            except Exception:
+                logger.exception("snapshot listener %r failed", listener)
+
+    def _failed(self, reason: str, now: float) -> None:
+        if self._outage_since is None:
+            self._outage_since = now
+            logger.warning(
+                "Consul at %s unreachable: %s; serving the last known endpoints",
+                self._address,
+                reason,
+            )
+
+    def _recovered(self, sent: float) -> None:
+        # Only an answer to a query sent after the outage began proves Consul is back: an
+        # agent shutting down still answers some blocking queries already in flight (200 for
+        # /v1/catalog/services, 500 for others), which would otherwise log "back" then
+        # "unreachable" again within milliseconds.
+        if self._outage_since is not None and sent >= self._outage_since:
+            self._outage_since = None
+            logger.info("Consul at %s is reachable again", self._address)
+
+
+# ---------------------------------------------------------------------- answers
+
+
+def _next_index(last: int, new: int) -> int:
+    """The index for the next blocking query after an answer carrying ``new``."""
+    if new < last:
+        return 0  # went backwards: restart the loop with a query that answers at once
+    if new <= 0:
+        return 1  # never block on 0: it would answer at once, every time
+    return new
+
+
+def _endpoints(body: Any) -> tuple[Endpoint, ...]:
+    """The endpoints in a ``/v1/health/service`` answer, sorted; _BadAnswer if malformed."""
+    if not isinstance(body, list):
+        raise _BadAnswer("the health answer is not a JSON list")
+    endpoints = []
+    for entry in body:
+        if not isinstance(entry, dict):
+            raise _BadAnswer("a health entry is not a JSON object")
+        service, node = entry.get("Service"), entry.get("Node")
+        if not isinstance(service, dict) or not isinstance(node, dict):
+            raise _BadAnswer("a health entry lacks its Service or Node object")
+        port = _int(service.get("Port"))
+        if port is None or not 0 <= port < 65536:
+            raise _BadAnswer(f"Service.Port {service.get('Port')!r} is not a port number")
+        if port == 0:
+            continue  # registered without a port (a socket path, say): nothing to dial
+        host = service.get("Address") or node.get("Address")
+        if not isinstance(host, str) or not host:
+            raise _BadAnswer("a health entry has neither Service.Address nor Node.Address")
+        weights = service.get("Weights")
+        passing = _int(weights.get("Passing")) if isinstance(weights, dict) else None
+        endpoints.append(
+            Endpoint(
+                host=host,
+                port=port,
+                weight=1 if passing is None else max(1, passing),
+                id=_text(service.get("ID"), "Service.ID"),
+                node=_text(node.get("Node"), "Node.Node"),
+                meta=_meta(service.get("Meta")),
+                tags=_tags(service.get("Tags")),
+            )
+        )
+    endpoints.sort(key=lambda e: (e.node, e.id, e.host, e.port))
+    return tuple(endpoints)
+
+
+def _fingerprint(endpoint: Endpoint) -> tuple[object, ...]:
+    # Endpoint's own equality ignores meta and tags; a change in either is still news.
+    e = endpoint
+    return (e.host, e.port, e.weight, e.id, e.node, tuple(sorted(e.meta.items())), e.tags)
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value: object, field: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _BadAnswer(f"{field} {value!r} is not a string")
+    return value
+
+
+def _meta(value: object) -> Mapping[str, str]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _BadAnswer("Service.Meta is not an object of strings")
+    return MappingProxyType(dict(value))
+
+
+def _tags(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(tag, str) for tag in value):
+        raise _BadAnswer("Service.Tags is not a list of strings")
+    return tuple(value)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    if isinstance(exc, _BadAnswer):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+def _ssl_context(settings: ConsulSettings) -> ssl.SSLContext:
+    """The TLS context for an https agent address, built once (FINDINGS: ``verify=ctx``)."""
+    context = ssl.create_default_context(cafile=settings.cacert)
+    if settings.client_cert:
+        context.load_cert_chain(settings.client_cert, settings.client_key)
+    if not settings.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class _InlineResolvingLoop(asyncio.SelectorEventLoop):
+    """An event loop that resolves host names on its own thread.
+
+    asyncio runs ``getaddrinfo`` in its default thread pool, which starts up to
+    ``min(32, cpus + 4)`` threads when many watches connect at once; discovery promises one
+    thread. Only the agent's own address is ever resolved, once per new connection, and
+    IP literals are not resolved at all.
+    """
+
+    async def getaddrinfo(
+        self,
+        host: bytes | str | None,
+        port: bytes | str | int | None,
+        *,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[Any, ...]]:
+        return socket.getaddrinfo(host, port, family, type, proto, flags)

@@ -1,0 +1,446 @@
+"""A real Consul agent for the tests: ``consul agent -dev`` on free loopback ports.
+
+A pytest plugin (``pytest_plugins = ["consul_agent"]`` in tests/conftest.py). Tests that
+speak to Consul use a real agent rather than a mock, so they prove meshlib against Consul's
+actual blocking queries, health states and index behaviour. Dev mode keeps everything in
+memory, is ready (leader elected, node in the catalog) about 0.2 s after it starts, and
+comes back EMPTY after a restart, with a lower index than before.
+
+Fixtures:
+
+``consul_bin`` (session)
+    Path of a consul binary from ``consul_binary.find_consul`` (found, cached or built).
+``consul`` (session)
+    One started ``ConsulAgent`` shared by most tests. Tests clean up what they register or
+    write, or use unique names; they never stop it.
+``consul_factory`` (function)
+    ``consul_factory(datacenter="dc1", node_name=None, retry_join_wan=None, start=True)``
+    starts a private agent (one a test stops and restarts, or a second datacenter joined
+    over WAN); all are stopped at teardown.
+``consul_client`` (function)
+    A py-consul client of the shared agent, its HTTP session closed at teardown.
+
+Any test using one of these fixtures is marked ``consul`` automatically, so
+``pytest -m "not consul"`` runs without Consul.
+
+``registered`` (function)
+    A list to put service IDs in; they are deregistered from the shared agent afterwards.
+
+Helpers: ``ConsulAgent.get(path)`` / ``.put(path, body)`` speak JSON to the agent's HTTP API;
+``register(agent, name, service_id, port)`` registers an instance with a passing TTL check
+(``service:<id>``) and waits until the catalog shows it; ``unique(prefix)`` makes a service
+name no other test uses.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from consul_binary import ConsulUnavailable, find_consul
+from polling import wait_until
+
+__all__ = ["ConsulAgent", "ConsulFactory", "register", "unique"]
+
+HOST = "127.0.0.1"
+_PORT_NAMES = ("http", "grpc", "serf_lan", "serf_wan", "server")
+_UDP_TOO = frozenset({"serf_lan", "serf_wan"})  # serf gossips over UDP and TCP
+_BIND_ATTEMPTS = 4
+_names = itertools.count(1)
+_handed_out: set[int] = set()
+_running: set[ConsulAgent] = set()
+
+
+class ConsulAgent:
+    """One ``consul agent -dev`` process bound to 127.0.0.1, every port picked free.
+
+    Ports are picked at the first ``start()`` and kept: ``restart()`` brings the agent back
+    on the same ports (with an empty state: dev mode keeps nothing across restarts).
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        *,
+        datacenter: str = "dc1",
+        node_name: str | None = None,
+        retry_join_wan: Sequence[str] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.binary = binary
+        self.datacenter = datacenter
+        self.node_name = node_name or f"meshlib-{datacenter}-{os.getpid()}-{next(_names)}"
+        self.retry_join_wan = tuple(retry_join_wan or ())
+        self.extra_args = tuple(extra_args)
+        directory = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp("-consul"))
+        directory.mkdir(parents=True, exist_ok=True)
+        self.log_path = directory / f"{self.node_name}.log"
+        self.ports: dict[str, int] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP API port (picked at the first start)."""
+        return self.ports["http"]
+
+    @property
+    def http_addr(self) -> str:
+        """``127.0.0.1:PORT`` of the HTTP API, as ``CONSUL_HTTP_ADDR`` takes it."""
+        return f"{HOST}:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{self.http_addr}"
+
+    @property
+    def serf_wan_addr(self) -> str:
+        """Where another datacenter's agent joins this one (``retry_join_wan``)."""
+        return f"{HOST}:{self.ports['serf_wan']}"
+
+    @property
+    def pid(self) -> int | None:
+        """The PID of the running agent, or None when stopped."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the agent process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 30.0) -> ConsulAgent:
+        """Start the agent and return once it has a leader and its node is in the catalog.
+
+        On a first start a port lost to another process is retried on fresh ports; a
+        restart keeps its ports, so it only retries the same ones.
+        """
+        if self.running:
+            return self
+        first = not self.ports
+        for attempt in range(1, _BIND_ATTEMPTS + 1):
+            if first:
+                self.ports = {name: _free_port(udp=name in _UDP_TOO) for name in _PORT_NAMES}
+            try:
+                self._launch(timeout)
+            except _BindFailed as exc:
+                if attempt == _BIND_ATTEMPTS:
+                    raise RuntimeError(f"consul could not bind its ports: {exc}") from None
+                if not first:
+                    time.sleep(0.2 * attempt)  # the same ports: give their holder a moment
+                continue
+            return self
+        raise AssertionError("unreachable")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the agent: SIGTERM, wait up to ``timeout``, then SIGKILL. Idempotent."""
+        proc, self._proc = self._proc, None
+        _running.discard(self)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def kill(self) -> None:
+        """Kill the agent with SIGKILL at once (a crash, not a shutdown)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self.stop()
+
+    def restart(self, timeout: float = 30.0) -> ConsulAgent:
+        """Stop and start again on the same ports (dev mode: with an empty state)."""
+        self.stop()
+        return self.start(timeout)
+
+    def __enter__(self) -> ConsulAgent:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.http_addr if self.ports else "no ports yet"
+        return f"<ConsulAgent {self.node_name} dc={self.datacenter} {where} pid={self.pid}>"
+
+    # ------------------------------------------------------------------ HTTP helpers
+
+    def get(self, path: str, timeout: float = 5.0) -> Any:
+        """GET ``path`` from the HTTP API and return the decoded JSON body."""
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.loads(response.read() or b"null")
+
+    def put(self, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+        """PUT ``body`` (JSON-encoded unless bytes) to ``path``; return the decoded answer."""
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="PUT")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+        try:
+            return json.loads(raw or b"null")
+        except ValueError:
+            return raw.decode()
+
+    # ------------------------------------------------------------------ internals
+
+    def _argv(self) -> list[str]:
+        p = self.ports
+        argv = [
+            self.binary, "agent", "-dev",
+            f"-datacenter={self.datacenter}",
+            f"-node={self.node_name}",
+            f"-bind={HOST}", f"-client={HOST}", f"-advertise={HOST}",
+            f"-http-port={p['http']}",
+            f"-grpc-port={p['grpc']}",
+            "-grpc-tls-port=-1",
+            "-https-port=-1",
+            "-dns-port=-1",
+            f"-serf-lan-port={p['serf_lan']}",
+            f"-serf-wan-port={p['serf_wan']}",
+            f"-server-port={p['server']}",
+            "-log-level=info",
+            # Never call checkpoint-api.hashicorp.com from a test.
+            "-hcl=disable_update_check = true",
+        ]  # fmt: skip
+        argv += [f"-retry-join-wan={addr}" for addr in self.retry_join_wan]
+        argv += self.extra_args
+        return argv
+
+    def _launch(self, timeout: float) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== {' '.join(self._argv())}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                self._argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C of pytest reaches us, not the agent
+            )
+        _running.add(self)
+        try:
+            self._wait_ready(timeout, offset)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_ready(self, timeout: float, offset: int) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        node = urllib.parse.quote(self.node_name, safe="")
+        waiting_for = "the agent to answer"
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                tail = self._log_tail(offset)
+                in_use = [line for line in tail.splitlines() if "address already in use" in line]
+                if in_use:
+                    raise _BindFailed(f"{in_use[-1].strip()} (ports {self.ports})")
+                raise RuntimeError(
+                    f"consul exited with status {code} while starting ({waiting_for}); "
+                    f"log {self.log_path}:\n{tail}"
+                )
+            try:
+                if self.get("/v1/status/leader", timeout=1.0):
+                    waiting_for = "its node in the catalog"
+                    if self.get(f"/v1/catalog/node/{node}", timeout=1.0):
+                        return
+                else:
+                    waiting_for = "a leader"
+            except (OSError, ValueError):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"consul did not become ready within {timeout:g} s (waiting for "
+                    f"{waiting_for}); log {self.log_path}:\n{self._log_tail(offset)}"
+                )
+            time.sleep(0.05)  # poll interval while the agent boots
+
+    def _log_tail(self, offset: int, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class _BindFailed(Exception):
+    pass
+
+
+def _free_port(*, udp: bool = False) -> int:
+    """A port free on 127.0.0.1 (for TCP, and for UDP too if ``udp``), never handed out twice."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((HOST, 0))
+            port: int = tcp.getsockname()[1]
+            if port in _handed_out:
+                continue
+            if udp:
+                try:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dgram:
+                        dgram.bind((HOST, port))
+                except OSError:
+                    continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
+@atexit.register
+def _stop_all() -> None:
+    for agent in list(_running):
+        agent.stop(timeout=5.0)
+
+
+# ---------------------------------------------------------------------- pytest plugin
+
+
+class ConsulFactory(Protocol):
+    """The ``consul_factory`` fixture: start a private agent, stopped at teardown."""
+
+    def __call__(
+        self,
+        *,
+        datacenter: str = "dc1",
+        node_name: str | None = None,
+        retry_join_wan: Sequence[str] | None = None,
+        start: bool = True,
+    ) -> ConsulAgent: ...
+
+
+_CONSUL_FIXTURES = frozenset({"consul_bin", "consul", "consul_factory", "consul_client"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a Consul fixture with ``consul``."""
+    for item in items:
+        if _CONSUL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.consul)
+
+
+@pytest.fixture(scope="session")
+def consul_bin(request: pytest.FixtureRequest) -> str:
+    """Path of a working consul binary (found, cached, or built on first use)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    # A first build takes minutes: let its progress reach the terminal.
+    with capture.global_and_fixture_disabled() if capture is not None else nullcontext():
+        try:
+            return find_consul()
+        except ConsulUnavailable as exc:
+            pytest.fail(f"{exc}\n(deselect these tests with -m 'not consul')", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def consul(consul_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
+    """The shared dev agent. Clean up what you register or write; never stop it."""
+    agent = ConsulAgent(consul_bin, log_dir=tmp_path_factory.mktemp("consul"))
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture
+def consul_factory(consul_bin: str, tmp_path: Path) -> Iterator[ConsulFactory]:
+    """Start private agents (to stop/restart, or as another datacenter); all stopped after."""
+    agents: list[ConsulAgent] = []
+
+    def make(
+        *,
+        datacenter: str = "dc1",
+        node_name: str | None = None,
+        retry_join_wan: Sequence[str] | None = None,
+        start: bool = True,
+    ) -> ConsulAgent:
+        agent = ConsulAgent(
+            consul_bin,
+            datacenter=datacenter,
+            node_name=node_name,
+            retry_join_wan=retry_join_wan,
+            log_dir=tmp_path / "consul",
+        )
+        agents.append(agent)
+        return agent.start() if start else agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
+
+
+@pytest.fixture
+def consul_client(consul: ConsulAgent) -> Iterator[Any]:
+    """A py-consul client (``consul.Consul``) of the shared agent, closed afterwards."""
+    import consul as pyconsul
+
+    client = pyconsul.Consul(host=HOST, port=consul.http_port)
+    yield client
+    client.http.session.close()  # py-consul's own close() leaves the requests session open
+
+
+@pytest.fixture
+def registered(consul: ConsulAgent) -> Iterator[list[str]]:
+    """Service IDs registered on the shared agent; deregistered after the test."""
+    ids: list[str] = []
+    yield ids
+    for service_id in ids:
+        consul.put(f"/v1/agent/service/deregister/{service_id}")
+
+
+def unique(prefix: str) -> str:
+    """A service name no other test uses (a valid mesh service name)."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def register(
+    agent: ConsulAgent,
+    name: str,
+    service_id: str,
+    port: int,
+    *,
+    ids: list[str] | None = None,
+    **fields: Any,
+) -> None:
+    """Register an instance with a passing TTL check (``service:<id>``)."""
+    body = {
+        "Name": name,
+        "ID": service_id,
+        "Address": HOST,
+        "Port": port,
+        "Check": {"TTL": "60s", "Status": "passing"},
+        **fields,
+    }
+    agent.put("/v1/agent/service/register", body)
+    if ids is not None:
+        ids.append(service_id)
+    # The agent syncs its registrations to the catalog right after, not before, answering.
+    wait_until(
+        lambda: service_id in {s["ServiceID"] for s in agent.get(f"/v1/catalog/service/{name}")},
+        what=f"{service_id} in the catalog",
+    )

@@ -1,0 +1,567 @@
+"""ConsulDiscovery against a real Consul agent, and against a fake one that answers garbage.
+
+The real agent proves the blocking queries, health filtering, weights and the outage and
+restart behaviour (those tests are marked ``consul``); the fake (a tiny HTTP server)
+produces what a real agent will not on demand: malformed JSON, wrong shapes, an index that
+goes backwards. The fake needs no Consul, so those tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
+from cryptography.x509.oid import NameOID
+
+from consul_agent import ConsulAgent, ConsulFactory, register, unique
+from meshlib._config import ConsulSettings
+from meshlib.discovery import ConsulDiscovery, Endpoint, Snapshot
+from polling import wait_until
+
+LOGGER = "meshlib.discovery"
+
+DiscoveryFactory = Callable[..., ConsulDiscovery]
+
+
+@pytest.fixture
+def make_discovery() -> Iterator[DiscoveryFactory]:
+    """ConsulDiscovery with short knobs; every one is closed after the test."""
+    made: list[ConsulDiscovery] = []
+
+    def make(where: str | ConsulSettings, **options: Any) -> ConsulDiscovery:
+        token = options.pop("token", None)
+        settings = (
+            where if isinstance(where, ConsulSettings) else ConsulSettings(where, token=token)
+        )
+        options = {"wait": 10.0, "min_interval": 0.01, "max_backoff": 0.1, **options}
+        discovery = ConsulDiscovery(settings, **options)
+        made.append(discovery)
+        return discovery
+
+    yield make
+    for discovery in made:
+        discovery.close()
+
+
+def ids_of(discovery: ConsulDiscovery, service: str) -> set[str] | None:
+    snapshot = discovery.snapshot(service)
+    return None if snapshot is None else {e.id for e in snapshot.endpoints}
+
+
+# ---------------------------------------------------------------------- against real Consul
+
+
+@pytest.mark.consul
+def test_passing_instances_appear_and_a_failed_one_drops_within_a_second(
+    consul: ConsulAgent, registered: list[str], make_discovery: DiscoveryFactory
+) -> None:
+    name = unique("web")
+    register(consul, name, f"{name}-a", 9001, ids=registered)
+    register(consul, name, f"{name}-b", 9002, ids=registered)
+    discovery = make_discovery(consul.url)
+
+    assert discovery.wait(name, timeout=5.0) is not None
+    wait_until(lambda: ids_of(discovery, name) == {f"{name}-a", f"{name}-b"}, what="both")
+
+    consul.put(f"/v1/agent/check/fail/service:{name}-b")
+
+    wait_until(lambda: ids_of(discovery, name) == {f"{name}-a"}, timeout=1.0, what="b dropped")
+
+
+@pytest.mark.consul
+def test_endpoint_fields_come_from_the_health_answer(
+    consul: ConsulAgent, registered: list[str], make_discovery: DiscoveryFactory
+) -> None:
+    name = unique("api")
+    register(
+        consul,
+        name,
+        f"{name}-heavy",
+        9001,
+        ids=registered,
+        Address="127.0.0.9",
+        Weights={"Passing": 5, "Warning": 1},
+        Meta={"version": "v2"},
+        Tags=["canary", "blue"],
+    )
+    # No service address: the node's address (the agent's, 127.0.0.1) stands in for it.
+    # No weights: 1.
+    register(consul, name, f"{name}-plain", 9002, ids=registered, Address="")
+    discovery = make_discovery(consul.url)
+
+    wait_until(lambda: ids_of(discovery, name) == {f"{name}-heavy", f"{name}-plain"})
+    snapshot = discovery.snapshot(name)
+
+    assert snapshot is not None
+    by_id = {e.id: e for e in snapshot.endpoints}
+    heavy, plain = by_id[f"{name}-heavy"], by_id[f"{name}-plain"]
+    assert (heavy.host, heavy.port, heavy.weight, heavy.node) == (
+        "127.0.0.9",
+        9001,
+        5,
+        consul.node_name,
+    )
+    assert dict(heavy.meta) == {"version": "v2"}
+    assert heavy.tags == ("canary", "blue")
+    assert (plain.host, plain.port, plain.weight) == ("127.0.0.1", 9002, 1)
+    assert snapshot.index > 0
+
+
+@pytest.mark.consul
+def test_knows_answers_from_the_catalog(
+    consul: ConsulAgent, registered: list[str], make_discovery: DiscoveryFactory
+) -> None:
+    name = unique("known")
+    register(consul, name, f"{name}-1", 9001, ids=registered)
+    discovery = make_discovery(consul.url)
+
+    assert wait_until(lambda: discovery.knows(name), what="knows() True") is True
+    assert discovery.knows(unique("never-registered")) is False
+
+
+@pytest.mark.consul
+def test_wait_for_a_service_that_does_not_exist_returns_fast(
+    consul: ConsulAgent, make_discovery: DiscoveryFactory
+) -> None:
+    discovery = make_discovery(consul.url)
+
+    started = time.monotonic()
+    result = discovery.wait(unique("nowhere"), timeout=10.0)
+
+    assert result is None
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.consul
+def test_wait_for_a_service_without_healthy_instances_returns_an_empty_snapshot(
+    consul: ConsulAgent, registered: list[str], make_discovery: DiscoveryFactory
+) -> None:
+    name = unique("sick")
+    check = {"TTL": "60s", "Status": "critical"}
+    register(consul, name, f"{name}-1", 9001, ids=registered, Check=check)
+    discovery = make_discovery(consul.url)
+
+    snapshot = discovery.wait(name, timeout=5.0)
+
+    assert snapshot is not None
+    assert snapshot.endpoints == ()
+    assert discovery.knows(name) is True
+
+
+@pytest.mark.consul
+def test_one_thread_watches_fifty_services(
+    consul: ConsulAgent, make_discovery: DiscoveryFactory
+) -> None:
+    before = threading.active_count()
+    # A host name, not an IP: resolving it must not start resolver threads either.
+    discovery = make_discovery(f"http://localhost:{consul.http_port}")
+    names = [unique(f"many{i}") for i in range(50)]
+
+    for name in names:
+        assert discovery.snapshot(name) is None
+    wait_until(lambda: all(discovery.snapshot(n) is not None for n in names), what="50 answers")
+
+    assert threading.active_count() - before == 1
+    discovery.close()
+    assert threading.active_count() == before
+
+
+@pytest.mark.consul
+def test_outage_keeps_the_last_snapshot_and_warns_once_then_restart_is_picked_up(
+    consul_factory: ConsulFactory,
+    make_discovery: DiscoveryFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    agent = consul_factory()
+    register(agent, "shop", "shop-1", 9001)
+    # A long wait: after the restart a stale index would hide the new instance for 30 s.
+    discovery = make_discovery(agent.url, wait=30.0, token="s3cret-token")
+    discovery.snapshot("catalog-watch-too")
+    wait_until(lambda: ids_of(discovery, "shop") == {"shop-1"})
+    before = discovery.snapshot("shop")
+
+    agent.stop()
+
+    wait_until(lambda: len(retries(caplog)) >= 6, what="several failed retries")
+    assert discovery.snapshot("shop") is before
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].getMessage().startswith(f"Consul at {agent.url} unreachable: ")
+    assert warnings[0].getMessage().endswith("; serving the last known endpoints")
+
+    agent.restart()  # dev mode: comes back empty, its index far below the last one seen
+    register(agent, "shop", "shop-2", 9002)
+
+    wait_until(lambda: ids_of(discovery, "shop") == {"shop-2"}, timeout=10.0, what="shop-2")
+    infos = wait_until(lambda: messages(caplog, logging.INFO), what="the recovery logged")
+    assert infos == [f"Consul at {agent.url} is reachable again"]
+    assert [r for r in caplog.records if r.levelno == logging.WARNING] == warnings
+    assert "s3cret-token" not in caplog.text
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+def retries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "retrying in" in r.getMessage()]
+
+
+# ---------------------------------------------------------------------- against a fake
+
+
+@dataclass
+class Request:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    answered_index: str | None = None  # None while it is still blocked
+
+
+class FakeConsul:
+    """A tiny Consul impostor: answers what the test sets, blocking like the real one.
+
+    A query carrying ``index`` blocks until the test sets a new answer for that path (or
+    ``wait`` passes, at most 2 s), as Consul's blocking queries do. ``requests`` records each
+    query's path, parameters, headers and the ``X-Consul-Index`` it was answered with.
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self._answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        self._generation: dict[str, int] = {}
+        self._served: dict[str, int] = {}
+        self._came_back: set[tuple[str, int]] = set()
+        self._cond = threading.Condition()
+        self._closing = False
+        #: every request in order: path, query, headers, the index it was answered with
+        self.requests: list[Request] = []
+        self.set_json("/v1/catalog/services", {"svc": []}, index=1)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake._handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
+        self._thread.start()
+
+    def set(self, path: str, body: bytes, *, index: str | None, status: int = 200) -> None:
+        headers = {"Content-Type": "application/json"}
+        if index is not None:
+            headers["X-Consul-Index"] = index
+        with self._cond:
+            self._answers[path] = (status, headers, body)
+            self._generation[path] = self._generation.get(path, 0) + 1
+            self._cond.notify_all()
+
+    def set_json(self, path: str, value: Any, *, index: int) -> None:
+        self.set(path, json.dumps(value).encode(), index=str(index))
+
+    def handled(self, path: str) -> None:
+        """Wait until the client has handled the current answer: it came back for more.
+
+        One watch asks one query at a time, so a new query means the last answer is done.
+        """
+        with self._cond:
+            key = (path, self._generation[path])
+        wait_until(lambda: key in self._came_back, what=f"the client to handle {key}")
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(handler.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        path = parts.path
+        request = Request(path, query, dict(handler.headers))
+        with self._cond:
+            self.requests.append(request)
+            generation = self._generation.get(path, 0)
+            if self._served.get(path) == generation:
+                self._came_back.add((path, generation))
+                if "index" in query:
+                    wait = min(2.0, float(query.get("wait", "2000ms").removesuffix("ms")) / 1000)
+                    self._cond.wait_for(
+                        lambda: self._closing or self._generation.get(path) != generation,
+                        timeout=wait,
+                    )
+            status, headers, body = self._answers.get(path, (404, {}, b"not found"))
+            self._served[path] = self._generation.get(path, 0)
+            request.answered_index = headers.get("X-Consul-Index")
+        try:
+            handler.send_response(status)
+            for name, value in headers.items():
+                handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client closed its blocking query: fine
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeConsul]:
+    server = FakeConsul()
+    yield server
+    server.close()
+
+
+def entry(service_id: str, port: object, **service: Any) -> dict[str, Any]:
+    return {
+        "Node": {"Node": "node-1", "Address": "10.0.0.1"},
+        "Service": {"ID": service_id, "Service": "svc", "Address": "", "Port": port, **service},
+        "Checks": [],
+    }
+
+
+HEALTH = "/v1/health/service/svc"
+
+
+def test_garbage_answers_keep_the_last_good_snapshot(
+    fake: FakeConsul, make_discovery: DiscoveryFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    fake.set_json(HEALTH, [entry("a", 8001)], index=10)
+    discovery = make_discovery(fake.url)
+    good = wait_until(lambda: discovery.wait("svc", 5.0), what="first snapshot")
+    assert good == Snapshot("svc", (Endpoint("10.0.0.1", 8001, 1, id="a", node="node-1"),), 10)
+
+    garbage: list[tuple[bytes, str | None, int]] = [
+        (b"{not json", "11", 200),
+        (b'{"Service": {}}', "12", 200),  # an object, not a list
+        (b"[1, 2]", "13", 200),
+        (json.dumps([{"Service": {"Port": 1}}]).encode(), "14", 200),  # no Node
+        (json.dumps([entry("a", "8001")]).encode(), "15", 200),  # port as a string
+        (json.dumps([entry("a", 8001, Meta=["x"])]).encode(), "16", 200),
+        (json.dumps([entry("a", 8001)]).encode(), "not-a-number", 200),
+        (json.dumps([entry("a", 8001)]).encode(), None, 200),  # no index at all
+        (b"rpc error: No cluster leader", "17", 500),
+        (b"\xff\xfe", "18", 200),
+    ]
+    for body, index, status in garbage:
+        fake.set(HEALTH, body, index=index, status=status)
+        fake.handled(HEALTH)
+        assert discovery.snapshot("svc") is good, body
+
+    warnings = messages(caplog, logging.WARNING)
+    assert len(warnings) == 1
+    assert "malformed JSON" in warnings[0]
+
+    fake.set_json(HEALTH, [entry("a", 8001), entry("b", 8002)], index=20)
+    wait_until(lambda: ids_of(discovery, "svc") == {"a", "b"}, what="recovery")
+    assert discovery.snapshot("svc").index == 20  # type: ignore[union-attr]
+    infos = wait_until(lambda: messages(caplog, logging.INFO), what="the recovery logged")
+    assert infos == [f"Consul at {fake.url} is reachable again"]
+
+
+def test_index_going_backwards_resets_to_zero(
+    fake: FakeConsul, make_discovery: DiscoveryFactory
+) -> None:
+    fake.set_json(HEALTH, [entry("a", 8001)], index=100)
+    discovery = make_discovery(fake.url)
+    wait_until(lambda: discovery.snapshot("svc"), what="first snapshot")
+    fake.handled(HEALTH)
+
+    fake.set_json(HEALTH, [entry("a", 8001)], index=5)
+    fake.handled(HEALTH)
+    fake.set_json(HEALTH, [entry("a", 8001), entry("b", 8002)], index=6)
+
+    wait_until(lambda: ids_of(discovery, "svc") == {"a", "b"}, what="updates after the reset")
+    # (index sent, index answered): it blocked on 100; when 5 came back it asked afresh
+    # (no index: answers at once), then blocked on 5 until 6 arrived.
+    exchanges = [(r.query.get("index"), r.answered_index) for r in health_requests(fake)]
+    assert exchanges[:4] == [(None, "100"), ("100", "5"), (None, "5"), ("5", "6")], exchanges
+
+
+def test_index_zero_is_never_blocked_on(fake: FakeConsul, make_discovery: DiscoveryFactory) -> None:
+    fake.set_json(HEALTH, [entry("a", 8001)], index=0)
+    discovery = make_discovery(fake.url)
+    wait_until(lambda: discovery.snapshot("svc"), what="first snapshot")
+
+    fake.handled(HEALTH)
+
+    assert [r.query.get("index") for r in health_requests(fake)] == [None, "1"]
+
+
+def health_requests(fake: FakeConsul) -> list[Request]:
+    return [r for r in list(fake.requests) if r.path == HEALTH]
+
+
+def test_snapshots_are_published_only_on_change(
+    fake: FakeConsul, make_discovery: DiscoveryFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.set_json(HEALTH, [entry("a", 8001)], index=10)
+    discovery = make_discovery(fake.url)
+    seen: list[Snapshot] = []
+
+    def broken_listener(snapshot: Snapshot) -> None:
+        raise RuntimeError("listener bug")
+
+    discovery.subscribe(broken_listener)
+    discovery.subscribe(seen.append)
+    assert discovery.snapshot("svc") is None  # the first mention starts the watch
+    wait_until(lambda: seen, what="first snapshot")
+
+    steps: list[tuple[list[dict[str, Any]], bool]] = [
+        ([entry("a", 8001)], False),  # a new index, nothing else: not news
+        ([entry("a", 8001, Meta={"version": "v2"})], True),
+        ([entry("a", 8001, Meta={"version": "v2"}, Tags=["x"])], True),
+        ([entry("a", 8001, Meta={"version": "v2"}, Tags=["x"], Weights={"Passing": 3})], True),
+        ([entry("a", 8001, Meta={"version": "v2"}, Tags=["x"], Weights={"Passing": 3})], False),
+    ]
+    for number, (body, news) in enumerate(steps, start=11):
+        count = len(seen)
+        fake.set_json(HEALTH, body, index=number)
+        fake.handled(HEALTH)
+        assert len(seen) == count + news, body
+
+    assert [s.index for s in seen] == [10, 12, 13, 14]
+    assert seen[-1].endpoints[0].weight == 3
+    failures = [r for r in caplog.records if "listener" in r.getMessage()]
+    assert len(failures) == len(seen)
+    assert all(r.exc_info is not None for r in failures)
+
+
+def test_token_is_sent_as_a_header(fake: FakeConsul, make_discovery: DiscoveryFactory) -> None:
+    fake.set_json(HEALTH, [], index=3)
+    discovery = make_discovery(fake.url, token="tok-123")
+
+    wait_until(lambda: discovery.wait("svc", 5.0), what="an answer")
+
+    assert all(r.headers.get("X-Consul-Token") == "tok-123" for r in fake.requests)
+    assert all("tok-123" not in str(r.query) for r in fake.requests)
+
+
+def test_close_stops_the_thread_and_is_idempotent(
+    fake: FakeConsul, make_discovery: DiscoveryFactory
+) -> None:
+    before = set(threading.enumerate())
+    discovery = make_discovery(fake.url)
+    discovery.snapshot("svc")
+    new = [t for t in set(threading.enumerate()) - before if t.name.startswith("meshlib")]
+
+    discovery.close()
+    discovery.close()
+
+    assert [t.name for t in new] == ["meshlib-consul-discovery"]
+    assert not new[0].is_alive()
+    assert discovery.wait("other", timeout=5.0) is None  # closed: no waiting
+
+
+# ---------------------------------------------------------------------- TLS to the agent
+
+
+def test_https_agent_with_a_private_ca_server_name_and_client_certificate(
+    tmp_path: Path, make_discovery: DiscoveryFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = Pki(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki.ca)
+    server_tls.load_cert_chain(pki.server_cert, pki.server_key)
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # Consul's verify_incoming
+    fake = FakeConsul(tls=server_tls)
+    try:
+        fake.set_json(HEALTH, [entry("a", 8001)], index=7)
+        settings = ConsulSettings(
+            fake.url,
+            cacert=str(pki.ca),
+            client_cert=str(pki.client_cert),
+            client_key=str(pki.client_key),
+            tls_server_name="consul.test",  # the certificate does not name 127.0.0.1
+        )
+        discovery = make_discovery(settings)
+        assert ids_of(discovery, "svc") is None
+        wait_until(lambda: ids_of(discovery, "svc") == {"a"}, what="a snapshot over TLS")
+
+        # The same agent without the server name fails verification: TLS is really checked.
+        caplog.set_level(logging.WARNING, logger=LOGGER)
+        unnamed = make_discovery(dataclasses.replace(settings, tls_server_name=None))
+        assert unnamed.wait("svc", timeout=0.5) is None
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+    finally:
+        fake.close()
+
+
+class Pki:
+    """A CA, a server certificate for ``consul.test`` and a client certificate, as files."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._ca_key = ec.generate_private_key(ec.SECP256R1())
+        self._ca_name = _name("meshlib test CA")
+        ca = (
+            _builder(self._ca_name, self._ca_name, self._ca_key)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        self.ca = directory / "ca.pem"
+        self.ca.write_bytes(ca.public_bytes(Encoding.PEM))
+        self.server_cert, self.server_key = self._leaf("server")
+        self.client_cert, self.client_key = self._leaf("client")
+
+    def _leaf(self, role: str) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            _builder(_name(f"{role}.consul.test"), self._ca_name, key)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("consul.test")]), False)
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        cert_path, key_path = self._directory / f"{role}.pem", self._directory / f"{role}.key"
+        cert_path.write_bytes(cert.public_bytes(Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+        return cert_path, key_path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+    )
