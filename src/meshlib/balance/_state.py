@@ -65,22 +65,27 @@ class EndpointState:
         "endpoint",
         "ewma",
         "in_flight",
+        "outlier_decay_at",
+        "weight",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        #: The endpoint's load-balancing weight (at least 1); a plain slot for speed.
+        self.weight = max(endpoint.weight, 1)
         self.in_flight = 0
         self.ewma = PeakEwma()
         #: outlier detection (resilience/_outlier.py owns these)
         self.consecutive_errors = 0
         self.ejected_until = 0.0
         self.ejections = 0
+        self.outlier_decay_at = 0.0
         self._lock = threading.Lock()
 
-    @property
-    def weight(self) -> int:
-        """The endpoint's load-balancing weight (at least 1)."""
-        return self.endpoint.weight
+    def rebind(self, endpoint: Endpoint) -> None:
+        """The same endpoint (same key) with a new weight, address or metadata."""
+        self.endpoint = endpoint
+        self.weight = max(endpoint.weight, 1)
 
     def started(self) -> float:
         """Count one more request in flight; returns the start time to pass to ``finished``."""
@@ -88,13 +93,18 @@ class EndpointState:
             self.in_flight += 1
         return time.monotonic()
 
-    def finished(self, start: float, *, latency: bool = True) -> None:
-        """Count a request done; if ``latency``, feed its duration to the latency estimate."""
+    def finished(self, start: float, *, latency: bool = True, floor: float = 0.0) -> None:
+        """Count a request done; if ``latency``, feed its duration to the latency estimate.
+
+        ``floor`` raises the sample: a failed attempt is fed as at least that slow, so an
+        endpoint that fails fast (connection refused in 0.1 ms) does not look fast and
+        attract more traffic before outlier ejection removes it.
+        """
         now = time.monotonic()
         with self._lock:
             self.in_flight -= 1
             if latency:
-                self.ewma.observe(now - start, now)
+                self.ewma.observe(max(now - start, floor), now)
 
     def load(self, now: float) -> float:
         """Peak-EWMA load: latency estimate x (in flight + 1), Finagle's formula.
