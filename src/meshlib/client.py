@@ -1,65 +1,182 @@
 """Client / AsyncClient: real httpx clients whose transport is the mesh.
 
-(Foundation stage: the transports validate the configuration and pass requests through;
-the outbound pipeline fills them in.)
+``MeshTransport`` wraps an inner transport that does the I/O (by default one pooled
+``httpx.HTTPTransport`` for every endpoint). Hosts that are not mesh services pass
+straight through to it. For mesh services, the transport is a loop around a sans-IO
+``Call`` (_pipeline.py), which holds every policy decision, so the sync and async
+transports below differ only in ``await``.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import anyio
 import httpx
 
 from ._config import MeshConfig, load_config
+from ._pipeline import Call
+from ._runtime import Mesh, Pending
 
 __all__ = ["AsyncClient", "AsyncMeshTransport", "Client", "MeshTransport"]
 
 
+def _runtime(config: MeshConfig | None, mesh: Mesh | None) -> Mesh:
+    if mesh is not None:
+        return mesh
+    return Mesh.for_config(load_config() if config is None else config)
+
+
 class MeshTransport(httpx.BaseTransport):
-    """The mesh as an httpx transport, wrapping an inner transport that does the I/O."""
+    """The mesh as an httpx transport.
+
+    Args:
+        inner: the transport that does the I/O (default: a pooled ``httpx.HTTPTransport``).
+            Transport options such as ``limits`` or ``http2`` belong on it.
+        config: configuration to use instead of reading the environment.
+        mesh: an existing runtime to share (default: the process's runtime for ``config``).
+
+    """
 
     def __init__(
-        self, inner: httpx.BaseTransport | None = None, *, config: MeshConfig | None = None
+        self,
+        inner: httpx.BaseTransport | None = None,
+        *,
+        config: MeshConfig | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
-        self.config = load_config() if config is None else config
-        self._inner = inner or httpx.HTTPTransport()
+        self.mesh = _runtime(config, mesh)
+        self._inner = httpx.HTTPTransport() if inner is None else inner
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        """Send one request through the mesh."""
-        return self._inner.handle_request(request)
+        """Send ``request``: through the mesh for a mesh service, else straight through."""
+        service = self.mesh.lookup(request.url.host)
+        if isinstance(service, Pending):
+            self.mesh.discovery.wait(service.service, self.mesh.wait_timeout())
+            service = self.mesh.resolve(service)
+        if service is None:
+            return self._inner.handle_request(request)
+        call = Call(service, request)
+        response: httpx.Response | None = None
+        try:
+            while True:
+                attempt = call.start_attempt(request)
+                try:
+                    response = self._inner.handle_request(request)
+                except httpx.TransportError as exc:
+                    delay = call.attempt_failed(attempt, exc)
+                    if delay is None:
+                        raise
+                else:
+                    delay = call.attempt_responded(attempt, response)
+                    if delay is None:
+                        return response
+                    response.close()
+                    response = None
+                time.sleep(delay)
+        finally:
+            call.finish(request, response)
 
     def close(self) -> None:
-        """Close the inner transport."""
+        """Close the inner transport (the shared runtime stays up for other clients)."""
         self._inner.close()
 
 
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
-    """The async twin of :class:`MeshTransport`."""
+    """The async twin of :class:`MeshTransport`; same arguments."""
 
     def __init__(
-        self, inner: httpx.AsyncBaseTransport | None = None, *, config: MeshConfig | None = None
+        self,
+        inner: httpx.AsyncBaseTransport | None = None,
+        *,
+        config: MeshConfig | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
-        self.config = load_config() if config is None else config
-        self._inner = inner or httpx.AsyncHTTPTransport()
+        self.mesh = _runtime(config, mesh)
+        self._inner = httpx.AsyncHTTPTransport() if inner is None else inner
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send one request through the mesh."""
-        return await self._inner.handle_async_request(request)
+        """Send ``request``: through the mesh for a mesh service, else straight through."""
+        service = self.mesh.lookup(request.url.host)
+        if isinstance(service, Pending):
+            await anyio.to_thread.run_sync(
+                self.mesh.discovery.wait, service.service, self.mesh.wait_timeout()
+            )
+            service = self.mesh.resolve(service)
+        if service is None:
+            return await self._inner.handle_async_request(request)
+        call = Call(service, request)
+        response: httpx.Response | None = None
+        try:
+            while True:
+                attempt = call.start_attempt(request)
+                try:
+                    response = await self._inner.handle_async_request(request)
+                except httpx.TransportError as exc:
+                    delay = call.attempt_failed(attempt, exc)
+                    if delay is None:
+                        raise
+                else:
+                    delay = call.attempt_responded(attempt, response)
+                    if delay is None:
+                        return response
+                    await response.aclose()
+                    response = None
+                await anyio.sleep(delay)
+        finally:
+            call.finish(request, response)
 
     async def aclose(self) -> None:
-        """Close the inner transport."""
+        """Close the inner transport (the shared runtime stays up for other clients)."""
         await self._inner.aclose()
 
 
 class Client(httpx.Client):
-    """An ``httpx.Client`` that sends ``http://<service>/...`` through the mesh."""
+    """An ``httpx.Client`` that sends requests for mesh services through the mesh.
 
-    def __init__(self, *, transport: httpx.BaseTransport | None = None, **kwargs: Any) -> None:
-        super().__init__(transport=MeshTransport(transport), **kwargs)
+    ``http://weather/v1/forecast`` goes to a healthy instance of the service ``weather``;
+    other URLs behave as with a plain ``httpx.Client``. Every ``httpx.Client`` argument
+    works; ``transport`` becomes the mesh's inner transport. ``timeout`` is unset by default
+    so the mesh's per-attempt timeout and deadline (``MESH_TIMEOUT``, ``MESH_DEADLINE``)
+    apply; a ``timeout`` given here caps each attempt further.
+
+    Per-request options go in ``extensions={"meshlib": {...}}``: ``retry_non_idempotent``
+    (resend a POST/PATCH after it may have reached the server), ``deadline`` (seconds) and
+    ``retries``. What the mesh did is in ``response.extensions["meshlib"]``.
+
+    Raises:
+        meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        config: MeshConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            transport=MeshTransport(transport, config=config), timeout=timeout, **kwargs
+        )
 
 
 class AsyncClient(httpx.AsyncClient):
-    """An ``httpx.AsyncClient`` that sends ``http://<service>/...`` through the mesh."""
+    """An ``httpx.AsyncClient`` that sends requests for mesh services through the mesh.
 
-    def __init__(self, *, transport: httpx.AsyncBaseTransport | None = None, **kwargs: Any) -> None:
-        super().__init__(transport=AsyncMeshTransport(transport), **kwargs)
+    The async twin of :class:`Client`, with the same arguments and behaviour.
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        config: MeshConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            transport=AsyncMeshTransport(transport, config=config), timeout=timeout, **kwargs
+        )

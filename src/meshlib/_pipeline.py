@@ -1,0 +1,289 @@
+"""One logical request through the mesh, as a sans-IO state machine.
+
+The sync and async transports (client.py) are thin loops around ``Call``: they ask it for
+an attempt, do the I/O, tell it what happened, and sleep as long as it says. Every policy
+decision lives here, once. The stages, outermost first, and why they sit where they do:
+
+1. **classify** (``Mesh.lookup``, before a Call exists): only mesh services get a Call;
+   other hosts pass through untouched and pay nothing further.
+2. **deadline** (``Call.__init__``): one budget for the whole logical request, capped by the
+   deadline of the inbound request being served, so no retry or backoff can outlive it.
+   It is checked before every attempt and sent downstream with each.
+3. **retry** (``Call.attempt_failed`` / ``Call.attempt_responded``): sits *above* balance so
+   each retry can land on a different endpoint, and above the breaker and ejection so they
+   see every attempt, not only the last. Only retryable outcomes, only requests that are
+   safe to resend, within the service's retry budget, never past the deadline.
+4. **breaker** (``Call.start_attempt``): a per-service gate: while the whole service keeps
+   failing, fail fast instead of queueing attempts that cannot succeed.
+5. **balance** (``Call.start_attempt``): choose among endpoints that are not ejected and, if
+   possible, not yet tried by this request; panic mode uses all when too few remain.
+6. **attempt** (the transport): per-attempt timeout, ``Host`` kept as the service name,
+   the request sent on the pooled inner transport.
+7. **outlier ejection** (after each attempt): per-endpoint consecutive failures eject the
+   endpoint from balance for a growing time.
+
+Route and split (traffic management) slot in between deadline and balance; telemetry wraps
+the whole Call. Their hooks arrive with those features.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+import httpx
+
+from ._exceptions import CircuitOpen, DeadlineExceeded, NoHealthyEndpoints
+from ._service import ServiceState
+from ._urls import with_endpoint
+from .balance import EndpointState
+from .resilience._deadline import DEADLINE_HEADER, Deadline, inbound_deadline
+from .resilience._retry import (
+    IDEMPOTENT_METHODS,
+    Outcome,
+    backoff,
+    classify_error,
+    classify_response,
+    parse_retry_after,
+)
+
+__all__ = ["Attempt", "Call", "CallInfo", "request_options"]
+
+#: The per-request options key: ``client.post(url, extensions={"meshlib": {...}})``.
+OPTIONS_KEY = "meshlib"
+_OPTION_NAMES = frozenset({"retry_non_idempotent", "deadline", "retries"})
+
+
+def request_options(request: httpx.Request) -> Mapping[str, Any]:
+    """The per-request mesh options, validated (a typo raises ``ValueError`` at once)."""
+    options = request.extensions.get(OPTIONS_KEY)
+    if not options:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"extensions[{OPTIONS_KEY!r}] must be a mapping, not {options!r}")
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise ValueError(
+            f"unknown meshlib request option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}"
+        )
+    return options
+
+
+class CallInfo:
+    """What the mesh did for one request; ``response.extensions["meshlib"]``."""
+
+    __slots__ = ("attempts", "endpoint", "retry_reasons", "service")
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        #: ``host:port`` of the endpoint that produced the response (or the last error).
+        self.endpoint = ""
+        self.attempts = 0
+        #: Why each retry happened: "connect", "reset", "timeout", "503", ...
+        self.retry_reasons: list[str] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"CallInfo(service={self.service!r}, endpoint={self.endpoint!r}, "
+            f"attempts={self.attempts}, retry_reasons={self.retry_reasons!r})"
+        )
+
+
+class Attempt:
+    """One try of a Call on one endpoint."""
+
+    __slots__ = ("probe", "start", "state")
+
+    def __init__(self, state: EndpointState, start: float, probe: bool) -> None:
+        self.state = state
+        self.start = start
+        self.probe = probe
+
+
+class Call:
+    """The policy of one logical request. Not thread-safe: one Call per request."""
+
+    __slots__ = (
+        "_original_timeout",
+        "_original_url",
+        "_tried",
+        "deadline",
+        "hash_key",
+        "info",
+        "may_resend",
+        "replayable",
+        "retries_left",
+        "service",
+    )
+
+    def __init__(self, service: ServiceState, request: httpx.Request) -> None:
+        now = time.monotonic()
+        policy = service.policy
+        options = request_options(request)
+        self.service = service
+        self.info = CallInfo(service.name)
+        deadline = Deadline.after(float(options.get("deadline", policy.deadline)), now)
+        inbound = inbound_deadline.get()
+        if inbound is not None and inbound.at < deadline.at:
+            deadline = inbound
+        self.deadline = deadline
+        self.retries_left = int(options.get("retries", policy.retries))
+        self.may_resend = (
+            request.method in IDEMPOTENT_METHODS
+            or "idempotency-key" in request.headers
+            or bool(options.get("retry_non_idempotent", False))
+        )
+        # A body given as bytes can be sent again; a generator cannot (after it started).
+        self.replayable = isinstance(request.stream, httpx.ByteStream)
+        self.hash_key = _hash_key(service, request) if policy.lb == "ring_hash" else None
+        self._tried: list[str] = []
+        self._original_url = request.url
+        self._original_timeout = request.extensions.get("timeout")
+        service.budget.record_request(now)
+
+    # ---------------------------------------------------------------- attempts
+
+    def start_attempt(self, request: httpx.Request) -> Attempt:
+        """Pick an endpoint and point ``request`` at it; raises if no attempt may start."""
+        service = self.service
+        now = time.monotonic()
+        remaining = self.deadline.remaining(now)
+        if remaining <= 0:
+            raise DeadlineExceeded(
+                f"service {service.name!r}: deadline passed after {self.info.attempts} attempt(s)",
+                service=service.name,
+                request=request,
+            )
+        endpoints = service.endpoints
+        if not endpoints:
+            raise NoHealthyEndpoints(
+                f"service {service.name!r} has no healthy endpoints",
+                service=service.name,
+                request=request,
+            )
+        verdict = service.breaker.allow()
+        if verdict is False:
+            raise CircuitOpen(
+                f"service {service.name!r}: circuit breaker open after "
+                f"{service.breaker.failures} consecutive failures; next probe in "
+                f"{service.breaker.retry_in():.1f}s",
+                service=service.name,
+                request=request,
+            )
+        state = service.balancer.pick(service.candidates(now, self._tried), self.hash_key)
+        endpoint = state.endpoint
+        self._tried.append(endpoint.key)
+        self.info.attempts += 1
+        self.info.endpoint = endpoint.address
+        request.url = with_endpoint(self._original_url, endpoint.host, endpoint.port)
+        timeout = min(service.policy.timeout, remaining)
+        request.extensions["timeout"] = _attempt_timeout(self._original_timeout, timeout)
+        request.headers[DEADLINE_HEADER] = str(max(int(remaining * 1000), 1))
+        return Attempt(state, state.started(), probe=verdict is None)
+
+    def attempt_failed(self, attempt: Attempt, exc: httpx.TransportError) -> float | None:
+        """The attempt raised ``exc``. Returns the delay before retrying, or None to re-raise.
+
+        Raises ``DeadlineExceeded`` (from ``exc``) when the deadline is what ended it.
+        """
+        outcome = classify_error(exc)
+        self._record(attempt, outcome)
+        delay = self._retry_delay(outcome, None)
+        if delay is None and self.deadline.remaining() <= 0:
+            raise DeadlineExceeded(
+                f"service {self.service.name!r}: deadline passed during attempt "
+                f"{self.info.attempts} ({outcome.reason} on {self.info.endpoint})",
+                service=self.service.name,
+                request=exc.request if _has_request(exc) else None,
+            ) from exc
+        return delay
+
+    def attempt_responded(self, attempt: Attempt, response: httpx.Response) -> float | None:
+        """The attempt got ``response`` (headers). Returns the delay before retrying, or None
+        to hand this response to the caller."""
+        outcome = classify_response(response)
+        self._record(attempt, outcome)
+        if not outcome.retryable:
+            return None
+        return self._retry_delay(outcome, parse_retry_after(response.headers.get("retry-after")))
+
+    def finish(self, request: httpx.Request, response: httpx.Response | None) -> None:
+        """Put the request back as the caller made it; attach what the mesh did."""
+        request.url = self._original_url
+        request.headers.pop(DEADLINE_HEADER, None)
+        if self._original_timeout is None:
+            request.extensions.pop("timeout", None)
+        else:
+            request.extensions["timeout"] = self._original_timeout
+        if response is not None:
+            response.extensions[OPTIONS_KEY] = self.info
+
+    # ---------------------------------------------------------------- policy
+
+    def _record(self, attempt: Attempt, outcome: Outcome) -> None:
+        service = self.service
+        state = attempt.state
+        policy = service.policy
+        state.finished(attempt.start, floor=policy.timeout if outcome.failure else 0.0)
+        service.breaker.record(outcome.failure, probe=attempt.probe)
+        now = time.monotonic()
+        if outcome.failure:
+            service.outlier.failure(state, now, service.endpoints)
+        else:
+            service.outlier.success(state, now)
+
+    def _retry_delay(self, outcome: Outcome, retry_after: float | None) -> float | None:
+        if not outcome.retryable or self.retries_left <= 0:
+            return None
+        if outcome.sent and not (self.may_resend and self.replayable):
+            return None  # the server may have seen it: resending could do it twice
+        policy = self.service.policy
+        retry = policy.retries - self.retries_left + 1
+        delay = (
+            retry_after
+            if retry_after is not None
+            else backoff(retry, policy.retry_backoff, policy.retry_backoff_max)
+        )
+        if delay >= self.deadline.remaining():
+            return None
+        if not self.service.budget.try_retry():
+            return None
+        self.retries_left -= 1
+        self.info.retry_reasons.append(outcome.reason)
+        return delay
+
+
+def _attempt_timeout(original: Any, timeout: float) -> dict[str, float | None]:
+    """httpx's timeout extension for one attempt: the mesh's, capped by the caller's."""
+    result: dict[str, float | None] = {}
+    for key in ("connect", "read", "write", "pool"):
+        caller = original.get(key) if isinstance(original, Mapping) else None
+        result[key] = timeout if caller is None else min(caller, timeout)
+    return result
+
+
+def _hash_key(service: ServiceState, request: httpx.Request) -> str | None:
+    hash_on = service.policy.hash_on
+    if hash_on is None:
+        return None
+    if hash_on.source == "header":
+        value: str | None = request.headers.get(hash_on.name)
+        return value
+    cookie_header = request.headers.get("cookie")
+    if not cookie_header:
+        return None
+    try:
+        morsel = SimpleCookie(cookie_header).get(hash_on.name)
+    except CookieError:
+        return None
+    return morsel.value if morsel is not None else None
+
+
+def _has_request(exc: httpx.TransportError) -> bool:
+    try:
+        exc.request  # noqa: B018 - the property raises when unset
+    except RuntimeError:
+        return False
+    return True

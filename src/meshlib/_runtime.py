@@ -1,0 +1,154 @@
+"""The mesh runtime of a process: configuration, discovery, and per-service state.
+
+Clients built from the same configuration share one runtime, so a process has one set of
+discovery watches (one background thread), one view of which endpoints are ejected, and
+one retry budget and breaker per destination service -- as a sidecar would -- however many
+clients it creates.
+
+``lookup`` classifies a request's host:
+
+* a service discovery knows (or ``<name>.service.consul``) -> its ``ServiceState``;
+* an IP literal, ``localhost``, or any other dotted name -> ``None`` (not the mesh's:
+  the request passes through untouched);
+* a single-label name discovery has not answered for yet -> ``Pending``: the caller waits
+  once, bounded by ``MESH_DISCOVERY_TIMEOUT``, then calls ``resolve``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+from ._config import MeshConfig
+from ._exceptions import NoHealthyEndpoints
+from ._service import ServiceState
+from .discovery import Discovery, Snapshot, make_discovery
+
+__all__ = ["Mesh", "Pending", "reset"]
+
+_CONSUL_SUFFIX = ".service.consul"
+
+
+class Pending(NamedTuple):
+    """A host that may be a mesh service; discovery must be waited for once."""
+
+    service: str
+    host: str
+
+
+class Mesh:
+    """One process's mesh: discovery plus the state of every service it calls."""
+
+    def __init__(self, config: MeshConfig, discovery: Discovery | None = None) -> None:
+        self.config = config
+        self.discovery = make_discovery(config) if discovery is None else discovery
+        #: host as written in URLs ("weather", "weather.service.consul") -> state
+        self._services: dict[str, ServiceState] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.discovery.subscribe(self._on_snapshot)
+
+    # ---------------------------------------------------------------- classification
+
+    def lookup(self, host: str) -> ServiceState | Pending | None:
+        """The mesh service ``host`` names, ``Pending``, or ``None`` for a foreign host."""
+        state = self._services.get(host)
+        if state is not None:
+            return state
+        name = _service_name(host)
+        if name is None:
+            return None
+        known = self.discovery.knows(name)
+        if known is False:
+            self._refuse_if_consul_name(name, host)
+            return None
+        snapshot = self.discovery.snapshot(name)
+        if snapshot is None:
+            return Pending(name, host)
+        return self._state(name, host, snapshot)
+
+    def resolve(self, pending: Pending) -> ServiceState | None:
+        """After ``discovery.wait``: the service's state, or ``None`` if it is not a service."""
+        snapshot = self.discovery.snapshot(pending.service)
+        if snapshot is not None:
+            return self._state(pending.service, pending.host, snapshot)
+        known = self.discovery.knows(pending.service)
+        if known is False:
+            self._refuse_if_consul_name(pending.service, pending.host)
+            return None
+        raise NoHealthyEndpoints(
+            f"service {pending.service!r}: discovery did not answer within "
+            f"{self.config.discovery_timeout:g}s (is Consul reachable?)",
+            service=pending.service,
+        )
+
+    def wait_timeout(self) -> float:
+        """How long a first request to a service may wait for discovery."""
+        return self.config.discovery_timeout
+
+    def _refuse_if_consul_name(self, name: str, host: str) -> None:
+        """``<name>.service.consul`` promises a mesh service: an unknown one is an error."""
+        if host.endswith(_CONSUL_SUFFIX):
+            raise NoHealthyEndpoints(
+                f"service {name!r} is not registered in discovery", service=name
+            )
+
+    def _state(self, name: str, host: str, snapshot: Snapshot) -> ServiceState:
+        with self._lock:
+            state = self._services.get(name)
+            if state is None:
+                state = ServiceState(name, self.config.policy(name))
+                state.update(snapshot)
+                self._services[name] = state
+            self._services[host] = state
+            return state
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        state = self._services.get(snapshot.service)
+        if state is not None:
+            state.update(snapshot)
+
+    def services(self) -> dict[str, ServiceState]:
+        """The services this process has called, by name."""
+        return {state.name: state for state in list(self._services.values())}
+
+    def close(self) -> None:
+        """Stop discovery. The runtime is unusable afterwards."""
+        if not self._closed:
+            self._closed = True
+            self.discovery.close()
+
+    # ---------------------------------------------------------------- process default
+
+    @classmethod
+    def for_config(cls, config: MeshConfig) -> Mesh:
+        """The process's runtime for ``config``: shared by every client built from it."""
+        with _registry_lock:
+            for mesh in _registry:
+                if mesh.config == config and not mesh._closed:
+                    return mesh
+            mesh = cls(config)
+            _registry.append(mesh)
+            return mesh
+
+
+def _service_name(host: str) -> str | None:
+    """The service a URL host may name, or None if it cannot be a mesh service."""
+    if host.endswith(_CONSUL_SUFFIX):
+        return host[: -len(_CONSUL_SUFFIX)] or None
+    if "." in host or ":" in host or host == "localhost":
+        return None  # a DNS name, an IPv4 or IPv6 literal, or this host
+    return host
+
+
+_registry: list[Mesh] = []
+_registry_lock = threading.Lock()
+
+
+def reset() -> None:
+    """Close and forget every process runtime (for tests; clients keep theirs)."""
+    with _registry_lock:
+        meshes = list(_registry)
+        _registry.clear()
+    for mesh in meshes:
+        mesh.close()

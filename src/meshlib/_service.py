@@ -1,0 +1,85 @@
+"""The live state of one destination service: endpoints and the policies that act on them.
+
+A ``ServiceState`` exists per service the process has called. Discovery replaces its
+endpoint tuple when a new snapshot arrives (a pointer swap; per-endpoint state carries
+over by ``Endpoint.key``), and the request path reads that tuple without a lock. Policy
+objects (balancer, budget, breaker, outlier detector) hang off it, so applying new
+settings for a service is replacing these attributes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection
+
+from ._config import ServicePolicy
+from .balance import Balancer, EndpointState, make_balancer
+from .discovery import Snapshot
+from .resilience._breaker import Breaker
+from .resilience._budget import RetryBudget
+from .resilience._outlier import OutlierDetector
+
+__all__ = ["ServiceState"]
+
+
+class ServiceState:
+    """Endpoints of one service plus its balancer, retry budget, breaker and ejection."""
+
+    def __init__(self, name: str, policy: ServicePolicy) -> None:
+        self.name = name
+        self.endpoints: tuple[EndpointState, ...] = ()
+        self.snapshot: Snapshot | None = None
+        self._update_lock = threading.Lock()
+        self.apply_policy(policy)
+
+    def apply_policy(self, policy: ServicePolicy) -> None:
+        """Use ``policy`` from now on (each part is replaced by one assignment)."""
+        self.policy = policy
+        self.balancer: Balancer = make_balancer(policy.lb)
+        self.budget = RetryBudget(policy.retry_budget, policy.retry_min_per_second)
+        self.breaker = Breaker(
+            self.name,
+            failures=policy.breaker_failures,
+            reset_timeout=policy.breaker_reset,
+            probes=policy.breaker_probes,
+        )
+        self.outlier = OutlierDetector(
+            policy.outlier_consecutive_errors,
+            policy.outlier_ejection_time,
+            policy.outlier_max_ejection,
+        )
+
+    def update(self, snapshot: Snapshot) -> None:
+        """Adopt a new snapshot, keeping the runtime state of endpoints still listed."""
+        with self._update_lock:
+            old = {state.endpoint.key: state for state in self.endpoints}
+            states = []
+            for endpoint in snapshot.endpoints:
+                state = old.get(endpoint.key)
+                if state is None:
+                    state = EndpointState(endpoint)
+                elif state.endpoint != endpoint:
+                    state.rebind(endpoint)  # weight or address changed; keep the stats
+                states.append(state)
+            self.endpoints = tuple(states)
+            self.snapshot = snapshot
+
+    def candidates(
+        self, now: float, tried: Collection[str]
+    ) -> list[EndpointState] | tuple[EndpointState, ...]:
+        """Endpoints an attempt may use: not ejected, preferably not tried by this request.
+
+        When fewer than ``panic_threshold`` of the endpoints are available, all of them are
+        used (Envoy's panic mode): spreading load over a partly failing set beats
+        overloading the few left. ``tried`` is only a preference: when every candidate was
+        tried, they are all candidates again.
+        """
+        endpoints = self.endpoints
+        available = [s for s in endpoints if s.ejected_until <= now]
+        if not available or len(available) < self.policy.panic_threshold * len(endpoints):
+            available = list(endpoints)
+        if tried:
+            fresh = [s for s in available if s.endpoint.key not in tried]
+            if fresh:
+                return fresh
+        return available

@@ -1,0 +1,58 @@
+"""Outlier ejection: stop sending to an endpoint that keeps failing, for a growing while.
+
+Like Envoy's ``consecutive_5xx`` / ``consecutive_gateway_failure`` detection: after
+``consecutive_errors`` failed attempts in a row (5xx, connect failures, resets, timeouts)
+an endpoint is ejected for ``ejection_time`` x the number of times it has been ejected
+(capped at 10x), and comes back by itself when that time is up. At most
+``max_ejection`` of a service's endpoints are out at once (but always at least one may
+be), so a bad deploy cannot eject the whole set. The ejection multiplier decays by one
+per ejection period of good behaviour.
+
+State lives on each ``EndpointState``; the detector is stateless apart from its settings,
+so swapping settings is swapping the detector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ..balance._state import EndpointState
+
+__all__ = ["OutlierDetector"]
+
+_MAX_MULTIPLIER = 10
+
+
+class OutlierDetector:
+    """Decides ejections from attempt outcomes."""
+
+    __slots__ = ("consecutive_errors", "ejection_time", "max_ejection")
+
+    def __init__(self, consecutive_errors: int, ejection_time: float, max_ejection: float) -> None:
+        self.consecutive_errors = consecutive_errors
+        self.ejection_time = ejection_time
+        self.max_ejection = max_ejection
+
+    def success(self, state: EndpointState, now: float) -> None:
+        """An attempt on ``state`` went well."""
+        if state.consecutive_errors:
+            state.consecutive_errors = 0
+        if state.ejections and now >= state.outlier_decay_at:
+            state.ejections -= 1
+            state.outlier_decay_at = now + self.ejection_time
+
+    def failure(self, state: EndpointState, now: float, endpoints: Sequence[EndpointState]) -> bool:
+        """An attempt on ``state`` failed; returns True if that ejected it."""
+        state.consecutive_errors += 1
+        if state.consecutive_errors < self.consecutive_errors or state.ejected_until > now:
+            return False
+        ejected = sum(1 for s in endpoints if s.ejected_until > now)
+        allowed = max(1, math.floor(self.max_ejection * len(endpoints)))
+        if ejected >= allowed:
+            return False
+        state.ejections = min(state.ejections + 1, _MAX_MULTIPLIER)
+        state.ejected_until = now + self.ejection_time * state.ejections
+        state.outlier_decay_at = state.ejected_until + self.ejection_time
+        state.consecutive_errors = 0
+        return True

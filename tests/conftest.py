@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from meshlib import _runtime
+
+pytest_plugins = ["backends", "consul_agent"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mesh_runtime() -> Iterator[None]:
+    """Each test gets its own process runtime (ejections, budgets, watches)."""
+    yield
+    _runtime.reset()
+
+
+@pytest.fixture(autouse=True)
+def _no_mesh_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start from an environment without MESH_*/CONSUL_* values of the machine's."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("MESH_", "CONSUL_")) and name != "MESH_TEST_CONSUL":
+            monkeypatch.delenv(name)

@@ -1,0 +1,437 @@
+"""The outbound mesh client against real backend processes (static discovery).
+
+Each scenario asserts on what a user sees (statuses, errors, which instance answered)
+and on what the servers themselves counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+import meshlib
+from backends import BackendFactory, static_env
+from polling import wait_until
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Fast resilience settings for tests; each test adds what it needs."""
+    monkeypatch.setenv("MESH_RETRY_BACKOFF", "5ms")
+    monkeypatch.setenv("MESH_RETRY_BACKOFF_MAX", "20ms")
+    return monkeypatch
+
+
+def instances(responses: list[httpx.Response]) -> Counter[str]:
+    return Counter(r.headers["x-instance"] for r in responses)
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def test_round_robin_distribution_is_exact(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    servers = backends.many(3)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
+    env.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        responses = [client.get("http://weather/whoami") for _ in range(300)]
+    assert all(r.status_code == 200 for r in responses)
+    assert instances(responses) == {"b0": 100, "b1": 100, "b2": 100}
+    assert [s.stats()["GET"] for s in servers] == [100, 100, 100]
+
+
+def test_weights_are_honoured(backends: BackendFactory, env: pytest.MonkeyPatch) -> None:
+    heavy, light = backends.many(2)
+    env.setenv("MESH_STATIC_SERVICES", f"weather={heavy.address}*3,{light.address}")
+    env.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        responses = [client.get("http://weather/whoami") for _ in range(400)]
+    assert instances(responses) == {"b0": 300, "b1": 100}
+
+
+def test_p2c_ewma_moves_traffic_away_from_a_slow_instance(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    servers = backends.many(3)
+    servers[2].set_mode(delay_ms=60)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
+    with meshlib.Client() as client:
+        responses = [client.get("http://weather/whoami") for _ in range(300)]
+    counts = instances(responses)
+    assert counts["b2"] < 0.1 * 300, counts  # the slow one
+    assert counts["b0"] > 90, counts
+    assert counts["b1"] > 90, counts
+
+
+def test_ring_hash_sticks_one_user_to_one_instance(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    servers = backends.many(3)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
+    env.setenv("MESH_LB", "ring_hash")
+    env.setenv("MESH_LB_HASH_ON", "header:x-user")
+    with meshlib.Client() as client:
+        seen = {
+            user: {
+                client.get("http://weather/whoami", headers={"x-user": user}).text for _ in range(5)
+            }
+            for user in ("ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal")
+        }
+    assert all(len(names) == 1 for names in seen.values()), seen
+    assert len({next(iter(names)) for names in seen.values()}) > 1, "every user on one instance"
+
+
+def test_callee_sees_the_service_name_as_host_and_the_remaining_deadline(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("a")
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    env.setenv("MESH_DEADLINE", "3s")
+    with meshlib.Client() as client:
+        response = client.get("http://weather/echo")
+    headers = response.json()["headers"]
+    assert headers["host"] == "weather"
+    assert 2000 < int(headers["x-mesh-deadline-ms"]) <= 3000
+    # the caller's request object is left as the caller made it
+    assert response.request.url == "http://weather/echo"
+    assert "x-mesh-deadline-ms" not in response.request.headers
+    info = response.extensions["meshlib"]
+    assert (info.service, info.endpoint, info.attempts) == ("weather", server.address, 1)
+
+
+def test_service_consul_names_are_mesh_services_too(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("a")
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    with meshlib.Client() as client:
+        assert client.get("http://weather.service.consul/whoami").text == "a"
+        with pytest.raises(meshlib.NoHealthyEndpoints, match="'ghost' is not registered"):
+            client.get("http://ghost.service.consul/whoami")
+
+
+def test_other_hosts_pass_through_untouched(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("direct")
+    env.setenv("MESH_STATIC_SERVICES", "weather=127.0.0.1:1")
+    with meshlib.Client() as client:
+        response = client.get(f"{server.url}/echo")
+    assert response.json()["headers"]["host"] == server.address
+    assert "x-mesh-deadline-ms" not in response.json()["headers"]
+    assert "meshlib" not in response.extensions
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_killed_instance_loses_no_gets_is_ejected_and_readmitted(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    servers = backends.many(3)
+    victim = servers[1]
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
+    env.setenv("MESH_LB", "round_robin")
+    env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "2")
+    env.setenv("MESH_OUTLIER_EJECTION_TIME", "1s")
+    failures: list[BaseException] = []
+    served: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with meshlib.Client() as client:
+            for _ in range(5000):  # bounded; normally ended by `stop`
+                if stop.is_set():
+                    return
+                try:
+                    served.append(client.get("http://weather/whoami").text)
+                except Exception as exc:
+                    failures.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        wait_until(lambda: served.count("b1") >= 20, what="traffic on b1")
+        victim.kill()
+        killed_at = len(served)
+        wait_until(lambda: len(served) > killed_at + 200, what="traffic after the kill")
+        after_kill = served[killed_at + 20 : killed_at + 200]
+        assert "b1" not in after_kill  # ejected: traffic went to the other two
+        victim.start()
+        restarted_at = len(served)
+        wait_until(lambda: "b1" in served[restarted_at:], timeout=10, what="b1 readmitted")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert failures == []
+
+
+def test_post_is_retried_after_a_connect_failure_and_sent_exactly_once(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    dead, alive = backends.many(2)
+    dead.kill()
+    env.setenv("MESH_STATIC_SERVICES", static_env("orders", [dead, alive]))
+    env.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        responses = [client.post("http://orders/echo", json={"n": i}) for i in range(20)]
+    assert [r.status_code for r in responses] == [200] * 20
+    assert alive.stats()["POST"] == 20
+    assert any(r.extensions["meshlib"].retry_reasons == ["connect"] for r in responses)
+
+
+def test_post_is_not_retried_after_a_503_unless_the_caller_opts_in(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    servers = backends.many(2)
+    for server in servers:
+        server.set_mode(status=503)
+    env.setenv("MESH_STATIC_SERVICES", static_env("orders", servers))
+    env.setenv("MESH_RETRIES", "2")
+    with meshlib.Client() as client:
+        response = client.post("http://orders/echo", content=b"order-1")
+        assert response.status_code == 503
+        assert sum(s.stats().get("POST", 0) for s in servers) == 1
+
+        opted = client.post(
+            "http://orders/echo",
+            content=b"order-2",
+            extensions={"meshlib": {"retry_non_idempotent": True}},
+        )
+        assert opted.status_code == 503
+        assert opted.extensions["meshlib"].retry_reasons == ["503", "503"]
+        assert sum(s.stats().get("POST", 0) for s in servers) == 1 + 3
+
+        keyed = client.post(
+            "http://orders/echo", content=b"order-3", headers={"Idempotency-Key": "k-3"}
+        )
+        assert keyed.status_code == 503
+        assert sum(s.stats().get("POST", 0) for s in servers) == 1 + 3 + 3
+
+
+def test_get_is_retried_after_a_503_on_another_instance(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    bad, good = backends.many(2)
+    bad.set_mode(status=503)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [bad, good]))
+    env.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        responses = [client.get("http://weather/whoami") for _ in range(10)]
+    assert {r.text for r in responses} == {"b1"}
+    assert bad.stats()["GET"] >= 1
+
+
+def test_streaming_request_body_is_never_resent(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    servers = backends.many(2)
+    for server in servers:
+        server.set_mode(status=503)
+    env.setenv("MESH_STATIC_SERVICES", static_env("uploads", servers))
+
+    def body() -> object:
+        yield b"chunk-1"
+        yield b"chunk-2"
+
+    with meshlib.Client() as client:
+        response = client.put("http://uploads/echo", content=body())  # PUT is idempotent
+    assert response.status_code == 503
+    assert sum(s.stats().get("PUT", 0) for s in servers) == 1
+
+
+def test_retry_after_is_honoured(backends: BackendFactory, env: pytest.MonkeyPatch) -> None:
+    server = backends("busy")
+    server.set_mode(status=503, retry_after=1)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    env.setenv("MESH_RETRIES", "1")
+    with meshlib.Client() as client:
+        started = time.monotonic()
+        response = client.get("http://weather/whoami")
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    assert server.stats()["GET"] == 2
+    assert elapsed >= 1.0
+
+
+def test_retry_after_beyond_the_deadline_returns_the_response_at_once(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("busy")
+    server.set_mode(status=503, retry_after=30)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    env.setenv("MESH_DEADLINE", "2s")
+    with meshlib.Client() as client:
+        response = client.get("http://weather/whoami")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "30"
+    assert server.stats()["GET"] == 1
+
+
+def test_a_hanging_instance_times_out_and_the_retry_lands_elsewhere(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    hanging, healthy = backends.many(2)
+    hanging.set_mode(hang=True)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [hanging, healthy]))
+    env.setenv("MESH_LB", "round_robin")
+    env.setenv("MESH_TIMEOUT", "200ms")
+    with meshlib.Client() as client:
+        responses = [client.get("http://weather/whoami") for _ in range(4)]
+    assert {r.text for r in responses} == {"b1"}
+    assert any("timeout" in r.extensions["meshlib"].retry_reasons for r in responses)
+
+
+def test_deadline_exceeded_is_raised_as_an_httpx_timeout(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("slow")
+    server.set_mode(delay_ms=2000)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    with meshlib.Client() as client:
+        started = time.monotonic()
+        with pytest.raises(meshlib.DeadlineExceeded, match="'weather': deadline passed") as info:
+            client.get("http://weather/whoami", extensions={"meshlib": {"deadline": 0.3}})
+        elapsed = time.monotonic() - started
+    assert isinstance(info.value, httpx.TimeoutException)
+    assert info.value.service == "weather"
+    assert elapsed < 1.5
+
+
+def test_whole_service_down_retries_stay_in_budget_and_the_breaker_fails_fast(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    servers = backends.many(3)
+    for server in servers:
+        server.set_mode(status=503)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
+    env.setenv("MESH_RETRIES", "3")
+    env.setenv("MESH_RETRY_BUDGET", "20%")
+    env.setenv("MESH_RETRY_MIN_PER_SECOND", "0")
+    env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "1000")
+    env.setenv("MESH_BREAKER_FAILURES", "1000")
+    with meshlib.Client() as client:
+        statuses = [client.get("http://weather/whoami").status_code for _ in range(100)]
+    assert statuses == [503] * 100
+    received = sum(s.stats()["GET"] for s in servers)
+    assert 100 < received <= 100 + 20  # 3 retries each would be 400
+
+    _runtime_reset()
+    for server in servers:
+        server.set_mode(status=503)
+    env.setenv("MESH_BREAKER_FAILURES", "10")
+    env.setenv("MESH_BREAKER_RESET", "30s")
+    before = sum(s.stats()["GET"] for s in servers)
+    with meshlib.Client() as client:
+        outcomes: list[object] = []
+        for _ in range(50):
+            started = time.monotonic()
+            try:
+                outcomes.append(client.get("http://weather/whoami").status_code)
+            except meshlib.CircuitOpen as exc:
+                outcomes.append((exc, time.monotonic() - started))
+    opened = [o for o in outcomes if isinstance(o, tuple)]
+    assert len(opened) >= 40
+    assert all(isinstance(exc, httpx.TransportError) for exc, _ in opened)
+    assert "circuit breaker open" in str(opened[0][0])
+    assert max(elapsed for _, elapsed in opened) < 0.05  # no attempt, no wait
+    assert sum(s.stats()["GET"] for s in servers) - before <= 10 + 5
+
+
+def test_breaker_half_open_lets_one_probe_through_then_closes(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("a")
+    server.set_mode(status=503)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    env.setenv("MESH_RETRIES", "0")
+    env.setenv("MESH_BREAKER_FAILURES", "3")
+    env.setenv("MESH_BREAKER_RESET", "300ms")
+    env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "1000")
+    with meshlib.Client() as client:
+        for _ in range(3):
+            assert client.get("http://weather/whoami").status_code == 503
+        with pytest.raises(meshlib.CircuitOpen):
+            client.get("http://weather/whoami")
+        server.set_mode(status=None)
+        received = server.stats()["GET"]
+        wait_until(lambda: _breaker_state(client) == "half-open", what="half-open")
+        assert client.get("http://weather/whoami").status_code == 200  # the probe
+        assert _breaker_state(client) == "closed"
+        assert client.get("http://weather/whoami").status_code == 200
+    assert server.stats()["GET"] == received + 2
+
+
+def test_no_endpoints_says_which_service(env: pytest.MonkeyPatch) -> None:
+    env.setenv("MESH_STATIC_SERVICES", "weather=127.0.0.1:1")
+    with meshlib.Client() as client, pytest.raises(meshlib.NoHealthyEndpoints) as info:
+        client.get("http://nothing.service.consul/")
+    assert info.value.service == "nothing"
+    assert isinstance(info.value, httpx.RequestError)
+
+
+def test_unknown_request_options_are_refused(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    env.setenv("MESH_STATIC_SERVICES", "weather=127.0.0.1:1")
+    with meshlib.Client() as client, pytest.raises(ValueError, match="retry_unsafe"):
+        client.get("http://weather/", extensions={"meshlib": {"retry_unsafe": True}})
+
+
+# ----------------------------------------------------------------------------- httpx features
+
+
+def test_httpx_features_keep_working(backends: BackendFactory, env: pytest.MonkeyPatch) -> None:
+    server = backends("a")
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    seen: list[str] = []
+    with meshlib.Client(
+        auth=("user", "pass"),
+        event_hooks={"request": [lambda r: seen.append(str(r.url))]},
+        base_url="http://weather",
+    ) as client:
+        echoed = client.get("/echo").json()
+        assert echoed["headers"]["authorization"].startswith("Basic ")
+        assert seen == ["http://weather/echo"]
+        with client.stream("GET", "/whoami") as response:
+            assert b"".join(response.iter_bytes()) == b"a"
+        with pytest.raises(httpx.HTTPStatusError):
+            client.get("/status/404").raise_for_status()
+
+
+def test_a_callers_timeout_caps_each_attempt(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("slow")
+    server.set_mode(delay_ms=1000)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    env.setenv("MESH_RETRIES", "0")
+    with meshlib.Client(timeout=0.2) as client, pytest.raises(httpx.ReadTimeout):
+        client.get("http://weather/whoami")
+
+
+def test_client_is_a_real_httpx_client() -> None:
+    with meshlib.Client() as client:
+        assert isinstance(client, httpx.Client)
+        assert isinstance(client._transport, meshlib.MeshTransport)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _runtime_reset() -> None:
+    from meshlib import _runtime
+
+    _runtime.reset()
+
+
+def _breaker_state(client: meshlib.Client) -> str:
+    transport = client._transport
+    assert isinstance(transport, meshlib.MeshTransport)
+    return transport.mesh.services()["weather"].breaker.state

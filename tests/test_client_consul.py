@@ -1,0 +1,161 @@
+"""The mesh client with a real Consul agent as its control plane."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+import meshlib
+from backends import Backend, BackendFactory
+from consul_agent import ConsulAgent, ConsulFactory, register, unique
+from polling import wait_until
+
+
+def register_backend(
+    agent: ConsulAgent, service: str, backend: Backend, ids: list[str], *, weight: int = 1
+) -> str:
+    """Register ``backend`` as an instance of ``service``; returns its passing check's ID."""
+    service_id = f"{service}-{backend.name}"
+    register(
+        agent, service, service_id, backend.port, ids=ids, Weights={"Passing": weight, "Warning": 1}
+    )
+    return f"service:{service_id}"
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.setenv("MESH_RETRY_BACKOFF", "5ms")
+    monkeypatch.setenv("MESH_RETRY_BACKOFF_MAX", "20ms")
+    return monkeypatch
+
+
+def test_consul_instances_are_balanced_with_their_weights(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    service = unique("wx")
+    heavy, light = backends.many(2)
+    register_backend(consul, service, heavy, registered, weight=3)
+    register_backend(consul, service, light, registered)
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        served = [client.get(f"http://{service}/whoami").text for _ in range(400)]
+    assert served.count("b0") == 300
+    assert served.count("b1") == 100
+
+
+def test_an_instance_whose_check_goes_critical_gets_no_traffic_within_a_second(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    service = unique("wx")
+    servers = backends.many(2)
+    checks = [register_backend(consul, service, server, registered) for server in servers]
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_LB", "round_robin")
+    served: list[tuple[float, str]] = []
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def load() -> None:
+        with meshlib.Client() as client:
+            for _ in range(20_000):
+                if stop.is_set():
+                    return
+                try:
+                    text = client.get(f"http://{service}.service.consul/whoami").text
+                    served.append((time.monotonic(), text))
+                except Exception as exc:
+                    failures.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        wait_until(lambda: sum(1 for _, s in served if s == "b0") >= 10, what="b0 traffic")
+        failed_at = time.monotonic()
+        consul.put(f"/v1/agent/check/fail/{checks[0]}?note=test")
+        wait_until(lambda: served and served[-1][0] > failed_at + 1.5, what="1.5 s of traffic")
+    finally:
+        stop.set()
+        thread.join(30)
+    last_b0 = max(t for t, s in served if s == "b0")
+    assert last_b0 - failed_at < 1.0
+    assert failures == []
+
+
+def test_consul_down_keeps_the_last_snapshot_and_recovers_by_itself(
+    consul_factory: ConsulFactory,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = consul_factory()
+    first, second = backends.many(2)
+    service = unique("wx")
+    register_backend(agent, service, first, [])
+    env.setenv("CONSUL_HTTP_ADDR", agent.http_addr)
+    with meshlib.Client() as client, caplog.at_level(logging.INFO, logger="meshlib"):
+        assert client.get(f"http://{service}/whoami").text == "b0"
+        agent.stop()
+        served = [client.get(f"http://{service}/whoami").text for _ in range(50)]
+        assert served == ["b0"] * 50  # from the last snapshot, with Consul gone
+
+        agent.restart()  # dev mode comes back empty: the index goes backwards
+        register_backend(agent, service, second, [])
+
+        def serves_second() -> bool:
+            try:
+                return client.get(f"http://{service}/whoami").text == "b1"
+            except meshlib.NoHealthyEndpoints:
+                return False  # Consul came back empty: true until the registration lands
+
+        wait_until(serves_second, timeout=15, what="the new instance")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([r for r in warnings if "unreachable" in r.getMessage()]) == 1
+
+
+@pytest.mark.anyio
+async def test_async_client_follows_consul_health(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    service = unique("wx")
+    servers = backends.many(2)
+    checks = [register_backend(consul, service, server, registered) for server in servers]
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_LB", "round_robin")
+    async with meshlib.AsyncClient() as client:
+        first = {(await client.get(f"http://{service}/whoami")).text for _ in range(10)}
+        assert first == {"b0", "b1"}
+        consul.put(f"/v1/agent/check/fail/{checks[1]}")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if (await client.get(f"http://{service}/whoami")).text == "b0":
+                recent = {(await client.get(f"http://{service}/whoami")).text for _ in range(10)}
+                if recent == {"b0"}:
+                    break
+        else:
+            pytest.fail("traffic did not leave the critical instance")
+
+
+def test_unknown_single_label_hosts_are_not_the_meshs(
+    consul: ConsulAgent, env: pytest.MonkeyPatch
+) -> None:
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    with meshlib.Client() as client:
+        with pytest.raises(meshlib.NoHealthyEndpoints, match="not registered"):
+            client.get(f"http://{unique('ghost')}.service.consul/")
+        # a plain name Consul does not know is left to DNS (and fails there, not in the mesh)
+        with pytest.raises(Exception) as info:  # noqa: PT011
+            client.get(f"http://{unique('ghost')}/", timeout=2)
+        assert not isinstance(info.value, meshlib.MeshError)

@@ -1,0 +1,252 @@
+"""The resilience policies on their own: budget, breaker, ejection, backoff, deadlines."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pybreaker
+import pytest
+
+from meshlib.balance import EndpointState
+from meshlib.discovery import Endpoint
+from meshlib.resilience._breaker import Breaker
+from meshlib.resilience._budget import RetryBudget
+from meshlib.resilience._deadline import Deadline, parse_deadline_header
+from meshlib.resilience._outlier import OutlierDetector
+from meshlib.resilience._retry import (
+    backoff,
+    classify_error,
+    classify_response,
+    parse_retry_after,
+)
+
+# ----------------------------------------------------------------------------- budget
+
+
+def test_budget_allows_the_ratio_of_recent_requests() -> None:
+    budget = RetryBudget(ratio=0.2, min_per_second=0, ttl=10)
+    for _ in range(100):
+        budget.record_request(now=5.0)
+    allowed = sum(budget.try_retry(now=5.0) for _ in range(100))
+    assert allowed == 20
+
+
+def test_budget_floor_lets_a_quiet_service_retry() -> None:
+    budget = RetryBudget(ratio=0.2, min_per_second=1, ttl=10)
+    budget.record_request(now=0.0)
+    assert sum(budget.try_retry(now=0.0) for _ in range(50)) == 10  # 1/s over 10 s
+
+
+def test_budget_deposits_and_withdrawals_expire_after_ttl() -> None:
+    budget = RetryBudget(ratio=0.5, min_per_second=0, ttl=10)
+    for _ in range(10):
+        budget.record_request(now=0.0)
+    assert sum(budget.try_retry(now=0.0) for _ in range(10)) == 5
+    assert not budget.try_retry(now=9.0)
+    assert not budget.try_retry(now=20.0)  # the requests expired too
+    budget.record_request(now=20.0)
+    budget.record_request(now=20.0)
+    assert budget.try_retry(now=20.0)
+
+
+def test_budget_is_exact_across_threads() -> None:
+    budget = RetryBudget(ratio=0.1, min_per_second=0, ttl=100)
+    for _ in range(1000):
+        budget.record_request(now=1.0)
+    granted: list[bool] = []
+
+    def worker() -> None:
+        granted.extend(budget.try_retry(now=1.0) for _ in range(100))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(granted) == 100
+
+
+# ----------------------------------------------------------------------------- breaker
+
+
+def make_breaker(**kwargs: float) -> Breaker:
+    settings = {"failures": 3, "reset_timeout": 0.05, "probes": 2, **kwargs}
+    return Breaker("weather", **settings)  # type: ignore[arg-type]
+
+
+def test_breaker_opens_after_consecutive_failures_only() -> None:
+    breaker = make_breaker()
+    for failure in (True, True, False, True, True):
+        assert breaker.allow() is True
+        breaker.record(failure)
+    assert breaker.state == "closed"
+    breaker.record(True)
+    assert breaker.state == "open"
+    assert breaker.allow() is False
+
+
+def test_half_open_admits_a_bounded_number_of_concurrent_probes() -> None:
+    breaker = make_breaker(probes=2)
+    for _ in range(3):
+        breaker.record(True)
+    time.sleep(0.06)  # the reset timeout (a state machine's clock, not a race)
+    verdicts: list[bool | None] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(16)
+
+    def contend() -> None:
+        barrier.wait()
+        verdict = breaker.allow()
+        with lock:
+            verdicts.append(verdict)
+
+    threads = [threading.Thread(target=contend) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert verdicts.count(None) == 2  # two probes
+    assert verdicts.count(False) == 14
+    breaker.record(False, probe=True)
+    assert breaker.state == "closed"
+    assert breaker.allow() is True
+
+
+def test_a_failed_probe_reopens_the_breaker() -> None:
+    breaker = make_breaker(probes=1)
+    for _ in range(3):
+        breaker.record(True)
+    time.sleep(0.06)
+    assert breaker.state == "half-open"
+    assert breaker.allow() is None
+    breaker.record(True, probe=True)
+    assert breaker.state == "open"
+    assert breaker.allow() is False
+    assert 0 < breaker.retry_in() <= 0.05
+
+
+def test_breaker_listeners_see_transitions_and_cannot_break_requests() -> None:
+    breaker = make_breaker()
+    seen: list[tuple[str, str, str]] = []
+    breaker.listeners.append(lambda *args: seen.append(args))
+    breaker.listeners.append(lambda *args: 1 / 0)  # type: ignore[func-returns-value]
+    for _ in range(3):
+        breaker.record(True)
+    assert seen == [("weather", "closed", "open")]
+
+
+def test_breaker_state_can_live_in_pybreaker_storage() -> None:
+    storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    first = Breaker("weather", failures=2, reset_timeout=10, probes=1, storage=storage)
+    second = Breaker("weather", failures=2, reset_timeout=10, probes=1, storage=storage)
+    first.record(True)
+    second.record(True)
+    assert first.state == second.state == "open"  # shared state, as with CircuitRedisStorage
+
+
+# ----------------------------------------------------------------------------- ejection
+
+
+def states(count: int) -> list[EndpointState]:
+    return [EndpointState(Endpoint("127.0.0.1", 8000 + i)) for i in range(count)]
+
+
+def test_ejection_after_consecutive_errors_for_a_growing_time() -> None:
+    detector = OutlierDetector(consecutive_errors=3, ejection_time=10, max_ejection=0.5)
+    endpoints = states(4)
+    target = endpoints[0]
+    assert not detector.failure(target, 0.0, endpoints)
+    assert not detector.failure(target, 0.0, endpoints)
+    assert detector.failure(target, 0.0, endpoints)
+    assert target.ejected_until == 10.0
+    for _ in range(3):
+        detector.failure(target, 11.0, endpoints)
+    assert target.ejected_until == 11.0 + 20.0  # second ejection: twice as long
+
+
+def test_a_success_resets_the_consecutive_count() -> None:
+    detector = OutlierDetector(consecutive_errors=2, ejection_time=10, max_ejection=1.0)
+    endpoints = states(2)
+    detector.failure(endpoints[0], 0.0, endpoints)
+    detector.success(endpoints[0], 0.0)
+    assert not detector.failure(endpoints[0], 0.0, endpoints)
+
+
+def test_never_more_than_the_max_share_is_ejected_but_always_one_may_be() -> None:
+    detector = OutlierDetector(consecutive_errors=1, ejection_time=10, max_ejection=0.5)
+    endpoints = states(4)
+    ejected = [detector.failure(s, 0.0, endpoints) for s in endpoints]
+    assert ejected == [True, True, False, False]
+    tiny = OutlierDetector(consecutive_errors=1, ejection_time=10, max_ejection=0.1)
+    pair = states(2)
+    assert [tiny.failure(s, 0.0, pair) for s in pair] == [True, False]
+
+
+def test_the_ejection_multiplier_decays_with_good_behaviour() -> None:
+    detector = OutlierDetector(consecutive_errors=1, ejection_time=10, max_ejection=1.0)
+    endpoints = states(2)
+    target = endpoints[0]
+    detector.failure(target, 0.0, endpoints)
+    detector.failure(target, 10.0, endpoints)  # back at 10, fails again: out for 20
+    assert target.ejections == 2
+    detector.success(target, 40.0)  # good for a period after the ejection ended
+    assert target.ejections == 1
+
+
+# ----------------------------------------------------------------------------- retry
+
+
+def test_outcomes_are_classified_by_what_the_server_may_have_seen() -> None:
+    request = httpx.Request("GET", "http://weather/")
+    connect = classify_error(httpx.ConnectError("refused", request=request))
+    assert (connect.retryable, connect.sent, connect.failure) == (True, False, True)
+    reset = classify_error(httpx.RemoteProtocolError("closed", request=request))
+    assert (reset.retryable, reset.sent, reset.reason) == (True, True, "reset")
+    timeout = classify_error(httpx.ReadTimeout("slow", request=request))
+    assert (timeout.retryable, timeout.sent, timeout.reason) == (True, True, "timeout")
+    pool = classify_error(httpx.PoolTimeout("full", request=request))
+    assert (pool.retryable, pool.sent, pool.failure) == (True, False, False)
+    for status, retryable in ((502, True), (503, True), (504, True), (500, False)):
+        outcome = classify_response(httpx.Response(status, request=request))
+        assert (outcome.retryable, outcome.failure) == (retryable, True)
+    assert not classify_response(httpx.Response(429, request=request)).retryable
+    throttled = httpx.Response(429, headers={"retry-after": "1"}, request=request)
+    assert classify_response(throttled).retryable
+    assert not classify_response(httpx.Response(404, request=request)).failure
+
+
+def test_backoff_is_full_jitter_capped() -> None:
+    rng = random.Random(7)
+    delays = [backoff(n, 0.025, 0.25, rng) for n in range(1, 10) for _ in range(50)]
+    assert all(0 <= d <= 0.25 for d in delays)
+    assert max(backoff(1, 0.025, 0.25, rng) for _ in range(200)) <= 0.025
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    assert parse_retry_after("3") == 3.0
+    now = time.time()
+    when = format_datetime(datetime.fromtimestamp(now, UTC) + timedelta(seconds=30), usegmt=True)
+    assert parse_retry_after(when, now=now) == pytest.approx(30, abs=1)
+    for bad in (None, "", "soon", "-1", "1.5", "Mon, 99 Foo 2026"):
+        assert parse_retry_after(bad) is None
+
+
+# ----------------------------------------------------------------------------- deadline
+
+
+def test_deadline_header_round_trip() -> None:
+    deadline = Deadline.after(1.5, now=100.0)
+    value = deadline.header_value(now=100.5)
+    assert value == "1000"
+    assert parse_deadline_header(value) == 1.0
+    assert Deadline.after(1, now=0).header_value(now=5) == "0"
+
+
+@pytest.mark.parametrize("bad", [None, "", "-5", "1.5", "abc", "99999999999", " 12 x"])
+def test_bad_deadline_headers_are_ignored(bad: str | None) -> None:
+    assert parse_deadline_header(bad) is None
