@@ -5,8 +5,9 @@ from collections.abc import Iterator
 import pytest
 
 from meshlib import _runtime
+from meshlib.server import _instance
 
-pytest_plugins = ["backends", "consul_agent"]
+pytest_plugins = ["backends", "consul_agent", "served"]
 
 
 @pytest.fixture
@@ -19,6 +20,7 @@ def _fresh_mesh_runtime() -> Iterator[None]:
     """Each test gets its own process runtime (ejections, budgets, watches)."""
     yield
     _runtime.reset()
+    _instance.reset()
 
 
 @pytest.fixture(autouse=True)

@@ -46,7 +46,7 @@ async def test_async_p2c_ewma_avoids_a_slow_instance(
     backends: BackendFactory, env: pytest.MonkeyPatch
 ) -> None:
     servers = backends.many(3)
-    servers[2].set_mode(delay_ms=60)
+    servers[2].set_mode(delay_ms=150)
     env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
     counts: Counter[str] = Counter()
     async with meshlib.AsyncClient() as client:

@@ -59,7 +59,7 @@ def test_p2c_ewma_moves_traffic_away_from_a_slow_instance(
     backends: BackendFactory, env: pytest.MonkeyPatch
 ) -> None:
     servers = backends.many(3)
-    servers[2].set_mode(delay_ms=60)
+    servers[2].set_mode(delay_ms=150)
     env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
     with meshlib.Client() as client:
         responses = [client.get("http://weather/whoami") for _ in range(300)]

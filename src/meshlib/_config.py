@@ -54,6 +54,7 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?)$")
+_TAG = re.compile(r"^[A-Za-z0-9._:=-]{1,128}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -208,6 +209,16 @@ def _static_services(text: str) -> Mapping[str, tuple[HostPort, ...]]:
             raise _Invalid(f"service {name!r} has no endpoints")
         services[name] = tuple(endpoints)
     return MappingProxyType(services)
+
+
+def _tags(text: str) -> tuple[str, ...]:
+    tags = tuple(t.strip() for t in text.split(",") if t.strip())
+    for tag in tags:
+        if not _TAG.match(tag):
+            raise _Invalid(
+                f"tag {tag!r} has characters other than letters, digits, '.', '_', '-', ':', '='"
+            )
+    return tags
 
 
 def _hash_on(text: str) -> HashOn:
@@ -475,6 +486,65 @@ VARIABLES: tuple[Variable, ...] = (
         per_service=True,
     ),
     Variable(
+        "MESH_SERVICE_ADDRESS",
+        "the address served on (a wildcard: the Consul node's address)",
+        "10.0.3.7",
+        "an IP address or host name",
+        "The address registered in Consul for this instance.",
+        _host_name,
+    ),
+    Variable(
+        "MESH_SERVICE_PORT",
+        "the port `meshlib serve` listens on, else unset",
+        "8001",
+        "a port number from 1 to 65535",
+        "The port registered in Consul when the app runs under a server other than "
+        "`meshlib serve` (which sets it itself). Without it such an app is not registered.",
+        _int_between(1, 65535),
+    ),
+    Variable(
+        "MESH_SERVICE_TAGS",
+        "none",
+        "blue,eu-west",
+        "tags separated by commas (letters, digits, '.', '_', '-', ':', '=')",
+        "Tags registered in Consul for this instance.",
+        _tags,
+    ),
+    Variable(
+        "MESH_HEALTH_INTERVAL",
+        "2s",
+        "5s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "How often Consul checks `/mesh/health` of this instance.",
+        _duration,
+    ),
+    Variable(
+        "MESH_DEREGISTER_AFTER",
+        "1m",
+        "10m",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "Consul's `DeregisterCriticalServiceAfter`: an instance whose check stays critical "
+        "this long (it crashed without deregistering) is removed.",
+        _duration,
+    ),
+    Variable(
+        "MESH_SHUTDOWN_DELAY",
+        "1s",
+        "3s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "On shutdown, how long to keep serving after deregistering, so callers' discovery "
+        "drops this instance before it stops accepting connections.",
+        _duration,
+    ),
+    Variable(
+        "MESH_DRAIN_TIMEOUT",
+        "20s",
+        "60s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "On shutdown, the longest wait for in-flight requests to finish.",
+        _duration,
+    ),
+    Variable(
         "MESH_TLS",
         "off",
         "strict",
@@ -660,6 +730,13 @@ class MeshConfig:
     )
     discovery_timeout: float = 2.0
     tls: TlsMode = "off"
+    service_address: str | None = None
+    service_port: int | None = None
+    service_tags: tuple[str, ...] = ()
+    health_interval: float = 2.0
+    deregister_after: float = 60.0
+    shutdown_delay: float = 1.0
+    drain_timeout: float = 20.0
     consul: ConsulSettings | None = None
     defaults: ServicePolicy = field(default_factory=ServicePolicy)
     #: override_key(service) -> that service's policy
@@ -754,6 +831,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         static_services=static if static is not None else MappingProxyType({}),
         discovery_timeout=get("MESH_DISCOVERY_TIMEOUT") or 2.0,
         tls=get("MESH_TLS") or "off",
+        service_address=get("MESH_SERVICE_ADDRESS"),
+        service_port=get("MESH_SERVICE_PORT"),
+        service_tags=get("MESH_SERVICE_TAGS") or (),
+        health_interval=get("MESH_HEALTH_INTERVAL") or 2.0,
+        deregister_after=get("MESH_DEREGISTER_AFTER") or 60.0,
+        shutdown_delay=get("MESH_SHUTDOWN_DELAY") or 1.0,
+        drain_timeout=get("MESH_DRAIN_TIMEOUT") or 20.0,
         consul=consul,
         defaults=defaults,
         overrides=MappingProxyType(overrides),

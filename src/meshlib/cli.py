@@ -27,6 +27,32 @@ def _not_built(name: str, what: str) -> Handler:
     return run
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Run an ASGI or WSGI app in the mesh."""
+    try:
+        from .server._serve import ServeError, serve
+    except ImportError as exc:  # pragma: no cover - the `server` extra is missing
+        print(f"meshlib serve: {exc}; install meshlib[server]", file=sys.stderr)
+        return 1
+    try:
+        return serve(args.target, host=args.host, port=args.port, workers=args.workers)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"meshlib serve: {line}", file=sys.stderr)
+    except ServeError as exc:
+        print(f"meshlib serve: {exc}", file=sys.stderr)
+    return 1
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="the app, as module:attribute (e.g. main:app)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (0: any free port)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+
+
 def _config(args: argparse.Namespace) -> int:
     """Validate the environment and print the effective configuration."""
     try:
@@ -58,8 +84,9 @@ def _config(args: argparse.Namespace) -> int:
 _COMMANDS: tuple[tuple[str, str, Handler], ...] = (
     (
         "serve",
-        "run an ASGI or WSGI app in the mesh (registration, health, TLS, graceful drain)",
-        _not_built("serve", "it arrives with the inbound pipeline"),
+        "run an ASGI app (uvicorn) or a WSGI app (gunicorn) in the mesh: registration, "
+        "health, graceful drain",
+        _serve,
     ),
     (
         "ca",
@@ -96,13 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, handler in _COMMANDS:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        if name == "serve":
+            _serve_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``meshlib`` command; returns the exit status."""
     parser = build_parser()
-    args, _rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and getattr(args, "handler", None) is _serve:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -1,11 +1,27 @@
-"""Pure ASGI middleware (foundation stage: validates configuration, passes requests through)."""
+"""Pure ASGI middleware: the mesh on the way in, for FastAPI, Starlette and any ASGI app.
+
+Pure ASGI rather than Starlette's ``BaseHTTPMiddleware``, which runs the app in another
+task and so breaks context variables (the inbound deadline and, later, the trace context
+live in them). Scope types other than ``http`` and ``lifespan`` pass through untouched.
+
+Lifespan: the app's own startup runs first, then the instance starts (registration);
+on shutdown the instance drains first (unready, deregistered, in-flight requests done),
+then the app's own shutdown runs, so handlers still have their resources while draining.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import anyio
+
 from .._config import MeshConfig, load_config
+from ..resilience._deadline import inbound_deadline
+from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
+from ._instance import Instance
+
+__all__ = ["ASGIMiddleware"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -15,11 +31,107 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class ASGIMiddleware:
-    """Join the mesh on the server side of an ASGI app (FastAPI, Starlette)."""
+    """Join the mesh on the server side of an ASGI app.
 
-    def __init__(self, app: ASGIApp, *, config: MeshConfig | None = None) -> None:
+    ``app.add_middleware(meshlib.ASGIMiddleware)`` for FastAPI/Starlette, or
+    ``meshlib.ASGIMiddleware(app)`` for any ASGI app. Adds ``/mesh/health`` and
+    ``/mesh/metrics``, refuses requests whose caller's deadline has passed (504), caps the
+    handler's outbound calls by the caller's deadline, and registers the instance in Consul
+    on startup and deregisters it (after draining) on shutdown.
+
+    Keys it adds to the scope: ``meshlib.deadline`` (a ``Deadline`` or ``None``).
+
+    Raises:
+        meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: MeshConfig | None = None,
+        stages: tuple[Stage, ...] = (),
+    ) -> None:
         self.app = app
         self.config = load_config() if config is None else config
+        self.instance = Instance.for_config(self.config)
+        self.inbound = Inbound(self.instance, stages)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        instance = self.instance
+        if instance.state == "starting":  # a server that does not run lifespan
+            server = scope.get("server") or (None, None)
+            await anyio.to_thread.run_sync(
+                lambda: instance.start(address=server[0], port=server[1])
+            )
+        path: str = scope["path"]
+        if path.startswith(RESERVED_PREFIX):
+            await _send_local(send, self.inbound.reserved(scope["method"], path))
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        verdict = self.inbound.admit(InboundRequest(scope["method"], path, headers))
+        if isinstance(verdict, LocalResponse):
+            await _send_local(send, verdict)
+            return
+        scope["meshlib.deadline"] = verdict
+        token = inbound_deadline.set(verdict)
+        instance.request_started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            instance.request_finished()
+            inbound_deadline.reset(token)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        instance = self.instance
+        received_any = False
+
+        async def mesh_receive() -> Message:
+            nonlocal received_any
+            received_any = True
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await anyio.to_thread.run_sync(instance.stop)
+            return message
+
+        async def mesh_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await anyio.to_thread.run_sync(instance.start)
+            await send(message)
+
+        try:
+            await self.app(scope, mesh_receive, mesh_send)
+        except Exception:
+            if received_any:
+                raise  # the app's own startup or shutdown failed
+            await self._own_lifespan(receive, send)  # the app does not speak lifespan
+
+    async def _own_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await anyio.to_thread.run_sync(self.instance.start)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await anyio.to_thread.run_sync(self.instance.stop)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _send_local(send: Send, response: LocalResponse) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [(k.encode(), v.encode()) for k, v in response.headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})

@@ -1,25 +1,118 @@
-"""WSGI middleware (foundation stage: validates configuration, passes requests through)."""
+"""WSGI middleware: the mesh on the way in, for Flask and any WSGI app.
+
+The same inbound pipeline as the ASGI middleware. WSGI has no lifespan, so the instance
+starts (and registers, with Consul) on the first request, which tells it the port it is
+served on, or when ``start()`` is called; it deregisters at process exit, or when
+``meshlib serve`` drains it. Keys added to ``environ`` are namespaced: ``meshlib.deadline``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .._config import MeshConfig, load_config
+from ..resilience._deadline import inbound_deadline
+from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
+from ._instance import Instance
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
+__all__ = ["WSGIMiddleware"]
+
 
 class WSGIMiddleware:
-    """Join the mesh on the server side of a WSGI app (Flask)."""
+    """Join the mesh on the server side of a WSGI app.
 
-    def __init__(self, app: WSGIApplication, *, config: MeshConfig | None = None) -> None:
+    ``app.wsgi_app = meshlib.WSGIMiddleware(app.wsgi_app)`` for Flask. Adds ``/mesh/health``
+    and ``/mesh/metrics``, refuses requests whose caller's deadline has passed (504), caps
+    the handler's outbound calls by the caller's deadline, and registers the instance in
+    Consul (on the first request or ``start()``).
+
+    Raises:
+        meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        config: MeshConfig | None = None,
+        stages: tuple[Stage, ...] = (),
+    ) -> None:
         self.app = app
         self.config = load_config() if config is None else config
+        self.instance = Instance.for_config(self.config)
+        self.inbound = Inbound(self.instance, stages)
+
+    def start(self, *, address: str | None = None, port: int | None = None) -> None:
+        """Become ready (and register with Consul) now rather than on the first request."""
+        self.instance.start(address=address, port=port)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        return self.app(environ, start_response)
+        instance = self.instance
+        if instance.state == "starting":
+            port = environ.get("SERVER_PORT")
+            instance.start(
+                address=environ.get("SERVER_NAME"),
+                port=int(port) if port and str(port).isdigit() else None,
+            )
+        path: str = environ.get("PATH_INFO", "")
+        method: str = environ.get("REQUEST_METHOD", "GET")
+        if path.startswith(RESERVED_PREFIX):
+            return _local(start_response, self.inbound.reserved(method, path))
+        headers = {
+            key[5:].replace("_", "-").lower(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
+        }
+        verdict = self.inbound.admit(InboundRequest(method, path, headers))
+        if isinstance(verdict, LocalResponse):
+            return _local(start_response, verdict)
+        environ["meshlib.deadline"] = verdict
+        token = inbound_deadline.set(verdict)
+        instance.request_started()
+        try:
+            result = self.app(environ, start_response)
+        except BaseException:
+            instance.request_finished()
+            raise
+        finally:
+            inbound_deadline.reset(token)
+        return _Finishing(result, instance)
 
-    def __getattr__(self, name: str) -> Any:  # pragma: no cover - convenience passthrough
+    def __getattr__(self, name: str) -> Any:
+        # Flask extensions sometimes reach through wsgi_app for the wrapped app's attributes.
+        if name == "app":
+            raise AttributeError(name)
         return getattr(self.app, name)
+
+
+class _Finishing:
+    """The app's response iterable; the request counts as in flight until it is closed."""
+
+    def __init__(self, result: Iterable[bytes], instance: Instance) -> None:
+        self._result = result
+        self._instance = instance
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self._done:
+                self._done = True
+                self._instance.request_finished()
+
+
+def _local(start_response: StartResponse, response: LocalResponse) -> list[bytes]:
+    status = f"{response.status} {HTTPStatus(response.status).phrase}"
+    start_response(status, list(response.headers))
+    return [response.body]

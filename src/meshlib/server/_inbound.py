@@ -1,0 +1,120 @@
+"""The inbound pipeline, written once for the ASGI and the WSGI middleware.
+
+Before the application sees a request:
+
+1. **reserved routes** under ``/mesh/``: health (for Consul's check and for load
+   balancers) and metrics, answered by the mesh itself;
+2. **deadline**: a caller whose ``x-mesh-deadline-ms`` budget is already gone gets 504
+   without the handler running (nobody is waiting for that answer any more); otherwise
+   the remaining budget caps the handler's own outbound calls;
+3. **stages**: plug points, in order, for peer identity, authorization, rate and
+   concurrency limits and fault injection (filled by the features that need them). The
+   first stage that answers (403, 429, ...) ends the request before the handler.
+
+Everything here is sans-IO: the middlewares translate their protocol to ``InboundRequest``
+and a ``LocalResponse`` back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+from .. import __version__
+from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
+from ._instance import Instance
+
+__all__ = ["RESERVED_PREFIX", "Inbound", "InboundRequest", "LocalResponse", "Stage"]
+
+RESERVED_PREFIX = "/mesh/"
+
+
+class LocalResponse(NamedTuple):
+    """A response the mesh gives itself, without the application."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+class InboundRequest(NamedTuple):
+    """What inbound stages see of a request."""
+
+    method: str
+    path: str
+    #: Lower-cased header names; the last value of a repeated header.
+    headers: Mapping[str, str]
+
+
+#: An inbound stage: a LocalResponse ends the request, None lets it through.
+Stage = Callable[[InboundRequest], "LocalResponse | None"]
+
+
+def json_response(status: int, payload: object) -> LocalResponse:
+    """A small JSON answer."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return LocalResponse(
+        status,
+        (("content-type", "application/json"), ("content-length", str(len(body)))),
+        body,
+    )
+
+
+class Inbound:
+    """Decides, per request, whether the application runs and with what deadline."""
+
+    def __init__(self, instance: Instance, stages: Sequence[Stage] = ()) -> None:
+        self.instance = instance
+        self.stages = tuple(stages)
+
+    def reserved(self, method: str, path: str) -> LocalResponse:
+        """Answer a request under ``/mesh/``."""
+        instance = self.instance
+        if path in ("/mesh/health", "/mesh/health/ready"):
+            config = instance.config
+            payload = {
+                "status": instance.state,
+                "service": config.service_name,
+                "version": config.service_version,
+                "in_flight": instance.in_flight,
+                "meshlib": __version__,
+            }
+            return json_response(200 if instance.ready else 503, payload)
+        if path == "/mesh/health/live":
+            return json_response(200, {"status": "alive"})
+        if path == "/mesh/metrics":
+            return _metrics(instance)
+        return json_response(404, {"error": f"no mesh route {path}"})
+
+    def admit(self, request: InboundRequest) -> LocalResponse | Deadline | None:
+        """A LocalResponse to send instead of running the app, or the request's deadline."""
+        budget = parse_deadline_header(request.headers.get(DEADLINE_HEADER))
+        if budget is not None and budget <= 0:
+            return json_response(
+                504,
+                {
+                    "error": "deadline exceeded",
+                    "detail": f"the caller's deadline ({DEADLINE_HEADER}: 0) had passed "
+                    "before the request was handled",
+                },
+            )
+        for stage in self.stages:
+            answer = stage(request)
+            if answer is not None:
+                return answer
+        return None if budget is None else Deadline.after(budget)
+
+
+def _metrics(instance: Instance) -> LocalResponse:
+    service = (instance.config.service_name or "").replace('"', "")
+    lines = [
+        "# HELP meshlib_inbound_requests_in_flight Requests this instance is handling.",
+        "# TYPE meshlib_inbound_requests_in_flight gauge",
+        f'meshlib_inbound_requests_in_flight{{service="{service}"}} {instance.in_flight}',
+        "# HELP meshlib_ready 1 while this instance is ready to receive traffic.",
+        "# TYPE meshlib_ready gauge",
+        f'meshlib_ready{{service="{service}"}} {1 if instance.ready else 0}',
+    ]
+    body = ("\n".join(lines) + "\n").encode()
+    return LocalResponse(200, (("content-type", "text/plain; version=0.0.4; charset=utf-8"),), body)

@@ -1,0 +1,190 @@
+"""The life of this server instance: starting, ready, draining, stopped.
+
+One ``Instance`` per process and configuration, shared by every middleware and by
+``meshlib serve``. It counts requests in flight, answers readiness, registers with Consul
+when it starts (Consul discovery only: static mode registers nothing) and, on shutdown,
+goes unready and deregisters *before* the server stops accepting connections, so callers
+stop picking it while it still answers, then waits for requests in flight to finish.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import multiprocessing
+import threading
+import time
+from typing import Any, Literal
+
+from .._config import MeshConfig
+from .._exceptions import ConfigError
+from ._registration import Registration
+
+__all__ = ["Instance"]
+
+logger = logging.getLogger("meshlib.server")
+
+State = Literal["starting", "ready", "draining", "stopped"]
+
+
+class Instance:
+    """This process's place in the mesh as a server."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        if config.discovery == "consul" and not config.service_name:
+            raise ConfigError(
+                "MESH_SERVICE_NAME is unset: expected the name this server registers under "
+                "in Consul (or MESH_DISCOVERY=static)"
+            )
+        self.config = config
+        self._state: State = "starting"
+        self.in_flight = 0
+        self.registration: Registration | None = None
+        self._changed = threading.Condition()
+        self._start_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- requests
+
+    def request_started(self) -> None:
+        """Count one request in flight."""
+        with self._changed:
+            self.in_flight += 1
+
+    def request_finished(self) -> None:
+        """Count one request done."""
+        with self._changed:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._changed.notify_all()
+
+    @property
+    def state(self) -> State:
+        """``starting``, ``ready``, ``draining`` or ``stopped``.
+
+        A worker process of a pre-forking server also reads ``draining`` from its parent
+        (see ``share_drain_with_workers``), because its parent is the one told to stop.
+        """
+        if self._state == "ready" and _shared_drain is not None and _shared_drain.value:
+            return "draining"
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        """Whether this instance should receive traffic (``/mesh/health`` says 200)."""
+        return self.state == "ready"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self, *, address: str | None = None, port: int | None = None) -> None:
+        """Become ready and, with Consul discovery, register. Idempotent.
+
+        ``address``/``port`` are what the server actually listens on; ``MESH_SERVICE_ADDRESS``
+        and ``MESH_SERVICE_PORT`` override them.
+        """
+        with self._start_lock:
+            if self._state != "starting":
+                return
+            config = self.config
+            port = config.service_port or port
+            if config.discovery == "consul" and config.consul is not None:
+                if port is None:
+                    logger.warning(
+                        "%s is not registered in Consul: the port it serves on is unknown; "
+                        "set MESH_SERVICE_PORT or run it with `meshlib serve`",
+                        config.service_name,
+                    )
+                else:
+                    registered_address = config.service_address or _routable(address)
+                    self.registration = Registration(
+                        config, config.consul, address=registered_address, port=port
+                    )
+            self._state = "ready"
+            if self.registration is not None:
+                self.registration.register()
+                atexit.register(self._deregister_at_exit)
+
+    def begin_drain(self) -> None:
+        """Go unready and deregister; requests keep being served. Idempotent."""
+        with self._start_lock:
+            if self._state in ("draining", "stopped"):
+                return
+            self._state = "draining"
+            if _shared_drain is not None:
+                _shared_drain.value = True
+        logger.info(
+            "%s draining: %d request(s) in flight", self.config.service_name, self.in_flight
+        )
+        if self.registration is not None:
+            self.registration.deregister()
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Block until no request is in flight (True) or ``timeout`` passes (False)."""
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def stop(self) -> None:
+        """Drain (if not yet), wait for requests in flight, and release resources."""
+        self.begin_drain()
+        if not self.wait_drained():
+            logger.warning(
+                "%s: %d request(s) still in flight after the drain timeout",
+                self.config.service_name,
+                self.in_flight,
+            )
+        self._state = "stopped"
+        if self.registration is not None:
+            self.registration.close()
+
+    def _deregister_at_exit(self) -> None:
+        if self._state in ("starting", "ready"):
+            self.begin_drain()
+
+    # ---------------------------------------------------------------- process default
+
+    @classmethod
+    def for_config(cls, config: MeshConfig) -> Instance:
+        """The process's instance for ``config`` (shared by every middleware built from it)."""
+        with _registry_lock:
+            for instance in _registry:
+                if instance.config == config and instance._state != "stopped":
+                    return instance
+            instance = cls(config)
+            _registry.append(instance)
+            return instance
+
+
+def _routable(address: str | None) -> str:
+    """The address to register: empty for a wildcard (Consul then uses the node's)."""
+    if address in (None, "", "0.0.0.0", "::"):
+        return ""
+    return address or ""
+
+
+#: Set in a pre-forking server's parent before its workers start; shared memory, so the
+#: workers' health checks see the parent's drain.
+_shared_drain: Any = None
+
+
+def share_drain_with_workers() -> None:
+    """Call in the parent of a pre-forking server (gunicorn) before workers are forked."""
+    global _shared_drain
+    if _shared_drain is None:
+        _shared_drain = multiprocessing.RawValue(ctypes.c_bool, False)
+
+
+_registry: list[Instance] = []
+_registry_lock = threading.Lock()
+
+
+def reset() -> None:
+    """Forget every instance (for tests)."""
+    with _registry_lock:
+        _registry.clear()

@@ -1,0 +1,105 @@
+"""Registering this instance with the local Consul agent, and removing it again.
+
+Uses py-consul (its agent API covers registration with a check). The registration carries
+what the rest of the mesh reads: the address and port actually served, ``Meta.version``
+(subsets and canaries select on it), tags, ``Connect: {Native: true}`` (a meshlib server
+speaks the mesh's mTLS itself, so Consul's own proxies may call it directly), and an HTTP
+check on ``/mesh/health`` with ``DeregisterCriticalServiceAfter`` so an instance that
+crashed without deregistering is removed by Consul itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import consul
+
+from .. import __version__
+from .._config import ConsulSettings, MeshConfig
+
+__all__ = ["Registration"]
+
+logger = logging.getLogger("meshlib.server")
+
+
+class Registration:
+    """One instance's registration in Consul."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        settings: ConsulSettings,
+        *,
+        address: str,
+        port: int,
+        scheme: str = "http",
+    ) -> None:
+        assert config.service_name is not None
+        self.service = config.service_name
+        self.address = address
+        self.port = port
+        host = address or socket.gethostname()
+        self.service_id = f"{self.service}-{host}-{port}"
+        check_host = address or "127.0.0.1"
+        check_host = f"[{check_host}]" if ":" in check_host else check_host
+        self._check: dict[str, Any] = {
+            "HTTP": f"{scheme}://{check_host}:{port}/mesh/health",
+            "Interval": _go_duration(config.health_interval),
+            "Timeout": _go_duration(min(config.health_interval, 5.0)),
+            "DeregisterCriticalServiceAfter": _go_duration(config.deregister_after),
+        }
+        meta = {"meshlib": __version__}
+        if config.service_version:
+            meta["version"] = config.service_version
+        self._meta = meta
+        self._tags = list(config.service_tags)
+        self._client = _client(settings)
+
+    def register(self) -> None:
+        """Register (idempotent: the same ID replaces the previous registration)."""
+        self._client.agent.service.register(
+            self.service,
+            service_id=self.service_id,
+            address=self.address,
+            port=self.port,
+            tags=self._tags,
+            meta=self._meta,
+            check=self._check,
+            connect={"Native": True},
+        )
+        logger.info("registered %s in Consul as %s", self.service, self.service_id)
+
+    def deregister(self) -> None:
+        """Remove the registration; errors are logged, never raised (we are shutting down)."""
+        try:
+            self._client.agent.service.deregister(self.service_id)
+        except Exception as exc:
+            logger.warning("could not deregister %s from Consul: %s", self.service_id, exc)
+        else:
+            logger.info("deregistered %s from Consul", self.service_id)
+
+    def close(self) -> None:
+        """Release the HTTP session."""
+        self._client.http.session.close()
+
+
+def _client(settings: ConsulSettings) -> Any:
+    parts = urlsplit(settings.address)
+    verify: bool | str = settings.cacert or settings.verify
+    cert = (settings.client_cert, settings.client_key) if settings.client_cert else None
+    return consul.Consul(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 8500,
+        scheme=parts.scheme,
+        token=settings.token,
+        verify=verify,
+        cert=cert,
+    )
+
+
+def _go_duration(seconds: float) -> str:
+    """Consul's duration strings: whole milliseconds."""
+    return f"{round(seconds * 1000)}ms"

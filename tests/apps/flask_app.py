@@ -1,0 +1,41 @@
+"""A Flask app in the mesh, for the tests (``meshlib serve flask_app:app``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from flask import Flask, request
+
+import meshlib
+
+app = Flask(__name__)
+app.wsgi_app = meshlib.WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+HANDLED = {"count": 0}
+
+
+@app.get("/hello")
+def hello() -> dict[str, Any]:
+    HANDLED["count"] += 1
+    return {"hello": os.environ.get("MESH_SERVICE_NAME", "?"), "pid": os.getpid()}
+
+
+@app.get("/slow")
+def slow() -> dict[str, Any]:
+    HANDLED["count"] += 1
+    ms = int(request.args.get("ms", "100"))
+    time.sleep(ms / 1000)
+    return {"slept_ms": ms, "pid": os.getpid()}
+
+
+@app.get("/handled")
+def handled() -> dict[str, int]:
+    return HANDLED
+
+
+@app.get("/deadline")
+def deadline() -> dict[str, Any]:
+    HANDLED["count"] += 1
+    found = request.environ.get("meshlib.deadline")
+    return {"remaining": None if found is None else found.remaining()}

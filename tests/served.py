@@ -1,0 +1,137 @@
+"""Run apps with ``meshlib serve`` as real processes (apps live in tests/apps)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from polling import wait_until
+
+APPS = Path(__file__).with_name("apps")
+_ANNOUNCE = re.compile(rb"on http://[^ ]*:(\d+) pid (\d+)")
+
+
+class Served:
+    """One ``meshlib serve <target>`` process."""
+
+    def __init__(
+        self, target: str, env: dict[str, str], *, port: int = 0, args: tuple[str, ...] = ()
+    ) -> None:
+        self.target = target
+        self.env = env
+        self.port = port
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.output = bytearray()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Served:
+        env = {**os.environ, **self.env, "PYTHONPATH": str(APPS)}
+        self.output.clear()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshlib",
+                "serve",
+                self.target,
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
+            cwd=APPS,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        match = wait_until(
+            lambda: _ANNOUNCE.search(self.output) or self._exited(),
+            timeout=30,
+            what=f"{self.target} to start",
+        )
+        if not isinstance(match, re.Match):
+            raise AssertionError(f"{self.target} exited: {self.output.decode(errors='replace')}")
+        self.port = int(match.group(1))
+        wait_until(self._healthy, timeout=30, what=f"{self.target} healthy")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.extend(line)
+
+    def _exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/mesh/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def terminate(self) -> None:
+        """SIGTERM: the graceful drain."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.wait()
+
+
+class ServedFactory:
+    def __init__(self) -> None:
+        self.started: list[Served] = []
+
+    def __call__(self, target: str, env: dict[str, str], **kwargs: object) -> Served:
+        served = Served(target, env, **kwargs)  # type: ignore[arg-type]
+        self.started.append(served)
+        return served.start()
+
+
+@pytest.fixture
+def serve() -> Iterator[ServedFactory]:
+    """``serve("fastapi_app:app", env)`` runs ``meshlib serve``; all stopped afterwards."""
+    factory = ServedFactory()
+    try:
+        yield factory
+    finally:
+        for served in factory.started:
+            served.stop()
