@@ -45,7 +45,8 @@ def parse_deadline_header(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if not value.isdigit() or len(value) > 9:
+    # isascii(): "²".isdigit() is True, but int("²") raises (and headers arrive as latin-1).
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
         return None
     ms = int(value)
     return ms / 1000 if ms <= _MAX_MS else None
