@@ -77,8 +77,10 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks against bare httpx and a sidecar proxy (not built yet)."""
-    session.error("the benchmark suite is not built yet")
+    """Benchmarks against bare httpx (docs/performance.md); `-- --quick` only proves they run."""
+    session.install("-e", ".[test]")
+    consul = _consul(session)
+    session.run("python", "bench/perf.py", *session.posargs, env={"MESH_TEST_CONSUL": consul})
 
 
 @nox.session(python=PYTHON)

@@ -1,0 +1,169 @@
+"""Rows 1 and 2: what meshlib adds to a request, against bare httpx on the same server.
+
+Both clients call one bench/plain_server.py process (pinned to its own CPU), so the server
+costs as little as possible and the difference between the two is the client's. Rounds
+alternate bare and mesh, so a change in machine load hits both alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import freelist_pool
+import httpx
+from harness import Line, PlainServer, percentile
+
+import meshlib
+from meshlib._config import load_config
+
+
+def _sync_round(client: httpx.Client, url: str, count: int) -> tuple[list[float], float]:
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(count):
+        t0 = time.perf_counter()
+        response = client.get(url)
+        latencies.append(time.perf_counter() - t0)
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}")
+    return latencies, time.perf_counter() - started
+
+
+def sync_overhead(quick: bool) -> tuple[list[Line], dict[str, Any]]:
+    """Row 1: meshlib.Client vs httpx.Client, one request at a time."""
+    rounds, per_round = (2, 200) if quick else (6, 2500)
+    with PlainServer("bench") as server:
+        config = load_config({"MESH_STATIC_SERVICES": f"bench={server.address}"})
+        urls = {"bare": f"http://{server.address}/v1/item", "mesh": "http://bench/v1/item"}
+        with httpx.Client() as bare, meshlib.Client(config=config) as mesh:
+            clients = {"bare": bare, "mesh": mesh}
+            for name, client in clients.items():
+                _sync_round(client, urls[name], 300)  # warm: connection, caches
+            latencies: dict[str, list[float]] = {"bare": [], "mesh": []}
+            elapsed = {"bare": 0.0, "mesh": 0.0}
+            for index in range(rounds):
+                order = ("bare", "mesh") if index % 2 == 0 else ("mesh", "bare")
+                for name in order:
+                    got, took = _sync_round(clients[name], urls[name], per_round)
+                    latencies[name] += got
+                    elapsed[name] += took
+    figures = {
+        name: {
+            "requests": len(latencies[name]),
+            "req_per_s": len(latencies[name]) / elapsed[name],
+            "p50_us": percentile(latencies[name], 50) * 1e6,
+            "p99_us": percentile(latencies[name], 99) * 1e6,
+        }
+        for name in ("bare", "mesh")
+    }
+    added_p50 = figures["mesh"]["p50_us"] - figures["bare"]["p50_us"]
+    added_p99 = figures["mesh"]["p99_us"] - figures["bare"]["p99_us"]
+    ratio = figures["mesh"]["req_per_s"] / figures["bare"]["req_per_s"]
+    bare_text = (
+        f"(bare {figures['bare']['p50_us']:.0f}/{figures['bare']['p99_us']:.0f} µs, "
+        f"{figures['bare']['req_per_s']:.0f}/s)"
+    )
+    lines = [
+        Line(
+            "1",
+            "sync c=1: added p50",
+            f"{added_p50:+.0f} µs {bare_text}",
+            "≤ 30 µs",
+            added_p50 <= 30,
+        ),
+        Line("1", "sync c=1: added p99", f"{added_p99:+.0f} µs", "(none)", None),
+        Line("1", "sync c=1: throughput mesh/bare", f"{ratio:.2f}x", "≥ 0.90x", ratio >= 0.90),
+    ]
+    return lines, {"row1_sync_c1": figures}
+
+
+async def _async_round(
+    client: httpx.AsyncClient, url: str, concurrency: int, seconds: float
+) -> tuple[list[float], float]:
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    errors: list[str] = []
+    end = loop.time() + seconds
+
+    async def worker() -> None:
+        while loop.time() < end:
+            t0 = time.perf_counter()
+            response = await client.get(url)
+            latencies.append(time.perf_counter() - t0)
+            if response.status_code != 200:
+                errors.append(str(response.status_code))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if errors:
+        raise RuntimeError(f"{url}: {len(errors)} errors, first HTTP {errors[0]}")
+    return latencies, time.perf_counter() - started
+
+
+async def _async_compare(
+    address: str, clients: dict[str, httpx.AsyncClient], rounds: int, seconds: float
+) -> dict[str, Any]:
+    concurrency = 32
+    urls = {name: f"http://{address}/v1/item" for name in clients}
+    urls.update({name: "http://bench/v1/item" for name in clients if name != "bare"})
+    for name, client in clients.items():
+        await _async_round(client, urls[name], concurrency, min(seconds, 0.5))  # warm
+    latencies: dict[str, list[float]] = {name: [] for name in clients}
+    elapsed = dict.fromkeys(clients, 0.0)
+    names = list(clients)
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            got, took = await _async_round(clients[name], urls[name], concurrency, seconds)
+            latencies[name] += got
+            elapsed[name] += took
+    return {
+        name: {
+            "requests": len(latencies[name]),
+            "req_per_s": len(latencies[name]) / elapsed[name],
+            "p50_ms": percentile(latencies[name], 50) * 1e3,
+            "p99_ms": percentile(latencies[name], 99) * 1e3,
+        }
+        for name in clients
+    }
+
+
+def async_throughput(quick: bool) -> tuple[list[Line], dict[str, Any]]:
+    """Row 2: meshlib.AsyncClient vs httpx.AsyncClient, 32 requests in flight."""
+    rounds, seconds = (1, 0.5) if quick else (4, 4.0)
+    with PlainServer("bench") as server:
+        config = load_config({"MESH_STATIC_SERVICES": f"bench={server.address}"})
+
+        async def run() -> dict[str, Any]:
+            async with (
+                httpx.AsyncClient() as bare,
+                meshlib.AsyncClient(config=config) as mesh,
+                meshlib.AsyncClient(config=config, transport=freelist_pool.transport()) as fast,
+            ):
+                clients = {"bare": bare, "mesh": mesh, "mesh_freelist_pool": fast}
+                return await _async_compare(server.address, clients, rounds, seconds)
+
+        figures = asyncio.run(run())
+    ratio = figures["mesh"]["req_per_s"] / figures["bare"]["req_per_s"]
+    detail = (
+        f"(bare {figures['bare']['req_per_s']:.0f}/s, mesh {figures['mesh']['req_per_s']:.0f}/s)"
+    )
+    fast = figures["mesh_freelist_pool"]["req_per_s"] / figures["bare"]["req_per_s"]
+    lines = [
+        Line(
+            "2",
+            "async c=32: throughput mesh/bare",
+            f"{ratio:.2f}x {detail}",
+            "≥ 1.0x",
+            ratio >= 1.0,
+        ),
+        Line(
+            "2",
+            "  experiment: mesh on bench/freelist_pool.py",
+            f"{fast:.2f}x ({figures['mesh_freelist_pool']['req_per_s']:.0f}/s)",
+            "(not shipped)",
+            None,
+        ),
+    ]
+    return lines, {"row2_async_c32": figures}
