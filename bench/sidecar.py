@@ -1,20 +1,222 @@
 """Row 3: meshlib strict mTLS against a sidecar pair (HAProxy -> mTLS -> HAProxy).
 
-Not measurable yet: meshlib's own mTLS (``MESH_TLS=strict``) arrives with issue 5. Until it
-does, this row says so in the table instead of printing a figure.
+The sidecar path is what a mesh with proxies does for one call::
+
+    client --plain HTTP--> client-side HAProxy ==mTLS==> server-side HAProxy --plain--> app
+
+Both proxies are Debian's ``haproxy``, with certificates made here by ``cryptography`` (an
+EC P-256 CA, a server and a client leaf carrying SPIFFE IDs); the proxies keep
+connections alive on both hops, as Envoy and Linkerd do. The client-side proxy shares the
+client's CPU and the server-side one the server's, as sidecars share their app's host.
+
+meshlib's side of the row, the same calls with ``MESH_TLS=strict`` and no proxies, needs
+the mesh's own mTLS (issue 5); until it lands the row measures the sidecar path alone and
+says the comparison is not yet measurable.
 """
 
 from __future__ import annotations
 
+import datetime
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
-from harness import Line
+import httpx
+from harness import Line, PlainServer, percentile, pin_as_client, pin_server
 
 NOT_YET = "not yet measurable: needs MESH_TLS=strict (issue 5)"
+_TRUST_DOMAIN = "spiffe://meshlib.bench"
+
+
+def _certificates(directory: Path) -> dict[str, Path]:
+    """A CA, and server and client leaves as HAProxy wants them (cert + key in one PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshlib bench CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = {"ca": directory / "ca.pem"}
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    for role, usage in (
+        ("server", ExtendedKeyUsageOID.SERVER_AUTH),
+        ("client", ExtendedKeyUsageOID.CLIENT_AUTH),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.UniformResourceIdentifier(f"{_TRUST_DOMAIN}/ns/default/sa/{role}"),
+                        x509.DNSName("localhost"),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        paths[role] = directory / f"{role}.pem"
+        paths[role].write_bytes(leaf.public_bytes(pem) + key_pem)
+    return paths
+
+
+_GLOBAL = """\
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+"""
+
+
+class _HAProxy:
+    """One ``haproxy`` process with the given config, stopped by ``stop``."""
+
+    def __init__(self, name: str, config: str, directory: Path) -> None:
+        self.path = directory / f"{name}.cfg"
+        self.path.write_text(_GLOBAL + config, encoding="utf-8")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> _HAProxy:
+        """Check the config, then run haproxy in the foreground (``-db``)."""
+        subprocess.run(["haproxy", "-c", "-q", "-f", str(self.path)], check=True)
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(self.path)])
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _wait_listening(port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port}") from None
+            time.sleep(0.02)
+
+
+def _latencies(client: httpx.Client, url: str, count: int) -> list[float]:
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        response = client.get(url)
+        out.append(time.perf_counter() - t0)
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}")
+    return out
+
+
+def sidecar_path(quick: bool) -> dict[str, Any]:
+    """p50/p99 of c=1 calls direct to the app and through the HAProxy pair with mTLS."""
+    from backends import free_port
+
+    count = 300 if quick else 5000
+    directory = Path(tempfile.mkdtemp(prefix="meshlib-bench-sidecar-"))
+    proxies: list[_HAProxy] = []
+    try:
+        certs = _certificates(directory)
+        with PlainServer("app") as app:
+            inbound, outbound = free_port(), free_port()
+            server_side = _HAProxy(
+                "server-side",
+                f"frontend mtls\n    bind 127.0.0.1:{inbound} ssl crt {certs['server']} "
+                f"ca-file {certs['ca']} verify required\n    default_backend app\n"
+                f"backend app\n    server app {app.address}\n",
+                directory,
+            )
+            client_side = _HAProxy(
+                "client-side",
+                f"frontend plain\n    bind 127.0.0.1:{outbound}\n    default_backend mesh\n"
+                f"backend mesh\n    server peer 127.0.0.1:{inbound} ssl crt {certs['client']} "
+                f"ca-file {certs['ca']} verify required verifyhost localhost sni str(localhost)\n",
+                directory,
+            )
+            proxies += [server_side.start(), client_side.start()]
+            assert server_side.proc is not None
+            assert client_side.proc is not None
+            pin_server(server_side.proc.pid)
+            pin_as_client(client_side.proc.pid)
+            _wait_listening(inbound)
+            _wait_listening(outbound)
+            urls = {"direct": f"http://{app.address}/v1/item"}
+            urls["sidecar_pair"] = f"http://127.0.0.1:{outbound}/v1/item"
+            figures: dict[str, Any] = {}
+            with httpx.Client() as client:
+                for url in urls.values():
+                    _latencies(client, url, 200)  # warm: connections, TLS sessions
+                for name, url in urls.items():
+                    got = _latencies(client, url, count)
+                    figures[name] = {
+                        "requests": count,
+                        "p50_us": percentile(got, 50) * 1e6,
+                        "p99_us": percentile(got, 99) * 1e6,
+                    }
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    return figures
 
 
 def mtls_vs_sidecar(quick: bool) -> tuple[list[Line], dict[str, Any]]:
-    """Row 3: the placeholder line."""
-    return [Line("3", "strict mTLS: p50 meshlib/sidecar pair", NOT_YET, "≤ 0.8x", None)], {
-        "row3_mtls_vs_sidecar": NOT_YET
-    }
+    """Row 3: the sidecar path measured; meshlib's side waits for issue 5."""
+    if shutil.which("haproxy") is None:
+        line = Line(
+            "3", "strict mTLS: p50 meshlib/sidecar pair", f"{NOT_YET}; no haproxy", "≤ 0.8x", None
+        )
+        return [line], {"row3_mtls_vs_sidecar": NOT_YET}
+    figures = sidecar_path(quick)
+    pair, direct = figures["sidecar_pair"], figures["direct"]
+    lines = [
+        Line("3", "strict mTLS: p50 meshlib/sidecar pair", NOT_YET, "≤ 0.8x", None),
+        Line(
+            "3",
+            "  sidecar pair (HAProxy mTLS), c=1",
+            f"p50 {pair['p50_us']:.0f} µs, p99 {pair['p99_us']:.0f} µs "
+            f"(direct plain {direct['p50_us']:.0f} / {direct['p99_us']:.0f} µs)",
+            "(baseline)",
+            None,
+        ),
+    ]
+    return lines, {"row3_mtls_vs_sidecar": {"meshlib": NOT_YET, **figures}}

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshlib import _runtime
+from meshlib import _runtime, security
 from meshlib.server import _instance
 
 pytest_plugins = ["backends", "consul_agent", "served"]
@@ -21,6 +21,7 @@ def _fresh_mesh_runtime() -> Iterator[None]:
     yield
     _runtime.reset()
     _instance.reset()
+    security.reset()
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import pytest
 from polling import wait_until
 
 APPS = Path(__file__).with_name("apps")
-_ANNOUNCE = re.compile(rb"on http://[^ ]*:(\d+) pid (\d+)")
+_ANNOUNCE = re.compile(rb"on https?://[^ ]*:(\d+) pid (\d+)")
 
 
 class Served:
@@ -83,8 +83,16 @@ class Served:
         return self.proc is not None and self.proc.poll() is not None
 
     def _healthy(self) -> bool:
+        import socket
+
         import httpx
 
+        if self.env.get("MESH_TLS") == "strict":  # plaintext is refused: the port must listen
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+                    return True
+            except OSError:
+                return False
         try:
             return httpx.get(f"{self.url}/mesh/health", timeout=2).status_code == 200
         except httpx.HTTPError:

@@ -9,7 +9,7 @@ import pytest
 
 from meshlib.cli import main
 
-PLANNED = ["serve", "ca", "rollout", "status", "demo"]
+PLANNED = ["serve", "ca", "rollout", "status", "top", "demo"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,7 +31,7 @@ def test_help_lists_every_planned_subcommand() -> None:
 
 
 #: Remove a name from here when its subcommand is built.
-NOT_BUILT = ["ca", "rollout", "status", "demo"]
+NOT_BUILT = ["rollout", "status", "demo"]
 
 
 @pytest.mark.parametrize("name", NOT_BUILT)
@@ -60,3 +60,10 @@ def test_config_subcommand_prints_the_effective_configuration() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "static:     weather = 127.0.0.1:8001*2, [::1]:8002" in result.stdout
+
+
+def test_top_without_a_reachable_prometheus_says_so_in_one_line() -> None:
+    result = run("top", "--once", "--prometheus", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert result.stderr.startswith("meshlib top: cannot query Prometheus at http://127.0.0.1:9")
+    assert result.stderr.count("\n") == 1

@@ -50,6 +50,18 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_DEREGISTER_AFTER": ("never", "a duration"),
     "MESH_SHUTDOWN_DELAY": ("-1", "a duration"),
     "MESH_DRAIN_TIMEOUT": ("forever", "a duration"),
+    "MESH_ACCESS_LOG": ("yes", "one of off, json"),
+    "MESH_METRICS_ADDR": ("9464", "host:port ('9464' has no port)"),
+    "OTEL_TRACES_EXPORTER": ("jaeger", "exporters separated by commas: otlp, console or none"),
+    "OTEL_METRICS_EXPORTER": ("otlp,prometheus", "exporters separated by commas"),
+    "MESH_TLS_CA": ("vault", "one of local, consul"),
+    "MESH_TLS_LEAF_TTL": ("a while", "a duration"),
+    "MESH_DATACENTER": ("eu west", "a datacenter name"),
+    "MESH_ALLOWED_CALLERS": ("gateway,Bad Name", "'Bad Name' is not a service name"),
+    "MESH_DENIED_CALLERS": ("x y", "'x y' is not a service name"),
+    "MESH_INTENTIONS_CACHE": ("0", "a duration"),
+    "MESH_EGRESS": ("maybe", "one of allow, deny"),
+    "MESH_EGRESS_ALLOW": ("api.github.com,http://x", "'http://x' is not a host name"),
     "CONSUL_HTTP_ADDR": ("unix:///var/run/consul.sock", "host:port or http(s)://host[:port]"),
     "CONSUL_HTTP_TOKEN_FILE": ("/nonexistent/token", "the path of a readable file"),
     "CONSUL_HTTP_SSL": ("maybe", "true or false"),
@@ -61,7 +73,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "OTEL_SERVICE_NAME": ("My Service", "a service name"),
 }
 #: Variables that accept any value (so cannot be given a bad one).
-ANY_VALUE = {"CONSUL_HTTP_TOKEN"}
+ANY_VALUE = {"CONSUL_HTTP_TOKEN", "MESH_TLS_DIR"}
 
 #: CONSUL_* variables are read only when there is a Consul to talk to.
 BASE_ENV = {"CONSUL_HTTP_ADDR": "127.0.0.1:8500"}
@@ -194,6 +206,14 @@ def test_consul_address_forms(addr: str, env: dict[str, str], url: str) -> None:
     config = load_config({"CONSUL_HTTP_ADDR": addr, **env})
     assert config.consul is not None
     assert config.consul.address == url
+
+
+def test_mesh_tls_needs_a_service_name_and_consul_ca_needs_consul() -> None:
+    with pytest.raises(meshlib.ConfigError, match="expected MESH_SERVICE_NAME to be set"):
+        load_config({"MESH_TLS": "strict"})
+    with pytest.raises(meshlib.ConfigError, match="expected CONSUL_HTTP_ADDR to be set"):
+        load_config({"MESH_TLS_CA": "consul"})
+    assert load_config({"MESH_TLS": "strict", "MESH_SERVICE_NAME": "geo"}).tls_ca == "local"
 
 
 def test_consul_token_file_is_read(tmp_path: Path) -> None:

@@ -12,12 +12,16 @@ PUBLIC = [
     "Client",
     "ConfigError",
     "DeadlineExceeded",
+    "EgressDenied",
+    "IdentityMismatch",
     "MeshError",
     "MeshRequestError",
     "MeshTransport",
     "NoHealthyEndpoints",
+    "SpiffeId",
     "WSGIMiddleware",
     "__version__",
+    "peer_identity",
 ]
 
 

@@ -366,7 +366,7 @@ def test_wsgi_counts_a_request_in_flight_until_its_body_is_closed() -> None:
 
     middleware = meshlib.WSGIMiddleware(app, config=load_config({}))
     environ = {"PATH_INFO": "/x", "REQUEST_METHOD": "GET", "SERVER_PORT": "80"}
-    body = middleware(environ, lambda status, headers: None)
+    body = middleware(environ, lambda status, headers, exc_info=None: None)
     assert middleware.instance.in_flight == 1
     assert b"".join(body) == b"ab"
     body.close()  # type: ignore[attr-defined]

@@ -12,12 +12,16 @@ from ._exceptions import (
     CircuitOpen,
     ConfigError,
     DeadlineExceeded,
+    EgressDenied,
+    IdentityMismatch,
     MeshError,
     MeshRequestError,
     NoHealthyEndpoints,
 )
+from ._peer import peer_identity
 from ._version import __version__
 from .client import AsyncClient, AsyncMeshTransport, Client, MeshTransport
+from .security import SpiffeId
 from .server import ASGIMiddleware, WSGIMiddleware
 
 __all__ = [
@@ -28,10 +32,14 @@ __all__ = [
     "Client",
     "ConfigError",
     "DeadlineExceeded",
+    "EgressDenied",
+    "IdentityMismatch",
     "MeshError",
     "MeshRequestError",
     "MeshTransport",
     "NoHealthyEndpoints",
+    "SpiffeId",
     "WSGIMiddleware",
     "__version__",
+    "peer_identity",
 ]

@@ -221,6 +221,23 @@ def _tags(text: str) -> tuple[str, ...]:
     return tags
 
 
+def _callers(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    for name in names:
+        if name != "*" and not _SERVICE_NAME.match(name):
+            raise _Invalid(f"{name!r} is not a service name")
+    return names
+
+
+def _host_patterns(text: str) -> tuple[str, ...]:
+    patterns = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    for pattern in patterns:
+        host = pattern[2:] if pattern.startswith("*.") else pattern
+        if not _HOST.match(host) or host.startswith("["):
+            raise _Invalid(f"{pattern!r} is not a host name or '*.domain'")
+    return patterns
+
+
 def _hash_on(text: str) -> HashOn:
     source, sep, name = text.strip().partition(":")
     if not sep or source not in ("header", "cookie") or not _HEADER_NAME.match(name):
@@ -261,6 +278,18 @@ def _host_name(text: str) -> str:
 
 def _text(text: str) -> str:
     return text
+
+
+def _exporters(text: str) -> tuple[str, ...]:
+    """OpenTelemetry's exporter list: ``otlp``, ``console``, ``none``, comma-separated."""
+    names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
+    if not names or any(n not in ("otlp", "console", "none") for n in names):
+        raise ValueError(text)
+    return tuple(n for n in names if n != "none")
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    return _host_port(text)
 
 
 # --------------------------------------------------------------------------- the table
@@ -545,6 +574,25 @@ VARIABLES: tuple[Variable, ...] = (
         _duration,
     ),
     Variable(
+        "MESH_ACCESS_LOG",
+        "off",
+        "json",
+        "one of off, json",
+        "`json`: one JSON line per inbound and per outbound request on the loggers "
+        "`meshlib.access.inbound` / `meshlib.access.outbound` (to stderr unless the app gave "
+        "`meshlib.access` a handler).",
+        _choice("off", "json"),
+    ),
+    Variable(
+        "MESH_METRICS_ADDR",
+        "unset (metrics only on `/mesh/metrics` of a served app)",
+        "127.0.0.1:9464",
+        "host:port",
+        "Also serve the Prometheus metrics at `http://host:port/metrics` from a background "
+        "thread: for processes that only call services and serve no app.",
+        _listen_address,
+    ),
+    Variable(
         "MESH_TLS",
         "off",
         "strict",
@@ -552,6 +600,82 @@ VARIABLES: tuple[Variable, ...] = (
         "Mesh TLS: `off` is plain HTTP; `permissive` serves mTLS and plaintext (to migrate a "
         "fleet without downtime); `strict` requires mTLS both ways.",
         _choice("off", "permissive", "strict"),
+    ),
+    Variable(
+        "MESH_TLS_CA",
+        "`consul` with Consul discovery, else `local`",
+        "local",
+        "one of local, consul",
+        "Where certificates come from: the local CA in `MESH_TLS_DIR` (`meshlib ca init`), "
+        "or Consul Connect's CA.",
+        _choice("local", "consul"),
+    ),
+    Variable(
+        "MESH_TLS_DIR",
+        "`~/.local/share/meshlib/ca`",
+        "/etc/meshlib/ca",
+        "a directory path",
+        "The local CA's directory (`meshlib ca init` creates it; keys are mode 0600).",
+        _text,
+    ),
+    Variable(
+        "MESH_TLS_LEAF_TTL",
+        "8h",
+        "1h",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "Lifetime of the leaf certificate the process issues itself from the local CA; it is "
+        "renewed after two thirds of it.",
+        _duration,
+    ),
+    Variable(
+        "MESH_DATACENTER",
+        "dc1",
+        "eu-west-1",
+        "a datacenter name of letters, digits, '.', '_' or '-'",
+        "The datacenter in this process's SPIFFE ID with the local CA (Consul's CA says its own).",
+        _version,
+    ),
+    Variable(
+        "MESH_ALLOWED_CALLERS",
+        "any caller",
+        "gateway,web",
+        "service names separated by commas, or '*'",
+        "Without Consul: the only services allowed to call this one (by their verified "
+        "identity). With Consul, its intentions decide, and this list applies as well.",
+        _callers,
+    ),
+    Variable(
+        "MESH_DENIED_CALLERS",
+        "none",
+        "batch",
+        "service names separated by commas, or '*'",
+        "Services never allowed to call this one; wins over `MESH_ALLOWED_CALLERS`.",
+        _callers,
+    ),
+    Variable(
+        "MESH_INTENTIONS_CACHE",
+        "2s",
+        "10s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "How long a Consul intention decision for one caller is reused.",
+        _duration,
+    ),
+    Variable(
+        "MESH_EGRESS",
+        "allow",
+        "deny",
+        "one of allow, deny",
+        "Calls to hosts outside the mesh: `allow` all, or `deny` all but "
+        "`MESH_EGRESS_ALLOW` (refused before any connection opens).",
+        _choice("allow", "deny"),
+    ),
+    Variable(
+        "MESH_EGRESS_ALLOW",
+        "none",
+        "api.github.com,*.example.com",
+        "host names separated by commas, each exact or '*.' and a domain",
+        "External hosts allowed when `MESH_EGRESS=deny`.",
+        _host_patterns,
     ),
     # ---- Consul's own variables, honoured as the consul CLI reads them
     Variable(
@@ -647,6 +771,25 @@ VARIABLES: tuple[Variable, ...] = (
         _text,
         owner="otel",
     ),
+    Variable(
+        "OTEL_TRACES_EXPORTER",
+        "`otlp` if an OTLP endpoint is set, else none",
+        "console",
+        "exporters separated by commas: otlp, console or none",
+        "Where spans go when the application has not installed a tracer provider itself.",
+        _exporters,
+        owner="otel",
+    ),
+    Variable(
+        "OTEL_METRICS_EXPORTER",
+        "`otlp` if an OTLP endpoint is set, else none",
+        "none",
+        "exporters separated by commas: otlp, console or none",
+        "Where metrics are pushed (every `OTEL_METRIC_EXPORT_INTERVAL`) besides the "
+        "Prometheus text on `/mesh/metrics`, which is always there.",
+        _exporters,
+        owner="otel",
+    ),
 )
 
 _BY_NAME: Mapping[str, Variable] = MappingProxyType({v.name: v for v in VARIABLES})
@@ -737,6 +880,20 @@ class MeshConfig:
     deregister_after: float = 60.0
     shutdown_delay: float = 1.0
     drain_timeout: float = 20.0
+    tls_ca: Literal["local", "consul"] = "local"
+    tls_dir: str = "~/.local/share/meshlib/ca"
+    tls_leaf_ttl: float = 8 * 3600.0
+    datacenter: str = "dc1"
+    allowed_callers: frozenset[str] | None = None
+    denied_callers: frozenset[str] = frozenset()
+    intentions_cache: float = 2.0
+    egress: Literal["allow", "deny"] = "allow"
+    egress_allow: tuple[str, ...] = ()
+    access_log: Literal["off", "json"] = "off"
+    metrics_addr: tuple[str, int] | None = None
+    #: None: unset (OpenTelemetry's default applies); () : none
+    traces_exporter: tuple[str, ...] | None = None
+    metrics_exporter: tuple[str, ...] | None = None
     consul: ConsulSettings | None = None
     defaults: ServicePolicy = field(default_factory=ServicePolicy)
     #: override_key(service) -> that service's policy
@@ -745,6 +902,11 @@ class MeshConfig:
     def policy(self, service: str) -> ServicePolicy:
         """The policy for calls to ``service``: the defaults with its overrides applied."""
         return self.overrides.get(override_key(service), self.defaults)
+
+    def __hash__(self) -> int:
+        # The mapping fields are not hashable; equal configs agree on these fields, so the
+        # hash stays consistent with ==, which compares everything.
+        return hash((self.service_name, self.discovery, self.tls, self.defaults, self.consul))
 
 
 # --------------------------------------------------------------------------- loading
@@ -838,10 +1000,33 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         deregister_after=get("MESH_DEREGISTER_AFTER") or 60.0,
         shutdown_delay=get("MESH_SHUTDOWN_DELAY") or 1.0,
         drain_timeout=get("MESH_DRAIN_TIMEOUT") or 20.0,
+        tls_ca=get("MESH_TLS_CA") or ("consul" if discovery == "consul" else "local"),
+        tls_dir=get("MESH_TLS_DIR") or "~/.local/share/meshlib/ca",
+        tls_leaf_ttl=get("MESH_TLS_LEAF_TTL") or 8 * 3600.0,
+        datacenter=get("MESH_DATACENTER") or "dc1",
+        allowed_callers=get("MESH_ALLOWED_CALLERS"),
+        denied_callers=get("MESH_DENIED_CALLERS") or frozenset(),
+        intentions_cache=get("MESH_INTENTIONS_CACHE") or 2.0,
+        egress=get("MESH_EGRESS") or "allow",
+        egress_allow=get("MESH_EGRESS_ALLOW") or (),
+        access_log=get("MESH_ACCESS_LOG") or "off",
+        metrics_addr=get("MESH_METRICS_ADDR"),
+        traces_exporter=get("OTEL_TRACES_EXPORTER"),
+        metrics_exporter=get("OTEL_METRICS_EXPORTER"),
         consul=consul,
         defaults=defaults,
         overrides=MappingProxyType(overrides),
     )
+    if not errors and config.tls != "off" and not config.service_name:
+        errors.append(
+            f"MESH_TLS={env.get('MESH_TLS')!r}: expected MESH_SERVICE_NAME to be set as well "
+            "(mesh TLS needs the identity this process proves)"
+        )
+    if not errors and config.tls_ca == "consul" and config.consul is None:
+        errors.append(
+            f"MESH_TLS_CA={env.get('MESH_TLS_CA')!r}: expected CONSUL_HTTP_ADDR to be set as "
+            "well (Consul's CA is reached through the local agent), or MESH_TLS_CA=local"
+        )
     if errors:
         raise ConfigError(errors)
     _report_unknown(env)

@@ -7,6 +7,8 @@ The tree::
     └── MeshRequestError              the request path; also httpx.TransportError
         ├── NoHealthyEndpoints        discovery knows no healthy instance of the service
         ├── CircuitOpen               the service's breaker is open: failing fast
+        ├── IdentityMismatch          the server's certificate is not the service's identity
+        ├── EgressDenied              the host is outside the mesh and egress does not allow it
         └── DeadlineExceeded          the whole request's deadline passed
                                       (also httpx.TimeoutException)
 
@@ -30,6 +32,8 @@ __all__ = [
     "CircuitOpen",
     "ConfigError",
     "DeadlineExceeded",
+    "EgressDenied",
+    "IdentityMismatch",
     "MeshError",
     "MeshRequestError",
     "NoHealthyEndpoints",
@@ -75,6 +79,19 @@ class NoHealthyEndpoints(MeshRequestError):
 
 class CircuitOpen(MeshRequestError):
     """The service's circuit breaker is open, so the request failed fast without a try."""
+
+
+class IdentityMismatch(MeshRequestError):
+    """The endpoint's verified certificate names another identity than the service chosen.
+
+    Raised before any byte of the request is written, so the attempt is retried on another
+    endpoint like a connect failure.
+    """
+
+
+class EgressDenied(MeshRequestError):
+    """The host is not a mesh service and ``MESH_EGRESS`` does not allow it; no connection
+    was opened. ``service`` is the host."""
 
 
 class DeadlineExceeded(MeshRequestError, httpx.TimeoutException):

@@ -22,12 +22,16 @@ decision lives here, once. The stages, outermost first, and why they sit where t
 7. **outlier ejection** (after each attempt): per-endpoint consecutive failures eject the
    endpoint from balance for a growing time.
 
-Route and split (traffic management) slot in between deadline and balance; telemetry wraps
-the whole Call. Their hooks arrive with those features.
+**telemetry** wraps the whole Call (``telemetry/_outbound.py``): it is created first, so
+its duration and span cover every attempt and backoff, hears of each attempt as it starts
+and ends (attempt spans, ``traceparent``), and records the logical request in the
+transports' ``finally``, whatever ended it. Route and split (traffic management) slot in
+between deadline and balance; their hooks arrive with those features.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
@@ -48,6 +52,7 @@ from .resilience._retry import (
     classify_response,
     parse_retry_after,
 )
+from .telemetry._outbound import OutboundTelemetry
 
 __all__ = ["Attempt", "Call", "CallInfo", "request_options"]
 
@@ -94,18 +99,21 @@ class CallInfo:
 class Attempt:
     """One try of a Call on one endpoint."""
 
-    __slots__ = ("probe", "start", "state")
+    __slots__ = ("probe", "start", "state", "tls")
 
-    def __init__(self, state: EndpointState, start: float, probe: bool) -> None:
+    def __init__(self, state: EndpointState, start: float, probe: bool, tls: bool) -> None:
         self.state = state
         self.start = start
         self.probe = probe
+        #: Sent over mesh mTLS (so on the service's own connection pool).
+        self.tls = tls
 
 
 class Call:
     """The policy of one logical request. Not thread-safe: one Call per request."""
 
     __slots__ = (
+        "_original_extensions",
         "_original_timeout",
         "_original_url",
         "_tried",
@@ -116,14 +124,19 @@ class Call:
         "replayable",
         "retries_left",
         "service",
+        "telemetry",
+        "tls_mode",
     )
 
-    def __init__(self, service: ServiceState, request: httpx.Request) -> None:
+    def __init__(
+        self, service: ServiceState, request: httpx.Request, tls_mode: str = "off"
+    ) -> None:
         now = time.monotonic()
         policy = service.policy
         options = request_options(request)
         self.service = service
         self.info = CallInfo(service.name)
+        self.telemetry = OutboundTelemetry(service.name, request)
         deadline = Deadline.after(float(options.get("deadline", policy.deadline)), now)
         inbound = inbound_deadline.get()
         if inbound is not None and inbound.at < deadline.at:
@@ -141,6 +154,8 @@ class Call:
         self._tried: list[str] = []
         self._original_url = request.url
         self._original_timeout = request.extensions.get("timeout")
+        self._original_extensions = dict(request.extensions)
+        self.tls_mode = tls_mode
         service.budget.record_request(now)
 
     # ---------------------------------------------------------------- attempts
@@ -177,11 +192,26 @@ class Call:
         self._tried.append(endpoint.key)
         self.info.attempts += 1
         self.info.endpoint = endpoint.address
-        request.url = with_endpoint(self._original_url, endpoint.host, endpoint.port)
+        tls = self._tls(endpoint.meta)
+        request.url = with_endpoint(
+            self._original_url, endpoint.host, endpoint.port, "https" if tls else None
+        )
         timeout = min(service.policy.timeout, remaining)
         request.extensions["timeout"] = _attempt_timeout(self._original_timeout, timeout)
         request.headers[DEADLINE_HEADER] = str(max(int(remaining * 1000), 1))
-        return Attempt(state, state.started(), probe=verdict is None)
+        reasons = self.info.retry_reasons
+        self.telemetry.attempt_started(
+            request, endpoint, self.info.attempts, reasons[-1] if reasons else ""
+        )
+        return Attempt(state, state.started(), probe=verdict is None, tls=tls)
+
+    def _tls(self, meta: Mapping[str, str]) -> bool:
+        """Whether this attempt uses mesh mTLS: always when strict; when permissive, unless
+        the endpoint registered that it serves plaintext only (``mesh-tls=off``)."""
+        mode = self.tls_mode
+        if mode == "off":
+            return False
+        return mode == "strict" or meta.get("mesh-tls") != "off"
 
     def attempt_failed(self, attempt: Attempt, exc: httpx.TransportError) -> float | None:
         """The attempt raised ``exc``. Returns the delay before retrying, or None to re-raise.
@@ -189,7 +219,8 @@ class Call:
         Raises ``DeadlineExceeded`` (from ``exc``) when the deadline is what ended it.
         """
         outcome = classify_error(exc)
-        self._record(attempt, outcome)
+        ejected = self._record(attempt, outcome)
+        self.telemetry.attempt_ended(self.service, outcome, ejected, None, exc)
         delay = self._retry_delay(outcome, None)
         if delay is None and self.deadline.remaining() <= 0:
             raise DeadlineExceeded(
@@ -204,7 +235,8 @@ class Call:
         """The attempt got ``response`` (headers). Returns the delay before retrying, or None
         to hand this response to the caller."""
         outcome = classify_response(response)
-        self._record(attempt, outcome)
+        ejected = self._record(attempt, outcome)
+        self.telemetry.attempt_ended(self.service, outcome, ejected, response.status_code, None)
         if not outcome.retryable:
             return None
         return self._retry_delay(outcome, parse_retry_after(response.headers.get("retry-after")))
@@ -213,16 +245,18 @@ class Call:
         """Put the request back as the caller made it; attach what the mesh did."""
         request.url = self._original_url
         request.headers.pop(DEADLINE_HEADER, None)
-        if self._original_timeout is None:
-            request.extensions.pop("timeout", None)
-        else:
-            request.extensions["timeout"] = self._original_timeout
+        request.extensions = self._original_extensions
         if response is not None:
             response.extensions[OPTIONS_KEY] = self.info
+        # Called from a ``finally``: without a response, an exception is on its way out.
+        self.telemetry.finish(
+            self.info, response, None if response is not None else sys.exc_info()[1]
+        )
 
     # ---------------------------------------------------------------- policy
 
-    def _record(self, attempt: Attempt, outcome: Outcome) -> None:
+    def _record(self, attempt: Attempt, outcome: Outcome) -> bool:
+        """Feed the outcome to latency, breaker and ejection; True if it ejected the endpoint."""
         service = self.service
         state = attempt.state
         policy = service.policy
@@ -230,9 +264,9 @@ class Call:
         service.breaker.record(outcome.failure, probe=attempt.probe)
         now = time.monotonic()
         if outcome.failure:
-            service.outlier.failure(state, now, service.endpoints)
-        else:
-            service.outlier.success(state, now)
+            return service.outlier.failure(state, now, service.endpoints)
+        service.outlier.success(state, now)
+        return False
 
     def _retry_delay(self, outcome: Outcome, retry_after: float | None) -> float | None:
         if not outcome.retryable or self.retries_left <= 0:
@@ -249,6 +283,7 @@ class Call:
         if delay >= self.deadline.remaining():
             return None
         if not self.service.budget.try_retry():
+            self.telemetry.budget_exhausted()
             return None
         self.retries_left -= 1
         self.info.retry_reasons.append(outcome.reason)

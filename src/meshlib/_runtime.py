@@ -23,6 +23,7 @@ from ._config import MeshConfig
 from ._exceptions import NoHealthyEndpoints
 from ._service import ServiceState
 from .discovery import Discovery, Snapshot, make_discovery
+from .security import security_for
 
 __all__ = ["Mesh", "Pending", "reset"]
 
@@ -41,6 +42,7 @@ class Mesh:
 
     def __init__(self, config: MeshConfig, discovery: Discovery | None = None) -> None:
         self.config = config
+        self.security = security_for(config)  # first: a missing CA stops start-up here
         self.discovery = make_discovery(config) if discovery is None else discovery
         #: host as written in URLs ("weather", "weather.service.consul") -> state
         self._services: dict[str, ServiceState] = {}

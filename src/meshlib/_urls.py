@@ -23,19 +23,17 @@ __all__ = ["with_endpoint"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _fast(url: httpx.URL, host: str, port: int) -> httpx.URL:
+def _fast(url: httpx.URL, host: str, port: int, scheme: str | None = None) -> httpx.URL:
     parsed: Any = url._uri_reference
-    if port == _DEFAULT_PORTS.get(parsed.scheme):
-        port_value: int | None = None
-    else:
-        port_value = port
+    scheme = scheme or parsed.scheme
+    port_value = None if port == _DEFAULT_PORTS.get(scheme) else port
     new = httpx.URL.__new__(httpx.URL)
-    new._uri_reference = parsed._replace(host=host.lower(), port=port_value)
+    new._uri_reference = parsed._replace(scheme=scheme, host=host.lower(), port=port_value)
     return new
 
 
-def _slow(url: httpx.URL, host: str, port: int) -> httpx.URL:
-    return url.copy_with(host=host, port=port)
+def _slow(url: httpx.URL, host: str, port: int, scheme: str | None = None) -> httpx.URL:
+    return url.copy_with(scheme=scheme or url.scheme, host=host, port=port)
 
 
 def _works() -> bool:
@@ -46,5 +44,6 @@ def _works() -> bool:
         return False
 
 
-#: ``with_endpoint(url, host, port)``: ``url`` with its host and port replaced.
+#: ``with_endpoint(url, host, port, scheme=None)``: ``url`` pointed at one endpoint (and,
+#: for mesh TLS, switched to ``https``).
 with_endpoint = _fast if _works() else _slow

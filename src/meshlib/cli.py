@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from ._config import load_config
+from ._config import load_config, parse_duration
 from ._exceptions import ConfigError
 
 __all__ = ["main"]
@@ -53,6 +53,102 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
 
 
+def _ca(args: argparse.Namespace) -> int:
+    """Manage the local CA in MESH_TLS_DIR."""
+    import datetime as dt
+    import os
+    from pathlib import Path
+
+    from .security import LocalCA
+
+    directory = Path(args.dir or os.environ.get("MESH_TLS_DIR") or "~/.local/share/meshlib/ca")
+    ca = LocalCA(directory.expanduser())
+    try:
+        if args.action == "init":
+            ca.init(args.trust_domain)
+            print(f"created a CA for trust domain {args.trust_domain} in {ca.directory}")
+        elif args.action == "rotate":
+            ca.rotate(drop_old=args.drop_old, grace=args.grace, leaf_ttl=args.leaf_ttl)
+            print(
+                "dropped retired roots"
+                if args.drop_old
+                else f"rotated: a new root is trusted now and signs in {args.grace:g}s"
+            )
+        info = ca.load_info()
+    except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"meshlib ca: {exc}", file=sys.stderr)
+        return 1
+    now = dt.datetime.now(dt.UTC)
+    print(f"directory:    {info.directory}")
+    print(f"trust domain: {info.trust_domain}")
+    if info.signing_after > now.timestamp():
+        switch = dt.datetime.fromtimestamp(info.signing_after, dt.UTC)
+        print(f"rotation:     the newest root signs from {switch:%Y-%m-%d %H:%M:%S} UTC")
+    for cert in info.roots:
+        role = "signing" if cert == info.signer else "trusted"
+        left = cert.not_valid_after_utc - now
+        print(
+            f"root ({role}): {cert.subject.rfc4514_string()}  serial {cert.serial_number:x}  "
+            f"expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({left.days} days)"
+        )
+    print("leaves:       issued by each process for itself, lifetime MESH_TLS_LEAF_TTL")
+    return 0
+
+
+def _ca_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("init", "show", "rotate"), help="what to do")
+    parser.add_argument("--dir", help="the CA directory (default: MESH_TLS_DIR)")
+    parser.add_argument(
+        "--trust-domain", default="meshlib.local", help="trust domain for init (meshlib.local)"
+    )
+    parser.add_argument(
+        "--drop-old", action="store_true", help="rotate: stop trusting retired roots"
+    )
+    parser.add_argument(
+        "--grace",
+        type=_seconds,
+        default=10.0,
+        help="rotate: how long every process trusts the new root before it signs (10s)",
+    )
+    parser.add_argument(
+        "--leaf-ttl",
+        type=_seconds,
+        default=8 * 3600.0,
+        help="rotate --drop-old: the longest leaf lifetime in use (8h)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a duration such as 250ms, 2s, 1m"
+        ) from None
+
+
+def _top(args: argparse.Namespace) -> int:
+    """The service graph from Prometheus: requests/s, success rate and p99 per edge."""
+    from .telemetry._top import run
+
+    return run(args.prometheus, once=args.once, interval=args.interval, window=args.window)
+
+
+def _top_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prometheus",
+        default="http://127.0.0.1:9090",
+        help="Prometheus base URL (default http://127.0.0.1:9090)",
+    )
+    parser.add_argument("--once", action="store_true", help="print once and exit")
+    parser.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between redraws (default 2)"
+    )
+    parser.add_argument(
+        "--window", default="1m", help="PromQL range for rates and p99 (default 1m)"
+    )
+
+
 def _config(args: argparse.Namespace) -> int:
     """Validate the environment and print the effective configuration."""
     try:
@@ -90,8 +186,8 @@ _COMMANDS: tuple[tuple[str, str, Handler], ...] = (
     ),
     (
         "ca",
-        "manage the local certificate authority (init, show)",
-        _not_built("ca", "it arrives with mTLS"),
+        "manage the local certificate authority: init, show, rotate",
+        _ca,
     ),
     (
         "rollout",
@@ -102,6 +198,11 @@ _COMMANDS: tuple[tuple[str, str, Handler], ...] = (
         "status",
         "show what this process's mesh sees: services, endpoints, ejections, breakers",
         _not_built("status", "it arrives with observability"),
+    ),
+    (
+        "top",
+        "the service graph from Prometheus: each edge with requests/s, success rate and p99",
+        _top,
     ),
     (
         "demo",
@@ -123,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, handler in _COMMANDS:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        if name == "top":
+            _top_arguments(sub)
         if name == "serve":
             _serve_arguments(sub)
+        elif name == "ca":
+            _ca_arguments(sub)
     return parser
 
 
@@ -132,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``meshlib`` command; returns the exit status."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and getattr(args, "handler", None) is _serve:
+    if rest and getattr(args, "handler", None) in (_serve, _ca):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:

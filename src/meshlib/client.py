@@ -9,8 +9,11 @@ transports below differ only in ``await``.
 
 from __future__ import annotations
 
+import ssl
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import anyio
 import httpx
@@ -18,6 +21,8 @@ import httpx
 from ._config import MeshConfig, load_config
 from ._pipeline import Call
 from ._runtime import Mesh, Pending
+from .security._verify import async_identity_check, identity_check
+from .telemetry import setup as setup_telemetry
 
 __all__ = ["AsyncClient", "AsyncMeshTransport", "Client", "MeshTransport"]
 
@@ -47,7 +52,9 @@ class MeshTransport(httpx.BaseTransport):
         mesh: Mesh | None = None,
     ) -> None:
         self.mesh = _runtime(config, mesh)
+        setup_telemetry(self.mesh.config)
         self._inner = httpx.HTTPTransport() if inner is None else inner
+        self._tls = _TlsPools(self.mesh, httpx.HTTPTransport, identity_check)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
@@ -56,14 +63,18 @@ class MeshTransport(httpx.BaseTransport):
             self.mesh.discovery.wait(service.service, self.mesh.wait_timeout())
             service = self.mesh.resolve(service)
         if service is None:
+            self.mesh.security.egress.check(request.url.host)
             return self._inner.handle_request(request)
-        call = Call(service, request)
+        call = Call(service, request, self.mesh.config.tls)
         response: httpx.Response | None = None
         try:
             while True:
                 attempt = call.start_attempt(request)
+                inner = self._inner
+                if attempt.tls:
+                    inner = self._tls.prepare(request, service.name)
                 try:
-                    response = self._inner.handle_request(request)
+                    response = inner.handle_request(request)
                 except httpx.TransportError as exc:
                     delay = call.attempt_failed(attempt, exc)
                     if delay is None:
@@ -81,6 +92,8 @@ class MeshTransport(httpx.BaseTransport):
     def close(self) -> None:
         """Close the inner transport (the shared runtime stays up for other clients)."""
         self._inner.close()
+        for pool in self._tls.drain():
+            pool.close()
 
 
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
@@ -94,7 +107,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         mesh: Mesh | None = None,
     ) -> None:
         self.mesh = _runtime(config, mesh)
+        setup_telemetry(self.mesh.config)
         self._inner = httpx.AsyncHTTPTransport() if inner is None else inner
+        self._tls = _TlsPools(self.mesh, httpx.AsyncHTTPTransport, async_identity_check)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
@@ -105,14 +120,18 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             )
             service = self.mesh.resolve(service)
         if service is None:
+            self.mesh.security.egress.check(request.url.host)
             return await self._inner.handle_async_request(request)
-        call = Call(service, request)
+        call = Call(service, request, self.mesh.config.tls)
         response: httpx.Response | None = None
         try:
             while True:
                 attempt = call.start_attempt(request)
+                inner = self._inner
+                if attempt.tls:
+                    inner = self._tls.prepare(request, service.name)
                 try:
-                    response = await self._inner.handle_async_request(request)
+                    response = await inner.handle_async_request(request)
                 except httpx.TransportError as exc:
                     delay = call.attempt_failed(attempt, exc)
                     if delay is None:
@@ -130,6 +149,62 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close the inner transport (the shared runtime stays up for other clients)."""
         await self._inner.aclose()
+        for pool in self._tls.drain():
+            await pool.aclose()
+
+
+Pool = TypeVar("Pool", bound=httpx.HTTPTransport | httpx.AsyncHTTPTransport)
+
+
+class _TlsPools(Generic[Pool]):
+    """Mesh-TLS connection pools, one per destination service and trust generation.
+
+    Per service, because the server's identity is checked when a connection is made
+    (security/_verify.py) and a pooled connection is reused without that check: a
+    connection verified for ``weather`` must only ever carry requests for ``weather``.
+    Per trust generation, because a changed trust bundle needs a new SSL context; the
+    previous generation's pools stay open for requests in flight and are closed when the
+    one after arrives.
+    """
+
+    def __init__(self, mesh: Mesh, factory: Callable[..., Pool], check: Callable[..., Any]) -> None:
+        self._security = mesh.security
+        self._factory: Callable[..., Pool] = factory
+        self._check = check
+        self._pools: dict[tuple[str, int], Pool] = {}
+        self._retired: list[Pool] = []
+        self._lock = threading.Lock()
+
+    def prepare(self, request: httpx.Request, service: str) -> Pool:
+        """Set SNI and the identity check on ``request``; the pool to send it on."""
+        tls = self._security.tls
+        assert tls is not None
+        key = (service, tls.generation)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._new_pool(key, tls.client)
+        extensions = request.extensions
+        extensions["sni_hostname"] = service
+        extensions["trace"] = self._check(self._security.expected(service), extensions.get("trace"))
+        return pool
+
+    def _new_pool(self, key: tuple[str, int], context: ssl.SSLContext) -> Pool:
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._factory(verify=context)
+                self._pools[key] = pool
+                stale = [k for k in self._pools if k[0] == key[0] and k[1] < key[1] - 1]
+                self._retired.extend(self._pools.pop(k) for k in stale)
+            return pool
+
+    def drain(self) -> list[Pool]:
+        """Every pool, forgotten (to close)."""
+        with self._lock:
+            pools = [*self._pools.values(), *self._retired]
+            self._pools.clear()
+            self._retired.clear()
+        return pools
 
 
 class Client(httpx.Client):

@@ -38,3 +38,10 @@ async def deadline(request: Request) -> dict[str, Any]:
     HANDLED["count"] += 1
     found = request.scope.get("meshlib.deadline")
     return {"remaining": None if found is None else found.remaining()}
+
+
+@app.get("/peer")
+async def peer(request: Request) -> dict[str, Any]:
+    HANDLED["count"] += 1
+    identity = meshlib.peer_identity(request)
+    return {"peer": None if identity is None else str(identity)}

@@ -39,3 +39,10 @@ def deadline() -> dict[str, Any]:
     HANDLED["count"] += 1
     found = request.environ.get("meshlib.deadline")
     return {"remaining": None if found is None else found.remaining()}
+
+
+@app.get("/peer")
+def peer() -> dict[str, Any]:
+    HANDLED["count"] += 1
+    identity = meshlib.peer_identity(request)
+    return {"peer": None if identity is None else str(identity)}

@@ -84,12 +84,15 @@ class ConsulDiscovery:
         wait: float = 30.0,
         min_interval: float = 0.1,
         max_backoff: float = 2.0,
+        connect: bool = False,
     ) -> None:
         if not wait > 0:
             raise ValueError(f"wait must be positive, not {wait!r}")
         if not (min_interval >= 0 and max_backoff > 0):
             raise ValueError("min_interval must be >= 0 and max_backoff > 0")
         self._address = settings.address
+        #: mesh mTLS everywhere: Connect-capable instances (native and sidecar proxies)
+        self._health_path = "/v1/health/connect/" if connect else "/v1/health/service/"
         self._wait_ms = max(1, round(wait * 1000))
         self._min_interval = min_interval
         self._max_backoff = max_backoff
@@ -210,6 +213,23 @@ class ConsulDiscovery:
             with suppress(RuntimeError):  # the loop died; nothing will ever answer
                 self._loop.call_soon_threadsafe(self._spawn, self._watch_health(service))
 
+    def watch(
+        self,
+        path: str,
+        answer: Callable[[Any, int], None],
+        params: Mapping[str, str] | None = None,
+    ) -> None:
+        """Keep a blocking query on ``path`` going on the discovery thread.
+
+        ``answer(body, index)`` runs on that thread with each answer; raising from it counts
+        as a bad answer (retried with backoff, the last good state kept). Used for Consul
+        Connect's CA roots and leaf (security/_consul_ca.py).
+        """
+        with suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(
+                self._spawn, self._blocking_loop(path, dict(params or {}), answer)
+            )
+
     # ------------------------------------------------------------------ the discovery thread
 
     def _run(self) -> None:
@@ -256,7 +276,7 @@ class ConsulDiscovery:
             logger.debug("service %s: %d healthy endpoints", service, len(endpoints))
             self._publish(Snapshot(service, endpoints, index))
 
-        path = f"/v1/health/service/{quote(service, safe='')}"
+        path = self._health_path + quote(service, safe="")
         await self._blocking_loop(path, {"passing": "1"}, answer)
 
     async def _watch_catalog(self) -> None:

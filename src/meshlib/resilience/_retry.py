@@ -22,6 +22,8 @@ from typing import Final, NamedTuple
 
 import httpx
 
+from .._exceptions import IdentityMismatch
+
 __all__ = [
     "IDEMPOTENT_METHODS",
     "RETRYABLE_STATUS",
@@ -68,6 +70,10 @@ def classify_error(exc: httpx.TransportError) -> Outcome:
     """Classify an attempt that failed without a response."""
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return Outcome(failure=True, retryable=True, sent=False, reason="connect")
+    if isinstance(exc, IdentityMismatch):
+        # Checked after the handshake, before the request is written: nothing was sent,
+        # and an endpoint proving the wrong identity is misrouted: eject it, go elsewhere.
+        return Outcome(failure=True, retryable=True, sent=False, reason="identity")
     if isinstance(exc, httpx.PoolTimeout):
         # Our own pool was full: nothing was sent and the endpoint did nothing wrong.
         return Outcome(failure=False, retryable=True, sent=False, reason="pool")

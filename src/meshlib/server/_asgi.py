@@ -18,6 +18,8 @@ import anyio
 
 from .._config import MeshConfig, load_config
 from ..resilience._deadline import inbound_deadline
+from ..security import security_for
+from ..telemetry import asgi as telemetry_around
 from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
 from ._instance import Instance
 
@@ -55,11 +57,13 @@ class ASGIMiddleware:
         self.app = app
         self.config = load_config() if config is None else config
         self.instance = Instance.for_config(self.config)
-        self.inbound = Inbound(self.instance, stages)
+        #: the HTTP path inside the SERVER span, server metrics and access log
+        self._traced_http = telemetry_around(self._http, self.config)
+        self.inbound = Inbound(self.instance, stages, security_for(self.config).authorizer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
+            await self._traced_http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
@@ -77,7 +81,10 @@ class ASGIMiddleware:
             await _send_local(send, self.inbound.reserved(scope["method"], path))
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        verdict = self.inbound.admit(InboundRequest(scope["method"], path, headers))
+        # Set by the server's TLS layer (meshlib serve) from the verified certificate;
+        # a scope from anywhere else has no peer.
+        peer = scope.get("meshlib.peer")
+        verdict = self.inbound.admit(InboundRequest(scope["method"], path, headers, peer))
         if isinstance(verdict, LocalResponse):
             await _send_local(send, verdict)
             return

@@ -4,10 +4,13 @@ Before the application sees a request:
 
 1. **reserved routes** under ``/mesh/``: health (for Consul's check and for load
    balancers) and metrics, answered by the mesh itself;
-2. **deadline**: a caller whose ``x-mesh-deadline-ms`` budget is already gone gets 504
+2. **authorization**: the caller's identity comes from its verified client certificate
+   (``InboundRequest.peer``, set by the server, never from a header); the authorizer
+   (local allow/deny lists, Consul intentions) may answer 403;
+3. **deadline**: a caller whose ``x-mesh-deadline-ms`` budget is already gone gets 504
    without the handler running (nobody is waiting for that answer any more); otherwise
    the remaining budget caps the handler's own outbound calls;
-3. **stages**: plug points, in order, for peer identity, authorization, rate and
+4. **stages**: plug points, in order, for peer identity, authorization, rate and
    concurrency limits and fault injection (filled by the features that need them). The
    first stage that answers (403, 429, ...) ends the request before the handler.
 
@@ -18,12 +21,17 @@ and a ``LocalResponse`` back.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from .. import __version__
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
+from ..security import Authorizer, SpiffeId
+from ..telemetry import prometheus_text
 from ._instance import Instance
+
+logger = logging.getLogger("meshlib.server")
 
 __all__ = ["RESERVED_PREFIX", "Inbound", "InboundRequest", "LocalResponse", "Stage"]
 
@@ -45,6 +53,8 @@ class InboundRequest(NamedTuple):
     path: str
     #: Lower-cased header names; the last value of a repeated header.
     headers: Mapping[str, str]
+    #: The caller's identity from its verified client certificate; None for plaintext.
+    peer: SpiffeId | None = None
 
 
 #: An inbound stage: a LocalResponse ends the request, None lets it through.
@@ -64,9 +74,15 @@ def json_response(status: int, payload: object) -> LocalResponse:
 class Inbound:
     """Decides, per request, whether the application runs and with what deadline."""
 
-    def __init__(self, instance: Instance, stages: Sequence[Stage] = ()) -> None:
+    def __init__(
+        self,
+        instance: Instance,
+        stages: Sequence[Stage] = (),
+        authorizer: Authorizer | None = None,
+    ) -> None:
         self.instance = instance
         self.stages = tuple(stages)
+        self.authorizer = authorizer
 
     def reserved(self, method: str, path: str) -> LocalResponse:
         """Answer a request under ``/mesh/``."""
@@ -89,6 +105,20 @@ class Inbound:
 
     def admit(self, request: InboundRequest) -> LocalResponse | Deadline | None:
         """A LocalResponse to send instead of running the app, or the request's deadline."""
+        if self.authorizer is not None:
+            decision = self.authorizer.decide(
+                request.peer, request.method, request.path, dict(request.headers)
+            )
+            if not decision.allowed:
+                logger.warning(
+                    "denied %s %s from %s to %s: %s",
+                    request.method,
+                    request.path,
+                    request.peer or "an unidentified caller",
+                    self.instance.config.service_name,
+                    decision.reason,
+                )
+                return json_response(403, {"error": "forbidden", "detail": decision.reason})
         budget = parse_deadline_header(request.headers.get(DEADLINE_HEADER))
         if budget is not None and budget <= 0:
             return json_response(
@@ -116,5 +146,5 @@ def _metrics(instance: Instance) -> LocalResponse:
         "# TYPE meshlib_ready gauge",
         f'meshlib_ready{{service="{service}"}} {1 if instance.ready else 0}',
     ]
-    body = ("\n".join(lines) + "\n").encode()
+    body = ("\n".join(lines) + "\n" + prometheus_text()).encode()
     return LocalResponse(200, (("content-type", "text/plain; version=0.0.4; charset=utf-8"),), body)

@@ -46,12 +46,17 @@ class Registration:
         check_host = address or "127.0.0.1"
         check_host = f"[{check_host}]" if ":" in check_host else check_host
         self._check: dict[str, Any] = {
-            "HTTP": f"{scheme}://{check_host}:{port}/mesh/health",
             "Interval": _go_duration(config.health_interval),
             "Timeout": _go_duration(min(config.health_interval, 5.0)),
             "DeregisterCriticalServiceAfter": _go_duration(config.deregister_after),
         }
-        meta = {"meshlib": __version__}
+        if config.tls == "off":
+            self._check["HTTP"] = f"http://{check_host}:{port}/mesh/health"
+        else:
+            # Consul's checker has no mesh certificate, so a strict server would refuse its
+            # HTTP check: check the port. Draining still works, by deregistering first.
+            self._check["TCP"] = f"{check_host}:{port}"
+        meta = {"meshlib": __version__, "mesh-tls": config.tls}
         if config.service_version:
             meta["version"] = config.service_version
         self._meta = meta

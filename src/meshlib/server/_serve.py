@@ -27,12 +27,15 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from .._config import MeshConfig, load_config
+from ..security import TlsContexts, security_for
 from ._asgi import ASGIMiddleware
 from ._instance import Instance, share_drain_with_workers
 from ._wsgi import WSGIMiddleware
@@ -128,8 +131,9 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     app = meshed(load_app(target), config)
     kind = "asgi" if is_asgi(app) else "wsgi"
     shown = f"[{host}]" if ":" in host else host
+    scheme = "http" if config.tls == "off" else "https"
     print(
-        f"meshlib serve: {config.service_name or target} ({kind}) on http://{shown}:{port} "
+        f"meshlib serve: {config.service_name or target} ({kind}) on {scheme}://{shown}:{port} "
         f"pid {os.getpid()}",
         file=sys.stderr,
         flush=True,
@@ -151,6 +155,11 @@ def _run_uvicorn(app: Any, sock: socket.socket, config: MeshConfig, workers: int
         "log_level": "warning",
         "access_log": False,
     }
+    tls = security_for(config).tls
+    if tls is not None:
+        from ._tls_uvicorn import mesh_protocol
+
+        common["http"] = mesh_protocol(tls)
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
@@ -223,7 +232,7 @@ def _run_gunicorn(sock: socket.socket, config: MeshConfig, workers: int) -> int:
         signal.signal(signal.SIGTERM, drain_then_stop)
         signal.signal(signal.SIGINT, drain_then_stop)
 
-    options = {
+    options: dict[str, Any] = {
         "bind": [f"fd://{sock.fileno()}"],
         "workers": workers,
         "worker_class": "gthread",
@@ -234,6 +243,9 @@ def _run_gunicorn(sock: socket.socket, config: MeshConfig, workers: int) -> int:
         "when_ready": when_ready,
         "reuse_port": False,
     }
+    tls = security_for(config).tls
+    if tls is not None:
+        options.update(_gunicorn_tls(tls))
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -245,3 +257,58 @@ def _run_gunicorn(sock: socket.socket, config: MeshConfig, workers: int) -> int:
 
     _Gunicorn().run()
     return 0
+
+
+def _gunicorn_tls(tls: TlsContexts) -> dict[str, Any]:
+    """gunicorn options for mesh TLS: its ``ssl_context`` hook, asked per connection.
+
+    gunicorn wraps each accepted socket with the context the hook returns; the one returned
+    here looks at the first byte first, and hands back the plain socket for a plaintext
+    client in permissive mode (closing it in strict mode), or the TLS socket made with the
+    newest rotated context. ``certfile``/``keyfile`` only switch gunicorn's TLS path on:
+    they hold the public certificate and a throwaway key, never the mesh key.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="meshlib-gunicorn-"))
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(tls.material.cert_pem)
+    keyfile.write_bytes(_throwaway_key())
+    os.chmod(keyfile, 0o600)
+    sniffing = _SniffingContext(tls)
+    return {
+        "certfile": str(certfile),
+        "keyfile": str(keyfile),
+        "do_handshake_on_connect": True,
+        "ssl_context": lambda conf, default: sniffing,
+    }
+
+
+class _SniffingContext:
+    """Duck-types ``SSLContext.wrap_socket`` for gunicorn (see ``_gunicorn_tls``)."""
+
+    def __init__(self, tls: TlsContexts) -> None:
+        self._tls = tls
+
+    def wrap_socket(self, sock: socket.socket, **kwargs: Any) -> socket.socket:
+        sock.settimeout(10.0)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        finally:
+            sock.settimeout(None)
+        if first == b"\x16":
+            return self._tls.server.wrap_socket(sock, **kwargs)
+        if self._tls.mode == "strict":
+            sock.close()
+            raise OSError("plaintext connection refused (MESH_TLS=strict)")
+        return sock
+
+
+def _throwaway_key() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )

@@ -8,12 +8,15 @@ served on, or when ``start()`` is called; it deregisters at process exit, or whe
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .._config import MeshConfig, load_config
 from ..resilience._deadline import inbound_deadline
+from ..security import SpiffeId, from_peercert, security_for
+from ..telemetry import wsgi as telemetry_around
 from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
 from ._instance import Instance
 
@@ -45,13 +48,18 @@ class WSGIMiddleware:
         self.app = app
         self.config = load_config() if config is None else config
         self.instance = Instance.for_config(self.config)
-        self.inbound = Inbound(self.instance, stages)
+        #: the request path inside the SERVER span, server metrics and access log
+        self._traced = telemetry_around(self._handle, self.config)
+        self.inbound = Inbound(self.instance, stages, security_for(self.config).authorizer)
 
     def start(self, *, address: str | None = None, port: int | None = None) -> None:
         """Become ready (and register with Consul) now rather than on the first request."""
         self.instance.start(address=address, port=port)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        return self._traced(environ, start_response)
+
+    def _handle(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         instance = self.instance
         if instance.state == "starting":
             port = environ.get("SERVER_PORT")
@@ -68,7 +76,9 @@ class WSGIMiddleware:
             for key, value in environ.items()
             if key.startswith("HTTP_")
         }
-        verdict = self.inbound.admit(InboundRequest(method, path, headers))
+        peer = _peer(environ)
+        environ["meshlib.peer"] = peer
+        verdict = self.inbound.admit(InboundRequest(method, path, headers, peer))
         if isinstance(verdict, LocalResponse):
             return _local(start_response, verdict)
         environ["meshlib.deadline"] = verdict
@@ -116,3 +126,11 @@ def _local(start_response: StartResponse, response: LocalResponse) -> list[bytes
     status = f"{response.status} {HTTPStatus(response.status).phrase}"
     start_response(status, list(response.headers))
     return [response.body]
+
+
+def _peer(environ: WSGIEnvironment) -> SpiffeId | None:
+    """The caller's identity from the TLS connection the server accepted (never a header)."""
+    sock = environ.get("gunicorn.socket")
+    if isinstance(sock, ssl.SSLSocket):
+        return from_peercert(sock.getpeercert())
+    return None

@@ -1,0 +1,116 @@
+"""Zero trust: identities, certificate authorities, rotating TLS contexts, authorization.
+
+``security_for(config)`` gives the process's ``Security``: its TLS contexts (when
+``MESH_TLS`` is not ``off``), its egress policy and its authorizer, shared by clients and
+servers built from the same configuration.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from .._config import MeshConfig
+from .._exceptions import ConfigError
+from ._authz import Authorizer, Decision, LocalAuthorizer
+from ._contexts import TlsContexts
+from ._egress import EgressPolicy
+from ._intentions import ChainAuthorizer, ConsulAuthorizer
+from ._local_ca import LocalCA
+from ._material import LocalSource, MaterialSource, TlsMaterial
+from ._spiffe import SpiffeId, from_peercert
+
+__all__ = [
+    "Authorizer",
+    "Decision",
+    "EgressPolicy",
+    "LocalCA",
+    "Security",
+    "SpiffeId",
+    "TlsContexts",
+    "TlsMaterial",
+    "from_peercert",
+    "security_for",
+]
+
+
+class Security:
+    """This process's TLS contexts, egress policy and authorizer."""
+
+    def __init__(self, config: MeshConfig, source: MaterialSource | None = None) -> None:
+        self.config = config
+        self.egress = EgressPolicy(config.egress, config.egress_allow)
+        self.tls: TlsContexts | None = None
+        self.trust_domain: str | None = None
+        if config.tls != "off":
+            source = source or _source(config)
+            self.tls = TlsContexts(source, config.tls)
+            self.trust_domain = source.current().identity.trust_domain
+        local = LocalAuthorizer(self.trust_domain, config.allowed_callers, config.denied_callers)
+        self.authorizer: Authorizer = local
+        self._consul_authz: ConsulAuthorizer | None = None
+        if self.tls is not None and config.discovery == "consul" and config.consul is not None:
+            assert config.service_name is not None
+            self._consul_authz = ConsulAuthorizer(
+                config.consul, config.service_name, config.intentions_cache
+            )
+            self.authorizer = ChainAuthorizer(local, self._consul_authz)
+
+    @property
+    def identity(self) -> SpiffeId | None:
+        """The identity this process proves, when TLS is on."""
+        return self.tls.material.identity if self.tls is not None else None
+
+    def expected(self, service: str) -> SpiffeId:
+        """The identity a server of ``service`` must prove."""
+        assert self.trust_domain is not None
+        return SpiffeId(self.trust_domain, service, self.config.datacenter)
+
+    def close(self) -> None:
+        """Stop certificate renewal and release Consul clients."""
+        if self.tls is not None:
+            self.tls.source.close()
+        if self._consul_authz is not None:
+            self._consul_authz.close()
+
+
+def _source(config: MeshConfig) -> MaterialSource:
+    assert config.service_name is not None
+    if config.tls_ca == "consul":
+        from ._consul_ca import ConsulSource
+
+        assert config.consul is not None
+        return ConsulSource(config.consul, config.service_name)
+    ca = LocalCA(Path(config.tls_dir).expanduser())
+    try:
+        info = ca.load_info()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"MESH_TLS={config.tls!r}: expected a CA in MESH_TLS_DIR={config.tls_dir!r} ({exc})"
+        ) from None
+    identity = SpiffeId(info.trust_domain, config.service_name, config.datacenter)
+    return LocalSource(ca, identity, config.tls_leaf_ttl)
+
+
+_registry: list[Security] = []
+_lock = threading.Lock()
+
+
+def security_for(config: MeshConfig) -> Security:
+    """The process's ``Security`` for ``config`` (one per configuration)."""
+    with _lock:
+        for security in _registry:
+            if security.config == config:
+                return security
+        security = Security(config)
+        _registry.append(security)
+        return security
+
+
+def reset() -> None:
+    """Stop and forget every ``Security`` (for tests)."""
+    with _lock:
+        items = list(_registry)
+        _registry.clear()
+    for security in items:
+        security.close()

@@ -1,0 +1,116 @@
+"""TLS material from Consul Connect's CA: the agent's leaf for this service, and the roots.
+
+Both are watched with blocking queries (``/v1/agent/connect/ca/leaf/<service>`` and
+``/v1/agent/connect/ca/roots``), on the same machinery as discovery
+(``ConsulDiscovery.watch``), so a renewal or a root rotation reaches the process within
+seconds. The identity and trust domain are Consul's: the leaf's ``ServiceURI`` and the
+roots' ``TrustDomain``. Start-up waits (bounded) for the first leaf and roots, so a process
+never serves or calls without its identity.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from typing import Any
+from urllib.parse import quote
+
+from .._config import ConsulSettings
+from .._exceptions import ConfigError
+from ..discovery._consul import ConsulDiscovery
+from ._material import MaterialListener, TlsMaterial
+from ._spiffe import SpiffeId
+
+__all__ = ["ConsulSource"]
+
+logger = logging.getLogger("meshlib.tls")
+
+
+class ConsulSource:
+    """Consul Connect's leaf and roots for ``service``, kept current."""
+
+    def __init__(self, settings: ConsulSettings, service: str, *, first_timeout: float = 10.0):
+        self.service = service
+        self._listeners: list[MaterialListener] = []
+        self._leaf: dict[str, Any] | None = None
+        self._roots: tuple[str, bytes] | None = None
+        self._material: TlsMaterial | None = None
+        self._ready = threading.Event()
+        self._watcher = ConsulDiscovery(settings)
+        self._watcher.watch("/v1/agent/connect/ca/roots", self._on_roots)
+        self._watcher.watch(f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}", self._on_leaf)
+        if not self._ready.wait(first_timeout):
+            self._watcher.close()
+            raise ConfigError(
+                f"MESH_TLS_CA='consul': expected a certificate for {service!r} from Consul at "
+                f"{settings.address} within {first_timeout:g}s (is Connect enabled?)"
+            )
+
+    def current(self) -> TlsMaterial:
+        """The newest material."""
+        assert self._material is not None
+        return self._material
+
+    def subscribe(self, listener: MaterialListener) -> None:
+        """Call ``listener`` (from the watch thread) with every new material."""
+        self._listeners.append(listener)
+
+    def close(self) -> None:
+        """Stop the watches."""
+        self._watcher.close()
+
+    def _on_roots(self, body: Any, index: int) -> None:
+        roots = body.get("Roots") if isinstance(body, dict) else None
+        trust_domain = body.get("TrustDomain") if isinstance(body, dict) else None
+        if not isinstance(roots, list) or not isinstance(trust_domain, str) or not roots:
+            raise ValueError("CA roots answer without Roots/TrustDomain")
+        pems = []
+        for root in roots:
+            pems.append(str(root["RootCert"]).strip() + "\n")
+            pems.extend(str(c).strip() + "\n" for c in root.get("IntermediateCerts") or ())
+        bundle = "".join(pems).encode()
+        if self._roots != (trust_domain, bundle):
+            self._roots = (trust_domain, bundle)
+            self._publish()
+
+    def _on_leaf(self, body: Any, index: int) -> None:
+        if not isinstance(body, dict) or not {"CertPEM", "PrivateKeyPEM", "ServiceURI"} <= set(
+            body
+        ):
+            raise ValueError("CA leaf answer without CertPEM/PrivateKeyPEM/ServiceURI")
+        if self._leaf is None or self._leaf.get("SerialNumber") != body.get("SerialNumber"):
+            self._leaf = body
+            self._publish()
+
+    def _publish(self) -> None:
+        if self._leaf is None or self._roots is None:
+            return
+        leaf = self._leaf
+        identity = SpiffeId.parse(str(leaf["ServiceURI"]))
+        not_after = _parse_time(str(leaf.get("ValidBefore", "")))
+        material = TlsMaterial(
+            identity,
+            str(leaf["CertPEM"]).encode(),
+            str(leaf["PrivateKeyPEM"]).encode(),
+            self._roots[1],
+            not_after,
+        )
+        first = self._material is None
+        self._material = material
+        logger.info("Consul CA: leaf for %s valid until %s", identity, f"{not_after:%H:%M:%S}")
+        if first:
+            self._ready.set()
+            return
+        for listener in self._listeners:
+            try:
+                listener(material)
+            except Exception:
+                logger.exception("a TLS material listener failed")
+
+
+def _parse_time(text: str) -> dt.datetime:
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)

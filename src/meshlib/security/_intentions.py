@@ -1,0 +1,166 @@
+"""Consul intentions as an authorizer.
+
+L4: ``POST /v1/agent/connect/authorize`` (Consul registers it as POST only, so py-consul's
+PUT cannot be used; plain httpx instead) answers for one caller and destination; answers are
+cached for ``MESH_INTENTIONS_CACHE`` per caller. When the answer is "Matched L7 intention",
+the intention's HTTP permissions decide per request: they come from
+``/v1/connect/intentions/match`` (cached likewise) and are evaluated in order, first match
+wins, no match denies -- as Envoy does for a Consul service with L7 intentions.
+
+When Consul cannot be asked, the last answer for that caller is used, however old; with no
+answer at all the request is denied (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from .._config import ConsulSettings
+from ._authz import Authorizer, Decision
+from ._spiffe import SpiffeId
+
+__all__ = ["ChainAuthorizer", "ConsulAuthorizer"]
+
+logger = logging.getLogger("meshlib.authz")
+
+
+class ConsulAuthorizer:
+    """Asks Consul whether a caller may call ``service``."""
+
+    def __init__(self, settings: ConsulSettings, service: str, ttl: float) -> None:
+        self.service = service
+        self.ttl = ttl
+        headers = {"X-Consul-Token": settings.token} if settings.token else {}
+        verify: ssl.SSLContext | bool = True
+        if settings.address.startswith("https://"):
+            verify = ssl.create_default_context(cafile=settings.cacert)
+            verify.check_hostname = settings.verify
+            if not settings.verify:
+                verify.verify_mode = ssl.CERT_NONE
+            if settings.client_cert:
+                verify.load_cert_chain(settings.client_cert, settings.client_key)
+        self._client = httpx.Client(
+            base_url=settings.address, headers=headers, verify=verify, timeout=2.0
+        )
+        self._l4: dict[str, tuple[float, bool, str]] = {}
+        self._l7: tuple[float, list[dict[str, Any]]] | None = None
+        self._lock = threading.Lock()
+
+    def decide(
+        self, caller: SpiffeId | None, method: str, path: str, headers: dict[str, str]
+    ) -> Decision:
+        """Consul's verdict for ``caller`` (its L7 permissions for this request if any)."""
+        if caller is None:
+            return Decision(True, "plaintext caller (permissive mode): no identity to check")
+        authorized, reason = self._authorize(str(caller))
+        if authorized:
+            return Decision(True, reason)
+        if "L7 intention" not in reason:
+            return Decision(False, reason)
+        for permission in self._permissions(caller.service):
+            if _matches(permission.get("HTTP") or {}, method, path, headers):
+                action = str(permission.get("Action", "deny"))
+                return Decision(action == "allow", f"L7 permission: {action} ({reason})")
+        return Decision(False, f"no L7 permission matches {method} {path} ({reason})")
+
+    def _authorize(self, uri: str) -> tuple[bool, str]:
+        now = time.monotonic()
+        cached = self._l4.get(uri)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1], cached[2]
+        try:
+            response = self._client.post(
+                "/v1/agent/connect/authorize", json={"Target": self.service, "ClientCertURI": uri}
+            )
+            response.raise_for_status()
+            body = response.json()
+            answer = (bool(body["Authorized"]), str(body.get("Reason", "")))
+        except Exception as exc:
+            if cached is not None:
+                logger.warning("Consul could not authorize (%s); using its last answer", exc)
+                return cached[1], cached[2]
+            return False, f"Consul could not be asked ({type(exc).__name__}); denied"
+        with self._lock:
+            self._l4[uri] = (now, *answer)
+        return answer
+
+    def _permissions(self, source: str) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        cached = self._l7
+        if cached is None or now - cached[0] >= self.ttl:
+            try:
+                response = self._client.get(
+                    "/v1/connect/intentions/match",
+                    params={"by": "destination", "name": self.service},
+                )
+                response.raise_for_status()
+                intentions = response.json().get(self.service) or []
+                cached = (now, list(intentions))
+                self._l7 = cached
+            except Exception as exc:
+                if cached is None:
+                    logger.warning("could not read L7 intentions from Consul: %s", exc)
+                    return []
+        for intention in cached[1]:  # sorted by precedence, most specific first
+            if intention.get("SourceName") in (source, "*"):
+                return list(intention.get("Permissions") or [])
+        return []
+
+    def close(self) -> None:
+        """Release the HTTP client."""
+        self._client.close()
+
+
+def _matches(rule: Mapping[str, Any], method: str, path: str, headers: dict[str, str]) -> bool:
+    if "PathExact" in rule and path != rule["PathExact"]:
+        return False
+    if "PathPrefix" in rule and not path.startswith(str(rule["PathPrefix"])):
+        return False
+    if "PathRegex" in rule and not re.fullmatch(str(rule["PathRegex"]), path):
+        return False
+    methods = rule.get("Methods")
+    if methods and method.upper() not in {str(m).upper() for m in methods}:
+        return False
+    for header in rule.get("Header") or ():
+        value = headers.get(str(header.get("Name", "")).lower())
+        if header.get("Present"):
+            ok = value is not None
+        elif "Exact" in header:
+            ok = value == header["Exact"]
+        elif "Prefix" in header:
+            ok = value is not None and value.startswith(str(header["Prefix"]))
+        elif "Suffix" in header:
+            ok = value is not None and value.endswith(str(header["Suffix"]))
+        elif "Regex" in header:
+            ok = value is not None and re.fullmatch(str(header["Regex"]), value) is not None
+        else:
+            ok = value is not None
+        if bool(header.get("Invert")) == ok:
+            return False
+    return True
+
+
+class ChainAuthorizer:
+    """Every authorizer must allow; the first refusal is the answer."""
+
+    def __init__(self, *authorizers: Authorizer) -> None:
+        self.authorizers = authorizers
+
+    def decide(
+        self, caller: SpiffeId | None, method: str, path: str, headers: dict[str, str]
+    ) -> Decision:
+        """The first refusal, or the last approval."""
+        decision = Decision(True, "no authorizer")
+        for authorizer in self.authorizers:
+            decision = authorizer.decide(caller, method, path, headers)
+            if not decision.allowed:
+                return decision
+        return decision

@@ -1,0 +1,110 @@
+"""Mesh TLS for uvicorn: one port for mTLS (and, when permissive, plaintext), and the
+caller's verified identity in the ASGI scope.
+
+uvicorn runs without its own TLS; this HTTP protocol class looks at the first byte of each
+connection. A TLS ClientHello (0x16) is handed to asyncio's TLS layer with the mesh's base
+server context (its ``sni_callback`` points the handshake at the newest rotated context),
+and the HTTP protocol starts once the handshake has verified the client. Anything else is
+plaintext: served in ``permissive`` mode, closed before a byte is parsed in ``strict``.
+The one port is what lets a fleet move from ``off`` to ``strict`` without a flag day.
+
+The bytes already read are fed to ``asyncio.sslproto.SSLProtocol`` (a buffered protocol)
+directly, because ``loop.start_tls`` cannot be given data already consumed from the
+socket. That class is asyncio's own TLS layer, the one ``start_tls`` uses.
+
+uvicorn does not pass the client certificate to the app, so the verified identity is read
+here, once per connection, and every request on it gets ``scope["meshlib.peer"]`` (a
+``SpiffeId`` or ``None``) -- set by the server, so no request can forge it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from asyncio import sslproto
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from ..security import TlsContexts, from_peercert
+
+__all__ = ["mesh_protocol"]
+
+logger = logging.getLogger("meshlib.tls")
+
+_TLS_RECORD = 0x16
+ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
+
+
+def _with_peer(app: ASGIApp, peer: object) -> ASGIApp:
+    async def app_with_peer(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        scope["meshlib.peer"] = peer
+        await app(scope, receive, send)
+
+    return app_with_peer
+
+
+def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class with the mesh's TLS in front."""
+    strict = contexts.mode == "strict"
+
+    class MeshHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._mesh_app: Any = getattr(self, "app")  # noqa: B009 - untyped in uvicorn
+            self._mesh_raw: asyncio.Transport | None = None
+            self._mesh_http = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            if self._mesh_raw is None and not self._mesh_http:
+                self._mesh_raw = transport  # type: ignore[assignment]
+                return  # wait for the first byte
+            ssl_object = transport.get_extra_info("ssl_object")
+            peer = from_peercert(ssl_object.getpeercert()) if ssl_object is not None else None
+            self.app = _with_peer(self._mesh_app, peer)
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            if self._mesh_http:
+                super().data_received(data)
+                return
+            raw = self._mesh_raw
+            assert raw is not None
+            self._mesh_http = True
+            if data[:1] == bytes([_TLS_RECORD]):
+                tls = sslproto.SSLProtocol(
+                    asyncio.get_running_loop(),
+                    self,
+                    contexts.base_server,
+                    None,  # type: ignore[arg-type]  # no waiter: nobody awaits the handshake
+                    server_side=True,
+                    ssl_handshake_timeout=10,
+                )
+                raw.set_protocol(tls)
+                tls.connection_made(raw)
+                _feed(tls, data)
+                return
+            if strict:
+                logger.debug("refused a plaintext connection (MESH_TLS=strict)")
+                raw.close()
+                return
+            self.connection_made(raw)
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self._mesh_http or getattr(self, "transport", None) is None:
+                return  # never got as far as HTTP
+            super().connection_lost(exc)
+
+    return MeshHTTPProtocol
+
+
+def _feed(protocol: sslproto.SSLProtocol, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]

@@ -1,0 +1,192 @@
+"""Getting metrics out: the OTLP push and the opt-in Prometheus listener.
+
+* **OTLP**: when ``OTEL_METRICS_EXPORTER`` says ``otlp`` (or is unset and an OTLP endpoint
+  is), a daemon thread hands the registry's cumulative values to the SDK's OTLP metric
+  exporter every ``OTEL_METRIC_EXPORT_INTERVAL`` milliseconds (60 s by default) and once
+  more at exit. ``console`` prints them the same way. The request path is not involved.
+* **Prometheus listener** (``MESH_METRICS_ADDR=host:port``): a small HTTP server thread
+  answering ``GET /metrics`` with the text ``/mesh/metrics`` serves, for processes that
+  call services but serve no app of their own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .._config import MeshConfig
+from .._version import __version__
+from ._metrics import REGISTRY, Counter, Gauge, Histogram, Registry
+
+__all__ = ["MetricsListener", "otlp_metrics", "start_exporters"]
+
+logger = logging.getLogger("meshlib.telemetry")
+
+
+def start_exporters(config: MeshConfig) -> None:
+    """Start what ``config`` and the ``OTEL_*`` variables ask for (once per process)."""
+    from ._state import exporters_for
+
+    for name in exporters_for(config.metrics_exporter, "metrics"):
+        exporter = _metric_exporter(name)
+        if exporter is not None:
+            _Pusher(exporter, config).start()
+    if config.metrics_addr is not None:
+        MetricsListener(*config.metrics_addr).start()
+
+
+def _metric_exporter(name: str) -> Any:
+    if name == "console":
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        return ConsoleMetricExporter()
+    if name != "otlp":
+        return None
+    from ._state import otlp_protocol
+
+    if otlp_protocol("metrics") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HTTPMetricExporter,
+    )
+
+    return HTTPMetricExporter()
+
+
+class _Pusher(threading.Thread):
+    def __init__(self, exporter: Any, config: MeshConfig) -> None:
+        super().__init__(name="meshlib-metrics-push", daemon=True)
+        self._exporter = exporter
+        self._config = config
+        interval = os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000")
+        try:
+            self._interval = max(float(interval) / 1000, 0.1)
+        except ValueError:
+            self._interval = 60.0
+        self._stop = threading.Event()
+        atexit.register(self._final)
+
+    def run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._push()
+
+    def _push(self) -> None:
+        try:
+            self._exporter.export(otlp_metrics(REGISTRY, self._config))
+        except Exception:
+            logger.exception("exporting metrics failed")
+
+    def _final(self) -> None:
+        self._stop.set()
+        self._push()
+
+
+def otlp_metrics(registry: Registry, config: MeshConfig) -> Any:
+    """The registry as the SDK's ``MetricsData`` (cumulative), for its exporters."""
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        HistogramDataPoint,
+        Metric,
+        MetricsData,
+        NumberDataPoint,
+        ResourceMetrics,
+        ScopeMetrics,
+    )
+    from opentelemetry.sdk.metrics.export import Gauge as GaugeData
+    from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+    from opentelemetry.sdk.metrics.export import Sum as SumData
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from ._state import _resource
+
+    start, now = registry.started_ns, time.time_ns()
+    cumulative = AggregationTemporality.CUMULATIVE
+    metrics: list[Metric] = []
+    for metric in registry.metrics:
+        data: Any
+        if isinstance(metric, Histogram):
+            points = [
+                HistogramDataPoint(
+                    attributes=_attributes(metric.keys, labels),
+                    start_time_unix_nano=start,
+                    time_unix_nano=now,
+                    count=count,
+                    sum=total,
+                    bucket_counts=buckets,
+                    explicit_bounds=metric.bounds,
+                    min=low,
+                    max=high,
+                )
+                for labels, buckets, count, total, low, high in metric.collect()
+            ]
+            data = HistogramData(data_points=points, aggregation_temporality=cumulative)
+        else:
+            numbers = [
+                NumberDataPoint(
+                    attributes=_attributes(metric.keys, labels),
+                    start_time_unix_nano=start,
+                    time_unix_nano=now,
+                    value=value,
+                )
+                for labels, value in metric.collect()
+            ]
+            if isinstance(metric, Counter):
+                data = SumData(
+                    data_points=numbers, aggregation_temporality=cumulative, is_monotonic=True
+                )
+            else:
+                assert isinstance(metric, Gauge)
+                data = GaugeData(data_points=numbers)
+        if data.data_points:
+            metrics.append(Metric(metric.name, metric.description, metric.unit, data))
+    scope = ScopeMetrics(InstrumentationScope("meshlib", __version__), metrics, "")
+    return MetricsData([ResourceMetrics(_resource(config), [scope], "")])
+
+
+def _attributes(keys: tuple[str, ...], labels: tuple[str, ...]) -> dict[str, str]:
+    return {key: value for key, value in zip(keys, labels, strict=True) if value != ""}
+
+
+class MetricsListener(threading.Thread):
+    """``GET /metrics`` on ``host:port``, answered with the process's Prometheus text."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(name="meshlib-metrics-listener", daemon=True)
+        self.server = ThreadingHTTPServer((host, port), _MetricsHandler)
+        self.server.daemon_threads = True
+
+    @property
+    def port(self) -> int:
+        """The port listened on (useful with port 0)."""
+        return int(self.server.server_address[1])
+
+    def run(self) -> None:
+        self.server.serve_forever()
+
+    def close(self) -> None:
+        """Stop listening."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] not in ("/metrics", "/mesh/metrics"):
+            self.send_error(404)
+            return
+        body = REGISTRY.prometheus_text().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes are not worth a log line each

@@ -1,0 +1,270 @@
+"""Telemetry of inbound requests: the SERVER span, the server metrics, the access log line.
+
+The ASGI and WSGI middlewares hand their request handler to ``asgi()`` / ``wsgi()``, which
+wrap it. Requests under ``/mesh/`` (health checks, scrapes) are not measured. Everything
+else is, including requests the mesh answers itself (504 for a spent deadline, 403 or 429
+from later stages): an operator wants to see those most.
+
+The caller's trace context is extracted from ``traceparent``/``tracestate`` and made
+current for the handler, so the handler's own meshlib calls continue the trace. When the
+framework's own instrumentation (FastAPI's native tracing, an OpenTelemetry ASGI
+middleware) already made the request's SERVER span, meshlib's span is an INTERNAL child
+of it instead. The caller's identity is read after the handler ran, from
+``scope["meshlib.peer"]`` / ``environ["meshlib.peer"]`` (the verified identity the TLS
+layer puts there, or ``None``) and becomes ``service.peer.name``: only a verified
+identity, never a header, since a label any caller could choose would be neither true
+nor bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+from opentelemetry.semconv.attributes.http_attributes import HTTP_ROUTE
+from opentelemetry.semconv.attributes.url_attributes import URL_PATH
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .._config import MeshConfig
+from . import _access
+from ._instruments import SERVER_DURATION
+from ._names import (
+    ERROR_TYPE,
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    PEER_IDENTITY,
+    SERVICE_PEER_NAME,
+    method_label,
+)
+from ._outbound import span_ids
+from ._state import STATE, setup
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["InboundCall", "asgi", "peer_service", "wsgi"]
+
+logger = logging.getLogger("meshlib.telemetry")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_RESERVED = "/mesh/"
+_CARRIED = {b"traceparent": "traceparent", b"tracestate": "tracestate"}
+
+
+def peer_service(peer: object) -> str:
+    """The service of a verified identity: a ``SpiffeId``'s ``service``, or the service
+    name in a SPIFFE ID string (``spiffe://td/ns/default/dc/dc1/svc/web`` -> ``web``)."""
+    service = getattr(peer, "service", None)
+    if isinstance(service, str):
+        return service
+    if not isinstance(peer, str) or not peer.startswith("spiffe://"):
+        return ""
+    path = peer[len("spiffe://") :].partition("/")[2]
+    marker = path.rfind("svc/")
+    name = path[marker + 4 :] if marker >= 0 else path.rpartition("/")[2]
+    return name if name.replace("-", "").isalnum() and len(name) <= 63 else ""
+
+
+class InboundCall:
+    """One inbound request: started before the mesh's stages, finished after the app."""
+
+    __slots__ = ("_method", "_path", "_span", "_start", "_token", "status")
+
+    def __init__(self, method: str, path: str, carrier: dict[str, str]) -> None:
+        self._start = time.perf_counter()
+        self._method = method
+        self._path = path
+        self._span: trace.Span | None = None
+        self._token: object = None
+        self.status: int | None = None
+        try:
+            tracer = STATE.tracer()
+            outer = trace.get_current_span()
+            if outer.is_recording():
+                # The framework's own instrumentation (FastAPI's, an OpenTelemetry ASGI
+                # middleware) already made this request's SERVER span from the headers:
+                # ours is an INTERNAL child, as OpenTelemetry's ASGI middleware does.
+                parent, kind = None, SpanKind.INTERNAL
+            else:
+                parent = extract(carrier) if carrier else None
+                kind = SpanKind.SERVER
+            if tracer is None:
+                if parent is not None:
+                    self._token = otel_context.attach(parent)
+                return
+            span = tracer.start_span(
+                method,
+                context=parent,
+                kind=kind,
+                attributes={HTTP_REQUEST_METHOD: method, URL_PATH: path},
+            )
+            self._span = span
+            self._token = otel_context.attach(trace.set_span_in_context(span, parent))
+        except Exception:
+            logger.exception("inbound telemetry failed")
+
+    def detach(self) -> None:
+        """Stop being the current context (call where ``__init__`` ran)."""
+        token = self._token
+        if token is not None:
+            self._token = None
+            try:
+                otel_context.detach(token)  # type: ignore[arg-type]
+            except Exception:
+                logger.exception("inbound telemetry failed")
+
+    def finish(self, peer: object, route: str | None, error: BaseException | None) -> None:
+        """The response is done (or ``error`` ended it); record everything."""
+        try:
+            duration = time.perf_counter() - self._start
+            status = self.status
+            error_type = type(error).__name__ if error is not None and status is None else ""
+            if status is None:
+                status = 500
+            caller = peer_service(peer)
+            SERVER_DURATION.record(
+                duration,
+                (
+                    STATE.source,
+                    STATE.version,
+                    caller,
+                    method_label(self._method),
+                    str(status),
+                    error_type,
+                ),
+            )
+            span = self._span
+            if span is not None:
+                if route:
+                    span.update_name(f"{self._method} {route}")
+                    span.set_attribute(HTTP_ROUTE, route)
+                span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                if caller:
+                    span.set_attribute(SERVICE_PEER_NAME, caller)
+                if peer is not None:
+                    span.set_attribute(PEER_IDENTITY, str(peer))
+                if status >= 500:
+                    span.set_attribute(ERROR_TYPE, error_type or str(status))
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
+            if STATE.access_log:
+                trace_id, span_id = span_ids(span)
+                _access.emit(
+                    _access.INBOUND,
+                    {
+                        "direction": "inbound",
+                        "trace_id": trace_id,
+                        "span_id": span_id,
+                        "source": caller or None,
+                        "peer": None if peer is None else str(peer),
+                        "destination": STATE.source,
+                        "method": self._method,
+                        "path": self._path,
+                        "status": status,
+                        "error": error_type or None,
+                        "duration": round(duration, 6),
+                    },
+                )
+        except Exception:
+            logger.exception("inbound telemetry failed")
+
+
+def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
+    """``handler`` (the middleware's HTTP path) with inbound telemetry around it."""
+    setup(config)
+
+    async def traced(scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path.startswith(_RESERVED):
+            await handler(scope, receive, send)
+            return
+        carrier = {
+            _CARRIED[name]: value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name in _CARRIED
+        }
+        call = InboundCall(scope["method"], path, carrier)
+
+        async def measured_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                call.status = message["status"]
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await handler(scope, receive, measured_send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            call.detach()
+            route = getattr(scope.get("route"), "path", None)
+            call.finish(scope.get("meshlib.peer"), route, error)
+
+    return traced
+
+
+def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
+    """``handler`` (the middleware's request path) with inbound telemetry around it."""
+    setup(config)
+
+    def traced(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path: str = environ.get("PATH_INFO", "")
+        if path.startswith(_RESERVED):
+            return handler(environ, start_response)
+        carrier = {}
+        for key, name in (("HTTP_TRACEPARENT", "traceparent"), ("HTTP_TRACESTATE", "tracestate")):
+            value = environ.get(key)
+            if value:
+                carrier[name] = value
+        call = InboundCall(environ.get("REQUEST_METHOD", "GET"), path, carrier)
+
+        def measured_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            with contextlib.suppress(ValueError):
+                call.status = int(status.split(" ", 1)[0])
+            return start_response(status, headers, exc_info)
+
+        try:
+            result = handler(environ, measured_start_response)
+        except BaseException as exc:
+            call.detach()
+            call.finish(environ.get("meshlib.peer"), None, exc)
+            raise
+        call.detach()
+        return _Measured(result, call, environ)
+
+    return traced
+
+
+class _Measured:
+    """The app's response iterable; the request is measured until it is closed."""
+
+    def __init__(self, result: Iterable[bytes], call: InboundCall, environ: Any) -> None:
+        self._result = result
+        self._call = call
+        self._environ = environ
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self._done:
+                self._done = True
+                self._call.finish(self._environ.get("meshlib.peer"), None, None)

@@ -1,0 +1,160 @@
+"""The metrics meshlib records: names, units, labels (the reference table in the docs).
+
+Label values are bounded: service names, versions, methods (unknown ones as ``_OTHER``),
+status codes, error types, retry reasons and breaker states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from opentelemetry.semconv.metrics.http_metrics import (
+    HTTP_CLIENT_REQUEST_DURATION,
+    HTTP_SERVER_REQUEST_DURATION,
+)
+
+from ._metrics import REGISTRY, Labels
+from ._names import (
+    BREAKER_STATE,
+    ENDPOINT_STATE,
+    ERROR_TYPE,
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    PEER_VERSION,
+    RETRY_REASON,
+    SERVICE_NAME,
+    SERVICE_PEER_NAME,
+    SERVICE_VERSION,
+)
+
+if TYPE_CHECKING:
+    from .._service import ServiceState
+
+__all__ = [
+    "CERTIFICATE_EXPIRY",
+    "CLIENT_DURATION",
+    "CLIENT_EJECTIONS",
+    "CLIENT_RETRIES",
+    "CLIENT_RETRY_BUDGET_EXHAUSTED",
+    "SERVER_DURATION",
+]
+
+_EDGE = (SERVICE_NAME, SERVICE_PEER_NAME)
+
+CLIENT_DURATION = REGISTRY.histogram(
+    HTTP_CLIENT_REQUEST_DURATION,
+    "s",
+    "Duration of logical outbound requests (all attempts and backoff), by source and "
+    "destination service.",
+    (
+        SERVICE_NAME,
+        SERVICE_PEER_NAME,
+        PEER_VERSION,
+        HTTP_REQUEST_METHOD,
+        HTTP_RESPONSE_STATUS_CODE,
+        ERROR_TYPE,
+    ),
+)
+SERVER_DURATION = REGISTRY.histogram(
+    HTTP_SERVER_REQUEST_DURATION,
+    "s",
+    "Duration of inbound requests, by this service, its version and the caller's verified service.",
+    (
+        SERVICE_NAME,
+        SERVICE_VERSION,
+        SERVICE_PEER_NAME,
+        HTTP_REQUEST_METHOD,
+        HTTP_RESPONSE_STATUS_CODE,
+        ERROR_TYPE,
+    ),
+)
+CLIENT_RETRIES = REGISTRY.counter(
+    "meshlib.client.retries",
+    "1",
+    "Retries made, by destination and reason.",
+    (*_EDGE, RETRY_REASON),
+)
+CLIENT_RETRY_BUDGET_EXHAUSTED = REGISTRY.counter(
+    "meshlib.client.retry_budget.exhausted",
+    "1",
+    "Retries not made because the destination's retry budget was spent.",
+    _EDGE,
+)
+CLIENT_BREAKER_REFUSED = REGISTRY.counter(
+    "meshlib.client.breaker.refused",
+    "1",
+    "Requests failed fast by an open circuit breaker.",
+    _EDGE,
+)
+CLIENT_EJECTIONS = REGISTRY.counter(
+    "meshlib.client.ejections",
+    "1",
+    "Endpoints ejected from load balancing by outlier detection.",
+    _EDGE,
+)
+CERTIFICATE_EXPIRY = REGISTRY.gauge(
+    "meshlib.certificate.expiry",
+    "s",
+    "When this process's mesh certificate expires, as a Unix timestamp in seconds.",
+    (SERVICE_NAME,),
+)
+
+
+def _services() -> Iterator[tuple[str, ServiceState]]:
+    from .._runtime import _registry  # the process's meshes (imported late: no cycle)
+    from ._state import STATE
+
+    for mesh in list(_registry):
+        if mesh._closed:
+            continue
+        for state in mesh.services().values():
+            yield STATE.source, state
+
+
+def _breaker_states() -> Iterator[tuple[Labels, float]]:
+    for source, state in _services():
+        current = state.breaker.state
+        for name in ("closed", "open", "half-open"):
+            yield (source, state.name, name), 1.0 if current == name else 0.0
+
+
+def _endpoints() -> Iterator[tuple[Labels, float]]:
+    import time
+
+    now = time.monotonic()
+    for source, state in _services():
+        endpoints = state.endpoints
+        ejected = sum(1 for s in endpoints if s.ejected_until > now)
+        yield (source, state.name, "healthy"), float(len(endpoints) - ejected)
+        yield (source, state.name, "ejected"), float(ejected)
+
+
+def _in_flight() -> Iterator[tuple[Labels, float]]:
+    for source, state in _services():
+        endpoints = state.endpoints
+        yield (source, state.name), float(sum(s.in_flight for s in endpoints))
+
+
+CLIENT_BREAKER_STATE = REGISTRY.gauge(
+    "meshlib.client.breaker.state",
+    "1",
+    "1 for the circuit breaker's current state (closed, open, half-open), 0 for the others.",
+    (*_EDGE, BREAKER_STATE),
+    _breaker_states,
+)
+CLIENT_ENDPOINTS = REGISTRY.gauge(
+    "meshlib.client.endpoints",
+    "1",
+    "Endpoints of each destination discovery reports healthy, split into those load "
+    "balancing may use (healthy) and those outlier detection ejected (ejected).",
+    (*_EDGE, ENDPOINT_STATE),
+    _endpoints,
+)
+CLIENT_IN_FLIGHT = REGISTRY.gauge(
+    "meshlib.client.requests.in_flight",
+    "1",
+    "Attempts in flight to each destination.",
+    _EDGE,
+    _in_flight,
+)

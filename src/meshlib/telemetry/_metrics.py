@@ -1,0 +1,295 @@
+"""meshlib's metrics: small fixed-bucket instruments, exposed as Prometheus text and OTLP.
+
+Why not the OpenTelemetry metrics SDK on the request path: one ``Histogram.record`` with
+four attributes measured ~20 µs on this project's 2-core machines (attribute hashing, an
+aggregation lookup and a lock per call), against ~1.3 µs for the instruments below, and the
+whole outbound mesh is allowed ~30 µs. So the request path records into these (a dict
+lookup by a label tuple, a ``bisect``, and a lock held for two additions), and exporters
+read them: ``prometheus_text()`` for ``/mesh/metrics`` and the opt-in listener, and
+``otlp_metrics()`` for the periodic OTLP export (``_export.py``), which hands the same
+numbers to the SDK's OTLP exporter as cumulative data points. The SDK is then used only
+where it is cheap: off the request path.
+
+Labels are fixed per metric (``keys``) and their values bounded: services, versions,
+methods, status codes, error types and reasons -- never URL paths or endpoint addresses.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
+
+from ._names import prometheus_name
+
+__all__ = [
+    "DURATION_BUCKETS",
+    "REGISTRY",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "Registry",
+]
+
+#: The semantic conventions' advised buckets for HTTP durations, in seconds.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+
+Labels = tuple[str, ...]
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+class _Metric:
+    kind: Kind
+
+    def __init__(self, name: str, unit: str, description: str, keys: Sequence[str]) -> None:
+        self.name = name
+        self.unit = unit
+        self.description = description
+        self.keys = tuple(keys)
+        suffix = {"s": "_seconds", "1": "", "By": "_bytes"}.get(unit, "")
+        base = prometheus_name(name)
+        if suffix and not base.endswith(suffix):
+            base += suffix
+        self.prometheus = base
+        self.label_names = tuple(prometheus_name(key) for key in self.keys)
+        self._lock = threading.Lock()
+
+
+class Counter(_Metric):
+    """A monotonic count per label tuple."""
+
+    kind: Kind = "counter"
+
+    def __init__(self, name: str, unit: str, description: str, keys: Sequence[str]) -> None:
+        super().__init__(name, unit, description, keys)
+        self.prometheus += "_total"
+        self._values: dict[Labels, float] = {}
+
+    def add(self, labels: Labels, amount: float = 1) -> None:
+        """Add ``amount`` to the series ``labels`` (values in the order of ``keys``)."""
+        with self._lock:
+            self._values[labels] = self._values.get(labels, 0) + amount
+
+    def collect(self) -> list[tuple[Labels, float]]:
+        """A consistent copy of every series."""
+        with self._lock:
+            return list(self._values.items())
+
+
+class Gauge(_Metric):
+    """A value read when collected: from a callback, and/or set explicitly."""
+
+    kind: Kind = "gauge"
+
+    def __init__(
+        self,
+        name: str,
+        unit: str,
+        description: str,
+        keys: Sequence[str],
+        callback: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
+    ) -> None:
+        super().__init__(name, unit, description, keys)
+        self.callback = callback
+        self._values: dict[Labels, float] = {}
+
+    def set(self, labels: Labels, value: float) -> None:
+        """Set the series ``labels`` to ``value``."""
+        with self._lock:
+            self._values[labels] = value
+
+    def collect(self) -> list[tuple[Labels, float]]:
+        """The set values plus whatever the callback reports now."""
+        with self._lock:
+            values = list(self._values.items())
+        if self.callback is not None:
+            values.extend(self.callback())
+        return values
+
+
+class _Series:
+    __slots__ = ("buckets", "count", "max", "min", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.buckets = [0] * size
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+
+class Histogram(_Metric):
+    """Observations in fixed buckets per label tuple, with count, sum, min and max."""
+
+    kind: Kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        unit: str,
+        description: str,
+        keys: Sequence[str],
+        buckets: Sequence[float] = DURATION_BUCKETS,
+    ) -> None:
+        super().__init__(name, unit, description, keys)
+        self.bounds = tuple(buckets)
+        self._series: dict[Labels, _Series] = {}
+
+    def record(self, value: float, labels: Labels) -> None:
+        """Record one observation."""
+        series = self._series.get(labels)
+        if series is None:
+            with self._lock:
+                series = self._series.setdefault(labels, _Series(len(self.bounds) + 1))
+        index = bisect.bisect_left(self.bounds, value)
+        with self._lock:
+            series.buckets[index] += 1
+            series.count += 1
+            series.sum += value
+            if value < series.min:
+                series.min = value
+            if value > series.max:
+                series.max = value
+
+    def collect(self) -> list[tuple[Labels, list[int], int, float, float, float]]:
+        """(labels, per-bucket counts, count, sum, min, max) for every series."""
+        with self._lock:
+            return [
+                (labels, list(s.buckets), s.count, s.sum, s.min, s.max)
+                for labels, s in self._series.items()
+            ]
+
+
+Metric = Counter | Gauge | Histogram
+
+
+class Registry:
+    """Every metric of the process, in the order they were defined."""
+
+    def __init__(self) -> None:
+        self.metrics: list[Metric] = []
+        #: when the cumulative counts started (OTLP's start_time_unix_nano)
+        self.started_ns = time.time_ns()
+
+    def counter(self, name: str, unit: str, description: str, keys: Sequence[str]) -> Counter:
+        """Define a counter."""
+        metric = Counter(name, unit, description, keys)
+        self.metrics.append(metric)
+        return metric
+
+    def gauge(
+        self,
+        name: str,
+        unit: str,
+        description: str,
+        keys: Sequence[str],
+        callback: Callable[[], Iterable[tuple[Labels, float]]] | None = None,
+    ) -> Gauge:
+        """Define a gauge (set explicitly, or read from ``callback`` when collected)."""
+        metric = Gauge(name, unit, description, keys, callback)
+        self.metrics.append(metric)
+        return metric
+
+    def histogram(self, name: str, unit: str, description: str, keys: Sequence[str]) -> Histogram:
+        """Define a histogram with the HTTP duration buckets."""
+        metric = Histogram(name, unit, description, keys)
+        self.metrics.append(metric)
+        return metric
+
+    def reset(self) -> None:
+        """Forget every recorded value (for tests)."""
+        for metric in self.metrics:
+            with metric._lock:
+                if isinstance(metric, Histogram):
+                    metric._series.clear()
+                else:
+                    metric._values.clear()
+
+    # ------------------------------------------------------------------ Prometheus
+
+    def prometheus_text(self) -> str:
+        """Every metric in the Prometheus text exposition format (version 0.0.4)."""
+        out: list[str] = []
+        for metric in self.metrics:
+            try:
+                _render(metric, out)
+            except Exception:  # a failing gauge callback must not hide the other metrics
+                import logging
+
+                logging.getLogger("meshlib.telemetry").exception(
+                    "collecting %s failed", metric.name
+                )
+        return "".join(out)
+
+
+def _render(metric: Metric, out: list[str]) -> None:
+    name = metric.prometheus
+    if isinstance(metric, Histogram):
+        series = metric.collect()
+        if not series:
+            return
+        out.append(f"# HELP {name} {_help(metric.description)}\n# TYPE {name} histogram\n")
+        bounds = [_number(b) for b in metric.bounds] + ["+Inf"]
+        for labels, buckets, count, total, _, _ in series:
+            base = _labels(metric.label_names, labels)
+            cumulative = 0
+            for bound, n in zip(bounds, buckets, strict=True):
+                cumulative += n
+                le = f'le="{bound}"'
+                out.append(f"{name}_bucket{{{base + ',' if base else ''}{le}}} {cumulative}\n")
+            braces = f"{{{base}}}" if base else ""
+            out.append(f"{name}_sum{braces} {_number(total)}\n{name}_count{braces} {count}\n")
+        return
+    values = metric.collect()
+    if not values:
+        return
+    kind = "counter" if isinstance(metric, Counter) else "gauge"
+    out.append(f"# HELP {name} {_help(metric.description)}\n# TYPE {name} {kind}\n")
+    for labels, value in values:
+        base = _labels(metric.label_names, labels)
+        braces = f"{{{base}}}" if base else ""
+        out.append(f"{name}{braces} {_number(value)}\n")
+
+
+def _labels(names: Sequence[str], values: Sequence[str]) -> str:
+    return ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True) if v != "")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and value == int(value)):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+#: The process's metrics.
+REGISTRY = Registry()

@@ -1,0 +1,268 @@
+"""Telemetry of one outbound logical request: spans, metrics and the access log line.
+
+A ``Call`` (``_pipeline.py``) owns one ``OutboundTelemetry`` and tells it what happens:
+each attempt starting and ending, a retry the budget refused, and the end of the whole
+request (from the transports' ``finally``). Every hook is failsafe: an exception here is
+logged and the request goes on.
+
+Spans, when a tracer provider is installed: one CLIENT span for the logical request (child
+of whatever span is current, e.g. the inbound request being served) and, under it, one
+CLIENT span per attempt carrying the endpoint, the attempt number, the reason for the retry,
+the breaker's state after a failure and an event when the attempt got its endpoint ejected.
+``traceparent``/``tracestate`` are injected per attempt, so the callee's SERVER span is a
+child of the attempt that reached it. Without a provider no span is made, and an incoming
+trace context is passed on unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import httpx
+from opentelemetry import trace
+from opentelemetry.propagate import inject
+from opentelemetry.semconv.attributes.http_attributes import HTTP_REQUEST_RESEND_COUNT
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
+from opentelemetry.semconv.attributes.url_attributes import URL_FULL
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import _access
+from ._instruments import (
+    CLIENT_BREAKER_REFUSED,
+    CLIENT_DURATION,
+    CLIENT_EJECTIONS,
+    CLIENT_RETRIES,
+    CLIENT_RETRY_BUDGET_EXHAUSTED,
+)
+from ._names import (
+    BREAKER_REFUSED_EVENT,
+    BREAKER_STATE,
+    ENDPOINT_EJECTED_EVENT,
+    ERROR_TYPE,
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    MESH_ATTEMPT,
+    MESH_ATTEMPTS,
+    PEER_VERSION,
+    RETRY_REASON,
+    SERVICE_PEER_NAME,
+    method_label,
+)
+from ._state import STATE
+
+if TYPE_CHECKING:
+    from .._pipeline import CallInfo
+    from .._service import ServiceState
+    from ..discovery import Endpoint
+    from ..resilience._retry import Outcome
+
+__all__ = ["OutboundTelemetry", "span_ids"]
+
+logger = logging.getLogger("meshlib.telemetry")
+
+
+class OutboundTelemetry:
+    """The telemetry of one logical request to ``service``."""
+
+    __slots__ = ("_attempt", "_carry", "_method", "_service", "_span", "_start", "_version")
+
+    def __init__(self, service: str, request: httpx.Request) -> None:
+        self._start = time.perf_counter()
+        self._service = service
+        self._method = request.method
+        self._version = ""
+        self._span: trace.Span | None = None
+        self._attempt: trace.Span | None = None
+        self._carry = False
+        try:
+            tracer = STATE.tracer()
+            if tracer is None:
+                # no tracing here: pass an incoming trace on, untouched
+                self._carry = trace.get_current_span().get_span_context().is_valid
+                return
+            url = request.url
+            self._span = tracer.start_span(
+                f"{self._method} {service}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    HTTP_REQUEST_METHOD: self._method,
+                    SERVER_ADDRESS: url.host,
+                    URL_FULL: f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}",
+                    SERVICE_PEER_NAME: service,
+                },
+            )
+        except Exception:
+            logger.exception("outbound telemetry failed")
+
+    def attempt_started(
+        self, request: httpx.Request, endpoint: Endpoint, number: int, retry_reason: str
+    ) -> None:
+        """An attempt on ``endpoint`` is about to be sent (``retry_reason``: why, if a retry)."""
+        try:
+            self._version = endpoint.meta.get("version", "")
+            span = self._span
+            if span is None:
+                if self._carry:
+                    inject(request.headers)
+                return
+            tracer = STATE.tracer()
+            if tracer is None:
+                return
+            attributes: dict[str, str | int] = {
+                HTTP_REQUEST_METHOD: self._method,
+                SERVER_ADDRESS: endpoint.host,
+                SERVER_PORT: endpoint.port,
+                MESH_ATTEMPT: number,
+            }
+            if number > 1:
+                attributes[HTTP_REQUEST_RESEND_COUNT] = number - 1
+                attributes[RETRY_REASON] = retry_reason
+            if self._version:
+                attributes[PEER_VERSION] = self._version
+            attempt = tracer.start_span(
+                f"{self._method} {self._service} attempt",
+                context=trace.set_span_in_context(span),
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+            )
+            self._attempt = attempt
+            inject(request.headers, context=trace.set_span_in_context(attempt))
+        except Exception:
+            logger.exception("outbound telemetry failed")
+
+    def attempt_ended(
+        self,
+        service: ServiceState,
+        outcome: Outcome,
+        ejected: bool,
+        status: int | None,
+        error: BaseException | None,
+    ) -> None:
+        """The attempt got ``status`` or failed with ``error``; ``ejected``: it cost the
+        endpoint its place in load balancing."""
+        try:
+            if ejected:
+                CLIENT_EJECTIONS.add((STATE.source, self._service))
+            attempt = self._attempt
+            if attempt is None:
+                return
+            self._attempt = None
+            if status is not None:
+                attempt.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+            if outcome.failure:
+                attempt.set_attribute(
+                    ERROR_TYPE, type(error).__name__ if error is not None else str(status)
+                )
+                attempt.set_attribute(BREAKER_STATE, service.breaker.state)
+                attempt.set_status(Status(StatusCode.ERROR, outcome.reason))
+            if ejected:
+                attempt.add_event(ENDPOINT_EJECTED_EVENT, {SERVICE_PEER_NAME: self._service})
+            attempt.end()
+        except Exception:
+            logger.exception("outbound telemetry failed")
+
+    def budget_exhausted(self) -> None:
+        """A retryable outcome was not retried: the retry budget was spent."""
+        try:
+            CLIENT_RETRY_BUDGET_EXHAUSTED.add((STATE.source, self._service))
+        except Exception:
+            logger.exception("outbound telemetry failed")
+
+    def finish(
+        self, info: CallInfo, response: httpx.Response | None, error: BaseException | None
+    ) -> None:
+        """The logical request ended with ``response`` or ``error``: record it all."""
+        try:
+            duration = time.perf_counter() - self._start
+            source = STATE.source
+            status = response.status_code if response is not None else None
+            error_type = "" if status is not None else _error_type(error)
+            CLIENT_DURATION.record(
+                duration,
+                (
+                    source,
+                    self._service,
+                    self._version,
+                    method_label(self._method),
+                    "" if status is None else str(status),
+                    error_type,
+                ),
+            )
+            for reason in info.retry_reasons:
+                CLIENT_RETRIES.add((source, self._service, reason))
+            if error_type == "CircuitOpen":
+                CLIENT_BREAKER_REFUSED.add((source, self._service))
+            span = self._span
+            if span is not None:
+                self._end_span(span, info, status, error_type, error)
+            if STATE.access_log:
+                self._log(info, status, error_type, duration, span)
+        except Exception:
+            logger.exception("outbound telemetry failed")
+
+    def _end_span(
+        self,
+        span: trace.Span,
+        info: CallInfo,
+        status: int | None,
+        error_type: str,
+        error: BaseException | None,
+    ) -> None:
+        if self._attempt is not None:  # an attempt cut short (cancelled): close it too
+            self._attempt.end()
+            self._attempt = None
+        span.set_attribute(MESH_ATTEMPTS, info.attempts)
+        if status is not None:
+            span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+            if status >= 500:
+                span.set_attribute(ERROR_TYPE, str(status))
+                span.set_status(Status(StatusCode.ERROR))
+        else:
+            span.set_attribute(ERROR_TYPE, error_type)
+            if error_type == "CircuitOpen":
+                span.add_event(BREAKER_REFUSED_EVENT)
+            span.set_status(Status(StatusCode.ERROR, str(error) if error else None))
+        span.end()
+
+    def _log(
+        self,
+        info: CallInfo,
+        status: int | None,
+        error_type: str,
+        duration: float,
+        span: trace.Span | None,
+    ) -> None:
+        trace_id, span_id = span_ids(span)
+        _access.emit(
+            _access.OUTBOUND,
+            {
+                "direction": "outbound",
+                "trace_id": trace_id,
+                "span_id": span_id,
+                "source": STATE.source,
+                "destination": self._service,
+                "method": self._method,
+                "status": status,
+                "error": error_type or None,
+                "duration": round(duration, 6),
+                "attempts": info.attempts,
+                "retry_reasons": info.retry_reasons,
+                "endpoint": info.endpoint,
+            },
+        )
+
+
+def span_ids(span: trace.Span | None) -> tuple[str, str]:
+    """Hex trace and span id of ``span`` (else of the current span), or empty strings."""
+    context = (span or trace.get_current_span()).get_span_context()
+    if not context.is_valid:
+        return "", ""
+    return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+
+def _error_type(error: BaseException | None) -> str:
+    if error is None:
+        return "_OTHER"
+    return type(error).__name__

@@ -1,0 +1,317 @@
+"""Observability end to end: gateway -> forecast -> geo as real ``meshlib serve`` processes,
+traced into a real OTLP receiver, scraped by Debian's real Prometheus, shown by
+``meshlib top``; the shipped alert rules and dashboard checked by Prometheus' own tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from otlp_receiver import OtlpReceiver, Received
+from polling import wait_until
+from prometheus_server import Prometheus
+from served import Served
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "prometheus" / "meshlib-alerts.yml"
+ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "meshlib-dashboard.json"
+
+#: span kinds in the OTLP protobuf
+INTERNAL, SERVER, CLIENT = 1, 2, 3
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (.ci/run installs it with apt-get)")
+        pytest.skip(f"{name} is not installed (apt-get install prometheus prometheus-alertmanager)")
+    return path
+
+
+class Chain:
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        common = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            "MESH_ACCESS_LOG": "json",
+            "MESH_RETRY_BACKOFF": "1ms",
+            "MESH_RETRY_BACKOFF_MAX": "5ms",
+        }
+        self.geo = Served("chain_app:app", {**common, "MESH_SERVICE_NAME": "geo"}).start()
+        self.forecast = Served(
+            "chain_app:app",
+            {
+                **common,
+                "MESH_SERVICE_NAME": "forecast",
+                "MESH_STATIC_SERVICES": f"geo={self.geo.address}",
+            },
+        ).start()
+        self.gateway = Served(
+            "chain_app:app",
+            {
+                **common,
+                "MESH_SERVICE_NAME": "gateway",
+                "MESH_STATIC_SERVICES": f"forecast={self.forecast.address}",
+            },
+        ).start()
+        self.all = (self.gateway, self.forecast, self.geo)
+
+    def stop(self) -> None:
+        for served in self.all:
+            served.stop()
+
+
+@pytest.fixture(scope="module")
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def chain(otlp: OtlpReceiver) -> Iterator[Chain]:
+    chain = Chain(otlp)
+    yield chain
+    chain.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    _tool("prometheus")
+    server = Prometheus(
+        tmp_path_factory.mktemp("prometheus"),
+        {
+            "gateway": chain.gateway.address,
+            "forecast": chain.forecast.address,
+            "geo": chain.geo.address,
+        },
+        "/mesh/metrics",
+    )
+    yield server
+    server.stop()
+
+
+def test_one_trace_spans_the_chain_with_correct_parents_and_attempt_spans(
+    chain: Chain, otlp: OtlpReceiver
+) -> None:
+    token = uuid.uuid4().hex
+    r = httpx.get(f"{chain.gateway.url}/plan", params={"token": token}, timeout=20)
+    assert r.status_code == 200, r.text
+    assert r.json()["geo_attempts"] == 2  # geo's first answer was 503: retried
+    trace_id = r.json()["trace_id"]
+    assert re.fullmatch("[0-9a-f]{32}", trace_id)
+
+    # meshlib's spans -- gateway: inbound, CLIENT(forecast), attempt; forecast: inbound,
+    # CLIENT(geo), 2 attempts; geo: 2 inbound
+    spans = wait_until(
+        lambda: (found := otlp.trace(trace_id)) and len(found) >= 9 and found,
+        timeout=20,
+        what="nine meshlib spans of the trace",
+    )
+    assert len(spans) == 9, spans
+    everything = {s.span_id: s for s in otlp.trace(trace_id, scope=None)}
+
+    def mesh_parent(span: Received) -> Received | None:
+        """The nearest meshlib span above ``span`` (FastAPI's own spans sit between)."""
+        parent = everything.get(span.parent_id)
+        while parent is not None and parent.scope != "meshlib":
+            parent = everything.get(parent.parent_id)
+        return parent
+
+    def find(service: str, kinds: tuple[int, ...], **attrs: object) -> list[Received]:
+        return [
+            s
+            for s in spans
+            if s.service == service
+            and s.kind in kinds
+            and all(s.attributes.get(k) == v for k, v in attrs.items())
+        ]
+
+    inbound = (SERVER, INTERNAL)  # INTERNAL under FastAPI's own SERVER span
+    (gateway_in,) = find("gateway", inbound)
+    assert mesh_parent(gateway_in) is None  # the test sent no traceparent
+    assert gateway_in.name == "GET /plan"
+    roots = [s for s in everything.values() if not s.parent_id]
+    assert len(roots) == 1
+    assert roots[0].service == "gateway"
+    (gateway_call,) = find("gateway", (CLIENT,), **{"service.peer.name": "forecast"})
+    assert mesh_parent(gateway_call) is gateway_in
+    assert gateway_call.attributes["meshlib.attempts"] == 1
+    (gateway_attempt,) = find("gateway", (CLIENT,), **{"meshlib.attempt": 1})
+    assert gateway_attempt.parent_id == gateway_call.span_id
+    assert gateway_attempt.attributes["server.port"] == chain.forecast.port
+
+    (forecast_in,) = find("forecast", inbound)
+    assert mesh_parent(forecast_in) is gateway_attempt  # across the process boundary
+    (forecast_call,) = find("forecast", (CLIENT,), **{"service.peer.name": "geo"})
+    assert mesh_parent(forecast_call) is forecast_in
+    assert forecast_call.attributes["meshlib.attempts"] == 2
+    assert forecast_call.attributes["http.response.status_code"] == 200
+    (first,) = find("forecast", (CLIENT,), **{"meshlib.attempt": 1})
+    (retry,) = find("forecast", (CLIENT,), **{"meshlib.attempt": 2})
+    assert first.parent_id == retry.parent_id == forecast_call.span_id
+    assert first.attributes["http.response.status_code"] == 503
+    assert first.attributes["meshlib.breaker.state"] == "closed"
+    assert retry.attributes["meshlib.retry.reason"] == "503"
+    assert retry.attributes["http.request.resend_count"] == 1
+
+    geo_in = find("geo", inbound)
+    assert sorted(mesh_parent(s).span_id for s in geo_in) == sorted(  # type: ignore[union-attr]
+        [first.span_id, retry.span_id]
+    )
+    assert sorted(s.attributes["http.response.status_code"] for s in geo_in) == [200, 503]
+
+
+def test_access_log_has_one_json_line_per_request_with_trace_ids(chain: Chain) -> None:
+    token = uuid.uuid4().hex
+    r = httpx.get(f"{chain.gateway.url}/plan", params={"token": token}, timeout=20)
+    trace_id = r.json()["trace_id"]
+
+    def lines(served: Served) -> list[dict[str, object]]:
+        found = []
+        for raw in served.output.decode(errors="replace").splitlines():
+            if raw.startswith("{") and trace_id in raw:
+                found.append(json.loads(raw))
+        return found
+
+    forecast = wait_until(lambda: len(lines(chain.forecast)) >= 2 and lines(chain.forecast))
+    inbound = [x for x in forecast if x["direction"] == "inbound"]
+    outbound = [x for x in forecast if x["direction"] == "outbound"]
+    assert len(inbound) == 1
+    assert len(outbound) == 1
+    assert inbound[0]["path"] == "/forecast"
+    assert inbound[0]["status"] == 200
+    assert outbound[0]["source"] == "forecast"
+    assert outbound[0]["destination"] == "geo"
+    assert outbound[0]["attempts"] == 2
+    assert outbound[0]["retry_reasons"] == ["503"]
+    assert outbound[0]["endpoint"] == chain.geo.address
+    assert isinstance(outbound[0]["duration"], float)
+    assert token not in json.dumps(forecast)  # no query strings: they may carry secrets
+
+
+def test_services_push_metrics_over_otlp(chain: Chain, otlp: OtlpReceiver) -> None:
+    httpx.get(f"{chain.gateway.url}/plan", timeout=20)
+    wait_until(
+        lambda: (
+            {"http.client.request.duration", "http.server.request.duration"} <= otlp.metric_names
+        ),
+        timeout=20,
+        what="the HTTP duration metrics over OTLP",
+    )
+
+
+def _counter(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_prometheus_scrapes_the_counts_and_error_rate_the_test_produced(
+    chain: Chain, prometheus: Prometheus
+) -> None:
+    count = "http_server_request_duration_seconds_count"
+    before = httpx.get(f"{chain.forecast.url}/mesh/metrics").text
+    served_before = _counter(before, count, service_name="forecast")
+    errors_before = _counter(
+        before, count, service_name="forecast", http_response_status_code="500"
+    )
+    for fail in (0, 0, 1, 0, 0, 1, 0, 0, 1):
+        httpx.get(f"{chain.gateway.url}/plan", params={"fail": fail}, timeout=20)
+    total = served_before + 9
+    errors = errors_before + 3
+
+    wait_until(
+        lambda: prometheus.value(f'sum({count}{{service_name="forecast"}})') == total,
+        timeout=30,
+        what=f"Prometheus to count {total:g} requests served by forecast",
+    )
+    assert (
+        prometheus.value(
+            f'sum({count}{{service_name="forecast",http_response_status_code=~"5.."}})'
+        )
+        == errors
+    )
+    rate = prometheus.value(
+        f'sum({count}{{service_name="forecast",http_response_status_code=~"5.."}})'
+        f' / sum({count}{{service_name="forecast"}})'
+    )
+    assert rate == pytest.approx(errors / total)
+    edge = (
+        'sum(http_client_request_duration_seconds_count{service_name="gateway",'
+        'service_peer_name="forecast",http_response_status_code="500"})'
+    )
+    assert prometheus.value(edge) == errors
+    assert (
+        prometheus.value(
+            'sum(meshlib_client_breaker_state{service_name="forecast",service_peer_name="geo",'
+            'meshlib_breaker_state="closed"})'
+        )
+        == 1
+    )
+
+
+def test_meshlib_top_once_prints_each_edge(chain: Chain, prometheus: Prometheus) -> None:
+    httpx.get(f"{chain.gateway.url}/plan", timeout=20)
+
+    def top() -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "meshlib", "top", "--once", "--prometheus", prometheus.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        rows = {tuple(line.split()[:2]) for line in result.stdout.splitlines()[1:]}
+        return result.stdout if {("gateway", "forecast"), ("forecast", "geo")} <= rows else ""
+
+    output = wait_until(top, timeout=30, what="both edges in meshlib top")
+    header, *rows = output.splitlines()
+    assert header.split() == ["SOURCE", "DESTINATION", "RPS", "SUCCESS", "P99"]
+    for row in rows:
+        _source, _destination, rps, success, p99 = row.split()
+        assert float(rps) > 0
+        assert success.endswith("%")
+        assert p99.endswith("ms")
+
+
+def test_every_dashboard_query_is_valid_promql(prometheus: Prometheus) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        concrete = expr.replace("$__rate_interval", "1m").replace("$service", ".*")
+        prometheus.query(concrete)  # asserts Prometheus accepted it
+
+
+def test_alert_rules_pass_promtool() -> None:
+    result = subprocess.run(
+        [_tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout
+
+
+def test_alertmanager_config_passes_amtool() -> None:
+    result = subprocess.run(
+        [_tool("amtool"), "check-config", str(ALERTMANAGER)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout

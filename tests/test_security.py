@@ -1,0 +1,357 @@
+"""Zero trust with the local CA: mTLS both ways, identities, rejections, rotation, egress.
+
+Every rejection is made by a real TLS handshake or a real server, and the test then asks
+the server (over a legitimate mTLS connection) how many requests its handler ran.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import meshlib
+from backends import BackendFactory
+from meshlib.security import LocalCA, SpiffeId
+from meshlib.security._local_ca import issue_leaf
+from polling import wait_until
+from served import Served, ServedFactory
+
+TARGETS = ["fastapi_app:app", "flask_app:app"]
+TRUST_DOMAIN = "meshlib.test"
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "ca"
+    LocalCA(directory).init(TRUST_DOMAIN)
+    return directory
+
+
+def server_env(
+    ca_dir: Path, name: str = "hello", mode: str = "strict", **extra: str
+) -> dict[str, str]:
+    return {
+        "MESH_TLS": mode,
+        "MESH_TLS_DIR": str(ca_dir),
+        "MESH_SERVICE_NAME": name,
+        **extra,
+    }
+
+
+def as_client(
+    monkeypatch: pytest.MonkeyPatch, ca_dir: Path, name: str, services: str, mode: str = "strict"
+) -> None:
+    monkeypatch.setenv("MESH_TLS", mode)
+    monkeypatch.setenv("MESH_TLS_DIR", str(ca_dir))
+    monkeypatch.setenv("MESH_SERVICE_NAME", name)
+    monkeypatch.setenv("MESH_STATIC_SERVICES", services)
+    monkeypatch.setenv("MESH_RETRY_BACKOFF", "5ms")
+    monkeypatch.setenv("MESH_RETRY_BACKOFF_MAX", "10ms")
+
+
+def handled(served: Served, ca_dir: Path, service: str = "hello") -> int:
+    """How many requests the server's handlers ran, asked over a legitimate mTLS call."""
+    ctx = client_context(ca_dir, "auditor")
+    with httpx.Client(verify=ctx) as client:
+        return int(client.get(f"https://127.0.0.1:{served.port}/handled").json()["count"])
+
+
+def client_context(
+    ca_dir: Path,
+    name: str,
+    *,
+    sign_with: Path | None = None,
+    expired: bool = False,
+) -> ssl.SSLContext:
+    """An SSL context presenting a leaf for ``name`` (signed by ``sign_with``'s CA)."""
+    trust = LocalCA(ca_dir)
+    signer_ca = LocalCA(sign_with or ca_dir)
+    signer, key, _ = signer_ca.signer()
+    identity = SpiffeId(trust.load_info().trust_domain, name)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2) if expired else None
+    cert_pem, key_pem, _ = issue_leaf(
+        signer, key, identity, dt.timedelta(hours=1), not_before=start
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=(ca_dir / "roots.pem").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "c.pem").write_bytes(cert_pem)
+        (Path(tmp) / "k.pem").write_bytes(key_pem)
+        ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
+    return ctx
+
+
+# ----------------------------------------------------------------------------- both directions
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_mesh_calls_go_over_mtls_and_the_app_sees_the_verified_caller(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir))
+    as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{served.port}")
+    with meshlib.Client() as client:
+        response = client.get("http://hello/peer", headers={"x-meshlib-peer": "forged"})
+    assert response.status_code == 200
+    assert response.json()["peer"] == f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/gateway"
+    assert response.request.url == "http://hello/peer"  # the caller's URL is untouched
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_plaintext_client_is_refused_by_a_strict_server_before_the_handler(
+    serve: ServedFactory, ca_dir: Path, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir))
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{served.url}/hello", timeout=5)
+    assert handled(served, ca_dir) == 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_certificate_from_another_ca_is_refused(
+    serve: ServedFactory, ca_dir: Path, tmp_path: Path, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir))
+    rogue = tmp_path / "rogue"
+    LocalCA(rogue).init(TRUST_DOMAIN)
+    ctx = client_context(ca_dir, "gateway", sign_with=rogue)
+    with pytest.raises(httpx.TransportError), httpx.Client(verify=ctx) as client:
+        client.get(f"https://127.0.0.1:{served.port}/hello", timeout=5)
+    assert handled(served, ca_dir) == 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_expired_certificate_is_refused(serve: ServedFactory, ca_dir: Path, target: str) -> None:
+    served = serve(target, server_env(ca_dir))
+    ctx = client_context(ca_dir, "gateway", expired=True)
+    with pytest.raises(httpx.TransportError), httpx.Client(verify=ctx) as client:
+        client.get(f"https://127.0.0.1:{served.port}/hello", timeout=5)
+    assert handled(served, ca_dir) == 0
+
+
+def test_a_server_proving_another_service_is_refused_by_the_client(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    impostor = serve("fastapi_app:app", server_env(ca_dir, name="impostor"))
+    as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{impostor.port}")
+    with meshlib.Client() as client, pytest.raises(meshlib.IdentityMismatch) as info:
+        client.get("http://hello/hello")
+    assert "svc/impostor" in str(info.value)
+    assert info.value.service == "hello"
+    assert handled(impostor, ca_dir) == 0  # refused before a byte of the request was sent
+
+
+def test_a_wrong_server_is_skipped_for_a_right_one(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    impostor = serve("fastapi_app:app", server_env(ca_dir, name="impostor"))
+    real = serve("fastapi_app:app", server_env(ca_dir))
+    as_client(
+        monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{impostor.port},127.0.0.1:{real.port}"
+    )
+    monkeypatch.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        statuses = {client.get("http://hello/hello").status_code for _ in range(6)}
+    assert statuses == {200}
+    assert handled(impostor, ca_dir) == 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_caller_that_is_not_allowed_gets_403_and_the_handler_never_runs(
+    serve: ServedFactory,
+    ca_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    target: str,
+) -> None:
+    served = serve(target, server_env(ca_dir, MESH_ALLOWED_CALLERS="gateway,auditor"))
+    as_client(monkeypatch, ca_dir, "intruder", f"hello=127.0.0.1:{served.port}")
+    with meshlib.Client() as client:
+        denied = client.get("http://hello/hello")
+    assert denied.status_code == 403
+    assert "intruder is not in MESH_ALLOWED_CALLERS" in denied.json()["detail"]
+    assert b"denied GET /hello from spiffe://meshlib.test/ns/default/dc/dc1/svc/intruder" in (
+        served.output
+    )
+    assert handled(served, ca_dir) == 0
+    from meshlib import _runtime
+
+    _runtime.reset()
+    as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{served.port}")
+    with meshlib.Client() as client:
+        assert client.get("http://hello/hello").status_code == 200
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_permissive_server_serves_mtls_and_plaintext_on_one_port(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir, mode="permissive"))
+    plain = httpx.get(f"{served.url}/peer")
+    assert plain.json() == {"peer": None}
+    as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{served.port}", "permissive")
+    with meshlib.Client() as client:
+        peer = client.get("http://hello/peer").json()["peer"]
+    assert peer.endswith("/svc/gateway")
+
+
+def test_egress_to_a_host_not_allowed_fails_fast_without_a_connection(
+    backends: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outside = backends("outside")
+    monkeypatch.setenv("MESH_EGRESS", "deny")
+    monkeypatch.setenv("MESH_EGRESS_ALLOW", "*.example.com,localhost")
+    with meshlib.Client() as client:
+        with pytest.raises(meshlib.EgressDenied, match=r"egress to '127\.0\.0\.1' is denied"):
+            client.get(f"{outside.url}/whoami")
+        assert client.get(f"http://localhost:{outside.port}/whoami").status_code == 200
+    assert outside.stats()["GET"] == 1  # the denied request never reached it
+
+
+# ----------------------------------------------------------------------------- rotation
+
+
+def test_leaves_and_a_root_rotate_under_load_without_a_failed_request(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = server_env(ca_dir, MESH_TLS_LEAF_TTL="3s")
+    servers = [serve("fastapi_app:app", env) for _ in range(2)]
+    as_client(
+        monkeypatch,
+        ca_dir,
+        "gateway",
+        ",".join(f"127.0.0.1:{s.port}" for s in servers).join(("hello=", "")),
+    )
+    monkeypatch.setenv("MESH_TLS_LEAF_TTL", "3s")
+    ok: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        # New connections now and then, so fresh handshakes meet rotated material.
+        for _ in range(200):
+            if stop.is_set():
+                return
+            with meshlib.Client() as client:
+                for _ in range(50):
+                    try:
+                        response = client.get("http://hello/hello")
+                        if response.status_code == 200:
+                            ok.append(1)
+                        else:
+                            failures.append(str(response.status_code))
+                    except Exception as exc:
+                        failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    ca = LocalCA(ca_dir)
+    try:
+        wait_until(lambda: len(ok) > 300, timeout=30, what="traffic")
+        first_signer = ca.load_info().signer
+        ca.rotate(grace=2.0)  # trusted everywhere at once; signs 2 s later
+        assert ca.load_info().signer == first_signer
+        wait_until(lambda: ca.load_info().signer != first_signer, what="the switch to sign")
+        retire_at = ca.load_info().signing_after + 3.0  # + the leaf lifetime
+        with pytest.raises(RuntimeError, match="may be valid until"):
+            ca.rotate(drop_old=True, leaf_ttl=3.0)
+        seen = len(ok)
+        wait_until(lambda: len(ok) > seen + 600, timeout=60, what="traffic across leaf renewals")
+        wait_until(lambda: time.time() > retire_at, what="old-root leaves to expire")
+        ca.rotate(drop_old=True, leaf_ttl=3.0)  # the old root is no longer trusted
+        assert len(ca.load_info().roots) == 1
+        seen = len(ok)
+        wait_until(lambda: len(ok) > seen + 600, timeout=60, what="traffic after the drop")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    print(f"\nrotation under load: {len(ok)} requests, {len(failures)} failed")
+    assert failures == []
+
+
+# ----------------------------------------------------------------------------- CA and secrets
+
+
+def test_ca_cli_creates_keys_readable_only_by_the_owner(tmp_path: Path) -> None:
+    directory = tmp_path / "cli-ca"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meshlib", "ca", *args, "--dir", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    created = run("init", "--trust-domain", "corp.internal")
+    assert created.returncode == 0, created.stderr
+    assert "trust domain: corp.internal" in created.stdout
+    assert stat.S_IMODE((directory / "root-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert run("init").returncode == 1  # never overwrites a CA
+    rotated = run("rotate", "--grace", "1h")
+    assert rotated.stdout.count("root (") == 2
+    assert "root (signing)" in rotated.stdout
+    assert "the newest root signs from" in rotated.stdout
+    too_early = run("rotate", "--drop-old")
+    assert too_early.returncode == 1
+    assert "may be valid until" in too_early.stderr
+    assert stat.S_IMODE((directory / "root-key.pem").stat().st_mode) == 0o600
+    shown = run("show")
+    assert "expires" in shown.stdout
+    for output in (created.stdout, rotated.stdout, shown.stdout):
+        assert "PRIVATE KEY" not in output
+        assert "BEGIN CERTIFICATE" not in output
+
+
+def test_no_key_certificate_or_token_reaches_the_logs(
+    serve: ServedFactory,
+    ca_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    served = serve("fastapi_app:app", server_env(ca_dir))
+    as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{served.port}")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cr3t-token")
+    monkeypatch.setenv("MESH_DISCOVERY", "static")
+    with caplog.at_level(logging.DEBUG), meshlib.Client() as client:
+        assert client.get("http://hello/hello").status_code == 200
+    logs = caplog.text + served.output.decode(errors="replace")
+    assert "issued a leaf for spiffe://" in logs
+    for secret in ("PRIVATE KEY", "BEGIN CERTIFICATE", "s3cr3t-token"):
+        assert secret not in logs
+
+
+def test_mesh_tls_without_a_ca_stops_start_up_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESH_TLS", "strict")
+    monkeypatch.setenv("MESH_SERVICE_NAME", "geo")
+    monkeypatch.setenv("MESH_TLS_DIR", str(tmp_path / "none"))
+    with pytest.raises(meshlib.ConfigError, match="expected a CA in MESH_TLS_DIR") as info:
+        meshlib.Client()
+    assert "\n" not in str(info.value)
+    assert "meshlib ca init" in str(info.value)
+
+
+def test_a_short_lived_leaf_is_valid_from_now_for_its_lifetime(ca_dir: Path) -> None:
+    signer, key, _ = LocalCA(ca_dir).signer()
+    _, _, not_after = issue_leaf(
+        signer, key, SpiffeId(TRUST_DOMAIN, "geo"), dt.timedelta(seconds=3)
+    )
+    left = (not_after - dt.datetime.now(dt.UTC)).total_seconds()
+    assert 2 < left <= 3

@@ -1,0 +1,266 @@
+"""Telemetry in one process: the metrics a user scrapes, the access log, failsafe hooks.
+
+Real parts only: real httpx transports (``MockTransport`` is httpx's own) under the real
+mesh client, the real Prometheus ``promtool`` to lint the exposition format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+import meshlib
+from meshlib._config import load_config
+from meshlib.telemetry import prometheus_text, record_certificate_expiry
+from meshlib.telemetry._export import MetricsListener, otlp_metrics
+from meshlib.telemetry._inbound import peer_service
+from meshlib.telemetry._metrics import REGISTRY
+
+SERVICES = "weather=127.0.0.1:8001,127.0.0.1:8002"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_metrics() -> Iterator[None]:
+    REGISTRY.reset()
+    yield
+    REGISTRY.reset()
+
+
+def client(handler: Callable[[httpx.Request], httpx.Response], **env: str) -> meshlib.Client:
+    config = load_config(
+        {
+            "MESH_SERVICE_NAME": "gateway",
+            "MESH_STATIC_SERVICES": SERVICES,
+            "MESH_RETRY_BACKOFF": "1ms",
+            "MESH_RETRY_BACKOFF_MAX": "2ms",
+            **env,
+        }
+    )
+    return meshlib.Client(transport=httpx.MockTransport(handler), config=config)
+
+
+def samples(name: str, **labels: str) -> float:
+    """The sum of every sample of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in prometheus_text().splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_logical_requests_are_counted_once_with_source_destination_and_status() -> None:
+    with client(lambda r: httpx.Response(200 if r.url.path != "/bad" else 500)) as c:
+        for _ in range(3):
+            c.get("http://weather/ok")
+        c.get("http://weather/bad")
+    edge = {"service_name": "gateway", "service_peer_name": "weather"}
+    count = "http_client_request_duration_seconds_count"
+    assert samples(count, **edge, http_response_status_code="200") == 3
+    assert samples(count, **edge, http_response_status_code="500") == 1
+    assert samples(count, **edge, http_request_method="GET") == 4
+    buckets = samples("http_client_request_duration_seconds_bucket", **edge, le="+Inf")
+    assert buckets == 4
+
+
+def test_no_paths_or_endpoint_addresses_in_labels() -> None:
+    with client(lambda r: httpx.Response(200)) as c:
+        for i in range(20):
+            c.get(f"http://weather/item/{i}")
+    text = prometheus_text()
+    assert "/item/" not in text
+    assert "127.0.0.1:800" not in text
+    series = [
+        line
+        for line in text.splitlines()
+        if line.startswith("http_client_request_duration_seconds_count")
+    ]
+    assert len(series) == 1
+
+
+def test_retries_by_reason_budget_exhaustion_and_ejections_are_counted() -> None:
+    with client(
+        lambda r: httpx.Response(503),
+        MESH_RETRIES="2",
+        MESH_RETRY_BUDGET="0",
+        MESH_RETRY_MIN_PER_SECOND="0",
+        MESH_OUTLIER_CONSECUTIVE_ERRORS="1",
+        MESH_OUTLIER_MAX_EJECTION="100%",
+    ) as c:
+        assert c.get("http://weather/").status_code == 503
+    edge = {"service_name": "gateway", "service_peer_name": "weather"}
+    # budget 0 and no floor: the first retry is refused
+    assert samples("meshlib_client_retry_budget_exhausted_total", **edge) == 1
+    assert samples("meshlib_client_retries_total", **edge) == 0
+    assert samples("meshlib_client_ejections_total", **edge) == 1
+    assert samples("meshlib_client_endpoints", **edge, meshlib_endpoint_state="ejected") == 1
+    assert samples("meshlib_client_endpoints", **edge, meshlib_endpoint_state="healthy") == 1
+
+    REGISTRY.reset()
+    with client(lambda r: httpx.Response(503), MESH_RETRIES="2") as c:
+        info = c.get("http://weather/").extensions["meshlib"]
+    assert info.retry_reasons == ["503", "503"]
+    assert samples("meshlib_client_retries_total", **edge, meshlib_retry_reason="503") == 2
+
+
+def test_an_open_breaker_shows_in_state_and_refusals() -> None:
+    with client(lambda r: httpx.Response(503), MESH_RETRIES="0", MESH_BREAKER_FAILURES="2") as c:
+        c.get("http://weather/")
+        c.get("http://weather/")
+        with pytest.raises(meshlib.CircuitOpen):
+            c.get("http://weather/")
+    edge = {"service_name": "gateway", "service_peer_name": "weather"}
+    assert samples("meshlib_client_breaker_state", **edge, meshlib_breaker_state="open") == 1
+    assert samples("meshlib_client_breaker_state", **edge, meshlib_breaker_state="closed") == 0
+    assert samples("meshlib_client_breaker_refused_total", **edge) == 1
+    count = "http_client_request_duration_seconds_count"
+    assert samples(count, **edge, error_type="CircuitOpen") == 1
+
+
+def test_transport_errors_are_labelled_by_error_type() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with client(refuse, MESH_RETRIES="1") as c, pytest.raises(httpx.ConnectError):
+        c.get("http://weather/")
+    assert (
+        samples(
+            "http_client_request_duration_seconds_count",
+            service_peer_name="weather",
+            error_type="ConnectError",
+        )
+        == 1
+    )
+    assert samples("meshlib_client_retries_total", meshlib_retry_reason="connect") == 1
+
+
+def test_exposition_passes_promtool_check_metrics() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is not installed")
+        pytest.skip("promtool is not installed")
+    with client(lambda r: httpx.Response(200)) as c:
+        c.get("http://weather/")
+    record_certificate_expiry(2_000_000_000.0, "gateway")
+    text = prometheus_text()
+    assert "meshlib_certificate_expiry_seconds" in text
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_access_log_line_is_json_without_query_strings(caplog: pytest.LogCaptureFixture) -> None:
+    with client(lambda r: httpx.Response(201), MESH_ACCESS_LOG="json") as c:
+        caplog.set_level(logging.INFO, logger="meshlib.access")
+        logging.getLogger("meshlib.access").addHandler(caplog.handler)
+        try:
+            c.get("http://weather/v1/forecast?token=s3cret&city=Oslo")
+        finally:
+            logging.getLogger("meshlib.access").removeHandler(caplog.handler)
+    records = [r for r in caplog.records if r.name == "meshlib.access.outbound"]
+    assert len(records) == 1
+    line = json.loads(records[0].getMessage())
+    assert line["direction"] == "outbound"
+    assert line["source"] == "gateway"
+    assert line["destination"] == "weather"
+    assert line["status"] == 201
+    assert line["attempts"] == 1
+    assert re.fullmatch(r"127\.0\.0\.1:800[12]", line["endpoint"])
+    assert "s3cret" not in records[0].getMessage()
+    assert records[0].access == line  # type: ignore[attr-defined]
+
+
+def test_a_failing_telemetry_hook_never_fails_the_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Explode(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise RuntimeError("telemetry sink broke")
+
+    access = logging.getLogger("meshlib.access.outbound")
+    explode = Explode()
+    access.addFilter(explode)
+    try:
+        with client(lambda r: httpx.Response(200), MESH_ACCESS_LOG="json") as c:
+            assert c.get("http://weather/").status_code == 200
+    finally:
+        access.removeFilter(explode)
+    assert any(
+        r.name == "meshlib.telemetry" and "outbound telemetry failed" in r.getMessage()
+        for r in caplog.records
+    )
+    assert samples("http_client_request_duration_seconds_count") == 1  # recorded first
+
+
+def test_metrics_listener_serves_prometheus_text_for_pure_clients() -> None:
+    listener = MetricsListener("127.0.0.1", 0)
+    listener.start()
+    try:
+        with client(lambda r: httpx.Response(200)) as c:
+            c.get("http://weather/")
+        r = httpx.get(f"http://127.0.0.1:{listener.port}/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert "http_client_request_duration_seconds_count" in r.text
+        assert httpx.get(f"http://127.0.0.1:{listener.port}/other").status_code == 404
+    finally:
+        listener.close()
+
+
+def test_otlp_data_carries_the_same_numbers_with_semconv_names() -> None:
+    with client(lambda r: httpx.Response(200)) as c:
+        c.get("http://weather/")
+        c.get("http://weather/")
+    data = otlp_metrics(REGISTRY, load_config({"MESH_SERVICE_NAME": "gateway"}))
+    (resource,) = data.resource_metrics
+    assert resource.resource.attributes["service.name"] == "gateway"
+    metrics = {m.name: m for m in resource.scope_metrics[0].metrics}
+    (point,) = metrics["http.client.request.duration"].data.data_points
+    assert point.count == 2
+    assert point.attributes["service.peer.name"] == "weather"
+    assert point.attributes["http.response.status_code"] == "200"
+    assert len(point.bucket_counts) == len(point.explicit_bounds) + 1
+
+
+@pytest.mark.parametrize(
+    ("peer", "service"),
+    [
+        ("spiffe://abc.consul/ns/default/dc/dc1/svc/web", "web"),
+        ("spiffe://meshlib.local/ns/default/dc/eu-1/svc/forecast-v2", "forecast-v2"),
+        ("https://evil/svc/web", ""),
+        ("spiffe://td/ns/default/dc/dc1/svc/" + "x" * 80, ""),
+        (None, ""),
+    ],
+)
+def test_the_caller_label_comes_only_from_a_verified_spiffe_id(peer: object, service: str) -> None:
+    assert peer_service(peer) == service
+
+
+def test_server_metrics_of_a_wsgi_app_and_no_metrics_for_mesh_routes() -> None:
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("404 Not Found" if environ["PATH_INFO"] == "/nope" else "200 OK", [])
+        return [b"ok"]
+
+    config = load_config({"MESH_SERVICE_NAME": "forecast", "MESH_SERVICE_VERSION": "v2"})
+    mesh_app = meshlib.WSGIMiddleware(app, config=config)  # type: ignore[arg-type]
+    with httpx.Client(transport=httpx.WSGITransport(app=mesh_app), base_url="http://x") as c:
+        c.get("/hello")
+        c.get("/nope")
+        c.get("/mesh/health")
+        text = c.get("/mesh/metrics").text
+    count = "http_server_request_duration_seconds_count"
+    assert 'service_name="forecast"' in text
+    assert 'service_version="v2"' in text
+    assert samples(count, service_name="forecast") == 2  # /mesh/* not measured
+    assert samples(count, service_name="forecast", http_response_status_code="404") == 1
