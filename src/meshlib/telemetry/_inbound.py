@@ -233,6 +233,8 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
         def measured_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
             with contextlib.suppress(ValueError):
                 call.status = int(status.split(" ", 1)[0])
+            if exc_info is None:  # PEP 3333: the third argument is optional
+                return start_response(status, headers)
             return start_response(status, headers, exc_info)
 
         try:
