@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,3 +222,55 @@ def test_l7_intentions_decide_per_path_and_method(
         assert client.get(f"http://{hello}/hello").status_code == 200
         assert client.get(f"http://{hello}/peer").status_code == 403
         assert client.post(f"http://{hello}/hello").status_code == 403
+
+
+def test_a_consul_ca_root_rotation_reaches_the_processes_without_a_failed_request(
+    serve: ServedFactory, agent: ConsulAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hello = unique("hello")
+    serve("fastapi_app:app", mesh_env(agent, hello))
+    wait_until(lambda: agent.get(f"/v1/health/connect/{hello}?passing=1"), what="hello")
+    as_client(monkeypatch, agent, "gateway")
+    ok: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        for _ in range(500):  # a new client, so new handshakes, every 20 requests
+            if stop.is_set():
+                return
+            with meshlib.Client() as client:
+                for _ in range(20):
+                    try:
+                        status = client.get(f"http://{hello}/hello").status_code
+                        (ok if status == 200 else failures).append(status)
+                    except httpx.TransportError as exc:
+                        failures.append(repr(exc))  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        wait_until(lambda: len(ok) > 50, timeout=30, what="traffic")
+        with meshlib.Client() as probe:
+            security = probe._transport.mesh.security  # type: ignore[attr-defined]
+            before = security.tls.material
+            agent.put(
+                "/v1/connect/ca/configuration",
+                {"Provider": "consul", "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384}},
+            )
+            wait_until(
+                lambda: security.tls.material.roots_digest != before.roots_digest,
+                what="the new roots in this process",
+            )
+            wait_until(
+                lambda: security.tls.material.cert_pem != before.cert_pem,
+                timeout=15,
+                what="a leaf from the new root",
+            )
+        seen = len(ok)
+        wait_until(lambda: len(ok) > seen + 200, timeout=60, what="traffic after the rotation")
+    finally:
+        stop.set()
+        thread.join(60)
+    print(f"\nConsul CA rotation under load: {len(ok)} requests, {len(failures)} failed")
+    assert failures == []
