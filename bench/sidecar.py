@@ -1,17 +1,19 @@
 """Row 3: meshlib strict mTLS against a sidecar pair (HAProxy -> mTLS -> HAProxy).
 
-The sidecar path is what a mesh with proxies does for one call::
+The same app (tests/apps/fastapi_app.py under ``meshlib serve``) is called two ways, one
+request at a time:
 
-    client --plain HTTP--> client-side HAProxy ==mTLS==> server-side HAProxy --plain--> app
+* **meshlib**: ``meshlib.Client`` with ``MESH_TLS=strict`` straight to the app served with
+  ``MESH_TLS=strict`` (a local CA made by ``LocalCA.init``), no proxy;
+* **sidecar pair**: a plain ``httpx.Client`` to a client-side HAProxy, mTLS from it to a
+  server-side HAProxy, plain HTTP from that to the app served with ``MESH_TLS=off``::
 
-Both proxies are Debian's ``haproxy``, with certificates made here by ``cryptography`` (an
-EC P-256 CA, a server and a client leaf carrying SPIFFE IDs); the proxies keep
-connections alive on both hops, as Envoy and Linkerd do. The client-side proxy shares the
-client's CPU and the server-side one the server's, as sidecars share their app's host.
+    client --plain--> client-side HAProxy ==mTLS==> server-side HAProxy --plain--> app
 
-meshlib's side of the row, the same calls with ``MESH_TLS=strict`` and no proxies, needs
-the mesh's own mTLS (issue 5); until it lands the row measures the sidecar path alone and
-says the comparison is not yet measurable.
+Both proxies are Debian's ``haproxy`` with certificates made here by ``cryptography`` (an EC
+P-256 CA, server and client leaves carrying SPIFFE IDs) and keep connections alive on both
+hops, as Envoy and Linkerd do. The client-side proxy shares the client's CPU and the
+server-side one the server's, as sidecars share their app's host.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import Line, PlainServer, percentile, pin_as_client, pin_server
+from harness import Line, percentile, pin_as_client, pin_server
 
-NOT_YET = "not yet measurable: needs MESH_TLS=strict (issue 5)"
 _TRUST_DOMAIN = "spiffe://meshlib.bench"
 
 
@@ -147,76 +148,109 @@ def _latencies(client: httpx.Client, url: str, count: int) -> list[float]:
     return out
 
 
-def sidecar_path(quick: bool) -> dict[str, Any]:
-    """p50/p99 of c=1 calls direct to the app and through the HAProxy pair with mTLS."""
-    from backends import free_port
+def _serve(env: dict[str, str]) -> Any:
+    from served import Served
 
-    count = 300 if quick else 5000
+    served = Served("fastapi_app:app", env).start()
+    pin_server(served.proc.pid)
+    return served
+
+
+def _figures(latencies: list[float]) -> dict[str, Any]:
+    return {
+        "requests": len(latencies),
+        "p50_us": percentile(latencies, 50) * 1e6,
+        "p99_us": percentile(latencies, 99) * 1e6,
+    }
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    """p50/p99 of c=1 calls: meshlib strict mTLS, the sidecar pair, and direct plaintext."""
+    import meshlib
+    from backends import free_port
+    from meshlib._config import load_config
+    from meshlib.security import LocalCA
+
+    count = 300 if quick else 3000
     directory = Path(tempfile.mkdtemp(prefix="meshlib-bench-sidecar-"))
-    proxies: list[_HAProxy] = []
+    ca_dir = directory / "ca"
+    LocalCA(ca_dir).init("meshlib.bench")
+    started: list[Any] = []
     try:
         certs = _certificates(directory)
-        with PlainServer("app") as app:
-            inbound, outbound = free_port(), free_port()
-            server_side = _HAProxy(
-                "server-side",
-                f"frontend mtls\n    bind 127.0.0.1:{inbound} ssl crt {certs['server']} "
-                f"ca-file {certs['ca']} verify required\n    default_backend app\n"
-                f"backend app\n    server app {app.address}\n",
-                directory,
-            )
-            client_side = _HAProxy(
-                "client-side",
-                f"frontend plain\n    bind 127.0.0.1:{outbound}\n    default_backend mesh\n"
-                f"backend mesh\n    server peer 127.0.0.1:{inbound} ssl crt {certs['client']} "
-                f"ca-file {certs['ca']} verify required verifyhost localhost sni str(localhost)\n",
-                directory,
-            )
-            proxies += [server_side.start(), client_side.start()]
-            assert server_side.proc is not None
-            assert client_side.proc is not None
-            pin_server(server_side.proc.pid)
-            pin_as_client(client_side.proc.pid)
-            _wait_listening(inbound)
-            _wait_listening(outbound)
-            urls = {"direct": f"http://{app.address}/v1/item"}
-            urls["sidecar_pair"] = f"http://127.0.0.1:{outbound}/v1/item"
-            figures: dict[str, Any] = {}
-            with httpx.Client() as client:
-                for url in urls.values():
-                    _latencies(client, url, 200)  # warm: connections, TLS sessions
-                for name, url in urls.items():
-                    got = _latencies(client, url, count)
-                    figures[name] = {
-                        "requests": count,
-                        "p50_us": percentile(got, 50) * 1e6,
-                        "p99_us": percentile(got, 99) * 1e6,
-                    }
+        strict = {"MESH_TLS": "strict", "MESH_TLS_DIR": str(ca_dir)}
+        started.append(_serve({**strict, "MESH_SERVICE_NAME": "app"}))
+        started.append(_serve({"MESH_SERVICE_NAME": "plainapp"}))
+        mesh_app, plain_app = started
+        inbound, outbound = free_port(), free_port()
+        server_side = _HAProxy(
+            "server-side",
+            f"frontend mtls\n    bind 127.0.0.1:{inbound} ssl crt {certs['server']} "
+            f"ca-file {certs['ca']} verify required\n    default_backend app\n"
+            f"backend app\n    server app {plain_app.address}\n",
+            directory,
+        )
+        client_side = _HAProxy(
+            "client-side",
+            f"frontend plain\n    bind 127.0.0.1:{outbound}\n    default_backend mesh\n"
+            f"backend mesh\n    server peer 127.0.0.1:{inbound} ssl crt {certs['client']} "
+            f"ca-file {certs['ca']} verify required verifyhost localhost sni str(localhost)\n",
+            directory,
+        )
+        started += [server_side.start(), client_side.start()]
+        assert server_side.proc is not None
+        assert client_side.proc is not None
+        pin_server(server_side.proc.pid)
+        pin_as_client(client_side.proc.pid)
+        _wait_listening(inbound)
+        _wait_listening(outbound)
+        config = load_config(
+            {
+                **strict,
+                "MESH_SERVICE_NAME": "caller",
+                "MESH_STATIC_SERVICES": f"app={mesh_app.address}",
+            }
+        )
+        with httpx.Client() as plain, meshlib.Client(config=config) as mesh:
+            paths = {
+                "meshlib_strict_mtls": (mesh, "http://app/hello"),
+                "sidecar_pair": (plain, f"http://127.0.0.1:{outbound}/hello"),
+                "direct_plaintext": (plain, f"{plain_app.url}/hello"),
+            }
+            for client, url in paths.values():
+                _latencies(client, url, 200)  # warm: connections, TLS sessions
+            latencies: dict[str, list[float]] = {name: [] for name in paths}
+            for _ in range(3):  # rounds, so a change in load hits every path alike
+                for name, (client, url) in paths.items():
+                    latencies[name] += _latencies(client, url, count // 3)
     finally:
-        for proxy in proxies:
-            proxy.stop()
+        for process in reversed(started):
+            process.stop()
         shutil.rmtree(directory, ignore_errors=True)
-    return figures
+    return {name: _figures(got) for name, got in latencies.items()}
 
 
 def mtls_vs_sidecar(quick: bool) -> tuple[list[Line], dict[str, Any]]:
-    """Row 3: the sidecar path measured; meshlib's side waits for issue 5."""
+    """Row 3: p50 of meshlib strict mTLS divided by p50 through the sidecar pair."""
+    measure_name = "strict mTLS, c=1: p50 meshlib/sidecar pair"
     if shutil.which("haproxy") is None:
-        line = Line(
-            "3", "strict mTLS: p50 meshlib/sidecar pair", f"{NOT_YET}; no haproxy", "≤ 0.8x", None
-        )
-        return [line], {"row3_mtls_vs_sidecar": NOT_YET}
-    figures = sidecar_path(quick)
-    pair, direct = figures["sidecar_pair"], figures["direct"]
+        line = Line("3", measure_name, "not measurable: no haproxy on PATH", "≤ 0.8x", None)
+        return [line], {"row3_mtls_vs_sidecar": "no haproxy"}
+    figures = measure(quick)
+    mesh, pair, direct = (
+        figures["meshlib_strict_mtls"],
+        figures["sidecar_pair"],
+        figures["direct_plaintext"],
+    )
+    ratio = mesh["p50_us"] / pair["p50_us"]
     lines = [
-        Line("3", "strict mTLS: p50 meshlib/sidecar pair", NOT_YET, "≤ 0.8x", None),
         Line(
             "3",
-            "  sidecar pair (HAProxy mTLS), c=1",
-            f"p50 {pair['p50_us']:.0f} µs, p99 {pair['p99_us']:.0f} µs "
-            f"(direct plain {direct['p50_us']:.0f} / {direct['p99_us']:.0f} µs)",
-            "(baseline)",
-            None,
-        ),
+            measure_name,
+            f"{ratio:.2f} (meshlib {mesh['p50_us']:.0f} µs, sidecars {pair['p50_us']:.0f} µs, "
+            f"plaintext direct {direct['p50_us']:.0f} µs)",
+            "≤ 0.8x",
+            ratio <= 0.8,
+        )
     ]
-    return lines, {"row3_mtls_vs_sidecar": {"meshlib": NOT_YET, **figures}}
+    return lines, {"row3_mtls_vs_sidecar": figures}
