@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,10 +44,21 @@ class Load:
     """``threads`` callers sending ``GET url`` until stopped, capped in count and time."""
 
     def __init__(
-        self, client: httpx.Client, url: str, *, threads: int = 4, limit: int = 200_000
+        self,
+        client: httpx.Client,
+        url: str,
+        *,
+        threads: int = 4,
+        limit: int = 200_000,
+        fresh_client_every: int = 0,
+        make_client: Callable[[], httpx.Client] | None = None,
     ) -> None:
         self.client = client
         self.url = url
+        #: >0: each caller uses its own client, replaced after that many requests (so
+        #: new connections, and new TLS handshakes, keep happening)
+        self.fresh_client_every = fresh_client_every
+        self.make_client = make_client
         self.limit = limit
         self.ok = 0
         self.lost: collections.Counter[str] = collections.Counter()
@@ -73,11 +85,20 @@ class Load:
 
     def _run(self, max_seconds: float = 600.0) -> None:
         give_up = time.monotonic() + max_seconds  # bounded even if nobody stops us
-        for _ in range(self.limit):
+        client = self.client
+        for count in range(self.limit):
             if self._stop.is_set() or time.monotonic() > give_up:
-                return
+                break
+            if (
+                self.make_client
+                and self.fresh_client_every
+                and count % self.fresh_client_every == 0
+            ):
+                if client is not self.client:
+                    client.close()
+                client = self.make_client()
             try:
-                response = self.client.get(self.url)
+                response = client.get(self.url)
             except Exception as exc:
                 self._count(None, f"{type(exc).__name__}: {str(exc)[:80]}")
                 continue
@@ -85,6 +106,8 @@ class Load:
                 self._count(response.text, None)
             else:
                 self._count(None, f"HTTP {response.status_code}")
+        if client is not self.client:
+            client.close()
 
     def _count(self, instance: str | None, lost: str | None) -> None:
         with self._lock:
@@ -301,14 +324,49 @@ def _wait(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
 
 
 def certificates_rotated(quick: bool) -> Line:
-    """Placeholder until the mesh has its own certificates."""
-    return Line(
-        "certificates rotated under load",
-        "-",
-        "not yet measurable: needs MESH_TLS=strict (issue 5)",
-        "0 lost",
-        None,
-    )
+    """Strict mTLS with 3 s leaves renewed in process, and the local CA's root rotated."""
+    from meshlib._config import load_config
+    from meshlib.security import LocalCA
+    from served import Served
+
+    directory = Path(tempfile.mkdtemp(prefix="meshlib-chaos-ca-"))
+    ca = LocalCA(directory)
+    ca.init("meshlib.chaos")
+    tls = {"MESH_TLS": "strict", "MESH_TLS_DIR": str(directory), "MESH_TLS_LEAF_TTL": "3s"}
+    instances: list[Any] = []
+    try:
+        for _ in range(2):
+            instances.append(Served("fastapi_app:app", {**tls, "MESH_SERVICE_NAME": "rotating"}))
+            instances[-1].start()
+            pin_server(instances[-1].proc.pid)
+        static = "rotating=" + ",".join(served.address for served in instances)
+        config = load_config(
+            {**tls, **_FAST_RETRIES, "MESH_SERVICE_NAME": "caller", "MESH_STATIC_SERVICES": static}
+        )
+        with (
+            meshlib.Client(config=config) as client,
+            Load(
+                client,
+                "http://rotating/hello",
+                fresh_client_every=50,
+                make_client=lambda: meshlib.Client(config=config),
+            ) as load,
+        ):
+            load.wait_for(200)
+            hold_until = time.monotonic() + (4.0 if quick else 20.0)  # leaves renew every 2 s
+            while time.monotonic() < hold_until:
+                time.sleep(0.1)
+            ca.rotate(grace=1.0)  # the new root is trusted at once, signs 1 s later
+            retire_at = ca.load_info().signing_after + 3.0  # + the leaf lifetime
+            while time.time() < retire_at + 1.0:
+                time.sleep(0.1)
+            ca.rotate(drop_old=True, leaf_ttl=3.0)  # the old root is no longer trusted
+            load.wait_for(300 if quick else 2000, timeout=120)
+    finally:
+        for served in instances:
+            served.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    return load.line("certificates rotated under load", "[3 s leaves, 1 root rotation]")
 
 
 @contextmanager
