@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -264,3 +266,22 @@ def test_server_metrics_of_a_wsgi_app_and_no_metrics_for_mesh_routes() -> None:
     assert 'service_version="v2"' in text
     assert samples(count, service_name="forecast") == 2  # /mesh/* not measured
     assert samples(count, service_name="forecast", http_response_status_code="404") == 1
+
+
+def test_the_current_mesh_certificate_expiry_is_published(
+    tmp_path: pathlib.Path,
+) -> None:
+    from meshlib.security import LocalCA, security_for
+
+    LocalCA(tmp_path).init("meshlib.local")
+    config = load_config(
+        {
+            "MESH_SERVICE_NAME": "gateway",
+            "MESH_TLS": "strict",
+            "MESH_TLS_DIR": str(tmp_path),
+            "MESH_TLS_LEAF_TTL": "1h",
+        }
+    )
+    security_for(config)
+    expiry = samples("meshlib_certificate_expiry_seconds", service_name="gateway")
+    assert time.time() + 50 * 60 < expiry <= time.time() + 61 * 60

@@ -10,8 +10,8 @@ wrappers the middlewares put around their request handling. The rest lives here:
 * ``_access``: JSON access log lines;
 * ``_top``: ``meshlib top``, the service graph from Prometheus in a terminal.
 
-``record_certificate_expiry`` is for the security layer: it publishes when this process's
-certificate expires (``meshlib_certificate_expiry_seconds``) for the alert rules.
+``meshlib_certificate_expiry_seconds`` is read from the security layer's current TLS
+material at each scrape; ``record_certificate_expiry`` publishes other certificates.
 """
 
 from __future__ import annotations

@@ -93,12 +93,6 @@ CLIENT_EJECTIONS = REGISTRY.counter(
     "Endpoints ejected from load balancing by outlier detection.",
     _EDGE,
 )
-CERTIFICATE_EXPIRY = REGISTRY.gauge(
-    "meshlib.certificate.expiry",
-    "s",
-    "When this process's mesh certificate expires, as a Unix timestamp in seconds.",
-    (SERVICE_NAME,),
-)
 
 
 def _services() -> Iterator[tuple[str, ServiceState]]:
@@ -157,4 +151,23 @@ CLIENT_IN_FLIGHT = REGISTRY.gauge(
     "Attempts in flight to each destination.",
     _EDGE,
     _in_flight,
+)
+
+
+def _certificates() -> Iterator[tuple[Labels, float]]:
+    from ..security import _registry as securities  # imported late: no cycle
+
+    for security in list(securities):
+        tls = security.tls
+        if tls is not None:
+            material = tls.material  # the newest, swapped in on every rotation
+            yield (material.identity.service,), material.not_after.timestamp()
+
+
+CERTIFICATE_EXPIRY = REGISTRY.gauge(
+    "meshlib.certificate.expiry",
+    "s",
+    "When this process's current mesh certificate expires, as a Unix timestamp in seconds.",
+    (SERVICE_NAME,),
+    _certificates,
 )
