@@ -17,10 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from meshlib.security import LocalCA
 from otlp_receiver import OtlpReceiver, Received
 from polling import wait_until
 from prometheus_server import Prometheus
-from served import Served
+from served import Served, ServedFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "meshlib-alerts.yml"
@@ -175,6 +176,45 @@ def test_one_trace_spans_the_chain_with_correct_parents_and_attempt_spans(
         [first.span_id, retry.span_id]
     )
     assert sorted(s.attributes["http.response.status_code"] for s in geo_in) == [200, 503]
+
+
+def test_the_callers_verified_identity_labels_server_metrics_and_spans(
+    otlp: OtlpReceiver, serve: ServedFactory, tmp_path: Path
+) -> None:
+    ca_dir = tmp_path / "ca"
+    LocalCA(ca_dir).init("meshlib.test")
+    tls = {
+        "MESH_TLS": "permissive",  # the test itself calls forecast in plaintext
+        "MESH_TLS_DIR": str(ca_dir),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    geo = serve("chain_app:app", {**tls, "MESH_SERVICE_NAME": "geo"})
+    forecast = serve(
+        "chain_app:app",
+        {**tls, "MESH_SERVICE_NAME": "forecast", "MESH_STATIC_SERVICES": f"geo={geo.address}"},
+    )
+    assert httpx.get(f"{forecast.url}/forecast", timeout=20).status_code == 200
+
+    metrics = httpx.get(f"{geo.url}/mesh/metrics").text
+    count = "http_server_request_duration_seconds_count"
+    assert _counter(metrics, count, service_name="geo", service_peer_name="forecast") == 1
+    (span,) = wait_until(
+        lambda: [
+            s
+            for s in otlp.spans
+            if s.scope == "meshlib"
+            and s.service == "geo"
+            and s.kind in (SERVER, INTERNAL)
+            and "meshlib.peer.identity" in s.attributes  # the chain's spans have none
+        ],
+        timeout=20,
+        what="geo's inbound span",
+    )
+    assert span.attributes["service.peer.name"] == "forecast"
+    assert span.attributes["meshlib.peer.identity"] == (
+        "spiffe://meshlib.test/ns/default/dc/dc1/svc/forecast"
+    )
 
 
 def test_access_log_has_one_json_line_per_request_with_trace_ids(chain: Chain) -> None:
