@@ -50,6 +50,7 @@ class Chain:
             "MESH_ACCESS_LOG": "json",
             "MESH_RETRY_BACKOFF": "1ms",
             "MESH_RETRY_BACKOFF_MAX": "5ms",
+            "MESH_SHUTDOWN_DELAY": "100ms",
         }
         self.geo = Served("chain_app:app", {**common, "MESH_SERVICE_NAME": "geo"}).start()
         self.forecast = Served(
@@ -188,6 +189,9 @@ def test_the_callers_verified_identity_labels_server_metrics_and_spans(
         "MESH_TLS_DIR": str(ca_dir),
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "50",
+        # idle mTLS keep-alive connections hold uvicorn's shutdown for the drain timeout
+        "MESH_SHUTDOWN_DELAY": "100ms",
+        "MESH_DRAIN_TIMEOUT": "2s",
     }
     geo = serve("chain_app:app", {**tls, "MESH_SERVICE_NAME": "geo"})
     forecast = serve(
