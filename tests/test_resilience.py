@@ -12,8 +12,10 @@ import httpx
 import pybreaker
 import pytest
 
+from meshlib._config import ServicePolicy
+from meshlib._service import ServiceState
 from meshlib.balance import EndpointState
-from meshlib.discovery import Endpoint
+from meshlib.discovery import Endpoint, Snapshot
 from meshlib.resilience._breaker import Breaker
 from meshlib.resilience._budget import RetryBudget
 from meshlib.resilience._deadline import Deadline, parse_deadline_header
@@ -250,3 +252,38 @@ def test_deadline_header_round_trip() -> None:
 @pytest.mark.parametrize("bad", [None, "", "-5", "1.5", "abc", "99999999999", " 12 x"])
 def test_bad_deadline_headers_are_ignored(bad: str | None) -> None:
     assert parse_deadline_header(bad) is None
+
+
+# ----------------------------------------------------------------------------- panic mode
+
+
+def service_with(count: int, **policy: float) -> ServiceState:
+    state = ServiceState("weather", ServicePolicy(**policy))  # type: ignore[arg-type]
+    state.update(Snapshot("weather", tuple(Endpoint("127.0.0.1", 9000 + i) for i in range(count))))
+    return state
+
+
+def test_ejected_endpoints_are_skipped_until_too_few_remain() -> None:
+    state = service_with(4, panic_threshold=0.5)
+    state.endpoints[0].ejected_until = 100.0
+    assert len(state.candidates(now=50.0, tried=())) == 3
+    state.endpoints[1].ejected_until = 100.0
+    assert len(state.candidates(now=50.0, tried=())) == 2  # exactly at the threshold
+    state.endpoints[2].ejected_until = 100.0
+    assert len(state.candidates(now=50.0, tried=())) == 4  # panic: all of them
+    assert len(state.candidates(now=150.0, tried=())) == 4  # ejections over
+
+
+def test_panic_threshold_zero_still_uses_all_when_every_endpoint_is_ejected() -> None:
+    state = service_with(2, panic_threshold=0.0)
+    for endpoint in state.endpoints:
+        endpoint.ejected_until = 100.0
+    assert len(state.candidates(now=50.0, tried=())) == 2
+
+
+def test_a_retry_prefers_endpoints_this_request_has_not_tried() -> None:
+    state = service_with(3)
+    tried = [state.endpoints[0].endpoint.key, state.endpoints[1].endpoint.key]
+    assert [s.endpoint.port for s in state.candidates(now=0.0, tried=tried)] == [9002]
+    every = [s.endpoint.key for s in state.endpoints]
+    assert len(state.candidates(now=0.0, tried=every)) == 3
