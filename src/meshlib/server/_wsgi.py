@@ -9,7 +9,7 @@ served on, or when ``start()`` is called; it deregisters at process exit, or whe
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from .._config import MeshConfig, load_config
 from ..resilience._deadline import inbound_deadline
 from ..security import SpiffeId, from_peercert, security_for
 from ..telemetry import wsgi as telemetry_around
+from ..telemetry._inbound import OnClose
 from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
 from ._instance import Instance
 
@@ -91,35 +92,13 @@ class WSGIMiddleware:
             raise
         finally:
             inbound_deadline.reset(token)
-        return _Finishing(result, instance)
+        return OnClose(result, instance.request_finished)
 
     def __getattr__(self, name: str) -> Any:
         # Flask extensions sometimes reach through wsgi_app for the wrapped app's attributes.
         if name == "app":
             raise AttributeError(name)
         return getattr(self.app, name)
-
-
-class _Finishing:
-    """The app's response iterable; the request counts as in flight until it is closed."""
-
-    def __init__(self, result: Iterable[bytes], instance: Instance) -> None:
-        self._result = result
-        self._instance = instance
-        self._done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._result)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._result, "close", None)
-            if close is not None:
-                close()
-        finally:
-            if not self._done:
-                self._done = True
-                self._instance.request_finished()
 
 
 def _local(start_response: StartResponse, response: LocalResponse) -> list[bytes]:

@@ -48,7 +48,7 @@ from ._state import STATE, setup
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["InboundCall", "asgi", "peer_service", "wsgi"]
+__all__ = ["InboundCall", "OnClose", "asgi", "peer_service", "wsgi"]
 
 logger = logging.getLogger("meshlib.telemetry")
 
@@ -244,29 +244,33 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
             call.finish(environ.get("meshlib.peer"), None, exc)
             raise
         call.detach()
-        return _Measured(result, call, environ)
+        return OnClose(result, lambda: call.finish(environ.get("meshlib.peer"), None, None))
 
     return traced
 
 
-class _Measured:
-    """The app's response iterable; the request is measured until it is closed."""
+class OnClose:
+    """A WSGI response iterable that calls ``on_close`` once, when the server closes it.
 
-    def __init__(self, result: Iterable[bytes], call: InboundCall, environ: Any) -> None:
+    The request is not over when the app returns but when its body has been sent; PEP 3333
+    servers always call ``close()``. Used here to finish measuring and by the middleware to
+    count the request out of flight.
+    """
+
+    def __init__(self, result: Iterable[bytes], on_close: Callable[[], object]) -> None:
         self._result = result
-        self._call = call
-        self._environ = environ
-        self._done = False
+        self._on_close: Callable[[], object] | None = on_close
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._result)
 
     def close(self) -> None:
+        """Close the app's iterable, then run ``on_close`` (once)."""
         try:
             close = getattr(self._result, "close", None)
             if close is not None:
                 close()
         finally:
-            if not self._done:
-                self._done = True
-                self._call.finish(self._environ.get("meshlib.peer"), None, None)
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
