@@ -110,12 +110,16 @@ def test_meshlib_services_use_connects_ca_and_its_intentions(
         intention(agent, "gateway", hello, "deny")
         denied = wait_until(
             lambda: (r := client.get(f"http://{hello}/hello")).status_code == 403 and r,
+            timeout=15,
             what="the intention to apply",
         )
         assert "DENY" in denied.json()["detail"]
-        before = client.get(f"http://{hello}/handled")
-    assert before.status_code == 403
     assert b"denied GET /hello from spiffe://" in served.output
+    before = handled_as_auditor(monkeypatch, agent, hello)
+    as_client(monkeypatch, agent, "gateway")
+    with meshlib.Client() as client:
+        assert [client.get(f"http://{hello}/hello").status_code for _ in range(3)] == [403] * 3
+    assert handled_as_auditor(monkeypatch, agent, hello) == before  # the handler never ran
 
 
 def test_a_meshlib_client_calls_a_service_behind_consuls_own_sidecar(
@@ -155,6 +159,13 @@ def test_a_meshlib_client_calls_a_service_behind_consuls_own_sidecar(
     assert app.stats()["GET"] == received  # the denied request never reached the app
 
 
+def handled_as_auditor(monkeypatch: pytest.MonkeyPatch, agent: ConsulAgent, service: str) -> int:
+    """How many requests ``service``'s handlers ran, asked by an identity no intention denies."""
+    as_client(monkeypatch, agent, "auditor")
+    with meshlib.Client() as client:
+        return int(client.get(f"http://{service}/handled").json()["count"])
+
+
 def _refused(url: str) -> bool:
     with meshlib.Client() as client:
         try:
@@ -167,6 +178,7 @@ def test_consuls_upstream_proxy_calls_a_meshlib_server(
     serve: ServedFactory,
     agent: ConsulAgent,
     proxies: object,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hello = unique("hello")
     served = serve("fastapi_app:app", mesh_env(agent, hello))
@@ -188,10 +200,15 @@ def test_consuls_upstream_proxy_calls_a_meshlib_server(
 
     intention(agent, caller, hello, "deny")
     denied = wait_until(
-        lambda: (r := call()) is not None and r.status_code == 403 and r, what="the deny"
+        lambda: (r := call()) is not None and r.status_code == 403 and r,
+        timeout=15,
+        what="the deny",
     )
     assert "DENY" in denied.json()["detail"]
     assert b"denied GET /peer" in served.output
+    before = handled_as_auditor(monkeypatch, agent, hello)
+    assert [r.status_code for r in (call(), call(), call()) if r is not None] == [403] * 3
+    assert handled_as_auditor(monkeypatch, agent, hello) == before  # the handler never ran
 
 
 def test_l7_intentions_decide_per_path_and_method(
@@ -262,9 +279,10 @@ def test_a_consul_ca_root_rotation_reaches_the_processes_without_a_failed_reques
                 lambda: security.tls.material.roots_digest != before.roots_digest,
                 what="the new roots in this process",
             )
+            # Consul re-signs leaves after a rotation with its own jitter (tens of seconds).
             wait_until(
                 lambda: security.tls.material.cert_pem != before.cert_pem,
-                timeout=15,
+                timeout=60,
                 what="a leaf from the new root",
             )
         seen = len(ok)
