@@ -24,7 +24,7 @@ from meshlib._config import load_config
 from meshlib.telemetry import prometheus_text, record_certificate_expiry
 from meshlib.telemetry._export import MetricsListener, otlp_metrics
 from meshlib.telemetry._inbound import peer_service
-from meshlib.telemetry._metrics import REGISTRY
+from meshlib.telemetry._metrics import REGISTRY, Registry
 
 SERVICES = "weather=127.0.0.1:8001,127.0.0.1:8002"
 
@@ -285,3 +285,19 @@ def test_the_current_mesh_certificate_expiry_is_published(
     security_for(config)
     expiry = samples("meshlib_certificate_expiry_seconds", service_name="gateway")
     assert time.time() + 50 * 60 < expiry <= time.time() + 61 * 60
+
+
+def test_a_failing_gauge_callback_does_not_hide_the_other_metrics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = Registry()
+
+    def broken() -> list[tuple[tuple[str, ...], float]]:
+        raise RuntimeError("gauge source gone")
+
+    registry.gauge("x.broken", "1", "Broken.", (), broken)
+    registry.counter("x.requests", "1", "Requests.", ("service.name",)).add(("a",), 2)
+    text = registry.prometheus_text()
+    assert 'x_requests_total{service_name="a"} 2' in text
+    assert "x_broken" not in text
+    assert "collecting x.broken failed" in caplog.text

@@ -17,11 +17,11 @@ methods, status codes, error types and reasons -- never URL paths or endpoint ad
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
 
 from ._names import prometheus_name
 
@@ -53,12 +53,11 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )
 
 Labels = tuple[str, ...]
-Kind = Literal["counter", "gauge", "histogram"]
+
+logger = logging.getLogger("meshlib.telemetry")
 
 
 class _Metric:
-    kind: Kind
-
     def __init__(self, name: str, unit: str, description: str, keys: Sequence[str]) -> None:
         self.name = name
         self.unit = unit
@@ -75,8 +74,6 @@ class _Metric:
 
 class Counter(_Metric):
     """A monotonic count per label tuple."""
-
-    kind: Kind = "counter"
 
     def __init__(self, name: str, unit: str, description: str, keys: Sequence[str]) -> None:
         super().__init__(name, unit, description, keys)
@@ -96,8 +93,6 @@ class Counter(_Metric):
 
 class Gauge(_Metric):
     """A value read when collected: from a callback, and/or set explicitly."""
-
-    kind: Kind = "gauge"
 
     def __init__(
         self,
@@ -138,8 +133,6 @@ class _Series:
 
 class Histogram(_Metric):
     """Observations in fixed buckets per label tuple, with count, sum, min and max."""
-
-    kind: Kind = "histogram"
 
     def __init__(
         self,
@@ -232,11 +225,7 @@ class Registry:
             try:
                 _render(metric, out)
             except Exception:  # a failing gauge callback must not hide the other metrics
-                import logging
-
-                logging.getLogger("meshlib.telemetry").exception(
-                    "collecting %s failed", metric.name
-                )
+                logger.exception("collecting %s failed", metric.name)
         return "".join(out)
 
 
