@@ -13,6 +13,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -301,3 +302,68 @@ def test_a_failing_gauge_callback_does_not_hide_the_other_metrics(
     assert 'x_requests_total{service_name="a"} 2' in text
     assert "x_broken" not in text
     assert "collecting x.broken failed" in caplog.text
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (a process has one global tracer provider)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MESH_"))}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+_CALL = """
+import httpx, meshlib
+client = meshlib.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+client.get("http://weather/x")
+"""
+
+
+def test_otel_traces_exporter_console_prints_the_client_and_attempt_spans() -> None:
+    result = _python(
+        _CALL, OTEL_TRACES_EXPORTER="console", MESH_STATIC_SERVICES="weather=127.0.0.1:1"
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"name": "GET weather"' in result.stdout
+    assert '"name": "GET weather attempt"' in result.stdout
+    assert '"kind": "SpanKind.CLIENT"' in result.stdout
+
+
+def test_no_exporter_asked_for_means_no_tracer_provider_is_installed() -> None:
+    code = _CALL + (
+        "from opentelemetry import trace\nprint(type(trace.get_tracer_provider()).__name__)\n"
+    )
+    for env in (
+        {},
+        {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"},
+    ):
+        result = _python(code, MESH_STATIC_SERVICES="weather=127.0.0.1:1", **env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "ProxyTracerProvider", env
+
+
+def test_an_applications_own_tracer_provider_is_left_alone_and_used() -> None:
+    code = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import"
+        " InMemorySpanExporter\n"
+        "memory = InMemorySpanExporter()\n"
+        "provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(memory))\n"
+        "trace.set_tracer_provider(provider)\n"
+        + _CALL
+        + "assert trace.get_tracer_provider() is provider\n"
+        "print(sorted(s.name for s in memory.get_finished_spans()))\n"
+    )
+    result = _python(
+        code, OTEL_TRACES_EXPORTER="console", MESH_STATIC_SERVICES="weather=127.0.0.1:1"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['GET weather', 'GET weather attempt']"
