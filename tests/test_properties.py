@@ -354,3 +354,56 @@ def test_a_subset_filter_compiles_or_raises_value_error(text: str) -> None:
         compile_filter(text)
     except ValueError:
         return
+
+
+# ----------------------------------------------------------------------------- inbound headers
+
+# What an HTTP/1.1 server hands an app as a header value: visible latin-1 and tabs.
+_header_value = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"))
+    .map(str.strip)
+    .filter(bool),
+    st.sampled_from(
+        [
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "00-xyz-b7ad6b7169203331-01",
+            "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+            "²",
+        ]
+    ),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(traceparent=_header_value, tracestate=_header_value, deadline=_header_value)
+def test_inbound_trace_and_deadline_headers_never_break_a_request(
+    traceparent: str, tracestate: str, deadline: str
+) -> None:
+    import asyncio
+
+    import httpx
+
+    import meshlib
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def call() -> int:
+        middleware = meshlib.ASGIMiddleware(app, config=load_config({}))
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            headers = {
+                "traceparent": traceparent.encode("latin-1"),
+                "tracestate": tracestate.encode("latin-1"),
+                "x-mesh-deadline-ms": deadline.encode("latin-1"),
+            }
+            response = await client.get("/work", headers=headers)
+            return response.status_code
+
+    status = asyncio.run(call())
+    gone = deadline.isascii() and deadline.isdigit() and len(deadline) <= 9 and int(deadline) == 0
+    assert status == (504 if gone else 200)  # 504: a budget of 0 ms is already spent
