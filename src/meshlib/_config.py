@@ -350,6 +350,17 @@ VARIABLES: tuple[Variable, ...] = (
         _static_services,
     ),
     Variable(
+        "MESH_CONFIG_FILE",
+        "unset",
+        "/etc/meshlib/mesh.json",
+        "the path of a readable JSON file",
+        "The local config file (the embedded default's control plane): endpoints with "
+        "metadata under `services`, and Consul-shaped `service-router`, `service-splitter` "
+        "and `service-resolver` entries under `config_entries`. Re-read when it changes; a "
+        "malformed version is refused and the last good one stays in force.",
+        _existing_file,
+    ),
+    Variable(
         "MESH_DISCOVERY_TIMEOUT",
         "2s",
         "500ms",
@@ -872,6 +883,7 @@ class MeshConfig:
         default_factory=lambda: MappingProxyType({})
     )
     discovery_timeout: float = 2.0
+    config_file: str | None = None
     tls: TlsMode = "off"
     service_address: str | None = None
     service_port: int | None = None
@@ -992,6 +1004,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         discovery=discovery,
         static_services=static if static is not None else MappingProxyType({}),
         discovery_timeout=get("MESH_DISCOVERY_TIMEOUT") or 2.0,
+        config_file=get("MESH_CONFIG_FILE"),
         tls=get("MESH_TLS") or "off",
         service_address=get("MESH_SERVICE_ADDRESS"),
         service_port=get("MESH_SERVICE_PORT"),

@@ -52,6 +52,7 @@ from .resilience._retry import (
     classify_response,
     parse_retry_after,
 )
+from .routing import Decision
 from .telemetry._outbound import OutboundTelemetry
 
 __all__ = ["Attempt", "Call", "CallInfo", "request_options"]
@@ -123,13 +124,18 @@ class Call:
         "may_resend",
         "replayable",
         "retries_left",
+        "retry_on_status",
         "service",
         "telemetry",
         "tls_mode",
     )
 
     def __init__(
-        self, service: ServiceState, request: httpx.Request, tls_mode: str = "off"
+        self,
+        service: ServiceState,
+        request: httpx.Request,
+        tls_mode: str = "off",
+        route: Decision | None = None,
     ) -> None:
         now = time.monotonic()
         policy = service.policy
@@ -137,12 +143,19 @@ class Call:
         self.service = service
         self.info = CallInfo(service.name)
         self.telemetry = OutboundTelemetry(service.name, request)
-        deadline = Deadline.after(float(options.get("deadline", policy.deadline)), now)
+        budget = policy.deadline
+        retries = policy.retries
+        self.retry_on_status: frozenset[int] = frozenset()
+        if route is not None:  # the matching route's own settings (traffic management)
+            budget = route.request_timeout or budget
+            retries = policy.retries if route.num_retries is None else route.num_retries
+            self.retry_on_status = route.retry_on_status
+        deadline = Deadline.after(float(options.get("deadline", budget)), now)
         inbound = inbound_deadline.get()
         if inbound is not None and inbound.at < deadline.at:
             deadline = inbound
         self.deadline = deadline
-        self.retries_left = int(options.get("retries", policy.retries))
+        self.retries_left = int(options.get("retries", retries))
         self.may_resend = (
             request.method in IDEMPOTENT_METHODS
             or "idempotency-key" in request.headers
@@ -235,6 +248,8 @@ class Call:
         """The attempt got ``response`` (headers). Returns the delay before retrying, or None
         to hand this response to the caller."""
         outcome = classify_response(response)
+        if response.status_code in self.retry_on_status and not outcome.retryable:
+            outcome = outcome._replace(retryable=True)  # the route retries this status too
         ejected = self._record(attempt, outcome)
         self.telemetry.attempt_ended(self.service, outcome, ejected, response.status_code, None)
         if not outcome.retryable:
@@ -274,7 +289,7 @@ class Call:
         if outcome.sent and not (self.may_resend and self.replayable):
             return None  # the server may have seen it: resending could do it twice
         policy = self.service.policy
-        retry = policy.retries - self.retries_left + 1
+        retry = self.info.attempts  # the first retry follows attempt 1
         delay = (
             retry_after
             if retry_after is not None

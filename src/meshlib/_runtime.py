@@ -19,10 +19,15 @@ from __future__ import annotations
 import threading
 from typing import NamedTuple
 
+import httpx
+
 from ._config import MeshConfig
-from ._exceptions import NoHealthyEndpoints
+from ._exceptions import ConfigError, NoHealthyEndpoints
 from ._service import ServiceState
-from .discovery import Discovery, Snapshot, make_discovery
+from .discovery import Discovery, Snapshot, StaticDiscovery, make_discovery
+from .routing import Decision, Target, compile_filter
+from .routing._filter import EndpointView, Predicate
+from .routing._local import LocalConfigFile
 from .security import security_for
 
 __all__ = ["Mesh", "Pending", "reset"]
@@ -43,9 +48,16 @@ class Mesh:
     def __init__(self, config: MeshConfig, discovery: Discovery | None = None) -> None:
         self.config = config
         self.security = security_for(config)  # first: a missing CA stops start-up here
+        self.local = _local_config(config)
+        if discovery is None and self.local is not None and config.discovery == "static":
+            static = StaticDiscovery(config.static_services, self.local.current().services)
+            self.local.subscribe(lambda new: static.update(new.services))
+            discovery = static
         self.discovery = make_discovery(config) if discovery is None else discovery
         #: host as written in URLs ("weather", "weather.service.consul") -> state
         self._services: dict[str, ServiceState] = {}
+        #: Target.key -> (target, the state of its endpoints, its subset predicate)
+        self._targets: dict[str, tuple[Target, ServiceState, Predicate | None]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.discovery.subscribe(self._on_snapshot)
@@ -109,6 +121,57 @@ class Mesh:
         state = self._services.get(snapshot.service)
         if state is not None:
             state.update(snapshot)
+        for target, target_state, predicate in list(self._targets.values()):
+            if target.service == snapshot.service:
+                target_state.update(_subset(snapshot, predicate))
+
+    # ---------------------------------------------------------------- traffic management
+
+    def route(
+        self, state: ServiceState, request: httpx.Request
+    ) -> tuple[ServiceState, Decision | None]:
+        """The state of the endpoints this request goes to, and the routing decision.
+
+        Without routing configuration for the service: the service itself. Otherwise its
+        chain picks a route, a split and a subset (routing/_chain.py); an empty target
+        fails over to the resolver's failover targets that have endpoints.
+        """
+        local = self.local
+        if local is None:
+            return state, None
+        chain = local.current().chains.get(state.name)
+        if chain is None:
+            return state, None
+        url = request.url
+        decision = chain.decide(request.method, url.path, request.headers, dict(url.params))
+        target = decision.target
+        if not target.subset and target.service == state.name and not target.datacenter:
+            return state, decision
+        chosen = self._target_state(target)
+        if not chosen.endpoints:
+            for fallback in target.failover:
+                if fallback.datacenter:
+                    continue  # other datacenters need Consul's discovery chain
+                candidate = self._target_state(fallback)
+                if candidate.endpoints:
+                    return candidate, decision
+        return chosen, decision
+
+    def _target_state(self, target: Target) -> ServiceState:
+        found = self._targets.get(target.key)
+        if found is not None:
+            return found[1]
+        with self._lock:
+            found = self._targets.get(target.key)
+            if found is not None:
+                return found[1]
+            predicate = compile_filter(target.filter) if target.filter else None
+            state = ServiceState(target.service, self.config.policy(target.service))
+            snapshot = self.discovery.snapshot(target.service)
+            if snapshot is not None:
+                state.update(_subset(snapshot, predicate))
+            self._targets[target.key] = (target, state, predicate)
+            return state
 
     def services(self) -> dict[str, ServiceState]:
         """The services this process has called, by name."""
@@ -132,6 +195,28 @@ class Mesh:
             mesh = cls(config)
             _registry.append(mesh)
             return mesh
+
+
+def _local_config(config: MeshConfig) -> LocalConfigFile | None:
+    if config.config_file is None:
+        return None
+    try:
+        return LocalConfigFile(config.config_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"MESH_CONFIG_FILE={config.config_file!r}: expected a valid local config file ({exc})"
+        ) from None
+
+
+def _subset(snapshot: Snapshot, predicate: Predicate | None) -> Snapshot:
+    if predicate is None:
+        return snapshot
+    kept = tuple(
+        e
+        for e in snapshot.endpoints
+        if predicate(EndpointView(snapshot.service, e.id, e.host, e.port, e.node, e.meta, e.tags))
+    )
+    return Snapshot(snapshot.service, kept, snapshot.index)
 
 
 def _service_name(host: str) -> str | None:

@@ -65,7 +65,8 @@ class MeshTransport(httpx.BaseTransport):
         if service is None:
             self.mesh.security.egress.check(request.url.host)
             return self._inner.handle_request(request)
-        call = Call(service, request, self.mesh.config.tls)
+        service, route = self.mesh.route(service, request)
+        call = Call(service, request, self.mesh.config.tls, route)
         response: httpx.Response | None = None
         try:
             while True:
@@ -122,7 +123,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         if service is None:
             self.mesh.security.egress.check(request.url.host)
             return await self._inner.handle_async_request(request)
-        call = Call(service, request, self.mesh.config.tls)
+        service, route = self.mesh.route(service, request)
+        call = Call(service, request, self.mesh.config.tls, route)
         response: httpx.Response | None = None
         try:
             while True:
