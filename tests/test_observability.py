@@ -353,6 +353,18 @@ def test_alert_rules_pass_promtool() -> None:
     assert "SUCCESS: 6 rules found" in result.stdout
 
 
+def test_alert_rules_fire_on_the_series_they_are_written_for() -> None:
+    # error rate, breaker open, certificate expiring, retry budget exhausted; each also
+    # checked not to fire early (deploy/prometheus/meshlib-alerts.test.yml)
+    result = subprocess.run(
+        [_tool("promtool"), "test", "rules", str(RULES.with_suffix(".test.yml"))],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
 def test_alertmanager_config_passes_amtool() -> None:
     result = subprocess.run(
         [_tool("amtool"), "check-config", str(ALERTMANAGER)], capture_output=True, text=True
