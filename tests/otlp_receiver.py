@@ -47,6 +47,8 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[Received] = []
         self.metric_names: set[str] = set()
+        #: (service.name, metric name) pairs received
+        self.metrics_by_service: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         receiver = self
 
@@ -82,14 +84,7 @@ class OtlpReceiver:
     def _traces(self, body: bytes) -> None:
         request = ExportTraceServiceRequest.FromString(body)
         for resource_spans in request.resource_spans:
-            service = next(
-                (
-                    kv.value.string_value
-                    for kv in resource_spans.resource.attributes
-                    if kv.key == "service.name"
-                ),
-                "",
-            )
+            service = _service(resource_spans.resource)
             for scope_spans in resource_spans.scope_spans:
                 with self._lock:
                     self.spans.extend(
@@ -99,9 +94,11 @@ class OtlpReceiver:
     def _metrics(self, body: bytes) -> None:
         request = ExportMetricsServiceRequest.FromString(body)
         for resource_metrics in request.resource_metrics:
+            service = _service(resource_metrics.resource)
             for scope_metrics in resource_metrics.scope_metrics:
                 with self._lock:
                     self.metric_names.update(m.name for m in scope_metrics.metrics)
+                    self.metrics_by_service.update((service, m.name) for m in scope_metrics.metrics)
 
     def trace(self, trace_id: str, scope: str | None = "meshlib") -> list[Received]:
         """The spans of one trace made by instrumentation ``scope`` (None: all)."""
@@ -111,6 +108,12 @@ class OtlpReceiver:
                 for s in self.spans
                 if s.trace_id == trace_id and (scope is None or s.scope == scope)
             ]
+
+
+def _service(resource: Any) -> str:
+    return next(
+        (kv.value.string_value for kv in resource.attributes if kv.key == "service.name"), ""
+    )
 
 
 @pytest.fixture(scope="module")

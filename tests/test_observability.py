@@ -260,6 +260,27 @@ def test_services_push_metrics_over_otlp(chain: Chain, otlp: OtlpReceiver) -> No
     )
 
 
+def test_a_forked_gunicorn_worker_pushes_its_own_metrics(
+    otlp: OtlpReceiver, serve: ServedFactory
+) -> None:
+    # gunicorn loads the app, and so starts telemetry, before it forks the worker
+    served = serve(
+        "flask_app:app",
+        {
+            "MESH_SERVICE_NAME": "flaskweb",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+            "MESH_SHUTDOWN_DELAY": "100ms",
+        },
+    )
+    assert httpx.get(f"{served.url}/hello", timeout=10).status_code == 200
+    wait_until(
+        lambda: ("flaskweb", "http.server.request.duration") in otlp.metrics_by_service,
+        timeout=20,
+        what="the worker's server metrics over OTLP",
+    )
+
+
 def _counter(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():

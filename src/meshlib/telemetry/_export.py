@@ -28,16 +28,40 @@ __all__ = ["MetricsListener", "otlp_metrics", "start_exporters"]
 logger = logging.getLogger("meshlib.telemetry")
 
 
+#: (exporter name, config) of every push started: restarted in a forked child
+_PUSHES: list[tuple[str, MeshConfig]] = []
+
+
 def start_exporters(config: MeshConfig) -> None:
     """Start what ``config`` and the ``OTEL_*`` variables ask for (once per process)."""
     from ._state import exporters_for
 
     for name in exporters_for(config.metrics_exporter, "metrics"):
-        exporter = _metric_exporter(name)
-        if exporter is not None:
-            _Pusher(exporter, config).start()
+        if _start_push(name, config):
+            _PUSHES.append((name, config))
     if config.metrics_addr is not None:
         MetricsListener(*config.metrics_addr).start()
+
+
+def _start_push(name: str, config: MeshConfig) -> bool:
+    exporter = _metric_exporter(name)
+    if exporter is None:
+        return False
+    _Pusher(exporter, config).start()
+    return True
+
+
+def _restart_in_child() -> None:
+    """Threads do not survive ``fork`` (gunicorn forks its workers after loading the app):
+    each worker pushes its own metrics, with a fresh exporter and thread."""
+    for name, config in _PUSHES:
+        try:
+            _start_push(name, config)
+        except Exception:
+            logger.exception("restarting the metrics push after fork failed")
+
+
+os.register_at_fork(after_in_child=_restart_in_child)
 
 
 def _metric_exporter(name: str) -> Any:
@@ -71,6 +95,7 @@ class _Pusher(threading.Thread):
         except ValueError:
             self._interval = 60.0
         self._stop = threading.Event()
+        self._pid = os.getpid()
         atexit.register(self._final)
 
     def run(self) -> None:
@@ -84,6 +109,8 @@ class _Pusher(threading.Thread):
             logger.exception("exporting metrics failed")
 
     def _final(self) -> None:
+        if os.getpid() != self._pid:
+            return  # registered by the parent of a forked worker: not this process's push
         self._stop.set()
         self._push()
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
+from opentelemetry.semconv.attributes.service_attributes import SERVICE_INSTANCE_ID
 
 from .._config import MeshConfig
 from .._version import __version__
@@ -113,6 +115,9 @@ def _resource(config: MeshConfig) -> Resource:
         attributes[SERVICE_NAME] = config.service_name
     if config.service_version:
         attributes[SERVICE_VERSION] = config.service_version
+    # one per process, so the cumulative series of several workers of one service stay
+    # apart (OTEL_RESOURCE_ATTRIBUTES may set its own)
+    attributes[SERVICE_INSTANCE_ID] = f"{socket.gethostname()}:{os.getpid()}"
     return Resource.create(attributes)
 
 
