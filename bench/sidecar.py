@@ -168,6 +168,7 @@ def measure(quick: bool) -> dict[str, Any]:
     """p50/p99 of c=1 calls: meshlib strict mTLS, the sidecar pair, and direct plaintext."""
     import meshlib
     from backends import free_port
+    from meshlib import _runtime
     from meshlib._config import load_config
     from meshlib.security import LocalCA
 
@@ -226,6 +227,7 @@ def measure(quick: bool) -> dict[str, Any]:
     finally:
         for process in reversed(started):
             process.stop()
+        _runtime.reset()  # stop renewing the client's leaf from the directory about to go
         shutil.rmtree(directory, ignore_errors=True)
     return {name: _figures(got) for name, got in latencies.items()}
 
