@@ -74,6 +74,8 @@ class MeshTransport(httpx.BaseTransport):
                 inner = self._inner
                 if attempt.tls:
                     inner = self._tls.prepare(request, service.name)
+                    for old in self._tls.expired():
+                        old.close()
                 try:
                     response = inner.handle_request(request)
                 except httpx.TransportError as exc:
@@ -132,6 +134,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 inner = self._inner
                 if attempt.tls:
                     inner = self._tls.prepare(request, service.name)
+                    for old in self._tls.expired():
+                        await old.aclose()
                 try:
                     response = await inner.handle_async_request(request)
                 except httpx.TransportError as exc:
@@ -164,9 +168,10 @@ class _TlsPools(Generic[Pool]):
     Per service, because the server's identity is checked when a connection is made
     (security/_verify.py) and a pooled connection is reused without that check: a
     connection verified for ``weather`` must only ever carry requests for ``weather``.
-    Per trust generation, because a changed trust bundle needs a new SSL context; the
-    previous generation's pools stay open for requests in flight and are closed when the
-    one after arrives.
+    Per generation of the TLS material, because a renewed leaf or a changed trust bundle
+    comes as a new SSL context (security/_contexts.py); the previous generation's pools stay
+    open for requests in flight and are closed two generations later (hours, with leaves
+    renewed after two thirds of their lifetime).
     """
 
     def __init__(self, mesh: Mesh, factory: Callable[..., Pool], check: Callable[..., Any]) -> None:
@@ -174,7 +179,7 @@ class _TlsPools(Generic[Pool]):
         self._factory: Callable[..., Pool] = factory
         self._check = check
         self._pools: dict[tuple[str, int], Pool] = {}
-        self._retired: list[Pool] = []
+        self._retired: list[tuple[int, Pool]] = []  # (generation that retired it, pool)
         self._lock = threading.Lock()
 
     def prepare(self, request: httpx.Request, service: str) -> Pool:
@@ -197,13 +202,24 @@ class _TlsPools(Generic[Pool]):
                 pool = self._factory(verify=context)
                 self._pools[key] = pool
                 stale = [k for k in self._pools if k[0] == key[0] and k[1] < key[1] - 1]
-                self._retired.extend(self._pools.pop(k) for k in stale)
+                self._retired.extend((key[1], self._pools.pop(k)) for k in stale)
             return pool
+
+    def expired(self) -> list[Pool]:
+        """Retired pools two generations old (to close): nothing should still run on them."""
+        if not self._retired:
+            return []
+        tls = self._security.tls
+        generation = tls.generation if tls is not None else 0
+        with self._lock:
+            old = [pool for retired_at, pool in self._retired if retired_at < generation - 1]
+            self._retired = [(g, p) for g, p in self._retired if g >= generation - 1]
+        return old
 
     def drain(self) -> list[Pool]:
         """Every pool, forgotten (to close)."""
         with self._lock:
-            pools = [*self._pools.values(), *self._retired]
+            pools = [*self._pools.values(), *(pool for _, pool in self._retired)]
             self._pools.clear()
             self._retired.clear()
         return pools

@@ -5,9 +5,13 @@ Server side, the rotation that can also *remove* trust is a fixed base context w
 with zero failed requests under uvicorn, gunicorn and werkzeug). The base context already
 requires (strict) or asks for (permissive) a client certificate.
 
-Client side, a new leaf is loaded into the live context (new connections present it;
-established ones stay authenticated), and a changed trust bundle makes a new context with
-a new ``generation`` so callers can start new connection pools for it.
+Client side, every new material (a renewed leaf or a changed trust bundle) makes a new
+context with a new ``generation``; callers start new connection pools for it, and
+established connections stay authenticated. A live context is never changed:
+``load_cert_chain`` installs the certificate and then the key, and a handshake running in
+another thread between the two presents the new certificate with the old key (the server
+refuses it; under TLS 1.3 the client only sees the connection close). Measured: 1 failed
+request in 1699 with 3-second leaves before this was fixed.
 
 PEM reaches ``load_cert_chain`` through files in a private directory (mode 0700, files
 0600) that are deleted as soon as they are loaded: ``ssl`` reads keys only from files.
@@ -53,11 +57,8 @@ class TlsContexts:
     def _rotate(self, material: TlsMaterial) -> None:
         with self._lock:
             server = self._server_context(material)
-            if material.roots_digest != self.material.roots_digest:
-                client = self._client_context(material)
-                self.client, self.generation = client, self.generation + 1
-            else:
-                _load_chain(self.client, material)
+            client = self._client_context(material)
+            self.client, self.generation = client, self.generation + 1
             self.server = server
             self.material = material
 
