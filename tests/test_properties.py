@@ -311,12 +311,6 @@ _config_entry = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.xfail(
-    raises=AttributeError,
-    reason="routing/_entries.py assumes objects where the JSON may hold anything: "
-    "Failover: [null], Match: 1, Subsets: [] raise AttributeError instead of ValueError. "
-    "Remove this marker with the fix.",
-)
 @PROPERTIES
 @given(st.lists(_config_entry, max_size=3))
 @example([{"Kind": "service-resolver", "Name": "web", "Failover": [None]}])

@@ -78,9 +78,20 @@ def compile_entries(entries: Sequence[Any]) -> dict[str, Chain]:
 
 
 def _list(entry: Mapping[str, Any], key: str, where: str) -> list[Any]:
-    value = entry.get(key) or []
+    value = entry.get(key)
+    if value is None:
+        return []
     if not isinstance(value, list):
         raise ValueError(f"{where}: {key} must be a list")
+    return value
+
+
+def _obj(value: Any, where: str) -> Mapping[str, Any]:
+    """``value`` as an object; None counts as an empty one; anything else is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected an object, not {type(value).__name__}")
     return value
 
 
@@ -102,9 +113,10 @@ def _seconds(value: Any, where: str) -> float | None:
 
 
 def _route(route: Any, where: str) -> Route:
-    if not isinstance(route, Mapping):
-        raise ValueError(f"{where}: expected an object")
-    http = (route.get("Match") or {}).get("HTTP") or {}
+    route = _obj(route, where)
+    http = _obj(_obj(route.get("Match"), f"{where}.Match").get("HTTP"), f"{where}.Match.HTTP")
+    header_items = [_obj(h, f"{where} Header") for h in _list(http, "Header", where)]
+    query_items = [_obj(q, f"{where} QueryParam") for q in _list(http, "QueryParam", where)]
     headers = tuple(
         HeaderMatch(
             name=str(h.get("Name", "")),
@@ -115,7 +127,7 @@ def _route(route: Any, where: str) -> Route:
             regex=_text(h.get("Regex"), f"{where} Header.Regex"),
             invert=bool(h.get("Invert", False)),
         )
-        for h in http.get("Header") or ()
+        for h in header_items
     )
     query = tuple(
         QueryMatch(
@@ -124,7 +136,7 @@ def _route(route: Any, where: str) -> Route:
             exact=_text(q.get("Exact"), f"{where} QueryParam.Exact"),
             regex=_text(q.get("Regex"), f"{where} QueryParam.Regex"),
         )
-        for q in http.get("QueryParam") or ()
+        for q in query_items
     )
     if any(not h.name for h in headers) or any(not q.name for q in query):
         raise ValueError(f"{where}: every Header and QueryParam match needs a Name")
@@ -132,12 +144,12 @@ def _route(route: Any, where: str) -> Route:
         path_exact=_text(http.get("PathExact"), f"{where} PathExact"),
         path_prefix=_text(http.get("PathPrefix"), f"{where} PathPrefix"),
         path_regex=_text(http.get("PathRegex"), f"{where} PathRegex"),
-        methods=frozenset(str(m).upper() for m in http.get("Methods") or ()),
+        methods=frozenset(str(m).upper() for m in _list(http, "Methods", where)),
         headers=headers,
         query=query,
     )
-    destination = route.get("Destination") or {}
-    codes = destination.get("RetryOnStatusCodes") or ()
+    destination = _obj(route.get("Destination"), f"{where}.Destination")
+    codes = _list(destination, "RetryOnStatusCodes", where)
     if not all(isinstance(c, int) and 100 <= c <= 599 for c in codes):
         raise ValueError(f"{where}: RetryOnStatusCodes must be HTTP status codes")
     retries = destination.get("NumRetries")
@@ -172,8 +184,8 @@ def _splits(name: str, raw: list[Any], where: str) -> tuple[Split, ...]:
 
 def _resolver(entry: Mapping[str, Any], where: str) -> Resolver:
     subsets: dict[str, str] = {}
-    for subset, body in (entry.get("Subsets") or {}).items():
-        expression = str((body or {}).get("Filter", ""))
+    for subset, body in _obj(entry.get("Subsets"), f"{where} Subsets").items():
+        expression = str(_obj(body, f"{where} Subsets.{subset}").get("Filter") or "")
         if expression:
             try:
                 compile_filter(expression)
@@ -183,15 +195,19 @@ def _resolver(entry: Mapping[str, Any], where: str) -> Resolver:
     default = _text(entry.get("DefaultSubset"), f"{where} DefaultSubset") or ""
     if default and default not in subsets:
         raise ValueError(f"{where}: DefaultSubset {default!r} is not one of its Subsets")
-    redirect = entry.get("Redirect") or {}
+    redirect = _obj(entry.get("Redirect"), f"{where} Redirect")
     datacenters: dict[str, tuple[str, ...]] = {}
     services: dict[str, tuple[str, ...]] = {}
-    for subset, failover in (entry.get("Failover") or {}).items():
+    for subset, raw in _obj(entry.get("Failover"), f"{where} Failover").items():
+        failover = _obj(raw, f"{where} Failover.{subset}")
         if failover.get("Datacenters"):
-            datacenters[subset] = tuple(str(dc) for dc in failover["Datacenters"])
+            datacenters[subset] = tuple(
+                str(dc) for dc in _list(failover, "Datacenters", f"{where} Failover.{subset}")
+            )
         if failover.get("Service"):
             services[subset] = (str(failover["Service"]),)
-        for target in failover.get("Targets") or ():
+        for raw_target in _list(failover, "Targets", f"{where} Failover.{subset}"):
+            target = _obj(raw_target, f"{where} Failover.{subset}.Targets")
             if target.get("Datacenter"):
                 datacenters[subset] = (*datacenters.get(subset, ()), str(target["Datacenter"]))
             if target.get("Service"):
