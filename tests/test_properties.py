@@ -10,6 +10,7 @@ few seconds with the default suite.
 
 from __future__ import annotations
 
+import json
 import math
 import string
 from typing import Any
@@ -321,7 +322,7 @@ def test_any_config_entries_compile_or_raise_value_error(entries: list[Any]) -> 
         chains = compile_entries(entries)
     except ValueError:
         return
-    assert set(chains) <= {"web", "api"}
+    assert set(chains) == {entry["Name"] for entry in entries}  # one chain per named service
 
 
 @PROPERTIES
@@ -401,3 +402,46 @@ def test_inbound_trace_and_deadline_headers_never_break_a_request(
     status = asyncio.run(call())
     gone = deadline.isascii() and deadline.isdigit() and len(deadline) <= 9 and int(deadline) == 0
     assert status == (504 if gone else 200)  # 504: a budget of 0 ms is already spent
+
+
+# ----------------------------------------------------------------------------- the local file
+
+_instance = st.fixed_dictionaries(
+    {},
+    optional={
+        "address": _field(st.sampled_from(["127.0.0.1:8001", "[::1]:9001", "host", "h:99999"])),
+        "meta": _field(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2)),
+        "tags": _field(st.lists(st.text(max_size=4), max_size=2)),
+        "weight": _field(st.integers(-1, 5)),
+        "id": _small_json,
+    },
+)
+_local_document = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "services": _field(
+                st.dictionaries(
+                    st.sampled_from(["web", "api"]), _field(st.lists(_instance, max_size=3))
+                )
+            ),
+            "config_entries": _field(st.lists(_config_entry, max_size=2)),
+        },
+    ),
+    _small_json,
+)
+
+
+@PROPERTIES
+@given(st.one_of(_local_document.map(json.dumps), st.text(max_size=30)))
+@example('{"services": [null]}')  # found by this test: raised AttributeError
+def test_any_local_config_file_parses_or_raises_value_error(text: str) -> None:
+    from meshlib.routing._local import LocalConfig, parse
+
+    try:
+        config = parse(text)
+    except ValueError:
+        return
+    assert isinstance(config, LocalConfig)
+    for endpoints in config.services.values():
+        assert all(0 < endpoint.port < 65536 and endpoint.weight >= 1 for endpoint in endpoints)

@@ -68,7 +68,10 @@ def parse(text: str) -> LocalConfig:
     if unknown:
         raise ValueError(f"unknown top-level keys {sorted(unknown)}")
     services: dict[str, tuple[Endpoint, ...]] = {}
-    for name, instances in (document.get("services") or {}).items():
+    listed = document.get("services") or {}
+    if not isinstance(listed, dict):
+        raise ValueError("services must be an object of service names")
+    for name, instances in listed.items():
         if not isinstance(instances, list):
             raise ValueError(f"services.{name} must be a list of instances")
         services[name] = tuple(_endpoint(name, i, item) for i, item in enumerate(instances))
