@@ -16,6 +16,7 @@ It ends by itself, stops every process it started (by PID), and prints a summary
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -26,9 +27,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
 
@@ -172,6 +173,18 @@ class WeatherSystem:
         self.gateway = self._process("gateway", "gateway:app", gateway_env)
         self.started.append(self.gateway)
         self.gateway.start()
+        if self.consul is not None:
+            self._wait_passing({"geo": 1, "forecast": 2, "gateway": 1})
+
+    def _wait_passing(self, wanted: dict[str, int], timeout: float = 30.0) -> None:
+        """Wait until Consul's checks pass (an instance registers as critical until then)."""
+        with self._consul_client() as client:
+            deadline = time.monotonic() + timeout
+            for name, count in wanted.items():
+                while len(client.health.service(name, passing=True)[1]) < count:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{name}: fewer than {count} passing in Consul")
+                    time.sleep(0.2)  # Consul checks every MESH_HEALTH_INTERVAL (2 s)
 
     def client_config(self) -> MeshConfig:
         """The demo's own mesh identity (``demo``), calling the gateway through the mesh."""
@@ -202,16 +215,23 @@ class WeatherSystem:
 
     def _deregister_killed(self) -> None:
         """A killed instance could not deregister itself: do it for it."""
+        try:
+            with self._consul_client() as client:
+                for service_id in self.killed_ids:
+                    client.agent.service.deregister(service_id)
+        except Exception as exc:
+            print(f"meshlib demo: could not deregister {self.killed_ids}: {exc}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def _consul_client(self) -> Iterator[Any]:
+        """A py-consul client of the agent at CONSUL_HTTP_ADDR."""
         from ..server._registration import _client
 
         config = load_config({k: v for k, v in os.environ.items() if k.startswith("CONSUL_")})
         assert config.consul is not None
         client = _client(config.consul)
         try:
-            for service_id in self.killed_ids:
-                client.agent.service.deregister(service_id)
-        except Exception as exc:
-            print(f"meshlib demo: could not deregister {self.killed_ids}: {exc}", file=sys.stderr)
+            yield client
         finally:
             client.http.session.close()
 
@@ -285,6 +305,7 @@ def _timeline(
     view.killed(victim.address)
     at(0.55)
     system.restart(victim)
+    view.restarted(victim.address)
     view.event(f"restarted forecast on {victim.address}: it gets traffic once un-ejected")
     at(0.7)
     # --- canary: forecast v2 at 10%, then promoted --------------------------------------

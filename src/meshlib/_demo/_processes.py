@@ -40,6 +40,7 @@ class ServiceProcess:
         self.log = log
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0  # where this run's output starts in the log
 
     @property
     def address(self) -> str:
@@ -54,6 +55,7 @@ class ServiceProcess:
     def spawn(self) -> ServiceProcess:
         """Start the process; ``wait_ready`` waits for it to listen."""
         env = {**os.environ, **self.env, "PYTHONPATH": str(self.directory)}
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         argv = [sys.executable, "-m", "meshlib", "serve", self.target, "--port", str(self.port)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -74,7 +76,8 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} exited:\n{self.tail()}")
-            match = _ANNOUNCE.search(self.log.read_bytes()) if self.port == 0 else None
+            output = self.log.read_bytes()[self._offset :]
+            match = _ANNOUNCE.search(output) if self.port == 0 else None
             if match is not None:
                 self.port = int(match.group(1))
             if self.port and _listening(self.port):

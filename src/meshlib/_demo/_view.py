@@ -32,6 +32,7 @@ class View:
         self._ejected_now: Callable[[], int | None] = lambda: None
         self.ejected = 0
         self._killed: str | None = None
+        self._restarted: str | None = None
         self._rates: dict[str, float] = {}
         self._previous: tuple[float, Counter[str]] = (self.start, Counter())
         self._lock = threading.Lock()
@@ -60,6 +61,10 @@ class View:
     def killed(self, address: str) -> None:
         """An instance was killed: report when the gateway ejects it."""
         self._killed = address
+
+    def restarted(self, address: str) -> None:
+        """The killed instance runs again at ``address``."""
+        self._restarted = address
 
     def trace(self, trace_id: str, lines: list[str]) -> None:
         """Show the span tree of one request."""
@@ -105,7 +110,10 @@ class View:
                 f"failed requests so far: {failed}"
             )
         elif ejected < self.ejected:
-            self.event("gateway un-ejected a forecast instance: it gets traffic again")
+            self.event(
+                "gateway: a forecast instance is no longer ejected "
+                "(its ejection ran out, or discovery dropped it)"
+            )
         self.ejected = ejected
 
     def _update_rates(self) -> None:
@@ -172,7 +180,12 @@ class View:
             file=self.out,
         )
         for instance, count in sorted(traffic.per_instance.items()):
-            note = "  (killed with SIGKILL, restarted)" if instance == self._killed else ""
+            note = ""
+            if instance == self._killed:
+                again = ", restarted" if self._restarted == instance else ""
+                note = f"  (killed with SIGKILL{again})"
+            elif instance == self._restarted:
+                note = "  (the killed instance, restarted)"
             version = traffic.versions.get(instance, "?")
             print(f"  forecast {version} {instance:<22}{count:>7}{note}", file=self.out)
         if traffic.failures:
