@@ -12,11 +12,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from backends import free_port
 from meshlib.security import LocalCA
 from otlp_receiver import OtlpReceiver, Received
 from polling import wait_until
@@ -52,23 +54,29 @@ class Chain:
             "MESH_RETRY_BACKOFF_MAX": "5ms",
             "MESH_SHUTDOWN_DELAY": "100ms",
         }
-        self.geo = Served("chain_app:app", {**common, "MESH_SERVICE_NAME": "geo"}).start()
+        # ports chosen first, so the three start at once (each knows the next hop's port)
+        gateway_port, forecast_port, geo_port = free_port(), free_port(), free_port()
+        self.geo = Served("chain_app:app", {**common, "MESH_SERVICE_NAME": "geo"}, port=geo_port)
         self.forecast = Served(
             "chain_app:app",
             {
                 **common,
                 "MESH_SERVICE_NAME": "forecast",
-                "MESH_STATIC_SERVICES": f"geo={self.geo.address}",
+                "MESH_STATIC_SERVICES": f"geo=127.0.0.1:{geo_port}",
             },
-        ).start()
+            port=forecast_port,
+        )
         self.gateway = Served(
             "chain_app:app",
             {
                 **common,
                 "MESH_SERVICE_NAME": "gateway",
-                "MESH_STATIC_SERVICES": f"forecast={self.forecast.address}",
+                "MESH_STATIC_SERVICES": f"forecast=127.0.0.1:{forecast_port}",
             },
-        ).start()
+            port=gateway_port,
+        )
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(Served.start, (self.geo, self.forecast, self.gateway)))
         self.all = (self.gateway, self.forecast, self.geo)
 
     def stop(self) -> None:
