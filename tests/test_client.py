@@ -131,13 +131,14 @@ def test_other_hosts_pass_through_untouched(
 # ----------------------------------------------------------------------------- failures
 
 
+@pytest.mark.parametrize("lb", ["round_robin", "p2c_ewma"])
 def test_killed_instance_loses_no_gets_is_ejected_and_readmitted(
-    backends: BackendFactory, env: pytest.MonkeyPatch
+    backends: BackendFactory, env: pytest.MonkeyPatch, lb: str
 ) -> None:
     servers = backends.many(3)
     victim = servers[1]
     env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
-    env.setenv("MESH_LB", "round_robin")
+    env.setenv("MESH_LB", lb)
     env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "2")
     env.setenv("MESH_OUTLIER_EJECTION_TIME", "1s")
     failures: list[BaseException] = []

@@ -274,8 +274,10 @@ class Call:
         """Feed the outcome to latency, breaker and ejection; True if it ejected the endpoint."""
         service = self.service
         state = attempt.state
-        policy = service.policy
-        state.finished(attempt.start, floor=policy.timeout if outcome.failure else 0.0)
+        # A failure's real duration feeds the latency estimate, as in Finagle and tower; a
+        # dead endpoint that fails fast is removed by ejection, not by a latency penalty (a
+        # penalty of the attempt timeout took ~80 s to decay, starving a restarted instance).
+        state.finished(attempt.start)
         service.breaker.record(outcome.failure, probe=attempt.probe)
         now = time.monotonic()
         if outcome.failure:

@@ -93,18 +93,13 @@ class EndpointState:
             self.in_flight += 1
         return time.monotonic()
 
-    def finished(self, start: float, *, latency: bool = True, floor: float = 0.0) -> None:
-        """Count a request done; if ``latency``, feed its duration to the latency estimate.
-
-        ``floor`` raises the sample: a failed attempt is fed as at least that slow, so an
-        endpoint that fails fast (connection refused in 0.1 ms) does not look fast and
-        attract more traffic before outlier ejection removes it.
-        """
+    def finished(self, start: float, *, latency: bool = True) -> None:
+        """Count a request done; if ``latency``, feed its duration to the latency estimate."""
         now = time.monotonic()
         with self._lock:
             self.in_flight -= 1
             if latency:
-                self.ewma.observe(max(now - start, floor), now)
+                self.ewma.observe(now - start, now)
 
     def load(self, now: float) -> float:
         """Peak-EWMA load: latency estimate x (in flight + 1), Finagle's formula.

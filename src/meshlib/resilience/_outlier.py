@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..balance._state import EndpointState
+from ..balance._state import EndpointState, PeakEwma
 
 __all__ = ["OutlierDetector"]
 
@@ -55,4 +55,5 @@ class OutlierDetector:
         state.ejected_until = now + self.ejection_time * state.ejections
         state.outlier_decay_at = state.ejected_until + self.ejection_time
         state.consecutive_errors = 0
+        state.ewma = PeakEwma()  # readmitted, it is measured afresh, not judged by the past
         return True
