@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import meshlib
-from consul_agent import ConsulAgent, unique
+from consul_agent import ConsulAgent, ConsulFactory, unique
 from meshlib._config import load_config
 from meshlib.resilience._deadline import Deadline, inbound_deadline
 from polling import wait_until
@@ -387,3 +387,23 @@ def test_serve_binds_a_tcp_socket_so_asyncio_disables_nagle() -> None:
         assert sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+def test_an_unreachable_consul_at_start_up_is_retried_while_the_app_serves(
+    serve: ServedFactory, consul_factory: ConsulFactory
+) -> None:
+    agent = consul_factory()
+    agent.stop()  # down when the app starts; back later on the same port
+    name = unique("late")
+    served = serve(
+        "fastapi_app:app",
+        {"CONSUL_HTTP_ADDR": agent.http_addr, "MESH_SERVICE_NAME": name},
+    )
+    assert httpx.get(f"{served.url}/hello").status_code == 200
+    wait_until(lambda: b"could not register" in served.output, what="the warning")
+    agent.restart()
+    wait_until(
+        lambda: agent.get(f"/v1/catalog/service/{name}"), timeout=15, what="the registration"
+    )
+    assert served.output.count(b"could not register") == 1
+    assert b"Traceback" not in served.output

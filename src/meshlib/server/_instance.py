@@ -27,6 +27,9 @@ logger = logging.getLogger("meshlib.server")
 
 State = Literal["starting", "ready", "draining", "stopped"]
 
+#: seconds between attempts to register while the Consul agent cannot be reached
+_REGISTER_RETRY = 2.0
+
 
 class Instance:
     """This process's place in the mesh as a server."""
@@ -43,6 +46,8 @@ class Instance:
         self.registration: Registration | None = None
         self._changed = threading.Condition()
         self._start_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._register_failed = False
 
     # ---------------------------------------------------------------- requests
 
@@ -101,8 +106,38 @@ class Instance:
                     )
             self._state = "ready"
             if self.registration is not None:
-                self.registration.register()
                 atexit.register(self._deregister_at_exit)
+                if not self._register():
+                    threading.Thread(
+                        target=self._keep_registering, name="meshlib-register", daemon=True
+                    ).start()
+
+    def _register(self) -> bool:
+        """Try to register; on failure say so (once) and return False."""
+        assert self.registration is not None
+        try:
+            self.registration.register()
+        except Exception as exc:
+            if not self._register_failed:
+                self._register_failed = True
+                logger.warning(
+                    "could not register %s in Consul (%s: %s); serving anyway and retrying "
+                    "every %gs",
+                    self.config.service_name,
+                    type(exc).__name__,
+                    exc,
+                    _REGISTER_RETRY,
+                )
+            return False
+        if self._register_failed:
+            logger.info("registered %s in Consul after all", self.config.service_name)
+        return True
+
+    def _keep_registering(self) -> None:
+        """Retry registration until it works or the instance drains (Consul agent restarts)."""
+        while not self._stopping.wait(_REGISTER_RETRY):
+            if self._state != "ready" or self._register():
+                return
 
     def begin_drain(self) -> None:
         """Go unready and deregister; requests keep being served. Idempotent."""
@@ -110,6 +145,7 @@ class Instance:
             if self._state in ("draining", "stopped"):
                 return
             self._state = "draining"
+            self._stopping.set()
             if _shared_drain is not None:
                 _shared_drain.value = True
         logger.info(
