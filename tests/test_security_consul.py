@@ -114,7 +114,8 @@ def test_meshlib_services_use_connects_ca_and_its_intentions(
             what="the intention to apply",
         )
         assert "DENY" in denied.json()["detail"]
-    assert b"denied GET /hello from spiffe://" in served.output
+    # the server's log is read by another thread: wait for the line
+    wait_until(lambda: b"denied GET /hello from spiffe://" in served.output, what="the log")
     before = handled_as_auditor(monkeypatch, agent, hello)
     as_client(monkeypatch, agent, "gateway")
     with meshlib.Client() as client:
@@ -205,7 +206,7 @@ def test_consuls_upstream_proxy_calls_a_meshlib_server(
         what="the deny",
     )
     assert "DENY" in denied.json()["detail"]
-    assert b"denied GET /peer" in served.output
+    wait_until(lambda: b"denied GET /peer" in served.output, what="the denial in the log")
     before = handled_as_auditor(monkeypatch, agent, hello)
     assert [r.status_code for r in (call(), call(), call()) if r is not None] == [403] * 3
     assert handled_as_auditor(monkeypatch, agent, hello) == before  # the handler never ran
