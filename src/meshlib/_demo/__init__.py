@@ -8,7 +8,7 @@ gateway from this process (a mesh client itself), and shows what happens:
 1. requests spread over the forecast instances;
 2. one instance is killed (SIGKILL) and ejected, with no failed request;
 3. it comes back and gets traffic again;
-4. (a canary of forecast v2: waits for traffic splitting, issue 7);
+4. a canary of forecast v2 at 10% (a splitter in the local config file), then promoted;
 5. the span tree of one request across the three services.
 
 It ends by itself, stops every process it started (by PID), and prints a summary.
@@ -17,6 +17,7 @@ It ends by itself, stops every process it started (by PID), and prints a summary
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -143,6 +144,14 @@ class WeatherSystem:
             )
             for i in (1, 2)
         ]
+        #: forecast v2, the canary: gets traffic only through the splitter (static mode)
+        self.canary: ServiceProcess | None = None
+        if consul is None:
+            self.canary = self._process(
+                "forecast-v2",
+                "forecast:app",
+                {"MESH_SERVICE_NAME": "forecast", "MESH_SERVICE_VERSION": "v2"},
+            )
         self.gateway: ServiceProcess | None = None
         self.started: list[ServiceProcess] = []
         self.killed_ids: list[str] = []
@@ -152,7 +161,7 @@ class WeatherSystem:
         return ServiceProcess(label, target, EXAMPLE, {**self.common, **env}, log)
 
     def start(self) -> None:
-        backends = [self.geo, *self.forecasts]
+        backends = [self.geo, *self.forecasts, *([self.canary] if self.canary else [])]
         self.started.extend(backends)
         for process in backends:
             process.spawn()
@@ -167,14 +176,49 @@ class WeatherSystem:
             "MESH_OUTLIER_EJECTION_TIME": "5s",
         }
         if self.consul is None:
-            gateway_env["MESH_STATIC_SERVICES"] = f"geo={self.geo.address};forecast=" + ",".join(
-                f.address for f in self.forecasts
-            )
+            gateway_env["MESH_STATIC_SERVICES"] = f"geo={self.geo.address}"
+            # forecast's instances, subsets and split come from the local config file
+            gateway_env["MESH_CONFIG_FILE"] = str(self.split(100, 0))
         self.gateway = self._process("gateway", "gateway:app", gateway_env)
         self.started.append(self.gateway)
         self.gateway.start()
         if self.consul is not None:
             self._wait_passing({"geo": 1, "forecast": 2, "gateway": 1})
+
+    def split(self, v1: int, v2: int) -> Path:
+        """Write the gateway's local config file: forecast v1/v2 subsets split ``v1``/``v2``
+        (atomically, as a rollout controller would; the gateway sees it within 0.5 s)."""
+        assert self.canary is not None
+        instances = [{"address": f.address, "meta": {"version": "v1"}} for f in self.forecasts] + [
+            {"address": self.canary.address, "meta": {"version": "v2"}}
+        ]
+        document = {
+            "services": {"forecast": instances},
+            "config_entries": [
+                {
+                    "Kind": "service-resolver",
+                    "Name": "forecast",
+                    "DefaultSubset": "v1",
+                    "Subsets": {
+                        "v1": {"Filter": "Service.Meta.version == v1"},
+                        "v2": {"Filter": "Service.Meta.version == v2"},
+                    },
+                },
+                {
+                    "Kind": "service-splitter",
+                    "Name": "forecast",
+                    "Splits": [
+                        {"Weight": v1, "ServiceSubset": "v1"},
+                        {"Weight": v2, "ServiceSubset": "v2"},
+                    ],
+                },
+            ],
+        }
+        path = self.workdir / "mesh.json"
+        tmp = self.workdir / "mesh.json.tmp"
+        tmp.write_text(json.dumps(document, indent=2))
+        os.replace(tmp, path)
+        return path
 
     def _wait_passing(self, wanted: dict[str, int], timeout: float = 30.0) -> None:
         """Wait until Consul's checks pass (an instance registers as critical until then)."""
@@ -307,12 +351,17 @@ def _timeline(
     system.restart(victim)
     view.restarted(victim.address)
     view.event(f"restarted forecast on {victim.address}: it gets traffic once un-ejected")
-    at(0.7)
+    at(0.62)
     # --- canary: forecast v2 at 10%, then promoted --------------------------------------
-    # Needs weighted traffic splitting (issue 7). When it lands: start forecast v2, split
-    # 90/10 with the splitter, watch v2's share, then promote it to 100%.
-    view.event("canary: needs traffic splitting (issue 7) - skipped")
-    at(0.75)
+    if system.canary is None:
+        view.event("canary: with Consul it needs the discovery chain (not built yet) - skipped")
+    else:
+        system.split(90, 10)
+        view.event("canary: forecast v2 gets 10% (service-splitter 90/10 in the config file)")
+        at(0.74)
+        system.split(0, 100)
+        view.event("canary promoted: forecast v2 gets 100%")
+    at(0.82)
     _sample_trace(client, receiver, view, start + duration)
     at(1.0)
 
