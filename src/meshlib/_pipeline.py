@@ -9,12 +9,16 @@ decision lives here, once. The stages, outermost first, and why they sit where t
 2. **deadline** (``Call.__init__``): one budget for the whole logical request, capped by the
    deadline of the inbound request being served, so no retry or backoff can outlive it.
    It is checked before every attempt and sent downstream with each.
-3. **retry** (``Call.attempt_failed`` / ``Call.attempt_responded``): sits *above* balance so
-   each retry can land on a different endpoint, and above the breaker and ejection so they
-   see every attempt, not only the last. Only retryable outcomes, only requests that are
-   safe to resend, within the service's retry budget, never past the deadline.
-4. **breaker** (``Call.start_attempt``): a per-service gate: while the whole service keeps
-   failing, fail fast instead of queueing attempts that cannot succeed.
+3. **breaker** (the first ``Call.start_attempt``, and ``Call.finish``): a per-service gate
+   on *requests*: it admits a request before its first attempt and hears the request's
+   final outcome, after retries. Failing instances are the business of retries and
+   ejection; the breaker opens only when the service as a whole keeps failing requests
+   (counting attempts, it opened while two of three instances were healthy and only the
+   third kept dying). Half-open, a bounded number of requests probe.
+4. **retry** (``Call.attempt_failed`` / ``Call.attempt_responded``): sits *above* balance so
+   each retry can land on a different endpoint, and above ejection so it sees every
+   attempt, not only the last. Only retryable outcomes, only requests that are safe to
+   resend, within the service's retry budget, never past the deadline.
 5. **balance** (``Call.start_attempt``): choose among endpoints that are not ejected and, if
    possible, not yet tried by this request; panic mode uses all when too few remain.
 6. **attempt** (the transport): per-attempt timeout, ``Host`` kept as the service name,
@@ -100,12 +104,11 @@ class CallInfo:
 class Attempt:
     """One try of a Call on one endpoint."""
 
-    __slots__ = ("probe", "start", "state", "tls")
+    __slots__ = ("start", "state", "tls")
 
-    def __init__(self, state: EndpointState, start: float, probe: bool, tls: bool) -> None:
+    def __init__(self, state: EndpointState, start: float, tls: bool) -> None:
         self.state = state
         self.start = start
-        self.probe = probe
         #: Sent over mesh mTLS (so on the service's own connection pool).
         self.tls = tls
 
@@ -114,6 +117,8 @@ class Call:
     """The policy of one logical request. Not thread-safe: one Call per request."""
 
     __slots__ = (
+        "_admitted",
+        "_last_failed",
         "_original_extensions",
         "_original_timeout",
         "_original_url",
@@ -168,6 +173,10 @@ class Call:
         self._original_url = request.url
         self._original_timeout = request.extensions.get("timeout")
         self._original_extensions = dict(request.extensions)
+        #: breaker admission: None (not yet), False (admitted), True (admitted as a probe)
+        self._admitted: bool | None = None
+        #: whether the last attempt failed (None before any attempt ended)
+        self._last_failed: bool | None = None
         self.tls_mode = tls_mode
         service.budget.record_request(now)
 
@@ -191,15 +200,17 @@ class Call:
                 service=service.name,
                 request=request,
             )
-        verdict = service.breaker.allow()
-        if verdict is False:
-            raise CircuitOpen(
-                f"service {service.name!r}: circuit breaker open after "
-                f"{service.breaker.failures} consecutive failures; next probe in "
-                f"{service.breaker.retry_in():.1f}s",
-                service=service.name,
-                request=request,
-            )
+        if self._admitted is None:
+            verdict = service.breaker.allow()
+            if verdict is False:
+                raise CircuitOpen(
+                    f"service {service.name!r}: circuit breaker open after "
+                    f"{service.breaker.failures} consecutive failed requests; next probe in "
+                    f"{service.breaker.retry_in():.1f}s",
+                    service=service.name,
+                    request=request,
+                )
+            self._admitted = verdict is None
         state = service.balancer.pick(service.candidates(now, self._tried), self.hash_key)
         endpoint = state.endpoint
         self._tried.append(endpoint.key)
@@ -216,7 +227,7 @@ class Call:
         self.telemetry.attempt_started(
             request, endpoint, self.info.attempts, reasons[-1] if reasons else ""
         )
-        return Attempt(state, state.started(), probe=verdict is None, tls=tls)
+        return Attempt(state, state.started(), tls=tls)
 
     def _tls(self, meta: Mapping[str, str]) -> bool:
         """Whether this attempt uses mesh mTLS: always when strict; when permissive, unless
@@ -263,6 +274,13 @@ class Call:
         request.extensions = self._original_extensions
         if response is not None:
             response.extensions[OPTIONS_KEY] = self.info
+        if self._admitted is not None:  # the breaker hears the request's final outcome
+            breaker = self.service.breaker
+            if self._last_failed is None:
+                if self._admitted:
+                    breaker.release()  # a probe that never got to make an attempt
+            else:
+                breaker.record(self._last_failed, probe=self._admitted)
         # Called from a ``finally``: without a response, an exception is on its way out.
         self.telemetry.finish(
             self.info, response, None if response is not None else sys.exc_info()[1]
@@ -271,14 +289,14 @@ class Call:
     # ---------------------------------------------------------------- policy
 
     def _record(self, attempt: Attempt, outcome: Outcome) -> bool:
-        """Feed the outcome to latency, breaker and ejection; True if it ejected the endpoint."""
+        """Feed the outcome to latency and ejection; True if it ejected the endpoint."""
         service = self.service
         state = attempt.state
         # A failure's real duration feeds the latency estimate, as in Finagle and tower; a
         # dead endpoint that fails fast is removed by ejection, not by a latency penalty (a
         # penalty of the attempt timeout took ~80 s to decay, starving a restarted instance).
         state.finished(attempt.start)
-        service.breaker.record(outcome.failure, probe=attempt.probe)
+        self._last_failed = outcome.failure
         now = time.monotonic()
         if outcome.failure:
             return service.outlier.failure(state, now, service.endpoints)

@@ -1,9 +1,10 @@
 """The per-service circuit breaker: fail fast while a whole service is down.
 
 States, as in pybreaker and Hystrix: *closed* (requests flow; ``failures`` consecutive
-failed attempts open it), *open* (every request fails at once with ``CircuitOpen`` for
-``reset_timeout`` seconds), *half-open* (at most ``probes`` requests are let through at
-once; one success closes the breaker, one failure re-opens it).
+failed requests -- each judged by its final outcome, after retries -- open it), *open*
+(every request fails at once with ``CircuitOpen`` for ``reset_timeout`` seconds),
+*half-open* (at most ``probes`` requests are let through at once; one success closes the
+breaker, one failure re-opens it).
 
 State and the failure counter live in a ``pybreaker.CircuitBreakerStorage`` (in memory by
 default; ``pybreaker.CircuitRedisStorage`` shares one breaker across processes). The
@@ -124,6 +125,11 @@ class Breaker:
                     transition = (HALF_OPEN, CLOSED)
         if transition:
             self._notify(*transition)
+
+    def release(self) -> None:
+        """A probe that was let through but made no attempt gives its place back."""
+        with self._lock:
+            self._probes_out = max(self._probes_out - 1, 0)
 
     def retry_in(self) -> float:
         """Seconds until an open breaker lets a probe through (0 if not open)."""
