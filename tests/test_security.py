@@ -354,3 +354,19 @@ def test_a_short_lived_leaf_is_valid_from_now_for_its_lifetime(ca_dir: Path) -> 
     )
     left = (not_after - dt.datetime.now(dt.UTC)).total_seconds()
     assert 2 < left <= 3
+
+
+def test_an_idle_mtls_connection_does_not_hold_up_a_drain(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = serve(
+        "fastapi_app:app",
+        server_env(ca_dir, MESH_DRAIN_TIMEOUT="30s", MESH_SHUTDOWN_DELAY="100ms"),
+    )
+    as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{served.port}")
+    with meshlib.Client() as client:
+        assert client.get("http://hello/hello").status_code == 200  # an idle keep-alive stays
+        served.terminate()
+        # asyncio's TLS close used to wait 30 s for the idle client's close_notify, and
+        # uvicorn waited for that connection until the drain timeout.
+        served.wait(15)

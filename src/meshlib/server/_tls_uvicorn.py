@@ -80,6 +80,10 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
                     None,  # type: ignore[arg-type]  # no waiter: nobody awaits the handshake
                     server_side=True,
                     ssl_handshake_timeout=10,
+                    # An idle keep-alive client may never answer close_notify; asyncio's
+                    # default 30 s wait kept the connection counted as open, so a drain
+                    # waited its full timeout.
+                    ssl_shutdown_timeout=2,
                 )
                 raw.set_protocol(tls)
                 tls.connection_made(raw)
