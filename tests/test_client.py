@@ -64,9 +64,10 @@ def test_p2c_ewma_moves_traffic_away_from_a_slow_instance(
     with meshlib.Client() as client:
         responses = [client.get("http://weather/whoami") for _ in range(300)]
     counts = instances(responses)
-    assert counts["b2"] < 0.1 * 300, counts  # the slow one
-    assert counts["b0"] > 90, counts
-    assert counts["b1"] > 90, counts
+    # The slow one is avoided. (How the two fast ones share is not P2C-EWMA's promise: at
+    # light sequential load it prefers whichever measured faster.)
+    assert counts["b2"] < 0.1 * 300, counts
+    assert counts["b0"] + counts["b1"] > 0.9 * 300, counts
 
 
 def test_ring_hash_sticks_one_user_to_one_instance(
