@@ -183,7 +183,8 @@ def test_no_request_fails_while_a_forecast_instance_is_killed(weather: Weather) 
 
 
 def test_meshlib_demo_runs_the_weather_mesh_with_no_failed_request() -> None:
-    """The demo, shortened: strict mTLS from a local CA, an instance killed, a trace."""
+    """The demo, shortened: strict mTLS from a local CA, an instance killed, a canary, a
+    trace."""
     result = subprocess.run(
         [sys.executable, "-m", "meshlib", "demo", "--duration", "12"],
         capture_output=True,
@@ -195,7 +196,11 @@ def test_meshlib_demo_runs_the_weather_mesh_with_no_failed_request() -> None:
     assert result.returncode == 0, out + result.stderr
     assert "strict mTLS" in out
     assert re.search(r"kill -9 forecast 127\.0\.0\.1:\d+", out), out
-    assert "canary: needs traffic splitting (issue 7) - skipped" in out
+    assert "canary: forecast v2 gets 10%" in out
+    assert "canary promoted: forecast v2 gets 100%" in out
+    canary = re.search(r"^\s+forecast v2 \S+\s+(\d+)", out, re.M)
+    assert canary is not None, out
+    assert int(canary.group(1)) > 0  # the canary took traffic once the split let it
     assert re.search(r"sample trace [0-9a-f]{32}: \d+ spans", out), out
     summary = re.search(r"^summary: (\d+) requests in [\d.]+ s, (\d+) failed$", out, re.M)
     assert summary is not None, out
