@@ -52,6 +52,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_SHUTDOWN_DELAY": ("-1", "a duration"),
     "MESH_DRAIN_TIMEOUT": ("forever", "a duration"),
     "MESH_ACCESS_LOG": ("yes", "one of off, json"),
+    "MESH_METRICS_LABELS": ("endpoint,url", "labels separated by commas: endpoint, path or none"),
     "MESH_METRICS_ADDR": ("9464", "host:port ('9464' has no port)"),
     "OTEL_TRACES_EXPORTER": ("jaeger", "exporters separated by commas: otlp, console or none"),
     "OTEL_METRICS_EXPORTER": ("otlp,prometheus", "exporters separated by commas"),

@@ -90,6 +90,103 @@ def test_no_paths_or_endpoint_addresses_in_labels() -> None:
     assert len(series) == 1
 
 
+@pytest.fixture
+def opt_in_labels() -> Iterator[None]:
+    """MESH_METRICS_LABELS switches labels on for the process: switch them off after."""
+    from meshlib.telemetry._state import STATE
+
+    yield
+    STATE.endpoint_label = STATE.path_label = False
+
+
+@pytest.mark.usefixtures("opt_in_labels")
+def test_endpoint_and_path_labels_only_when_asked_for() -> None:
+    with client(lambda r: httpx.Response(200 if r.url.host.endswith("1") else 503)) as c:
+        c.get("http://weather/item/1")
+    assert "meshlib_client_attempt_duration_seconds_count{" not in prometheus_text()
+    assert "meshlib_client_path_duration_seconds_count{" not in prometheus_text()
+
+    with client(
+        lambda r: httpx.Response(200 if r.url.port == 8001 else 503),
+        MESH_METRICS_LABELS="endpoint,path",
+        MESH_LB_POLICY="round_robin",
+    ) as c:
+        for i in range(4):
+            c.get(f"http://weather/item/{i % 2}")
+    edge = {"service_name": "gateway", "service_peer_name": "weather"}
+    attempts = "meshlib_client_attempt_duration_seconds_count"
+    good = samples(attempts, **edge, server_address="127.0.0.1:8001")
+    bad = samples(attempts, **edge, server_address="127.0.0.1:8002")
+    assert good == 4  # every logical request ended on the good endpoint
+    assert bad >= 1
+    assert bad == samples(attempts, **edge, http_response_status_code="503")
+    paths = "meshlib_client_path_duration_seconds_count"
+    assert samples(paths, **edge, url_path="/item/0", http_response_status_code="200") == 2
+    assert samples(paths, **edge, url_path="/item/1") == 2
+
+
+def test_opt_in_labels_are_capped() -> None:
+    from meshlib.telemetry._names import BoundedLabel
+
+    label = BoundedLabel(limit=3)
+    assert [label(p) for p in ("/a", "/b", "/a", "/c", "/d", "/b")] == [
+        "/a",
+        "/b",
+        "/a",
+        "/c",
+        "_OTHER",
+        "/b",
+    ]
+
+
+@pytest.mark.usefixtures("opt_in_labels")
+def test_server_route_label_is_the_flask_or_fastapi_route_template() -> None:
+    import fastapi
+    import flask
+
+    flask_app = flask.Flask("routes")
+    flask_app.add_url_rule("/forecast/<city>", "f", lambda city: city)
+    api = fastapi.FastAPI()
+
+    @api.get("/geo/{city}")
+    def geo(city: str) -> str:
+        return city
+
+    env = {"MESH_SERVICE_NAME": "forecast", "MESH_METRICS_LABELS": "path"}
+    wsgi = meshlib.WSGIMiddleware(flask_app, config=load_config(env))
+    with httpx.Client(transport=httpx.WSGITransport(app=wsgi), base_url="http://x") as c:
+        for city in ("oslo", "rome", "lima"):
+            assert c.get(f"/forecast/{city}").status_code == 200
+        assert c.get("/unrouted/x").status_code == 404
+    asgi = meshlib.ASGIMiddleware(api, config=load_config(env))
+    with httpx.Client(transport=_SyncASGI(asgi), base_url="http://x") as c:
+        for city in ("oslo", "rome"):
+            assert c.get(f"/geo/{city}").status_code == 200
+
+    routes = "meshlib_server_route_duration_seconds_count"
+    assert samples(routes, http_route="/forecast/<city>", http_response_status_code="200") == 3
+    assert samples(routes, http_route="/unrouted/x", http_response_status_code="404") == 1
+    assert samples(routes, http_route="/geo/{city}", http_response_status_code="200") == 2
+    assert "oslo" not in prometheus_text()
+
+
+class _SyncASGI(httpx.BaseTransport):
+    """httpx's ASGITransport driven from sync code (one event loop per request)."""
+
+    def __init__(self, app: object) -> None:
+        self._inner = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        import asyncio
+
+        async def run() -> httpx.Response:
+            response = await self._inner.handle_async_request(request)
+            body = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=body)
+
+        return asyncio.run(run())
+
+
 def test_retries_by_reason_budget_exhaustion_and_ejections_are_counted() -> None:
     with client(
         lambda r: httpx.Response(503),

@@ -288,6 +288,17 @@ def _exporters(text: str) -> tuple[str, ...]:
     return tuple(n for n in names if n != "none")
 
 
+METRIC_LABEL_OPTIONS = ("endpoint", "path")
+
+
+def _metric_labels(text: str) -> frozenset[str]:
+    """Opt-in high-cardinality labels: ``endpoint``, ``path``, comma-separated (or none)."""
+    names = frozenset(n.strip().lower() for n in text.split(",") if n.strip())
+    if any(n not in (*METRIC_LABEL_OPTIONS, "none") for n in names):
+        raise ValueError(text)
+    return names - {"none"}
+
+
 def _listen_address(text: str) -> tuple[str, int]:
     return _host_port(text)
 
@@ -604,6 +615,19 @@ VARIABLES: tuple[Variable, ...] = (
         _listen_address,
     ),
     Variable(
+        "MESH_METRICS_LABELS",
+        "none",
+        "endpoint,path",
+        "labels separated by commas: endpoint, path or none",
+        "Opt in to metrics with unbounded labels, kept off by default so a scrape stays "
+        "small: `endpoint` adds `meshlib_client_attempt_duration_seconds` per endpoint "
+        "address; `path` adds `meshlib_client_path_duration_seconds` by URL path and "
+        "`meshlib_server_route_duration_seconds` by route (the framework's route template, "
+        "else the path). Each label keeps at most 500 distinct values per process; more "
+        "become `_OTHER`.",
+        _metric_labels,
+    ),
+    Variable(
         "MESH_TLS",
         "off",
         "strict",
@@ -903,6 +927,7 @@ class MeshConfig:
     egress_allow: tuple[str, ...] = ()
     access_log: Literal["off", "json"] = "off"
     metrics_addr: tuple[str, int] | None = None
+    metrics_labels: frozenset[str] = frozenset()
     #: None: unset (OpenTelemetry's default applies); () : none
     traces_exporter: tuple[str, ...] | None = None
     metrics_exporter: tuple[str, ...] | None = None
@@ -1024,6 +1049,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         egress_allow=get("MESH_EGRESS_ALLOW") or (),
         access_log=get("MESH_ACCESS_LOG") or "off",
         metrics_addr=get("MESH_METRICS_ADDR"),
+        metrics_labels=get("MESH_METRICS_LABELS") or frozenset(),
         traces_exporter=get("OTEL_TRACES_EXPORTER"),
         metrics_exporter=get("OTEL_METRICS_EXPORTER"),
         consul=consul,

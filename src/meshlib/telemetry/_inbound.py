@@ -33,13 +33,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .._config import MeshConfig
 from . import _access
-from ._instruments import SERVER_DURATION
+from ._instruments import SERVER_DURATION, SERVER_ROUTE_DURATION
 from ._names import (
     ERROR_TYPE,
     HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE,
     PEER_IDENTITY,
     SERVICE_PEER_NAME,
+    BoundedLabel,
     method_label,
 )
 from ._outbound import span_ids
@@ -59,6 +60,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _RESERVED = "/mesh/"
+#: routes (or paths, where the framework gives no template) for MESH_METRICS_LABELS=path
+_ROUTES = BoundedLabel()
 _CARRIED = {b"traceparent": "traceparent", b"tracestate": "tracestate"}
 
 
@@ -144,6 +147,16 @@ class InboundCall:
                     error_type,
                 ),
             )
+            if STATE.path_label:
+                SERVER_ROUTE_DURATION.record(
+                    duration,
+                    (
+                        STATE.source,
+                        method_label(self._method),
+                        _ROUTES(route or self._path),
+                        str(status),
+                    ),
+                )
             span = self._span
             if span is not None:
                 if route:
@@ -230,9 +243,12 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
                 carrier[name] = value
         call = InboundCall(environ.get("REQUEST_METHOD", "GET"), path, carrier)
 
+        route: list[str | None] = [None]
+
         def measured_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
             with contextlib.suppress(ValueError):
                 call.status = int(status.split(" ", 1)[0])
+            route[0] = _wsgi_route(environ)  # for the span's name, and route metrics
             if exc_info is None:  # PEP 3333: the third argument is optional
                 return start_response(status, headers)
             return start_response(status, headers, exc_info)
@@ -241,12 +257,24 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
             result = handler(environ, measured_start_response)
         except BaseException as exc:
             call.detach()
-            call.finish(environ.get("meshlib.peer"), None, exc)
+            call.finish(environ.get("meshlib.peer"), route[0], exc)
             raise
         call.detach()
-        return OnClose(result, lambda: call.finish(environ.get("meshlib.peer"), None, None))
+        return OnClose(result, lambda: call.finish(environ.get("meshlib.peer"), route[0], None))
 
     return traced
+
+
+def _wsgi_route(environ: WSGIEnvironment) -> str | None:
+    """The matched route template of a Flask (Werkzeug) app, if it matched one.
+
+    Werkzeug's ``Request`` puts itself in the environ and Flask stores the matched
+    ``url_rule`` on it (``rule`` is the template, ``/forecast/<city>``); Flask removes it
+    when the request context ends, so this is read when the app calls start_response.
+    """
+    request = environ.get("werkzeug.request")
+    rule = getattr(getattr(request, "url_rule", None), "rule", None)
+    return rule if isinstance(rule, str) else None
 
 
 class OnClose:

@@ -1,7 +1,9 @@
 """The metrics meshlib records: names, units, labels (the reference table in the docs).
 
 Label values are bounded: service names, versions, methods (unknown ones as ``_OTHER``),
-status codes, error types, retry reasons and breaker states.
+status codes, error types, retry reasons and breaker states. The three instruments at the
+end carry unbounded labels (endpoint addresses, URL paths): they are recorded only when
+``MESH_METRICS_LABELS`` asks for them, and each such label is capped (``BoundedLabel``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from ._names import (
     ERROR_TYPE,
     HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
     PEER_VERSION,
     RETRY_REASON,
+    SERVER_ADDRESS,
     SERVICE_NAME,
     SERVICE_PEER_NAME,
     SERVICE_VERSION,
+    URL_PATH,
 )
 
 if TYPE_CHECKING:
@@ -33,11 +38,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CERTIFICATE_EXPIRY",
+    "CLIENT_ATTEMPT_DURATION",
     "CLIENT_DURATION",
     "CLIENT_EJECTIONS",
+    "CLIENT_PATH_DURATION",
     "CLIENT_RETRIES",
     "CLIENT_RETRY_BUDGET_EXHAUSTED",
     "SERVER_DURATION",
+    "SERVER_ROUTE_DURATION",
 ]
 
 _EDGE = (SERVICE_NAME, SERVICE_PEER_NAME)
@@ -170,4 +178,29 @@ CERTIFICATE_EXPIRY = REGISTRY.gauge(
     "When this process's current mesh certificate expires, as a Unix timestamp in seconds.",
     (SERVICE_NAME,),
     _certificates,
+)
+
+
+# ---- opt-in (MESH_METRICS_LABELS): unbounded labels, capped per process
+
+CLIENT_ATTEMPT_DURATION = REGISTRY.histogram(
+    "meshlib.client.attempt.duration",
+    "s",
+    "Duration of each attempt, by the endpoint address (host:port) it went to. Recorded "
+    "only with MESH_METRICS_LABELS=endpoint.",
+    (*_EDGE, SERVER_ADDRESS, HTTP_RESPONSE_STATUS_CODE, ERROR_TYPE),
+)
+CLIENT_PATH_DURATION = REGISTRY.histogram(
+    "meshlib.client.path.duration",
+    "s",
+    "Duration of logical outbound requests by URL path. Recorded only with "
+    "MESH_METRICS_LABELS=path.",
+    (*_EDGE, HTTP_REQUEST_METHOD, URL_PATH, HTTP_RESPONSE_STATUS_CODE),
+)
+SERVER_ROUTE_DURATION = REGISTRY.histogram(
+    "meshlib.server.route.duration",
+    "s",
+    "Duration of inbound requests by route: the framework's route template, else the URL "
+    "path. Recorded only with MESH_METRICS_LABELS=path.",
+    (SERVICE_NAME, HTTP_REQUEST_METHOD, HTTP_ROUTE, HTTP_RESPONSE_STATUS_CODE),
 )

@@ -11,7 +11,8 @@ numbers to the SDK's OTLP exporter as cumulative data points. The SDK is then us
 where it is cheap: off the request path.
 
 Labels are fixed per metric (``keys``) and their values bounded: services, versions,
-methods, status codes, error types and reasons -- never URL paths or endpoint addresses.
+methods, status codes, error types and reasons. URL paths and endpoint addresses appear
+only on the opt-in instruments (``MESH_METRICS_LABELS``), capped per process.
 """
 
 from __future__ import annotations

@@ -17,8 +17,11 @@ from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.http_attributes import (
     HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
 )
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS
 from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
+from opentelemetry.semconv.attributes.url_attributes import URL_PATH
 
 __all__ = [
     "BREAKER_REFUSED_EVENT",
@@ -28,14 +31,18 @@ __all__ = [
     "ERROR_TYPE",
     "HTTP_REQUEST_METHOD",
     "HTTP_RESPONSE_STATUS_CODE",
+    "HTTP_ROUTE",
     "MESH_ATTEMPT",
     "MESH_ATTEMPTS",
     "PEER_IDENTITY",
     "PEER_VERSION",
     "RETRY_REASON",
+    "SERVER_ADDRESS",
     "SERVICE_NAME",
     "SERVICE_PEER_NAME",
     "SERVICE_VERSION",
+    "URL_PATH",
+    "BoundedLabel",
     "method_label",
     "prometheus_name",
 ]
@@ -72,3 +79,28 @@ def method_label(method: str) -> str:
 def prometheus_name(name: str) -> str:
     """``http.client.request.duration`` -> ``http_client_request_duration``."""
     return _NOT_LABEL.sub("_", name)
+
+
+class BoundedLabel:
+    """The values of an opt-in unbounded label (paths, endpoint addresses), capped.
+
+    The first ``limit`` distinct values are kept; later new ones become ``_OTHER``, so a
+    crawler walking random URLs grows a scrape by one series, not by one per URL (the
+    OpenTelemetry SDK caps cardinality the same way, with an overflow series).
+    """
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int = 500) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        """``value`` if it is (or can still become) one of the kept values, else ``_OTHER``."""
+        seen = self._seen
+        if value in seen:
+            return value
+        if len(seen) >= self._limit:
+            return "_OTHER"
+        seen.add(value)  # a race may keep a few more than limit: harmless
+        return value

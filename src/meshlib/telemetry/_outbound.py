@@ -31,9 +31,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _access
 from ._instruments import (
+    CLIENT_ATTEMPT_DURATION,
     CLIENT_BREAKER_REFUSED,
     CLIENT_DURATION,
     CLIENT_EJECTIONS,
+    CLIENT_PATH_DURATION,
     CLIENT_RETRIES,
     CLIENT_RETRY_BUDGET_EXHAUSTED,
 )
@@ -49,6 +51,7 @@ from ._names import (
     PEER_VERSION,
     RETRY_REASON,
     SERVICE_PEER_NAME,
+    BoundedLabel,
     method_label,
 )
 from ._state import STATE
@@ -63,11 +66,26 @@ __all__ = ["OutboundTelemetry", "span_ids"]
 
 logger = logging.getLogger("meshlib.telemetry")
 
+#: the opt-in unbounded labels, capped per process
+_ENDPOINTS = BoundedLabel()
+_PATHS = BoundedLabel()
+
 
 class OutboundTelemetry:
     """The telemetry of one logical request to ``service``."""
 
-    __slots__ = ("_attempt", "_carry", "_method", "_service", "_span", "_start", "_version")
+    __slots__ = (
+        "_attempt",
+        "_attempt_at",
+        "_carry",
+        "_endpoint",
+        "_method",
+        "_path",
+        "_service",
+        "_span",
+        "_start",
+        "_version",
+    )
 
     def __init__(self, service: str, request: httpx.Request) -> None:
         self._start = time.perf_counter()
@@ -77,6 +95,9 @@ class OutboundTelemetry:
         self._span: trace.Span | None = None
         self._attempt: trace.Span | None = None
         self._carry = False
+        self._endpoint = ""
+        self._attempt_at = 0.0
+        self._path = request.url.path if STATE.path_label else ""
         try:
             tracer = STATE.tracer()
             if tracer is None:
@@ -107,6 +128,9 @@ class OutboundTelemetry:
         """An attempt on ``endpoint`` is about to be sent (``retry_reason``: why, if a retry)."""
         try:
             self._version = endpoint.meta.get("version", "")
+            if STATE.endpoint_label:
+                self._endpoint = f"{endpoint.host}:{endpoint.port}"
+                self._attempt_at = time.perf_counter()
             span = self._span
             if span is None:
                 if self._carry:
@@ -150,6 +174,17 @@ class OutboundTelemetry:
         try:
             if ejected:
                 CLIENT_EJECTIONS.add((STATE.source, self._service))
+            if self._endpoint:
+                CLIENT_ATTEMPT_DURATION.record(
+                    time.perf_counter() - self._attempt_at,
+                    (
+                        STATE.source,
+                        self._service,
+                        _ENDPOINTS(self._endpoint),
+                        "" if status is None else str(status),
+                        "" if error is None else _error_type(error),
+                    ),
+                )
             attempt = self._attempt
             if attempt is None:
                 return
@@ -195,6 +230,17 @@ class OutboundTelemetry:
                     error_type,
                 ),
             )
+            if self._path:
+                CLIENT_PATH_DURATION.record(
+                    duration,
+                    (
+                        source,
+                        self._service,
+                        method_label(self._method),
+                        _PATHS(self._path),
+                        "" if status is None else str(status),
+                    ),
+                )
             for reason in info.retry_reasons:
                 CLIENT_RETRIES.add((source, self._service, reason))
             if error_type == "CircuitOpen":

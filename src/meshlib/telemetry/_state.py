@@ -51,6 +51,9 @@ class TelemetryState:
         self.source = ""
         self.version = ""
         self.access_log = False
+        #: opt-in unbounded metric labels (MESH_METRICS_LABELS): "endpoint", "path"
+        self.endpoint_label = False
+        self.path_label = False
         self._next_check = 0.0
         self._tracer: trace.Tracer | None = None
         self._lock = threading.Lock()
@@ -91,6 +94,8 @@ def setup(config: MeshConfig) -> None:
             STATE.source = config.service_name
             STATE.version = config.service_version or ""
         STATE.access_log = config.access_log == "json"
+        STATE.endpoint_label |= "endpoint" in config.metrics_labels
+        STATE.path_label |= "path" in config.metrics_labels
         install = not STATE._installed
         STATE._installed = True
     try:
