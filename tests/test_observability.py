@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -343,9 +345,9 @@ def test_prometheus_scrapes_the_counts_and_error_rate_the_test_produced(
 
 
 def test_meshlib_top_once_prints_each_edge(chain: Chain, prometheus: Prometheus) -> None:
-    httpx.get(f"{chain.gateway.url}/plan", timeout=20)
-
     def top() -> str:
+        # traffic on every poll: rate() needs the counters to grow after their first scrape
+        httpx.get(f"{chain.gateway.url}/plan", timeout=20)
         result = subprocess.run(
             [sys.executable, "-m", "meshlib", "top", "--once", "--prometheus", prometheus.url],
             capture_output=True,
@@ -369,6 +371,64 @@ def test_meshlib_top_once_prints_each_edge(chain: Chain, prometheus: Prometheus)
         assert float(rps) > 0
         assert success.endswith("%")
         assert p99.endswith("ms")
+
+
+def test_meshlib_top_redraws_until_interrupted(chain: Chain, prometheus: Prometheus) -> None:
+    top = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshlib",
+            "top",
+            "--interval",
+            "0.2",
+            "--prometheus",
+            prometheus.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    frames: list[bytes] = []
+    buffer = bytearray()
+
+    def read() -> None:
+        assert top.stdout is not None
+        while chunk := top.stdout.read1(65536):
+            buffer.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+
+        def redrawn_with_traffic() -> bool:
+            httpx.get(f"{chain.gateway.url}/plan", timeout=20)  # a growing counter to show
+            last = bytes(buffer).rsplit(b"\x1b[2J", 1)[-1]
+            rows = [line.split() for line in last.decode(errors="replace").splitlines()]
+            shown = any(r[:2] == ["gateway", "forecast"] and _positive(r[2:3]) for r in rows)
+            return bytes(buffer).count(b"\x1b[H\x1b[2J") >= 3 and shown
+
+        wait_until(
+            redrawn_with_traffic,
+            timeout=30,
+            what="three redraws of meshlib top, a later one with gateway -> forecast traffic",
+        )
+        frames = bytes(buffer).split(b"\x1b[H\x1b[2J")[1:]
+        top.send_signal(signal.SIGINT)
+        assert top.wait(timeout=10) == 0
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+    reader.join(timeout=10)
+    assert top.stdout is not None
+    assert top.stderr is not None
+    errors = top.stderr.read()
+    top.stdout.close()
+    top.stderr.close()
+    assert b"Traceback" not in errors
+    for frame in frames[:3]:
+        assert frame.startswith(b"meshlib top  " + prometheus.url.encode())
+        assert b"SOURCE" in frame
 
 
 def test_every_dashboard_query_is_valid_promql(prometheus: Prometheus) -> None:

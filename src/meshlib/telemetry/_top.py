@@ -100,18 +100,21 @@ def run(
     out: TextIO = sys.stdout,
 ) -> int:
     """Print the graph once, or redraw it until interrupted; returns the exit status."""
-    while True:
-        try:
-            table = render(edges(prometheus, window), window)
-        except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
-            print(f"meshlib top: cannot query Prometheus at {prometheus}: {exc}", file=sys.stderr)
-            return 1
-        if once:
-            out.write(table)
-            return 0
-        out.write("\x1b[H\x1b[2J" + f"meshlib top  {prometheus}  window {window}\n\n" + table)
-        out.flush()
-        try:
+    try:
+        while True:
+            try:
+                table = render(edges(prometheus, window), window)
+            except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
+                print(
+                    f"meshlib top: cannot query Prometheus at {prometheus}: {exc}",
+                    file=sys.stderr,
+                )
+                return 1
+            if once:
+                out.write(table)
+                return 0
+            out.write("\x1b[H\x1b[2J" + f"meshlib top  {prometheus}  window {window}\n\n" + table)
+            out.flush()
             time.sleep(interval)  # the refresh period of a terminal view
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:  # Ctrl-C, wherever it lands, is the way out
+        return 0
