@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 
+import meshlib
+from backends import free_port
+from meshlib._config import load_config
 from meshlib.cli import main
+from served import ServedFactory
 
 PLANNED = ["serve", "ca", "rollout", "status", "top", "demo"]
 
@@ -31,7 +37,7 @@ def test_help_lists_every_planned_subcommand() -> None:
 
 
 #: Remove a name from here when its subcommand is built.
-NOT_BUILT = ["rollout", "status"]
+NOT_BUILT = ["rollout"]
 
 
 @pytest.mark.parametrize("name", NOT_BUILT)
@@ -67,3 +73,58 @@ def test_top_without_a_reachable_prometheus_says_so_in_one_line() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("meshlib top: cannot query Prometheus at http://127.0.0.1:9")
     assert result.stderr.count("\n") == 1
+
+
+def test_status_shows_each_destination_its_endpoints_and_ejections(serve: ServedFactory) -> None:
+    port, dead = free_port(), free_port()  # nothing listens on the dead port
+    forecast = serve(
+        "chain_app:app",
+        {"MESH_SERVICE_NAME": "forecast", "MESH_STATIC_SERVICES": f"geo=127.0.0.1:{port}"},
+        port=port,
+    )
+    gateway = serve(
+        "chain_app:app",
+        {
+            "MESH_SERVICE_NAME": "gateway",
+            "MESH_STATIC_SERVICES": f"forecast={forecast.address},127.0.0.1:{dead}",
+            "MESH_OUTLIER_CONSECUTIVE_ERRORS": "1",
+            "MESH_LB": "round_robin",
+        },
+    )
+    for _ in range(4):  # round robin reaches the dead endpoint, which is then ejected
+        assert httpx.get(f"{gateway.url}/plan", timeout=20).status_code == 200
+
+    result = run("status", gateway.url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:5] == ["forecast", "breaker", "closed", "lb", "round_robin"]
+    assert lines[0].endswith("1/2 usable")
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert rows[forecast.address].endswith(" ok")
+    assert " ejected " in rows[f"127.0.0.1:{dead}"]
+
+    result = run("status", "--json", forecast.url)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (endpoint,) = report["services"]["geo"]["endpoints"]
+    assert endpoint["address"] == forecast.address
+    assert endpoint["ejected_for_s"] == 0
+    assert endpoint["latency_ms"] > 0
+
+
+def test_status_is_for_loopback_callers_only() -> None:
+    def app(environ: object, start_response: object) -> list[bytes]:
+        raise AssertionError("the app never sees /mesh/ routes")
+
+    mesh_app = meshlib.WSGIMiddleware(app, config=load_config({"MESH_SERVICE_NAME": "web"}))
+    for remote, expected in (("192.0.2.7", 403), ("127.0.0.1", 200), ("::1", 200)):
+        transport = httpx.WSGITransport(app=mesh_app, remote_addr=remote)  # type: ignore[arg-type]
+        with httpx.Client(transport=transport, base_url="http://x") as c:
+            assert c.get("/mesh/status").status_code == expected, remote
+
+
+def test_status_of_an_unreachable_process_says_so_in_one_line() -> None:
+    result = run("status", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("meshlib status: cannot read http://127.0.0.1:")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -309,11 +309,14 @@ def test_metrics_listener_serves_prometheus_text_for_pure_clients() -> None:
     try:
         with client(lambda r: httpx.Response(200)) as c:
             c.get("http://weather/")
-        r = httpx.get(f"http://127.0.0.1:{listener.port}/metrics")
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-        assert "http_client_request_duration_seconds_count" in r.text
-        assert httpx.get(f"http://127.0.0.1:{listener.port}/other").status_code == 404
+            r = httpx.get(f"http://127.0.0.1:{listener.port}/metrics")
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+            assert "http_client_request_duration_seconds_count" in r.text
+            assert httpx.get(f"http://127.0.0.1:{listener.port}/other").status_code == 404
+            status = httpx.get(f"http://127.0.0.1:{listener.port}/mesh/status").json()
+        endpoints = status["services"]["weather"]["endpoints"]
+        assert sorted(e["address"] for e in endpoints) == ["127.0.0.1:8001", "127.0.0.1:8002"]
     finally:
         listener.close()
 

@@ -149,6 +149,49 @@ def _top_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _status(args: argparse.Namespace) -> int:
+    """What a running process's mesh sees: its ``/mesh/status``, as a table or JSON."""
+    import json
+    import ssl
+
+    import httpx
+
+    from ._status import render
+
+    url = httpx.URL(args.url)
+    if url.path in ("", "/"):
+        url = url.copy_with(path="/mesh/status")
+    verify: ssl.SSLContext | bool = True
+    if url.scheme == "https":
+        # a strict-mTLS server asks for a mesh certificate: present this environment's
+        from .security import security_for
+
+        tls = security_for(load_config()).tls
+        verify = tls.client if tls is not None else True
+    try:
+        response = httpx.get(url, timeout=args.timeout, verify=verify)
+        response.raise_for_status()
+        report = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"meshlib status: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        sys.stdout.write(render(report))
+    return 0
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "url",
+        help="a served app (http://127.0.0.1:8000) or a MESH_METRICS_ADDR listener; "
+        "/mesh/status is read from it",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw JSON")
+    parser.add_argument("--timeout", type=_seconds, default=5.0, help="default 5s")
+
+
 def _demo(args: argparse.Namespace) -> int:
     """The weather system on loopback, with the mesh at work (about a minute)."""
     from ._demo import run
@@ -203,8 +246,8 @@ _COMMANDS: tuple[tuple[str, str, Handler], ...] = (
     ),
     (
         "status",
-        "show what this process's mesh sees: services, endpoints, ejections, breakers",
-        _not_built("status", "it arrives with observability"),
+        "show what a running process's mesh sees: services, endpoints, ejections, breakers",
+        _status,
     ),
     (
         "top",
@@ -233,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         if name == "top":
             _top_arguments(sub)
+        if name == "status":
+            _status_arguments(sub)
         if name == "serve":
             _serve_arguments(sub)
         elif name == "ca":
@@ -251,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``meshlib`` command; returns the exit status."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and getattr(args, "handler", None) in (_serve, _ca, _demo):
+    if rest and getattr(args, "handler", None) in (_serve, _ca, _demo, _status):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:

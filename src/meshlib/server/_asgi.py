@@ -78,7 +78,8 @@ class ASGIMiddleware:
             )
         path: str = scope["path"]
         if path.startswith(RESERVED_PREFIX):
-            await _send_local(send, self.inbound.reserved(scope["method"], path))
+            client = (scope.get("client") or (None,))[0]
+            await _send_local(send, self.inbound.reserved(scope["method"], path, client))
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         # Set by the server's TLS layer (meshlib serve) from the verified certificate;

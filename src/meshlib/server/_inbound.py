@@ -3,7 +3,7 @@
 Before the application sees a request:
 
 1. **reserved routes** under ``/mesh/``: health (for Consul's check and for load
-   balancers) and metrics, answered by the mesh itself;
+   balancers), metrics and status (``_status.py``), answered by the mesh itself;
 2. **authorization**: the caller's identity comes from its verified client certificate
    (``InboundRequest.peer``, set by the server, never from a header); the authorizer
    (local allow/deny lists, Consul intentions) may answer 403;
@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from .. import __version__
+from .._status import LOOPBACK, status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..security import Authorizer, SpiffeId
 from ..telemetry import prometheus_text
@@ -84,8 +85,8 @@ class Inbound:
         self.stages = tuple(stages)
         self.authorizer = authorizer
 
-    def reserved(self, method: str, path: str) -> LocalResponse:
-        """Answer a request under ``/mesh/``."""
+    def reserved(self, method: str, path: str, client: str | None = None) -> LocalResponse:
+        """Answer a request under ``/mesh/`` (``client``: the caller's IP address)."""
         instance = self.instance
         if path in ("/mesh/health", "/mesh/health/ready"):
             config = instance.config
@@ -101,6 +102,12 @@ class Inbound:
             return json_response(200, {"status": "alive"})
         if path == "/mesh/metrics":
             return _metrics(instance)
+        if path == "/mesh/status":
+            if not client or not client.startswith(LOOPBACK):
+                return json_response(
+                    403, {"error": "/mesh/status lists internal addresses: loopback callers only"}
+                )
+            return json_response(200, status_report())
         return json_response(404, {"error": f"no mesh route {path}"})
 
     def admit(self, request: InboundRequest) -> LocalResponse | Deadline | None:

@@ -71,7 +71,8 @@ class WSGIMiddleware:
         path: str = environ.get("PATH_INFO", "")
         method: str = environ.get("REQUEST_METHOD", "GET")
         if path.startswith(RESERVED_PREFIX):
-            return _local(start_response, self.inbound.reserved(method, path))
+            answer = self.inbound.reserved(method, path, environ.get("REMOTE_ADDR"))
+            return _local(start_response, answer)
         headers = {
             key[5:].replace("_", "-").lower(): value
             for key, value in environ.items()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import threading
@@ -182,7 +183,8 @@ def _attributes(keys: tuple[str, ...], labels: tuple[str, ...]) -> dict[str, str
 
 
 class MetricsListener(threading.Thread):
-    """``GET /metrics`` on ``host:port``, answered with the process's Prometheus text."""
+    """``GET /metrics`` on ``host:port``, answered with the process's Prometheus text, and
+    ``GET /mesh/status`` with what its mesh sees (``_status.py``)."""
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__(name="meshlib-metrics-listener", daemon=True)
@@ -205,12 +207,20 @@ class MetricsListener(threading.Thread):
 
 class _MetricsHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] not in ("/metrics", "/mesh/metrics"):
+        path = self.path.split("?", 1)[0]
+        if path == "/mesh/status":  # the listener's address is the operator's choice
+            from .._status import status_report
+
+            body = json.dumps(status_report()).encode()
+            content_type = "application/json"
+        elif path in ("/metrics", "/mesh/metrics"):
+            body = REGISTRY.prometheus_text().encode()
+            content_type = "text/plain; version=0.0.4; charset=utf-8"
+        else:
             self.send_error(404)
             return
-        body = REGISTRY.prometheus_text().encode()
         self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -1,0 +1,85 @@
+"""What this process's mesh sees, as JSON: the answer of ``/mesh/status``.
+
+Envoy's admin ``/clusters`` and ``linkerd diagnostics endpoints`` answer the question an
+operator asks first when calls fail: which instances does this caller know, which did it
+eject, is the breaker open? meshlib keeps that state inside the application, so the
+application answers it: ``/mesh/status`` on a served app (loopback callers only, like
+Envoy's admin port, since it lists internal addresses), ``/mesh/status`` on the
+``MESH_METRICS_ADDR`` listener of a pure client, and ``meshlib status`` to read either.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ._version import __version__
+
+__all__ = ["LOOPBACK", "status_report"]
+
+#: Client addresses allowed to read ``/mesh/status`` on a served app.
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+def status_report() -> dict[str, Any]:
+    """The services every live mesh runtime of this process calls, with their endpoints."""
+    from ._runtime import _registry  # imported late: the runtime imports telemetry
+
+    now = time.monotonic()
+    services: dict[str, Any] = {}
+    for mesh in list(_registry):
+        if mesh._closed:
+            continue
+        for name, state in sorted(mesh.services().items()):
+            endpoints = []
+            for endpoint_state in state.endpoints:
+                endpoint = endpoint_state.endpoint
+                ejected_for = max(0.0, endpoint_state.ejected_until - now)
+                latency = endpoint_state.ewma.cost(now)
+                endpoints.append(
+                    {
+                        "address": f"{endpoint.host}:{endpoint.port}",
+                        "id": endpoint.id,
+                        "version": endpoint.meta.get("version", ""),
+                        "weight": endpoint_state.weight,
+                        "in_flight": endpoint_state.in_flight,
+                        "ejected_for_s": round(ejected_for, 3),
+                        "ejections": endpoint_state.ejections,
+                        "latency_ms": round(latency * 1000, 3) if latency else None,
+                    }
+                )
+            services[name] = {
+                "discovery": mesh.config.discovery,
+                "lb": state.policy.lb,
+                "breaker": state.breaker.state,
+                "endpoints": endpoints,
+            }
+    return {"meshlib": __version__, "services": services}
+
+
+def render(report: dict[str, Any]) -> str:
+    """``status_report()`` as a terminal table: one block per service."""
+    services: dict[str, Any] = report.get("services") or {}
+    if not services:
+        return "(this process has not called any mesh service yet)\n"
+    lines: list[str] = []
+    for name, service in services.items():
+        endpoints = service.get("endpoints") or []
+        ejected = sum(1 for e in endpoints if e.get("ejected_for_s"))
+        lines.append(
+            f"{name}  breaker {service.get('breaker')}  lb {service.get('lb')}  "
+            f"{len(endpoints) - ejected}/{len(endpoints)} usable"
+        )
+        lines.append(
+            f"  {'ADDRESS':<24} {'VERSION':<10} {'WEIGHT':>6} {'IN FLIGHT':>9} "
+            f"{'LATENCY':>10}  STATE"
+        )
+        for e in endpoints:
+            latency = e.get("latency_ms")
+            shown = f"{latency:.1f}ms" if isinstance(latency, int | float) else "-"
+            state = f"ejected {e['ejected_for_s']:.1f}s" if e.get("ejected_for_s") else "ok"
+            lines.append(
+                f"  {e.get('address', ''):<24} {e.get('version') or '-':<10} "
+                f"{e.get('weight', 1):>6} {e.get('in_flight', 0):>9} {shown:>10}  {state}"
+            )
+    return "\n".join(lines) + "\n"
