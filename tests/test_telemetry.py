@@ -115,8 +115,8 @@ def test_endpoint_and_path_labels_only_when_asked_for() -> None:
             c.get(f"http://weather/item/{i % 2}")
     edge = {"service_name": "gateway", "service_peer_name": "weather"}
     attempts = "meshlib_client_attempt_duration_seconds_count"
-    good = samples(attempts, **edge, server_address="127.0.0.1:8001")
-    bad = samples(attempts, **edge, server_address="127.0.0.1:8002")
+    good = samples(attempts, **edge, server_address="127.0.0.1", server_port="8001")
+    bad = samples(attempts, **edge, server_address="127.0.0.1", server_port="8002")
     assert good == 4  # every logical request ended on the good endpoint
     assert bad >= 1
     assert bad == samples(attempts, **edge, http_response_status_code="503")

@@ -27,6 +27,7 @@ from ._names import (
     PEER_VERSION,
     RETRY_REASON,
     SERVER_ADDRESS,
+    SERVER_PORT,
     SERVICE_NAME,
     SERVICE_PEER_NAME,
     SERVICE_VERSION,
@@ -186,9 +187,9 @@ CERTIFICATE_EXPIRY = REGISTRY.gauge(
 CLIENT_ATTEMPT_DURATION = REGISTRY.histogram(
     "meshlib.client.attempt.duration",
     "s",
-    "Duration of each attempt, by the endpoint address (host:port) it went to. Recorded "
+    "Duration of each attempt, by the endpoint (address and port) it went to. Recorded "
     "only with MESH_METRICS_LABELS=endpoint.",
-    (*_EDGE, SERVER_ADDRESS, HTTP_RESPONSE_STATUS_CODE, ERROR_TYPE),
+    (*_EDGE, SERVER_ADDRESS, SERVER_PORT, HTTP_RESPONSE_STATUS_CODE, ERROR_TYPE),
 )
 CLIENT_PATH_DURATION = REGISTRY.histogram(
     "meshlib.client.path.duration",

@@ -19,7 +19,7 @@ from opentelemetry.semconv.attributes.http_attributes import (
     HTTP_RESPONSE_STATUS_CODE,
     HTTP_ROUTE,
 )
-from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
 from opentelemetry.semconv.attributes.url_attributes import URL_PATH
 
@@ -38,6 +38,7 @@ __all__ = [
     "PEER_VERSION",
     "RETRY_REASON",
     "SERVER_ADDRESS",
+    "SERVER_PORT",
     "SERVICE_NAME",
     "SERVICE_PEER_NAME",
     "SERVICE_VERSION",

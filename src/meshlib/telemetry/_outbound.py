@@ -180,7 +180,7 @@ class OutboundTelemetry:
                     (
                         STATE.source,
                         self._service,
-                        _ENDPOINTS(self._endpoint),
+                        *_endpoint_labels(self._endpoint),
                         "" if status is None else str(status),
                         "" if error is None else _error_type(error),
                     ),
@@ -311,6 +311,15 @@ def span_ids(span: trace.Span | None) -> tuple[str, str]:
     if not context.is_valid:
         return "", ""
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+
+def _endpoint_labels(endpoint: str) -> tuple[str, str]:
+    """``host:port`` as the server.address and server.port labels, capped together."""
+    kept = _ENDPOINTS(endpoint)
+    if kept == "_OTHER":
+        return kept, kept
+    host, _, port = kept.rpartition(":")
+    return host, port
 
 
 def _error_type(error: BaseException | None) -> str:
