@@ -31,15 +31,20 @@ from ._exceptions import ConfigError
 __all__ = [
     "VARIABLES",
     "ConsulSettings",
+    "FaultHeader",
+    "Faults",
     "HashOn",
     "HostPort",
     "MeshConfig",
+    "RateLimit",
     "ServicePolicy",
     "Variable",
     "load_config",
     "markdown_table",
     "override_key",
     "parse_duration",
+    "parse_fault_header",
+    "parse_rate_limit",
 ]
 
 logger = logging.getLogger("meshlib.config")
@@ -301,6 +306,102 @@ def _metric_labels(text: str) -> frozenset[str]:
 
 def _listen_address(text: str) -> tuple[str, int]:
     return _host_port(text)
+
+
+# ---- inbound traffic controls (rate and concurrency limits, fault injection)
+
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)/(s|m|h)(?::burst=(\d+))?$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class RateLimit(NamedTuple):
+    """A token bucket's shape: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    rate: float
+    burst: int
+    #: as written (``100/s:burst=20``), for messages and headers
+    text: str
+
+
+def parse_rate_limit(text: str) -> RateLimit:
+    """``100/s``, ``6000/m``, ``10/h``, optionally ``:burst=N`` (default: one second's
+    worth of tokens, at least 1). ``ValueError`` for anything else."""
+    value = text.strip().lower().replace(" ", "")
+    match = _RATE.match(value)
+    if match is None:
+        raise ValueError(text)
+    count = float(match.group(1))
+    rate = count / _RATE_UNITS[match.group(2)]
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(text)
+    burst = int(match.group(3)) if match.group(3) else max(1, math.ceil(rate))
+    if not 1 <= burst <= 10_000_000:
+        raise _Invalid(f"burst in {text!r} is not a whole number from 1 to 10000000")
+    return RateLimit(rate, burst, value)
+
+
+def _percent(text: str) -> float:
+    """``10``, ``10%`` or ``0.5`` (per cent, from 0 to 100) -> a fraction from 0 to 1."""
+    value = text.strip().removesuffix("%")
+    number = float(value)
+    if not (math.isfinite(number) and 0 <= number <= 100):
+        raise ValueError(text)
+    return number / 100
+
+
+class FaultHeader(NamedTuple):
+    """Only requests with this header (and, when given, this value) get faults."""
+
+    name: str
+    value: str | None = None
+
+
+def parse_fault_header(text: str) -> FaultHeader:
+    """``x-mesh-fault`` (present with any value) or ``x-mesh-fault=on`` (that value)."""
+    name, sep, wanted = text.strip().partition("=")
+    name = name.strip().lower()
+    if not _HEADER_NAME.match(name) or (sep and not wanted.strip()):
+        raise ValueError(text)
+    return FaultHeader(name, wanted.strip() if sep else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Faults injected into inbound requests, for resilience testing (off when empty)."""
+
+    #: seconds to delay a chosen request; None: no delay
+    delay: float | None = None
+    #: share of eligible requests delayed (0 to 1)
+    delay_percent: float = 1.0
+    #: status of an aborted request; None: no abort
+    abort_status: int | None = None
+    #: share of eligible requests aborted (0 to 1)
+    abort_percent: float = 1.0
+    #: only requests carrying this header are eligible; None: every request
+    header: FaultHeader | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault can be injected."""
+        return (self.delay is not None and self.delay_percent > 0) or (
+            self.abort_status is not None and self.abort_percent > 0
+        )
+
+    def describe(self) -> str:
+        """Every setting, for the start-up warning."""
+        parts = []
+        if self.delay is not None:
+            parts.append(f"delay {self.delay * 1000:g}ms for {self.delay_percent * 100:g}%")
+        if self.abort_status is not None:
+            parts.append(f"abort with {self.abort_status} for {self.abort_percent * 100:g}%")
+        header = self.header
+        if header is None:
+            parts.append("of every request")
+        elif header.value is None:
+            parts.append(f"of requests with a {header.name} header")
+        else:
+            parts.append(f"of requests with {header.name}: {header.value}")
+        return ", ".join(parts[:-1]) + " " + parts[-1]
 
 
 # --------------------------------------------------------------------------- the table
@@ -712,6 +813,77 @@ VARIABLES: tuple[Variable, ...] = (
         "External hosts allowed when `MESH_EGRESS=deny`.",
         _host_patterns,
     ),
+    # ---- inbound traffic controls (server/_limits.py, server/_faults.py)
+    Variable(
+        "MESH_RATE_LIMIT",
+        "unset (no limit)",
+        "100/s:burst=200",
+        "a rate as '<count>/s', '<count>/m' or '<count>/h', optionally with ':burst=<count>'",
+        "Requests this process serves, in all (a token bucket; the burst defaults to one "
+        "second's worth, at least 1). Beyond it: 429 with `Retry-After`, before the handler.",
+        parse_rate_limit,
+    ),
+    Variable(
+        "MESH_RATE_LIMIT_PER_SOURCE",
+        "unset (no limit)",
+        "20/s",
+        "a rate as '<count>/s', '<count>/m' or '<count>/h', optionally with ':burst=<count>'",
+        "Requests this process serves per calling service (its verified mTLS identity; "
+        "callers without one share a single bucket). Beyond it: 429 with `Retry-After`.",
+        parse_rate_limit,
+    ),
+    Variable(
+        "MESH_MAX_CONCURRENT_REQUESTS",
+        "unset (no limit)",
+        "64",
+        "a whole number from 1 to 1000000",
+        "Requests this process handles at once; beyond it a request is shed with 503 and "
+        "`Retry-After: 1` before the handler runs. `/mesh/health` is never limited.",
+        _int_between(1, 1_000_000),
+    ),
+    Variable(
+        "MESH_FAULT_DELAY",
+        "unset (no delay)",
+        "200ms",
+        "a duration such as 250ms, 2s, 1m or a number of seconds",
+        "Fault injection: delay chosen requests this long before the handler (counts "
+        "against the caller's deadline). For resilience tests only; logged loudly.",
+        _duration,
+    ),
+    Variable(
+        "MESH_FAULT_DELAY_PERCENT",
+        "100 (when `MESH_FAULT_DELAY` is set)",
+        "10",
+        "a percentage from 0 to 100, as '10' or '10%'",
+        "Share of eligible requests that `MESH_FAULT_DELAY` delays.",
+        _percent,
+    ),
+    Variable(
+        "MESH_FAULT_ABORT_STATUS",
+        "503 (when `MESH_FAULT_ABORT_PERCENT` is set)",
+        "500",
+        "an HTTP status from 400 to 599",
+        "Fault injection: answer chosen requests with this status instead of running the "
+        "handler. For resilience tests only; logged loudly.",
+        _int_between(400, 599),
+    ),
+    Variable(
+        "MESH_FAULT_ABORT_PERCENT",
+        "100 (when `MESH_FAULT_ABORT_STATUS` is set)",
+        "5",
+        "a percentage from 0 to 100, as '5' or '5%'",
+        "Share of eligible requests aborted with `MESH_FAULT_ABORT_STATUS`.",
+        _percent,
+    ),
+    Variable(
+        "MESH_FAULT_HEADER",
+        "unset (every request is eligible)",
+        "x-mesh-fault=on",
+        "a header name, or 'name=value'",
+        "Only requests carrying this header (with this value, when given) are eligible "
+        "for the faults above; others are never touched.",
+        parse_fault_header,
+    ),
     # ---- Consul's own variables, honoured as the consul CLI reads them
     Variable(
         "CONSUL_HTTP_ADDR",
@@ -932,6 +1104,10 @@ class MeshConfig:
     traces_exporter: tuple[str, ...] | None = None
     metrics_exporter: tuple[str, ...] | None = None
     consul: ConsulSettings | None = None
+    rate_limit: RateLimit | None = None
+    rate_limit_per_source: RateLimit | None = None
+    max_concurrent_requests: int | None = None
+    faults: Faults = field(default_factory=Faults)
     defaults: ServicePolicy = field(default_factory=ServicePolicy)
     #: override_key(service) -> that service's policy
     overrides: Mapping[str, ServicePolicy] = field(default_factory=lambda: MappingProxyType({}))
@@ -1053,6 +1229,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         traces_exporter=get("OTEL_TRACES_EXPORTER"),
         metrics_exporter=get("OTEL_METRICS_EXPORTER"),
         consul=consul,
+        rate_limit=get("MESH_RATE_LIMIT"),
+        rate_limit_per_source=get("MESH_RATE_LIMIT_PER_SOURCE"),
+        max_concurrent_requests=get("MESH_MAX_CONCURRENT_REQUESTS"),
+        faults=_faults(env, get, errors),
         defaults=defaults,
         overrides=MappingProxyType(overrides),
     )
@@ -1070,6 +1250,29 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         raise ConfigError(errors)
     _report_unknown(env)
     return config
+
+
+def _faults(env: Mapping[str, str], get: Callable[[str], Any], errors: list[str]) -> Faults:
+    """The ``MESH_FAULT_*`` variables: a percentage alone aborts with 503, but a delay
+    percentage needs a delay."""
+    delay = get("MESH_FAULT_DELAY")
+    delay_percent = get("MESH_FAULT_DELAY_PERCENT")
+    abort_status = get("MESH_FAULT_ABORT_STATUS")
+    abort_percent = get("MESH_FAULT_ABORT_PERCENT")
+    if delay is None and delay_percent is not None:
+        errors.append(
+            f"MESH_FAULT_DELAY_PERCENT={env.get('MESH_FAULT_DELAY_PERCENT')!r}: expected "
+            "MESH_FAULT_DELAY to be set as well (how long to delay)"
+        )
+    if abort_status is None and abort_percent is not None:
+        abort_status = 503
+    return Faults(
+        delay=delay,
+        delay_percent=1.0 if delay_percent is None else delay_percent,
+        abort_status=abort_status,
+        abort_percent=1.0 if abort_percent is None else abort_percent,
+        header=get("MESH_FAULT_HEADER"),
+    )
 
 
 def _parse(var: Variable, name: str, raw: str, errors: list[str]) -> Any:

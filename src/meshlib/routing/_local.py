@@ -64,7 +64,8 @@ def parse(text: str) -> LocalConfig:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ValueError("the top level must be an object")
-    unknown = set(document) - {"services", "config_entries"}
+    # "faults" belongs to the server's fault injection (server/_faults.py reads it)
+    unknown = set(document) - {"services", "config_entries", "faults"}
     if unknown:
         raise ValueError(f"unknown top-level keys {sorted(unknown)}")
     services: dict[str, tuple[Endpoint, ...]] = {}

@@ -20,6 +20,7 @@ from .._config import MeshConfig, load_config
 from ..resilience._deadline import inbound_deadline
 from ..security import security_for
 from ..telemetry import asgi as telemetry_around
+from ._faults import FAULT_RESPONSE_HEADER
 from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
 from ._instance import Instance
 
@@ -85,17 +86,27 @@ class ASGIMiddleware:
         # Set by the server's TLS layer (meshlib serve) from the verified certificate;
         # a scope from anywhere else has no peer.
         peer = scope.get("meshlib.peer")
-        verdict = self.inbound.admit(InboundRequest(scope["method"], path, headers, peer))
+        inbound = self.inbound
+        verdict = inbound.admit(InboundRequest(scope["method"], path, headers, peer))
         if isinstance(verdict, LocalResponse):
             await _send_local(send, verdict)
             return
-        scope["meshlib.deadline"] = verdict
-        token = inbound_deadline.set(verdict)
-        instance.request_started()
+        # admitted: it holds a concurrency slot until `finished`, whatever happens below
+        scope["meshlib.deadline"] = verdict.deadline
+        token = inbound_deadline.set(verdict.deadline)
         try:
+            fault = verdict.fault
+            if fault is not None:
+                if fault.delay:
+                    await anyio.sleep(fault.delay)  # never block the event loop
+                answer = inbound.after_delay(verdict)
+                if answer is not None:
+                    await _send_local(send, answer)
+                    return
+                send = _marked(send, fault.marker)
             await self.app(scope, receive, send)
         finally:
-            instance.request_finished()
+            inbound.finished()
             inbound_deadline.reset(token)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,3 +154,15 @@ async def _send_local(send: Send, response: LocalResponse) -> None:
         }
     )
     await send({"type": "http.response.body", "body": response.body})
+
+
+def _marked(send: Send, marker: str) -> Send:
+    """``send`` adding ``x-mesh-fault`` to the response start (an injected delay)."""
+    header = (FAULT_RESPONSE_HEADER.encode(), marker.encode())
+
+    async def marked_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return marked_send

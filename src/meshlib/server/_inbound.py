@@ -3,19 +3,29 @@
 Before the application sees a request:
 
 1. **reserved routes** under ``/mesh/``: health (for Consul's check and for load
-   balancers), metrics and status (``_status.py``), answered by the mesh itself;
+   balancers), metrics and status (``_status.py``), answered by the mesh itself and
+   never limited, so an overloaded instance is not also marked dead;
 2. **authorization**: the caller's identity comes from its verified client certificate
    (``InboundRequest.peer``, set by the server, never from a header); the authorizer
-   (local allow/deny lists, Consul intentions) may answer 403;
+   (local allow/deny lists, Consul intentions) may answer 403. First, so a denied caller
+   costs no rate-limit token;
 3. **deadline**: a caller whose ``x-mesh-deadline-ms`` budget is already gone gets 504
    without the handler running (nobody is waiting for that answer any more); otherwise
    the remaining budget caps the handler's own outbound calls;
-4. **stages**: plug points, in order, for peer identity, authorization, rate and
-   concurrency limits and fault injection (filled by the features that need them). The
-   first stage that answers (403, 429, ...) ends the request before the handler.
+4. **stages**: plug points, in order, for checks of the application's own; the first
+   stage that answers ends the request before the handler;
+5. **rate limits** (``_limits``): the caller's bucket, then the process's → 429 with
+   ``Retry-After``;
+6. **concurrency limit**: a slot among ``MESH_MAX_CONCURRENT_REQUESTS`` or 503 (load
+   shed, ``Retry-After: 1``); the slot is the instance's in-flight count, so it is held
+   until the response is done (streamed bodies too) and given back by ``finished``;
+7. **fault injection** (``_faults``): after the limits, so an injected delay holds its
+   slot like a slow handler would; the delay is spent in the middleware (``await`` in
+   ASGI, a sleep in the WSGI worker thread) and counts against the caller's deadline.
 
 Everything here is sans-IO: the middlewares translate their protocol to ``InboundRequest``
-and a ``LocalResponse`` back.
+and a ``LocalResponse`` back, sleep for ``Admitted.fault.delay`` and then ask
+``after_delay``.
 """
 
 from __future__ import annotations
@@ -30,11 +40,22 @@ from .._status import LOOPBACK, status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..security import Authorizer, SpiffeId
 from ..telemetry import prometheus_text
+from ..telemetry._inbound import peer_service
+from ..telemetry._instruments import SERVER_FAULTS, SERVER_LOAD_SHED, SERVER_RATE_LIMITED
+from ._faults import FAULT_RESPONSE_HEADER, FaultDecision, FaultInjector
 from ._instance import Instance
+from ._limits import RateLimiter, Refusal
 
 logger = logging.getLogger("meshlib.server")
 
-__all__ = ["RESERVED_PREFIX", "Inbound", "InboundRequest", "LocalResponse", "Stage"]
+__all__ = [
+    "RESERVED_PREFIX",
+    "Admitted",
+    "Inbound",
+    "InboundRequest",
+    "LocalResponse",
+    "Stage",
+]
 
 RESERVED_PREFIX = "/mesh/"
 
@@ -62,12 +83,21 @@ class InboundRequest(NamedTuple):
 Stage = Callable[[InboundRequest], "LocalResponse | None"]
 
 
-def json_response(status: int, payload: object) -> LocalResponse:
+class Admitted(NamedTuple):
+    """A request the application may run (after ``fault.delay``, if any)."""
+
+    deadline: Deadline | None
+    fault: FaultDecision | None = None
+
+
+def json_response(
+    status: int, payload: object, headers: tuple[tuple[str, str], ...] = ()
+) -> LocalResponse:
     """A small JSON answer."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     return LocalResponse(
         status,
-        (("content-type", "application/json"), ("content-length", str(len(body)))),
+        (("content-type", "application/json"), ("content-length", str(len(body))), *headers),
         body,
     )
 
@@ -84,6 +114,11 @@ class Inbound:
         self.instance = instance
         self.stages = tuple(stages)
         self.authorizer = authorizer
+        config = instance.config
+        self.service = config.service_name or ""
+        self.limiter = RateLimiter(config.rate_limit, config.rate_limit_per_source)
+        self.max_concurrent = config.max_concurrent_requests
+        self.faults = FaultInjector(config)
 
     def reserved(self, method: str, path: str, client: str | None = None) -> LocalResponse:
         """Answer a request under ``/mesh/`` (``client``: the caller's IP address)."""
@@ -110,8 +145,12 @@ class Inbound:
             return json_response(200, status_report())
         return json_response(404, {"error": f"no mesh route {path}"})
 
-    def admit(self, request: InboundRequest) -> LocalResponse | Deadline | None:
-        """A LocalResponse to send instead of running the app, or the request's deadline."""
+    def admit(self, request: InboundRequest) -> LocalResponse | Admitted:
+        """A LocalResponse to send instead of running the app, or the request's admission.
+
+        An ``Admitted`` request holds a concurrency slot: the middleware must call
+        ``finished`` once its response is done, whatever happens.
+        """
         if self.authorizer is not None:
             decision = self.authorizer.decide(
                 request.peer, request.method, request.path, dict(request.headers)
@@ -128,19 +167,90 @@ class Inbound:
                 return json_response(403, {"error": "forbidden", "detail": decision.reason})
         budget = parse_deadline_header(request.headers.get(DEADLINE_HEADER))
         if budget is not None and budget <= 0:
-            return json_response(
-                504,
-                {
-                    "error": "deadline exceeded",
-                    "detail": f"the caller's deadline ({DEADLINE_HEADER}: 0) had passed "
-                    "before the request was handled",
-                },
+            return _deadline_passed(
+                f"the caller's deadline ({DEADLINE_HEADER}: 0) had passed before the "
+                "request was handled"
             )
         for stage in self.stages:
             answer = stage(request)
             if answer is not None:
                 return answer
-        return None if budget is None else Deadline.after(budget)
+        if self.limiter.active:
+            refusal = self.limiter.check(request.peer)
+            if refusal is not None:
+                SERVER_RATE_LIMITED.add((self.service, peer_service(request.peer), refusal.scope))
+                return _too_many(refusal)
+        if not self.instance.try_request_started(self.max_concurrent):
+            SERVER_LOAD_SHED.add((self.service,))
+            return json_response(
+                503,
+                {
+                    "error": "overloaded",
+                    "detail": f"{self.max_concurrent} requests in flight, the most this "
+                    "server takes at once (MESH_MAX_CONCURRENT_REQUESTS); try another "
+                    "instance or again shortly",
+                },
+                (("retry-after", "1"),),
+            )
+        deadline = None if budget is None else Deadline.after(budget)
+        fault = self.faults.decide(request.headers)
+        if fault is None:
+            return Admitted(deadline)
+        if fault.delay:
+            SERVER_FAULTS.add((self.service, "delay"))
+            if deadline is not None:  # nobody waits longer than the caller's deadline
+                fault = fault._replace(delay=max(min(fault.delay, deadline.remaining()), 1e-3))
+        if fault.abort_status is not None:
+            SERVER_FAULTS.add((self.service, "abort"))
+            if not fault.delay:
+                self.instance.request_finished()
+                return _aborted(fault)
+        return Admitted(deadline, fault)
+
+    def after_delay(self, admitted: Admitted) -> LocalResponse | None:
+        """After an injected delay: the abort or 504 to send instead of running the app."""
+        fault = admitted.fault
+        if fault is None:
+            return None
+        if fault.abort_status is not None:
+            return _aborted(fault)
+        deadline = admitted.deadline
+        if deadline is not None and deadline.remaining() <= 0:
+            return _deadline_passed(
+                "the caller's deadline ran out during an injected fault delay",
+                ((FAULT_RESPONSE_HEADER, fault.marker),),
+            )
+        return None
+
+    def finished(self) -> None:
+        """An admitted request's response is done: give back its concurrency slot."""
+        self.instance.request_finished()
+
+
+def _deadline_passed(detail: str, headers: tuple[tuple[str, str], ...] = ()) -> LocalResponse:
+    return json_response(504, {"error": "deadline exceeded", "detail": detail}, headers)
+
+
+def _too_many(refusal: Refusal) -> LocalResponse:
+    variable = "MESH_RATE_LIMIT_PER_SOURCE" if refusal.scope == "source" else "MESH_RATE_LIMIT"
+    whose = "this caller's" if refusal.scope == "source" else "this server's"
+    return json_response(
+        429,
+        {
+            "error": "rate limited",
+            "detail": f"over {whose} rate limit {refusal.limit.text} ({variable})",
+            "retry_after": refusal.retry_after,
+        },
+        (("retry-after", str(refusal.retry_after)),),
+    )
+
+
+def _aborted(fault: FaultDecision) -> LocalResponse:
+    return json_response(
+        fault.abort_status or 503,
+        {"error": "injected fault", "detail": "aborted by fault injection (MESH_FAULT_*)"},
+        ((FAULT_RESPONSE_HEADER, fault.marker),),
+    )
 
 
 def _metrics(instance: Instance) -> LocalResponse:

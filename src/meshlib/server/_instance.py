@@ -56,6 +56,18 @@ class Instance:
         with self._changed:
             self.in_flight += 1
 
+    def try_request_started(self, limit: int | None) -> bool:
+        """Count one request in flight unless ``limit`` are already (then False).
+
+        Checked and counted under one lock, so concurrent requests cannot both take the
+        last slot; ``request_finished`` gives it back.
+        """
+        with self._changed:
+            if limit is not None and self.in_flight >= limit:
+                return False
+            self.in_flight += 1
+            return True
+
     def request_finished(self) -> None:
         """Count one request done."""
         with self._changed:

@@ -37,6 +37,7 @@ from typing import Any
 from .._config import MeshConfig, load_config
 from ..security import TlsContexts, security_for
 from ._asgi import ASGIMiddleware
+from ._faults import FaultInjector
 from ._instance import Instance, share_drain_with_workers
 from ._wsgi import WSGIMiddleware
 
@@ -128,6 +129,9 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
         os.environ.setdefault("MESH_SERVICE_ADDRESS", host)
     os.environ[_TARGET_ENV] = target
     config = load_config()
+    # the file's fault settings are checked (and announced) now: a framework may build
+    # its middleware only on the first request
+    FaultInjector(config)
     app = meshed(load_app(target), config)
     kind = "asgi" if is_asgi(app) else "wsgi"
     shown = f"[{host}]" if ":" in host else host

@@ -9,6 +9,7 @@ served on, or when ``start()`` is called; it deregisters at process exit, or whe
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from ..resilience._deadline import inbound_deadline
 from ..security import SpiffeId, from_peercert, security_for
 from ..telemetry import wsgi as telemetry_around
 from ..telemetry._inbound import OnClose
+from ._faults import FAULT_RESPONSE_HEADER
 from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
 from ._instance import Instance
 
@@ -80,20 +82,29 @@ class WSGIMiddleware:
         }
         peer = _peer(environ)
         environ["meshlib.peer"] = peer
-        verdict = self.inbound.admit(InboundRequest(method, path, headers, peer))
+        inbound = self.inbound
+        verdict = inbound.admit(InboundRequest(method, path, headers, peer))
         if isinstance(verdict, LocalResponse):
             return _local(start_response, verdict)
-        environ["meshlib.deadline"] = verdict
-        token = inbound_deadline.set(verdict)
-        instance.request_started()
+        # admitted: it holds a concurrency slot until `finished` (on close of the body)
+        environ["meshlib.deadline"] = verdict.deadline
+        token = inbound_deadline.set(verdict.deadline)
         try:
+            fault = verdict.fault
+            if fault is not None:
+                if fault.delay:
+                    time.sleep(fault.delay)  # this worker thread is the request's own
+                answer = inbound.after_delay(verdict)
+                if answer is not None:
+                    return OnClose(_local(start_response, answer), inbound.finished)
+                start_response = _marked(start_response, fault.marker)
             result = self.app(environ, start_response)
         except BaseException:
-            instance.request_finished()
+            inbound.finished()
             raise
         finally:
             inbound_deadline.reset(token)
-        return OnClose(result, instance.request_finished)
+        return OnClose(result, inbound.finished)
 
     def __getattr__(self, name: str) -> Any:
         # Flask extensions sometimes reach through wsgi_app for the wrapped app's attributes.
@@ -114,3 +125,15 @@ def _peer(environ: WSGIEnvironment) -> SpiffeId | None:
     if isinstance(sock, ssl.SSLSocket):
         return from_peercert(sock.getpeercert())
     return None
+
+
+def _marked(start_response: StartResponse, marker: str) -> StartResponse:
+    """``start_response`` adding ``x-mesh-fault`` (an injected delay)."""
+
+    def marked(status: str, headers: Any, exc_info: Any = None) -> Any:
+        headers = [*headers, (FAULT_RESPONSE_HEADER, marker)]
+        if exc_info is None:
+            return start_response(status, headers)
+        return start_response(status, headers, exc_info)
+
+    return marked

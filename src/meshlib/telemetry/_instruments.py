@@ -21,9 +21,11 @@ from ._names import (
     BREAKER_STATE,
     ENDPOINT_STATE,
     ERROR_TYPE,
+    FAULT_KIND,
     HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE,
     HTTP_ROUTE,
+    LIMIT_SCOPE,
     PEER_VERSION,
     RETRY_REASON,
     SERVER_ADDRESS,
@@ -46,6 +48,9 @@ __all__ = [
     "CLIENT_RETRIES",
     "CLIENT_RETRY_BUDGET_EXHAUSTED",
     "SERVER_DURATION",
+    "SERVER_FAULTS",
+    "SERVER_LOAD_SHED",
+    "SERVER_RATE_LIMITED",
     "SERVER_ROUTE_DURATION",
 ]
 
@@ -77,6 +82,25 @@ SERVER_DURATION = REGISTRY.histogram(
         HTTP_RESPONSE_STATUS_CODE,
         ERROR_TYPE,
     ),
+)
+SERVER_RATE_LIMITED = REGISTRY.counter(
+    "meshlib.server.rate_limited",
+    "1",
+    "Inbound requests refused with 429 by a rate limit, by this service, the caller's "
+    "verified service ('' without one) and the limit (global or source).",
+    (SERVICE_NAME, SERVICE_PEER_NAME, LIMIT_SCOPE),
+)
+SERVER_LOAD_SHED = REGISTRY.counter(
+    "meshlib.server.load_shed",
+    "1",
+    "Inbound requests shed with 503 by MESH_MAX_CONCURRENT_REQUESTS before the handler ran.",
+    (SERVICE_NAME,),
+)
+SERVER_FAULTS = REGISTRY.counter(
+    "meshlib.server.faults",
+    "1",
+    "Faults injected into inbound requests (MESH_FAULT_*), by kind (delay or abort).",
+    (SERVICE_NAME, FAULT_KIND),
 )
 CLIENT_RETRIES = REGISTRY.counter(
     "meshlib.client.retries",

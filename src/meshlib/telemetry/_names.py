@@ -29,9 +29,11 @@ __all__ = [
     "ENDPOINT_EJECTED_EVENT",
     "ENDPOINT_STATE",
     "ERROR_TYPE",
+    "FAULT_KIND",
     "HTTP_REQUEST_METHOD",
     "HTTP_RESPONSE_STATUS_CODE",
     "HTTP_ROUTE",
+    "LIMIT_SCOPE",
     "MESH_ATTEMPT",
     "MESH_ATTEMPTS",
     "PEER_IDENTITY",
@@ -62,6 +64,10 @@ ENDPOINT_STATE: Final = "meshlib.endpoint.state"
 MESH_ATTEMPT: Final = "meshlib.attempt"
 #: How many attempts a logical request took.
 MESH_ATTEMPTS: Final = "meshlib.attempts"
+#: Which rate limit refused an inbound request: global or source.
+LIMIT_SCOPE: Final = "meshlib.limit.scope"
+#: An injected fault: delay or abort.
+FAULT_KIND: Final = "meshlib.fault.kind"
 #: Span events.
 ENDPOINT_EJECTED_EVENT: Final = "meshlib.endpoint.ejected"
 BREAKER_REFUSED_EVENT: Final = "meshlib.breaker.refused"
