@@ -39,13 +39,16 @@ class ASGIMiddleware:
     ``app.add_middleware(meshlib.ASGIMiddleware)`` for FastAPI/Starlette, or
     ``meshlib.ASGIMiddleware(app)`` for any ASGI app. Adds ``/mesh/health`` and
     ``/mesh/metrics``, refuses requests whose caller's deadline has passed (504), caps the
-    handler's outbound calls by the caller's deadline, and registers the instance in Consul
+    handler's outbound calls by the caller's deadline, applies the configured rate limits
+    (429), concurrency limit (503) and fault injection (``MESH_RATE_LIMIT*``,
+    ``MESH_MAX_CONCURRENT_REQUESTS``, ``MESH_FAULT_*``), and registers the instance in Consul
     on startup and deregisters it (after draining) on shutdown.
 
     Keys it adds to the scope: ``meshlib.deadline`` (a ``Deadline`` or ``None``).
 
     Raises:
-        meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value.
+        meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value, or
+            the config file a bad ``faults`` entry.
     """
 
     def __init__(

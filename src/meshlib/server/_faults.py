@@ -157,8 +157,8 @@ class FaultInjector:
         self.source = "the environment"
         self.faults = self._env
         if self._path is not None and self._service:
-            self._mtime = os.stat(self._path).st_mtime_ns
             try:
+                self._mtime = os.stat(self._path).st_mtime_ns
                 found = _from_file(self._path, self._service)
             except (OSError, ValueError) as exc:
                 from .._exceptions import ConfigError

@@ -49,6 +49,7 @@ from ._limits import RateLimiter, Refusal
 logger = logging.getLogger("meshlib.server")
 
 __all__ = [
+    "OVERLOADED_HEADER",
     "RESERVED_PREFIX",
     "Admitted",
     "Inbound",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 RESERVED_PREFIX = "/mesh/"
+#: Marks a 503 the concurrency limit answered: the request was not handled at all.
+OVERLOADED_HEADER = "x-mesh-overloaded"
 
 
 class LocalResponse(NamedTuple):
@@ -190,7 +193,8 @@ class Inbound:
                     "server takes at once (MESH_MAX_CONCURRENT_REQUESTS); try another "
                     "instance or again shortly",
                 },
-                (("retry-after", "1"),),
+                # Envoy's x-envoy-overloaded, for meshlib: the handler never ran
+                (("retry-after", "1"), (OVERLOADED_HEADER, "true")),
             )
         deadline = None if budget is None else Deadline.after(budget)
         fault = self.faults.decide(request.headers)

@@ -34,11 +34,14 @@ class WSGIMiddleware:
 
     ``app.wsgi_app = meshlib.WSGIMiddleware(app.wsgi_app)`` for Flask. Adds ``/mesh/health``
     and ``/mesh/metrics``, refuses requests whose caller's deadline has passed (504), caps
-    the handler's outbound calls by the caller's deadline, and registers the instance in
+    the handler's outbound calls by the caller's deadline, applies the configured rate
+    limits (429), concurrency limit (503) and fault injection (``MESH_RATE_LIMIT*``,
+    ``MESH_MAX_CONCURRENT_REQUESTS``, ``MESH_FAULT_*``), and registers the instance in
     Consul (on the first request or ``start()``).
 
     Raises:
-        meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value.
+        meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value, or
+            the config file a bad ``faults`` entry.
     """
 
     def __init__(
