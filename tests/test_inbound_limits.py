@@ -413,6 +413,9 @@ def test_beyond_the_concurrency_limit_a_request_is_shed_before_its_handler(
     assert [httpx.get(f"{served.url}/hello").status_code for _ in range(4)] == [200] * 4
     text = httpx.get(f"{served.url}/mesh/metrics").text
     assert metric(text, "meshlib_server_load_shed_total", service_name="hello") == 1
+    status = httpx.get(f"{served.url}/mesh/status").json()["inbound"]
+    assert status["max_concurrent_requests"] == 3
+    assert status["faults"] is None
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -478,6 +481,9 @@ def test_abort_100_percent_aborts_every_request_and_says_so(
     assert count_statuses(served.url, 50) == {"500 abort": 50}
     wait_until(lambda: b"FAULT INJECTION IS ON for hello" in served.output, what="the warning")
     assert b"abort with 500 for 100% of every request" in served.output
+    status = httpx.get(f"{served.url}/mesh/status").json()["inbound"]
+    assert status["faults"] == "abort with 500 for 100% of every request"
+    assert status["faults_from"] == "the environment"
     text = httpx.get(f"{served.url}/mesh/metrics").text
     assert metric(text, "meshlib_server_faults_total", meshlib_fault_kind="abort") == 50
 

@@ -145,8 +145,22 @@ class Inbound:
                 return json_response(
                     403, {"error": "/mesh/status lists internal addresses: loopback callers only"}
                 )
-            return json_response(200, status_report())
+            return json_response(200, {**status_report(), "inbound": self.controls()})
         return json_response(404, {"error": f"no mesh route {path}"})
+
+    def controls(self) -> dict[str, object]:
+        """The inbound traffic controls in force (for ``/mesh/status``)."""
+        limiter, faults = self.limiter, self.faults.current()
+        return {
+            "in_flight": self.instance.in_flight,
+            "rate_limit": None if limiter.overall is None else limiter.overall.text,
+            "rate_limit_per_source": (
+                None if limiter.per_source is None else limiter.per_source.text
+            ),
+            "max_concurrent_requests": self.max_concurrent,
+            "faults": faults.describe() if faults.active else None,
+            "faults_from": self.faults.source if faults.active else None,
+        }
 
     def admit(self, request: InboundRequest) -> LocalResponse | Admitted:
         """A LocalResponse to send instead of running the app, or the request's admission.

@@ -97,9 +97,9 @@ class WSGIMiddleware:
             if fault is not None:
                 if fault.delay:
                     time.sleep(fault.delay)  # this worker thread is the request's own
-                answer = inbound.after_delay(verdict)
-                if answer is not None:
-                    return OnClose(_local(start_response, answer), inbound.finished)
+                instead = inbound.after_delay(verdict)
+                if instead is not None:
+                    return OnClose(_local(start_response, instead), inbound.finished)
                 start_response = _marked(start_response, fault.marker)
             result = self.app(environ, start_response)
         except BaseException:
