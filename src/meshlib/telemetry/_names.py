@@ -21,6 +21,7 @@ from opentelemetry.semconv.attributes.http_attributes import (
 from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
 
 __all__ = [
+    "ATTEMPT_CANCELLED",
     "BREAKER_REFUSED_EVENT",
     "BREAKER_STATE",
     "ENDPOINT_EJECTED_EVENT",
@@ -54,6 +55,8 @@ ENDPOINT_STATE: Final = "meshlib.endpoint.state"
 MESH_ATTEMPT: Final = "meshlib.attempt"
 #: How many attempts a logical request took.
 MESH_ATTEMPTS: Final = "meshlib.attempts"
+#: On an attempt span: the attempt was abandoned (a hedge race's loser), not failed.
+ATTEMPT_CANCELLED: Final = "meshlib.attempt.cancelled"
 #: Span events.
 ENDPOINT_EJECTED_EVENT: Final = "meshlib.endpoint.ejected"
 BREAKER_REFUSED_EVENT: Final = "meshlib.breaker.refused"

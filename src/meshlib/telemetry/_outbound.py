@@ -1,9 +1,11 @@
 """Telemetry of one outbound logical request: spans, metrics and the access log line.
 
 A ``Call`` (``_pipeline.py``) owns one ``OutboundTelemetry`` and tells it what happens:
-each attempt starting and ending, a retry the budget refused, and the end of the whole
-request (from the transports' ``finally``). Every hook is failsafe: an exception here is
-logged and the request goes on.
+each attempt starting and ending (or cancelled: a hedge race's loser), a retry the budget
+refused, and the end of the whole request (from the transports' ``finally``). Attempts
+may overlap (a hedge races the attempt in flight), so each attempt's span is handed back
+to the Call, which passes it in again when that attempt ends. Every hook is failsafe: an
+exception here is logged and the request goes on.
 
 Spans, when a tracer provider is installed: one CLIENT span for the logical request (child
 of whatever span is current, e.g. the inbound request being served) and, under it, one
@@ -38,6 +40,7 @@ from ._instruments import (
     CLIENT_RETRY_BUDGET_EXHAUSTED,
 )
 from ._names import (
+    ATTEMPT_CANCELLED,
     BREAKER_REFUSED_EVENT,
     BREAKER_STATE,
     ENDPOINT_EJECTED_EVENT,
@@ -67,7 +70,7 @@ logger = logging.getLogger("meshlib.telemetry")
 class OutboundTelemetry:
     """The telemetry of one logical request to ``service``."""
 
-    __slots__ = ("_attempt", "_carry", "_method", "_service", "_span", "_start", "_version")
+    __slots__ = ("_carry", "_method", "_service", "_span", "_start", "_version")
 
     def __init__(self, service: str, request: httpx.Request) -> None:
         self._start = time.perf_counter()
@@ -75,7 +78,6 @@ class OutboundTelemetry:
         self._method = request.method
         self._version = ""
         self._span: trace.Span | None = None
-        self._attempt: trace.Span | None = None
         self._carry = False
         try:
             tracer = STATE.tracer()
@@ -103,18 +105,19 @@ class OutboundTelemetry:
 
     def attempt_started(
         self, request: httpx.Request, endpoint: Endpoint, number: int, retry_reason: str
-    ) -> None:
-        """An attempt on ``endpoint`` is about to be sent (``retry_reason``: why, if a retry)."""
+    ) -> trace.Span | None:
+        """An attempt on ``endpoint`` is about to be sent (``retry_reason``: why, if a retry,
+        ``hedge`` for a hedge). Returns the attempt's span, to pass back when it ends."""
         try:
             self._version = endpoint.meta.get("version", "")
             span = self._span
             if span is None:
                 if self._carry:
                     inject(request.headers)
-                return
+                return None
             tracer = STATE.tracer()
             if tracer is None:
-                return
+                return None
             attributes: dict[str, str | int] = {
                 HTTP_REQUEST_METHOD: self._method,
                 SERVER_ADDRESS: endpoint.host,
@@ -132,10 +135,11 @@ class OutboundTelemetry:
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
             )
-            self._attempt = attempt
             inject(request.headers, context=trace.set_span_in_context(attempt))
+            return attempt
         except Exception:
             logger.exception("outbound telemetry failed")
+            return None
 
     def attempt_ended(
         self,
@@ -144,16 +148,15 @@ class OutboundTelemetry:
         ejected: bool,
         status: int | None,
         error: BaseException | None,
+        attempt: trace.Span | None,
     ) -> None:
-        """The attempt got ``status`` or failed with ``error``; ``ejected``: it cost the
-        endpoint its place in load balancing."""
+        """The attempt (its span from ``attempt_started``) got ``status`` or failed with
+        ``error``; ``ejected``: it cost the endpoint its place in load balancing."""
         try:
             if ejected:
                 CLIENT_EJECTIONS.add((STATE.source, self._service))
-            attempt = self._attempt
             if attempt is None:
                 return
-            self._attempt = None
             if status is not None:
                 attempt.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if outcome.failure:
@@ -165,6 +168,16 @@ class OutboundTelemetry:
             if ejected:
                 attempt.add_event(ENDPOINT_EJECTED_EVENT, {SERVICE_PEER_NAME: self._service})
             attempt.end()
+        except Exception:
+            logger.exception("outbound telemetry failed")
+
+    def attempt_cancelled(self, attempt: trace.Span | None) -> None:
+        """The attempt was abandoned before it ended: it lost a hedge race, or the request
+        was cut short. Its span ends marked ``meshlib.attempt.cancelled``, not as an error."""
+        try:
+            if attempt is not None:
+                attempt.set_attribute(ATTEMPT_CANCELLED, True)
+                attempt.end()
         except Exception:
             logger.exception("outbound telemetry failed")
 
@@ -215,9 +228,6 @@ class OutboundTelemetry:
         error_type: str,
         error: BaseException | None,
     ) -> None:
-        if self._attempt is not None:  # an attempt cut short (cancelled): close it too
-            self._attempt.end()
-            self._attempt = None
         span.set_attribute(MESH_ATTEMPTS, info.attempts)
         if status is not None:
             span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
