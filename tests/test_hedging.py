@@ -9,6 +9,10 @@ the same).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +27,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 import meshlib
 from backends import Backend, BackendFactory, static_env
+from meshlib import client as client_module
 from meshlib.telemetry import prometheus_text
 from meshlib.telemetry._metrics import REGISTRY
 from polling import wait_until
@@ -353,6 +358,82 @@ def test_many_hedged_requests_leave_no_connection_behind(
         wait_until(lambda: open_connections(slow.port) == 0, timeout=15, what="losers closed")
         assert open_connections(fast.port) <= 2
         assert samples("meshlib_client_requests_in_flight", **WEATHER) == 0
+
+
+def test_sync_hedges_stop_while_too_many_losers_are_still_blocked(
+    pair: tuple[Backend, Backend], env: pytest.MonkeyPatch
+) -> None:
+    slow, _ = pair
+    env.setenv("MESH_HEDGE_DELAY", "5ms")
+    env.setattr(client_module, "_MAX_ABANDONED", 2)
+    wait_until(lambda: client_module._WORKERS.abandoned == 0, timeout=15, what="earlier losers")
+
+    def release_the_unhedged_one() -> None:
+        wait_until(lambda: held(slow) == 3, timeout=10, what="the fifth request, on slow")
+        release(slow)
+
+    with meshlib.Client() as client:
+        first = [client.get("http://weather/whoami") for _ in range(4)]
+        assert [r.text for r in first] == ["fast"] * 4  # two hedges won, two losers left
+        with in_background(release_the_unhedged_one):
+            fifth = client.get("http://weather/whoami")
+        # two losers still blocked: no hedge, so the request waited for the slow instance
+        assert (fifth.text, fifth.extensions["meshlib"].retry_reasons) == ("slow", [])
+        wait_until(lambda: open_connections(slow.port) == 0, timeout=10, what="losers closed")
+        wait_until(lambda: client_module._WORKERS.abandoned == 0, timeout=10)
+
+
+_TRACED = """
+import json, httpx, meshlib
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+memory = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(memory))
+trace.set_tracer_provider(provider)
+with meshlib.Client() as client:
+    assert client.get("http://weather/whoami").text == "fast"
+spans = [
+    {"name": s.name, "status": s.status.status_code.name, **dict(s.attributes or {})}
+    for s in memory.get_finished_spans()
+]
+print(json.dumps(spans))
+"""
+
+
+def test_attempt_spans_mark_the_hedge_and_the_cancelled_loser(
+    pair: tuple[Backend, Backend],
+) -> None:
+    slow, fast = pair
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MESH_"))}
+    env = {
+        **clean,
+        "MESH_STATIC_SERVICES": static_env("weather", [slow, fast]),
+        "MESH_LB": "round_robin",
+        "MESH_HEDGE_DELAY": "10ms",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _TRACED], env=env, capture_output=True, text=True, timeout=60
+    )
+    release(slow)
+    assert result.returncode == 0, result.stderr
+    spans = json.loads(result.stdout)
+    attempts = sorted(
+        (s for s in spans if s["name"] == "GET weather attempt"), key=lambda s: s["meshlib.attempt"]
+    )
+    first, hedge = attempts
+    assert first["server.port"] == slow.port
+    assert first["meshlib.attempt.cancelled"] is True
+    assert first["status"] == "UNSET"  # cancelled is not failed
+    assert "error.type" not in first
+    assert hedge["server.port"] == fast.port
+    assert hedge["meshlib.retry.reason"] == "hedge"
+    assert hedge["http.request.resend_count"] == 1
+    assert hedge["http.response.status_code"] == 200
+    (call,) = (s for s in spans if s["name"] == "GET weather")
+    assert call["meshlib.attempts"] == 2
 
 
 # ----------------------------------------------------------------------------- cancellation
