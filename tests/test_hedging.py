@@ -28,6 +28,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 import meshlib
 from backends import Backend, BackendFactory, static_env
 from meshlib import client as client_module
+from meshlib._config import load_config
 from meshlib.telemetry import prometheus_text
 from meshlib.telemetry._metrics import REGISTRY
 from polling import wait_until
@@ -184,6 +185,16 @@ def held(backend: Backend, key: str = "held") -> int:
     return int(backend.stats().get(key, 0))
 
 
+# ----------------------------------------------------------------------------- settings
+
+
+def test_hedging_is_off_by_default_and_set_per_service() -> None:
+    assert load_config({}).policy("weather").hedge_delay == 0.0
+    config = load_config({"MESH_HEDGE_DELAY": "50ms", "MESH_HEDGE_DELAY__FORECAST": "off"})
+    assert config.policy("weather").hedge_delay == 0.05
+    assert config.policy("forecast").hedge_delay == 0.0
+
+
 # ----------------------------------------------------------------------------- the race
 
 
@@ -191,7 +202,9 @@ def test_the_hedge_answers_while_the_slow_instance_still_holds_the_first_attempt
     pair: tuple[Backend, Backend], env: pytest.MonkeyPatch, mesh: Callable[[], Any]
 ) -> None:
     slow, fast = pair
-    env.setenv("MESH_HEDGE_DELAY", "20ms")
+    # long enough that the fast instance always answers its own requests before it (so
+    # exactly the requests that start on the slow one are hedged), even on a busy machine
+    env.setenv("MESH_HEDGE_DELAY", "100ms")
     with mesh() as client:
         responses = [client.get("http://weather/whoami") for _ in range(6)]
         # Every answer came from the fast instance while the slow one was still holding
@@ -306,14 +319,18 @@ def test_the_loser_is_not_ejected_and_the_breaker_hears_one_success(
     pair: tuple[Backend, Backend], env: pytest.MonkeyPatch, mesh: Callable[[], Any]
 ) -> None:
     slow, _fast = pair
-    env.setenv("MESH_HEDGE_DELAY", "10ms")
+    env.setenv("MESH_HEDGE_DELAY", "50ms")
     env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "1")  # one failure would eject
     env.setenv("MESH_BREAKER_FAILURES", "1")  # one failed request would open the breaker
     with mesh() as client:
         assert [client.get("http://weather/whoami").text for _ in range(4)] == ["fast"] * 4
         slow.set_mode(hold=False)
         release(slow)
-        wait_until(lambda: held(slow, "released") + held(slow, "disconnected") == 2, timeout=10)
+        losers = held(slow)
+        assert losers >= 2
+        wait_until(
+            lambda: held(slow, "released") + held(slow, "disconnected") == losers, timeout=10
+        )
         assert samples("meshlib_client_ejections_total", **WEATHER) == 0
         assert samples("meshlib_client_breaker_state", meshlib_breaker_state="closed") == 1
         # the slow instance keeps its turn in load balancing (unhedged, so that a slow
@@ -346,14 +363,15 @@ def test_many_hedged_requests_leave_no_connection_behind(
     pair: tuple[Backend, Backend], env: pytest.MonkeyPatch, mesh: Callable[[], Any]
 ) -> None:
     slow, fast = pair
-    env.setenv("MESH_HEDGE_DELAY", "5ms")
+    env.setenv("MESH_HEDGE_DELAY", "20ms")
     with mesh() as client:
         responses = [client.get("http://weather/whoami") for _ in range(40)]
         assert {r.text for r in responses} == {"fast"}
-        assert held(slow) == 20
+        losers = held(slow)
+        assert losers >= 20  # (a slow answer from the fast one may be hedged to slow too)
         assert open_connections(fast.port) <= 2  # the fast one's connection is reused
         if client.kind == "sync":
-            assert open_connections(slow.port) == 20  # abandoned losers, until slow answers
+            assert open_connections(slow.port) == losers  # abandoned, until slow answers
             release(slow)
         wait_until(lambda: open_connections(slow.port) == 0, timeout=15, what="losers closed")
         assert open_connections(fast.port) <= 2
@@ -364,7 +382,7 @@ def test_sync_hedges_stop_while_too_many_losers_are_still_blocked(
     pair: tuple[Backend, Backend], env: pytest.MonkeyPatch
 ) -> None:
     slow, _ = pair
-    env.setenv("MESH_HEDGE_DELAY", "5ms")
+    env.setenv("MESH_HEDGE_DELAY", "50ms")
     env.setattr(client_module, "_MAX_ABANDONED", 2)
     wait_until(lambda: client_module._WORKERS.abandoned == 0, timeout=15, what="earlier losers")
 
