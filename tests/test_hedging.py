@@ -401,6 +401,32 @@ def test_sync_hedges_stop_while_too_many_losers_are_still_blocked(
         wait_until(lambda: client_module._WORKERS.abandoned == 0, timeout=10)
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
+def test_a_forked_child_hedges_on_threads_of_its_own(
+    pair: tuple[Backend, Backend], env: pytest.MonkeyPatch
+) -> None:
+    slow, _ = pair
+    env.setenv("MESH_HEDGE_DELAY", "50ms")
+    with meshlib.Client() as client:
+        assert client.get("http://weather/whoami").text == "fast"  # hedged: a worker is idle
+    pid = os.fork()
+    if pid == 0:  # the child, as a worker of a pre-forking server
+        code = 1
+        try:
+            with meshlib.Client() as client:
+                # round robin's next turn is the fast instance: answered by the first
+                # attempt, if a worker thread of the child's own runs it
+                options = {"meshlib": {"hedge": 1.0, "deadline": 3.0}}
+                response = client.get("http://weather/whoami", extensions=options)
+                reasons = response.extensions["meshlib"].retry_reasons
+                code = 0 if (response.text, reasons) == ("fast", []) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    release(slow)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 _TRACED = """
 import json, httpx, meshlib
 from opentelemetry import trace

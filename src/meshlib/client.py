@@ -17,6 +17,7 @@ task.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import ssl
 import threading
@@ -434,6 +435,10 @@ class _Workers:
         #: abandoned losers still blocked
         self.abandoned = 0
 
+    def reset(self) -> None:
+        """Forget every thread: after a fork, none of them exists in the child."""
+        self.__init__()  # type: ignore[misc]
+
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
             spawn = self._idle == 0
@@ -475,6 +480,9 @@ class _Workers:
 
 
 _WORKERS = _Workers()
+# A child forked by a pre-forking server (gunicorn --preload) must not count on idle
+# threads of its parent: it would hand hedged attempts to threads that are not there.
+os.register_at_fork(after_in_child=_WORKERS.reset)
 
 Pool = TypeVar("Pool", bound=httpx.HTTPTransport | httpx.AsyncHTTPTransport)
 
