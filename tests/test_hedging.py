@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -29,9 +30,11 @@ import meshlib
 from backends import Backend, BackendFactory, static_env
 from meshlib import client as client_module
 from meshlib._config import load_config
+from meshlib.security import LocalCA
 from meshlib.telemetry import prometheus_text
 from meshlib.telemetry._metrics import REGISTRY
 from polling import wait_until
+from served import ServedFactory
 
 WEATHER = {"service_peer_name": "weather"}
 
@@ -240,6 +243,37 @@ def test_a_streamed_response_is_won_by_the_first_to_send_headers(
         assert text == "fast"
         assert response.extensions["meshlib"].retry_reasons == ["hedge"]
         release(slow)
+
+
+def test_over_mtls_the_hedge_proves_the_right_identity_on_its_own_connection(
+    serve: ServedFactory,
+    tmp_path: Path,
+    env: pytest.MonkeyPatch,
+    mesh: Callable[[], Any],
+) -> None:
+    ca_dir = tmp_path / "ca"
+    LocalCA(ca_dir).init("meshlib.test")
+    served = serve(
+        "fastapi_app:app",
+        {"MESH_TLS": "strict", "MESH_TLS_DIR": str(ca_dir), "MESH_SERVICE_NAME": "hello"},
+    )
+    # The first endpoint accepts TCP connections and never answers a TLS handshake.
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        mute_port = mute.getsockname()[1]
+        env.setenv("MESH_TLS", "strict")
+        env.setenv("MESH_TLS_DIR", str(ca_dir))
+        env.setenv("MESH_SERVICE_NAME", "gateway")
+        env.setenv("MESH_STATIC_SERVICES", f"hello=127.0.0.1:{mute_port},127.0.0.1:{served.port}")
+        env.setenv("MESH_HEDGE_DELAY", "50ms")
+        with mesh() as client:
+            response = client.get("http://hello/peer", extensions={"meshlib": {"deadline": 3.0}})
+    assert response.status_code == 200
+    assert response.json()["peer"] == "spiffe://meshlib.test/ns/default/dc/dc1/svc/gateway"
+    info = response.extensions["meshlib"]
+    assert (info.endpoint, info.retry_reasons) == (served.address, ["hedge"])
+    assert response.request.url == "http://hello/peer"
 
 
 # ----------------------------------------------------------------------------- who may hedge

@@ -317,7 +317,11 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         request: httpx.Request,
         call: Call,
     ) -> None:
-        inner = await self._pool(request, call.service.name) if attempt.tls else self._inner
+        inner: httpx.AsyncBaseTransport = self._inner
+        handshake: _Handshake | None = None
+        if attempt.tls:
+            inner = await self._pool(request, call.service.name)
+            handshake = _Handshake(request)
 
         async def run() -> None:
             result: httpx.Response | Exception
@@ -325,6 +329,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 result = await inner.handle_async_request(request)
             except Exception as exc:  # delivered to the race, which decides
                 result = exc
+            except BaseException:  # cancelled: it lost the race
+                if handshake is not None:
+                    await handshake.abandon()
+                raise
             send.send_nowait((attempt, result))
 
         tasks.start_soon(run)
@@ -337,6 +345,44 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
 
 _Result = tuple[Attempt, "httpx.Response | Exception"]
+
+
+class _Handshake:
+    """The TCP stream of an async attempt's new connection while its TLS handshake runs.
+
+    Why: httpcore (1.0.9) closes that stream when the handshake fails, but not when the
+    task is cancelled during it (``AnyIOStream.start_tls`` catches ``Exception``, and
+    cancellation is a ``BaseException``), so the socket stays open until the garbage
+    collector finds it. A hedge race's loser is cancelled exactly there whenever its
+    endpoint is slow to handshake, so the loser closes the stream itself. httpcore's
+    ``trace`` extension is the public way to see the stream.
+    """
+
+    __slots__ = ("_inner", "stream")
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.stream: Any = None
+        self._inner = request.extensions.get("trace")
+        request.extensions["trace"] = self
+
+    async def __call__(self, name: str, info: dict[str, Any]) -> None:
+        if name == "connection.connect_tcp.complete":
+            self.stream = info.get("return_value")
+        elif name == "connection.start_tls.complete" or (
+            # a failed handshake is closed by httpcore; a cancelled one is not
+            name == "connection.start_tls.failed" and isinstance(info.get("exception"), Exception)
+        ):
+            self.stream = None
+        if self._inner is not None:
+            await self._inner(name, info)
+
+    async def abandon(self) -> None:
+        """Close the stream if the attempt was cancelled during its handshake."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
 
 #: Sync losers still blocked on their endpoint, process-wide, beyond which no new hedge
 #: starts: each holds a thread and a pooled connection until its endpoint answers or its
