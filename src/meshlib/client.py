@@ -606,8 +606,9 @@ class Client(httpx.Client):
     apply; a ``timeout`` given here caps each attempt further.
 
     Per-request options go in ``extensions={"meshlib": {...}}``: ``retry_non_idempotent``
-    (resend a POST/PATCH after it may have reached the server), ``deadline`` (seconds) and
-    ``retries``. What the mesh did is in ``response.extensions["meshlib"]``.
+    (resend a POST/PATCH after it may have reached the server), ``deadline`` (seconds),
+    ``retries`` and ``hedge`` (seconds before a hedged attempt, or ``False``; see
+    ``MESH_HEDGE_DELAY``). What the mesh did is in ``response.extensions["meshlib"]``.
 
     Raises:
         meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value.
