@@ -233,6 +233,25 @@ def test_the_hedge_answers_while_the_slow_instance_still_holds_the_first_attempt
     assert samples("meshlib_client_retries_total", **WEATHER, meshlib_retry_reason="hedge") == 3
 
 
+def test_a_hedge_answered_503_is_set_aside_while_the_first_attempt_can_still_win(
+    pair: tuple[Backend, Backend], env: pytest.MonkeyPatch, mesh: Callable[[], Any]
+) -> None:
+    slow, fast = pair
+    fast.set_mode(status=503)
+    env.setenv("MESH_HEDGE_DELAY", "10ms")
+
+    def release_after_the_503() -> None:
+        wait_until(lambda: fast.stats().get("GET") == 1, timeout=10, what="the hedge's 503")
+        release(slow)
+
+    with mesh() as client, in_background(release_after_the_503):
+        response = client.get("http://weather/whoami")
+    assert (response.status_code, response.text) == (200, "slow")
+    info = response.extensions["meshlib"]
+    assert (info.endpoint, info.attempts, info.retry_reasons) == (slow.address, 2, ["hedge"])
+    assert fast.stats()["GET"] == 1  # the 503 was not retried: the first attempt answered
+
+
 def test_a_streamed_response_is_won_by_the_first_to_send_headers(
     pair: tuple[Backend, Backend], env: pytest.MonkeyPatch, mesh: Callable[[], Any]
 ) -> None:
