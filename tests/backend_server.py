@@ -7,9 +7,12 @@ Routes:
   ANY  /echo                -> JSON with the method, headers and body length it received
   GET  /status/<code>       -> that status
   GET  /slow?ms=N           -> answers after N ms
-  POST /admin/mode          -> JSON {"status": int|null, "delay_ms": int, "hang": bool}
-                               applies to every non-admin request from then on
-  GET  /admin/stats         -> JSON counts of non-admin requests received, by method
+  POST /admin/mode          -> JSON {"status": int|null, "delay_ms": int, "hang": bool,
+                               "hold": bool} applies to every non-admin request from then on
+  POST /admin/release       -> requests held (mode "hold") go on and answer
+  GET  /admin/stats         -> JSON counts of non-admin requests received, by method; with
+                               "hold": "held", "released", and "disconnected" (the client
+                               went away while its request was held)
 
 Everything a test asserts about "what the server received" comes from /admin/stats, so
 the counts are the server's own, not the client's belief.
@@ -25,7 +28,31 @@ from typing import Any
 
 NAME = "backend"
 STATS: Counter[str] = Counter()
-MODE: dict[str, Any] = {"status": None, "delay_ms": 0, "hang": False}
+MODE: dict[str, Any] = {"status": None, "delay_ms": 0, "hang": False, "hold": False}
+#: Set by /admin/release (then replaced, so later requests are held again).
+RELEASE: list[asyncio.Event] = []
+
+
+async def _hold(receive: Any) -> bool:
+    """Hold a request until /admin/release; True if the client went away first."""
+    if not RELEASE:
+        RELEASE.append(asyncio.Event())
+    STATS["held"] += 1
+    released = asyncio.ensure_future(RELEASE[0].wait())
+    gone = asyncio.ensure_future(_disconnected(receive))
+    done, pending = await asyncio.wait({released, gone}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if gone in done:
+        STATS["disconnected"] += 1
+        return True
+    STATS["released"] += 1
+    return False
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _body(receive: Any) -> bytes:
@@ -77,8 +104,15 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         MODE.update(json.loads(body or b"{}"))
         await _send(send, 200, json.dumps(MODE).encode(), "application/json")
         return
+    if path == "/admin/release":
+        if RELEASE:
+            RELEASE.pop().set()
+        await _send(send, 200, b"released")
+        return
     STATS[method] += 1
     STATS["total"] += 1
+    if MODE["hold"] and await _hold(receive):
+        return  # nobody is listening any more
     if MODE["hang"]:
         await asyncio.Event().wait()  # accept, never answer (until the client gives up)
     if MODE["delay_ms"]:

@@ -36,6 +36,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_RETRY_MIN_PER_SECOND": ("-3", "a whole number from 0 to 100000"),
     "MESH_RETRY_BACKOFF": ("25 ms", "a duration"),
     "MESH_RETRY_BACKOFF_MAX": ("1y", "a duration"),
+    "MESH_HEDGE_DELAY": ("sometimes", "a number of seconds, or 'off'"),
     "MESH_OUTLIER_CONSECUTIVE_ERRORS": ("0", "a whole number from 1 to 1000"),
     "MESH_OUTLIER_EJECTION_TIME": ("nan", "a duration"),
     "MESH_OUTLIER_MAX_EJECTION": ("150%", "a ratio from 0% to 100%"),

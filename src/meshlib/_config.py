@@ -112,6 +112,13 @@ def _duration(text: str) -> float:
     return parse_duration(text)
 
 
+def _duration_or_off(text: str) -> float:
+    """A duration, or ``off`` (``0.0``: the feature is disabled)."""
+    if text.strip().lower() in ("off", "0"):
+        return 0.0
+    return parse_duration(text)
+
+
 def _int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         number = int(text.strip(), 10)
@@ -570,6 +577,18 @@ VARIABLES: tuple[Variable, ...] = (
         per_service=True,
     ),
     Variable(
+        "MESH_HEDGE_DELAY",
+        "off",
+        "50ms",
+        "a duration such as 250ms, 2s, 1m or a number of seconds, or 'off'",
+        "Hedged requests: when an idempotent request with a replayable body has had no answer "
+        "after this delay, send one more attempt to another endpoint and take whichever "
+        "answers first (the other is cancelled). Each hedge spends the retry budget. Set it "
+        "near the service's p95 latency; per request, the `hedge` option overrides it.",
+        _duration_or_off,
+        per_service=True,
+    ),
+    Variable(
         "MESH_OUTLIER_CONSECUTIVE_ERRORS",
         "5",
         "3",
@@ -1023,6 +1042,8 @@ class ServicePolicy:
     retry_min_per_second: int = 10
     retry_backoff: float = 0.025
     retry_backoff_max: float = 0.25
+    #: seconds before a hedged attempt; 0: no hedging
+    hedge_delay: float = 0.0
     outlier_consecutive_errors: int = 5
     outlier_ejection_time: float = 30.0
     outlier_max_ejection: float = 0.5
@@ -1044,6 +1065,7 @@ _POLICY_FIELDS: Mapping[str, str] = MappingProxyType(
         "MESH_RETRY_MIN_PER_SECOND": "retry_min_per_second",
         "MESH_RETRY_BACKOFF": "retry_backoff",
         "MESH_RETRY_BACKOFF_MAX": "retry_backoff_max",
+        "MESH_HEDGE_DELAY": "hedge_delay",
         "MESH_OUTLIER_CONSECUTIVE_ERRORS": "outlier_consecutive_errors",
         "MESH_OUTLIER_EJECTION_TIME": "outlier_ejection_time",
         "MESH_OUTLIER_MAX_EJECTION": "outlier_max_ejection",

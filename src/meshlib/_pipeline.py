@@ -19,6 +19,11 @@ decision lives here, once. The stages, outermost first, and why they sit where t
    each retry can land on a different endpoint, and above ejection so it sees every
    attempt, not only the last. Only retryable outcomes, only requests that are safe to
    resend, within the service's retry budget, never past the deadline.
+   **Hedging** (opt-in, ``Call.start_hedge``) is the retry stage acting early: when the
+   first attempt has not answered after the hedge delay, one more attempt starts on
+   another endpoint while the first goes on; the first usable answer wins and the other
+   is cancelled (``Call.attempt_cancelled``), which is neither a failure for ejection
+   nor a second outcome for the breaker. Same safety rule and budget as retries.
 5. **balance** (``Call.start_attempt``): choose among endpoints that are not ejected and, if
    possible, not yet tried by this request; panic mode uses all when too few remain.
 6. **attempt** (the transport): per-attempt timeout, ``Host`` kept as the service name,
@@ -35,11 +40,12 @@ between deadline and balance; their hooks arrive with those features.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
-from typing import Any
+from typing import Any, Final
 
 import httpx
 
@@ -59,11 +65,20 @@ from .resilience._retry import (
 from .routing import Decision
 from .telemetry._outbound import OutboundTelemetry
 
-__all__ = ["Attempt", "Call", "CallInfo", "request_options"]
+__all__ = ["WAIT", "Attempt", "Call", "CallInfo", "clone_request", "request_options"]
 
 #: The per-request options key: ``client.post(url, extensions={"meshlib": {...}})``.
 OPTIONS_KEY = "meshlib"
-_OPTION_NAMES = frozenset({"retry_non_idempotent", "deadline", "retries"})
+_OPTION_NAMES = frozenset({"retry_non_idempotent", "deadline", "retries", "hedge"})
+
+#: Returned by ``Call.attempt_failed`` / ``attempt_responded`` instead of a delay when
+#: another attempt of the request (a hedge) is still in flight: drop this outcome and wait
+#: for that one. Only hedged requests ever see it.
+WAIT: Final = -1.0
+#: Hedged attempts per request beyond the first (gRPC allows up to 4, Finagle 1): one
+#: already cuts most of the tail when the delay sits near p95, and each costs a full
+#: attempt's load.
+MAX_HEDGES: Final = 1
 
 
 def request_options(request: httpx.Request) -> Mapping[str, Any]:
@@ -104,13 +119,15 @@ class CallInfo:
 class Attempt:
     """One try of a Call on one endpoint."""
 
-    __slots__ = ("start", "state", "tls")
+    __slots__ = ("span", "start", "state", "tls")
 
-    def __init__(self, state: EndpointState, start: float, tls: bool) -> None:
+    def __init__(self, state: EndpointState, start: float, tls: bool, span: Any) -> None:
         self.state = state
         self.start = start
         #: Sent over mesh mTLS (so on the service's own connection pool).
         self.tls = tls
+        #: The attempt's span (telemetry's handle; None without tracing).
+        self.span = span
 
 
 class Call:
@@ -118,6 +135,8 @@ class Call:
 
     __slots__ = (
         "_admitted",
+        "_hedges",
+        "_in_flight",
         "_last_failed",
         "_original_extensions",
         "_original_timeout",
@@ -125,6 +144,7 @@ class Call:
         "_tried",
         "deadline",
         "hash_key",
+        "hedge_delay",
         "info",
         "may_resend",
         "replayable",
@@ -168,6 +188,14 @@ class Call:
         )
         # A body given as bytes can be sent again; a generator cannot (after it started).
         self.replayable = isinstance(request.stream, httpx.ByteStream)
+        hedge = options.get("hedge")
+        #: Seconds before a hedged attempt; 0.0: this request is never hedged.
+        self.hedge_delay = policy.hedge_delay if hedge is None else _hedge_option(hedge)
+        if self.hedge_delay and not (self.may_resend and self.replayable):
+            self.hedge_delay = 0.0  # a hedge is a resend: the same rule as retries
+        self._hedges = 0
+        #: attempts started and not yet ended (two at most while a hedge races)
+        self._in_flight: list[Attempt] = []
         self.hash_key = _hash_key(service, request) if policy.lb == "ring_hash" else None
         self._tried: list[str] = []
         self._original_url = request.url
@@ -212,6 +240,40 @@ class Call:
                 )
             self._admitted = verdict is None
         state = service.balancer.pick(service.candidates(now, self._tried), self.hash_key)
+        reasons = self.info.retry_reasons
+        return self._start(request, state, remaining, reasons[-1] if reasons else "")
+
+    def may_hedge(self) -> bool:
+        """Whether a hedge may still be started for this request (it is on, and unspent)."""
+        return self.hedge_delay > 0.0 and self._hedges < MAX_HEDGES
+
+    def start_hedge(self, request: httpx.Request) -> Attempt | None:
+        """Start a hedge on ``request`` while the attempt in flight goes on, or None.
+
+        None when no endpoint other than those in flight is available, when the deadline
+        leaves no time, or when the retry budget refuses (counted as budget exhaustion):
+        the attempt in flight then simply goes on alone.
+        """
+        service = self.service
+        now = time.monotonic()
+        remaining = self.deadline.remaining(now)
+        if not self.may_hedge() or remaining <= 0:
+            return None
+        busy = {attempt.state.endpoint.key for attempt in self._in_flight}
+        others = [s for s in service.candidates(now, self._tried) if s.endpoint.key not in busy]
+        if not others:
+            return None  # a hedge on the endpoint that is already slow would not help
+        self._hedges += 1
+        if not service.budget.try_retry(now):
+            self.telemetry.budget_exhausted()
+            return None
+        self.info.retry_reasons.append("hedge")
+        state = service.balancer.pick(others, self.hash_key)
+        return self._start(request, state, remaining, "hedge")
+
+    def _start(
+        self, request: httpx.Request, state: EndpointState, remaining: float, reason: str
+    ) -> Attempt:
         endpoint = state.endpoint
         self._tried.append(endpoint.key)
         self.info.attempts += 1
@@ -220,14 +282,13 @@ class Call:
         request.url = with_endpoint(
             self._original_url, endpoint.host, endpoint.port, "https" if tls else None
         )
-        timeout = min(service.policy.timeout, remaining)
+        timeout = min(self.service.policy.timeout, remaining)
         request.extensions["timeout"] = _attempt_timeout(self._original_timeout, timeout)
         request.headers[DEADLINE_HEADER] = str(max(int(remaining * 1000), 1))
-        reasons = self.info.retry_reasons
-        self.telemetry.attempt_started(
-            request, endpoint, self.info.attempts, reasons[-1] if reasons else ""
-        )
-        return Attempt(state, state.started(), tls=tls)
+        span = self.telemetry.attempt_started(request, endpoint, self.info.attempts, reason)
+        attempt = Attempt(state, state.started(), tls, span)
+        self._in_flight.append(attempt)
+        return attempt
 
     def _tls(self, meta: Mapping[str, str]) -> bool:
         """Whether this attempt uses mesh mTLS: always when strict; when permissive, unless
@@ -238,13 +299,20 @@ class Call:
         return mode == "strict" or meta.get("mesh-tls") != "off"
 
     def attempt_failed(self, attempt: Attempt, exc: httpx.TransportError) -> float | None:
-        """The attempt raised ``exc``. Returns the delay before retrying, or None to re-raise.
+        """The attempt raised ``exc``. Returns the delay before retrying, None to re-raise,
+        or ``WAIT`` when the error may be retried and another attempt is still in flight.
 
         Raises ``DeadlineExceeded`` (from ``exc``) when the deadline is what ended it.
         """
         outcome = classify_error(exc)
         ejected = self._record(attempt, outcome)
-        self.telemetry.attempt_ended(self.service, outcome, ejected, None, exc)
+        endpoint = attempt.state.endpoint
+        self.info.endpoint = endpoint.address
+        self.telemetry.attempt_ended(
+            self.service, outcome, ejected, None, exc, attempt.span, endpoint, attempt.start
+        )
+        if outcome.retryable and self._in_flight:
+            return WAIT
         delay = self._retry_delay(outcome, None)
         if delay is None and self.deadline.remaining() <= 0:
             raise DeadlineExceeded(
@@ -256,19 +324,64 @@ class Call:
         return delay
 
     def attempt_responded(self, attempt: Attempt, response: httpx.Response) -> float | None:
-        """The attempt got ``response`` (headers). Returns the delay before retrying, or None
-        to hand this response to the caller."""
+        """The attempt got ``response`` (headers). Returns the delay before retrying, None
+        to hand this response to the caller, or ``WAIT`` when the response may be retried and
+        another attempt is still in flight."""
         outcome = classify_response(response)
         if response.status_code in self.retry_on_status and not outcome.retryable:
             outcome = outcome._replace(retryable=True)  # the route retries this status too
         ejected = self._record(attempt, outcome)
-        self.telemetry.attempt_ended(self.service, outcome, ejected, response.status_code, None)
+        self.info.endpoint = attempt.state.endpoint.address
+        self.telemetry.attempt_ended(
+            self.service,
+            outcome,
+            ejected,
+            response.status_code,
+            None,
+            attempt.span,
+            attempt.state.endpoint,
+            attempt.start,
+        )
         if not outcome.retryable:
             return None
+        if self._in_flight:
+            return WAIT
         return self._retry_delay(outcome, parse_retry_after(response.headers.get("retry-after")))
+
+    def attempt_cancelled(self, attempt: Attempt) -> None:
+        """The attempt lost a hedge race (or the caller gave up): it is abandoned.
+
+        Not an outcome: outlier ejection and the breaker hear nothing of it (cancelled is
+        not failed). Its time so far is a lower bound of the endpoint's latency, so it
+        feeds the latency estimate only when it is above it (a slow loser is then
+        avoided; a hedge cut short early does not look fast).
+        """
+        if attempt not in self._in_flight:
+            return
+        self._in_flight.remove(attempt)
+        state = attempt.state
+        elapsed = time.monotonic() - attempt.start
+        state.finished(attempt.start, latency=elapsed > state.ewma.cost())
+        self.telemetry.attempt_cancelled(attempt.span)
+
+    def deadline_passed(self, request: httpx.Request) -> DeadlineExceeded:
+        """The deadline passed while attempts were in flight (a hedged request waits for
+        its racing attempts only that long): the error to raise; they count as a failure."""
+        for attempt in list(self._in_flight):
+            self.attempt_cancelled(attempt)
+        self._last_failed = True
+        return DeadlineExceeded(
+            f"service {self.service.name!r}: deadline passed during attempt "
+            f"{self.info.attempts} ({self.info.endpoint})",
+            service=self.service.name,
+            request=request,
+        )
 
     def finish(self, request: httpx.Request, response: httpx.Response | None) -> None:
         """Put the request back as the caller made it; attach what the mesh did."""
+        if self._in_flight:  # attempts that lost a race, or were cut short by an exception
+            for attempt in list(self._in_flight):
+                self.attempt_cancelled(attempt)
         request.url = self._original_url
         request.headers.pop(DEADLINE_HEADER, None)
         request.extensions = self._original_extensions
@@ -292,6 +405,7 @@ class Call:
         """Feed the outcome to latency and ejection; True if it ejected the endpoint."""
         service = self.service
         state = attempt.state
+        self._in_flight.remove(attempt)
         # A failure's real duration feeds the latency estimate, as in Finagle and tower; a
         # dead endpoint that fails fast is removed by ejection, not by a latency penalty (a
         # penalty of the attempt timeout took ~80 s to decay, starving a restarted instance).
@@ -323,6 +437,34 @@ class Call:
         self.retries_left -= 1
         self.info.retry_reasons.append(outcome.reason)
         return delay
+
+
+def clone_request(request: httpx.Request) -> httpx.Request:
+    """A copy of ``request`` for one of several attempts in flight at once.
+
+    Each attempt rewrites its request's URL, headers and extensions; a hedge must not
+    rewrite the one its rival is sending. The body stream is shared: only requests whose
+    body is in memory (``httpx.ByteStream``, iterable any number of times) are hedged.
+    """
+    return httpx.Request(
+        request.method,
+        request.url,
+        headers=request.headers,  # copied by httpx.Request
+        stream=request.stream,
+        extensions=dict(request.extensions),
+    )
+
+
+def _hedge_option(value: Any) -> float:
+    """The per-request ``hedge`` option: a delay in seconds, or False / 0 for no hedging."""
+    if value is False:
+        return 0.0
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise ValueError(
+        f"meshlib request option 'hedge' must be a delay in seconds or False, not {value!r}"
+    )
 
 
 def _attempt_timeout(original: Any, timeout: float) -> dict[str, float | None]:

@@ -5,26 +5,40 @@
 straight through to it. For mesh services, the transport is a loop around a sans-IO
 ``Call`` (_pipeline.py), which holds every policy decision, so the sync and async
 transports below differ only in ``await``.
+
+A request that may be hedged (``MESH_HEDGE_DELAY`` or the ``hedge`` option) takes a second
+loop, ``_hedged``, because its attempts may overlap: async, each attempt is a task in a
+task group and the loser is cancelled (httpcore then closes its connection at once);
+sync, each attempt runs on a worker thread and the loser is abandoned (see ``_Race`` for
+why it cannot be interrupted). Requests that are not hedged never start a thread or a
+task.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import queue
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import anyio
 import httpx
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._config import MeshConfig, load_config
-from ._pipeline import Call
+from ._pipeline import MAX_HEDGES, WAIT, Attempt, Call, clone_request
 from ._runtime import Mesh, Pending
 from .security._verify import async_identity_check, identity_check
 from .telemetry import setup as setup_telemetry
 
 __all__ = ["AsyncClient", "AsyncMeshTransport", "Client", "MeshTransport"]
+
+logger = logging.getLogger("meshlib.client")
 
 
 def _runtime(config: MeshConfig | None, mesh: Mesh | None) -> Mesh:
@@ -67,15 +81,15 @@ class MeshTransport(httpx.BaseTransport):
             return self._inner.handle_request(request)
         service, route = self.mesh.route(service, request)
         call = Call(service, request, self.mesh.config.tls, route)
+        if call.hedge_delay:
+            return self._hedged(call, request)
         response: httpx.Response | None = None
         try:
             while True:
                 attempt = call.start_attempt(request)
                 inner = self._inner
                 if attempt.tls:
-                    inner = self._tls.prepare(request, service.name)
-                    for old in self._tls.expired():
-                        old.close()
+                    inner = self._pool(request, service.name)
                 try:
                     response = inner.handle_request(request)
                 except httpx.TransportError as exc:
@@ -91,6 +105,64 @@ class MeshTransport(httpx.BaseTransport):
                 time.sleep(delay)
         finally:
             call.finish(request, response)
+
+    def _pool(self, request: httpx.Request, service: str) -> httpx.BaseTransport:
+        pool = self._tls.prepare(request, service)
+        for old in self._tls.expired():
+            old.close()
+        return pool
+
+    def _hedged(self, call: Call, request: httpx.Request) -> httpx.Response:
+        """The loop of a request that may be hedged: attempts on worker threads."""
+        race = _Race()
+        response: httpx.Response | None = None
+        try:
+            while True:
+                copy = clone_request(request)
+                race.send(self._inner_for(call.start_attempt(copy), copy, call), copy)
+                hedge_at = time.monotonic() + call.hedge_delay if call.may_hedge() else None
+                while True:
+                    now = time.monotonic()
+                    wait = call.deadline.remaining(now)
+                    if hedge_at is not None:
+                        wait = min(wait, hedge_at - now)
+                    item = race.next(wait)
+                    if item is None:  # time to hedge, or the deadline passed
+                        now = time.monotonic()
+                        if call.deadline.remaining(now) <= 0:
+                            raise call.deadline_passed(request)
+                        if hedge_at is not None and now >= hedge_at:
+                            hedge_at = None
+                            copy = clone_request(request)
+                            hedge = call.start_hedge(copy) if _WORKERS.may_abandon() else None
+                            if hedge is not None:
+                                race.send(self._inner_for(hedge, copy, call), copy)
+                        continue
+                    attempt, result = item
+                    if isinstance(result, httpx.Response):
+                        delay = call.attempt_responded(attempt, result)
+                        if delay is None:
+                            response = result
+                            return result
+                        result.close()
+                    elif isinstance(result, httpx.TransportError):
+                        delay = call.attempt_failed(attempt, result)
+                        if delay is None:
+                            raise result
+                    else:
+                        raise result
+                    if delay != WAIT:
+                        break
+                time.sleep(delay)
+        finally:
+            race.abandon()
+            call.finish(request, response)
+
+    def _inner_for(
+        self, attempt: Attempt, request: httpx.Request, call: Call
+    ) -> tuple[Attempt, httpx.BaseTransport]:
+        inner = self._pool(request, call.service.name) if attempt.tls else self._inner
+        return attempt, inner
 
     def close(self) -> None:
         """Close the inner transport (the shared runtime stays up for other clients)."""
@@ -127,15 +199,15 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return await self._inner.handle_async_request(request)
         service, route = self.mesh.route(service, request)
         call = Call(service, request, self.mesh.config.tls, route)
+        if call.hedge_delay:
+            return await self._hedged(call, request)
         response: httpx.Response | None = None
         try:
             while True:
                 attempt = call.start_attempt(request)
                 inner = self._inner
                 if attempt.tls:
-                    inner = self._tls.prepare(request, service.name)
-                    for old in self._tls.expired():
-                        await old.aclose()
+                    inner = await self._pool(request, service.name)
                 try:
                     response = await inner.handle_async_request(request)
                 except httpx.TransportError as exc:
@@ -152,12 +224,311 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         finally:
             call.finish(request, response)
 
+    async def _pool(self, request: httpx.Request, service: str) -> httpx.AsyncBaseTransport:
+        pool = self._tls.prepare(request, service)
+        for old in self._tls.expired():
+            await old.aclose()
+        return pool
+
+    async def _hedged(self, call: Call, request: httpx.Request) -> httpx.Response:
+        """The loop of a request that may be hedged: each attempt is a task.
+
+        The losers are cancelled with the task group, and closed before this returns.
+        """
+        send, receive = anyio.create_memory_object_stream[_Result](MAX_HEDGES + 1)
+        response: httpx.Response | None = None
+        error: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tasks:
+                try:
+                    response = await self._race(call, request, tasks, send, receive)
+                except Exception as exc:  # raised below, once the losers are cancelled
+                    error = exc
+                tasks.cancel_scope.cancel()
+            if error is not None:
+                raise error
+            assert response is not None
+            return response
+        finally:
+            send.close()
+            while True:  # answers that came in after the race was decided
+                try:
+                    _, result = receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+                if isinstance(result, httpx.Response):
+                    with anyio.CancelScope(shield=True):
+                        await result.aclose()
+            receive.close()
+            call.finish(request, response)
+
+    async def _race(
+        self,
+        call: Call,
+        request: httpx.Request,
+        tasks: TaskGroup,
+        send: MemoryObjectSendStream[_Result],
+        receive: MemoryObjectReceiveStream[_Result],
+    ) -> httpx.Response:
+        while True:
+            copy = clone_request(request)
+            await self._launch(tasks, send, call.start_attempt(copy), copy, call)
+            hedge_at = time.monotonic() + call.hedge_delay if call.may_hedge() else None
+            while True:
+                now = time.monotonic()
+                wait = call.deadline.remaining(now)
+                if hedge_at is not None:
+                    wait = min(wait, hedge_at - now)
+                item: _Result | None = None
+                with anyio.move_on_after(max(wait, 0.0)):
+                    item = await receive.receive()
+                if item is None:  # time to hedge, or the deadline passed
+                    now = time.monotonic()
+                    if call.deadline.remaining(now) <= 0:
+                        raise call.deadline_passed(request)
+                    if hedge_at is not None and now >= hedge_at:
+                        hedge_at = None
+                        copy = clone_request(request)
+                        hedge = call.start_hedge(copy)
+                        if hedge is not None:
+                            await self._launch(tasks, send, hedge, copy, call)
+                    continue
+                attempt, result = item
+                if isinstance(result, httpx.Response):
+                    delay = call.attempt_responded(attempt, result)
+                    if delay is None:
+                        return result
+                    await result.aclose()
+                elif isinstance(result, httpx.TransportError):
+                    delay = call.attempt_failed(attempt, result)
+                    if delay is None:
+                        raise result
+                else:
+                    raise result
+                if delay != WAIT:
+                    break
+            await anyio.sleep(delay)
+
+    async def _launch(
+        self,
+        tasks: TaskGroup,
+        send: MemoryObjectSendStream[_Result],
+        attempt: Attempt,
+        request: httpx.Request,
+        call: Call,
+    ) -> None:
+        inner: httpx.AsyncBaseTransport = self._inner
+        handshake: _Handshake | None = None
+        if attempt.tls:
+            inner = await self._pool(request, call.service.name)
+            handshake = _Handshake(request)
+
+        async def run() -> None:
+            result: httpx.Response | Exception
+            try:
+                result = await inner.handle_async_request(request)
+            except Exception as exc:  # delivered to the race, which decides
+                result = exc
+            except BaseException:  # cancelled: it lost the race
+                if handshake is not None:
+                    await handshake.abandon()
+                raise
+            send.send_nowait((attempt, result))
+
+        tasks.start_soon(run)
+
     async def aclose(self) -> None:
         """Close the inner transport (the shared runtime stays up for other clients)."""
         await self._inner.aclose()
         for pool in self._tls.drain():
             await pool.aclose()
 
+
+_Result = tuple[Attempt, "httpx.Response | Exception"]
+
+
+class _Handshake:
+    """The TCP stream of an async attempt's new connection while its TLS handshake runs.
+
+    Why: httpcore (1.0.9) closes that stream when the handshake fails, but not when the
+    task is cancelled during it (``AnyIOStream.start_tls`` catches ``Exception``, and
+    cancellation is a ``BaseException``), so the socket stays open until the garbage
+    collector finds it. A hedge race's loser is cancelled exactly there whenever its
+    endpoint is slow to handshake, so the loser closes the stream itself. httpcore's
+    ``trace`` extension is the public way to see the stream.
+    """
+
+    __slots__ = ("_inner", "stream")
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.stream: Any = None
+        self._inner = request.extensions.get("trace")
+        request.extensions["trace"] = self
+
+    async def __call__(self, name: str, info: dict[str, Any]) -> None:
+        if name == "connection.connect_tcp.complete":
+            self.stream = info.get("return_value")
+        elif name == "connection.start_tls.complete" or (
+            # a failed handshake is closed by httpcore; a cancelled one is not
+            name == "connection.start_tls.failed" and isinstance(info.get("exception"), Exception)
+        ):
+            self.stream = None
+        if self._inner is not None:
+            await self._inner(name, info)
+
+    async def abandon(self) -> None:
+        """Close the stream if the attempt was cancelled during its handshake."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+#: Sync losers still blocked on their endpoint, process-wide, beyond which no new hedge
+#: starts: each holds a thread and a pooled connection until its endpoint answers or its
+#: attempt timeout fires, and httpx's default pool has 100 connections.
+_MAX_ABANDONED: Final = 32
+
+
+class _Race:
+    """The attempts of one hedged sync request, each on a worker thread.
+
+    Threads, because a sync transport blocks until the response headers arrive, and the
+    caller must be able to take a hedge's answer while the first attempt is still blocked.
+    The Call stays single-threaded: workers only do the I/O and post what they got; the
+    caller's thread feeds it to the Call. httpx's pooled transport is safe to share across
+    threads (httpcore guards its pool with a lock), and the two attempts go to different
+    endpoints, so to different connections.
+
+    The loser is abandoned, not interrupted: httpcore's sync I/O has no cancellation, and
+    the only way httpx's public API offers to break a blocked read from another thread is
+    closing the whole pool. So its worker stays blocked until the slow endpoint answers or
+    the attempt timeout (``MESH_TIMEOUT``, capped by the deadline) fires, then closes what
+    it got without reading the body, which closes the connection rather than returning
+    a half-read one to the pool. The caller is not kept waiting, and nothing leaks; the
+    cost is a thread and a connection for that while, bounded process-wide by
+    ``_MAX_ABANDONED``. (Async clients cancel the loser's task instead, and httpcore
+    closes its connection at once.)
+    """
+
+    __slots__ = ("_abandoned", "_lock", "_results", "_running")
+
+    def __init__(self) -> None:
+        self._results: queue.SimpleQueue[_Result] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = 0
+        self._abandoned = False
+
+    def send(self, target: tuple[Attempt, httpx.BaseTransport], request: httpx.Request) -> None:
+        """Send ``request`` for ``attempt`` on ``inner`` on a worker thread."""
+        attempt, inner = target
+        with self._lock:
+            self._running += 1
+        _WORKERS.submit(lambda: self._run(attempt, inner, request))
+
+    def _run(self, attempt: Attempt, inner: httpx.BaseTransport, request: httpx.Request) -> None:
+        result: httpx.Response | Exception
+        try:
+            result = inner.handle_request(request)
+        except Exception as exc:  # posted to the caller's thread, which decides
+            result = exc
+        with self._lock:
+            self._running -= 1
+            abandoned = self._abandoned
+            if not abandoned:
+                self._results.put((attempt, result))
+        if abandoned:
+            if isinstance(result, httpx.Response):
+                result.close()
+            _WORKERS.loser_done()
+
+    def next(self, timeout: float) -> _Result | None:
+        """The next attempt's result, or None after ``timeout`` seconds."""
+        try:
+            return self._results.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+
+    def abandon(self) -> None:
+        """The race is over: close answers nobody took; workers still blocked close theirs."""
+        with self._lock:
+            self._abandoned = True
+            _WORKERS.losers_abandoned(self._running)
+        while True:
+            try:
+                _, result = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(result, httpx.Response):
+                result.close()
+
+
+class _Workers:
+    """Daemon threads for hedged sync attempts: an idle one is reused, else one starts.
+
+    Not ``ThreadPoolExecutor``: with a fixed size, a hedge would queue behind abandoned
+    losers (each blocked up to the attempt timeout), and its threads are joined at
+    interpreter exit. Starting a thread costs ~100 µs here, handing a job to an idle
+    one ~30 µs; a thread idle for a minute exits.
+    """
+
+    _IDLE_EXIT = 60.0
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        #: abandoned losers still blocked
+        self.abandoned = 0
+
+    def reset(self) -> None:
+        """Forget every thread: after a fork, none of them exists in the child."""
+        self.__init__()  # type: ignore[misc]
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # promised to one of the idle threads
+        self._jobs.put(job)
+        if spawn:
+            threading.Thread(target=self._work, name="meshlib-hedge", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # no job was promised to an idle thread: leave
+                        self._idle -= 1
+                        return
+                continue  # every idle thread has a job on its way: take one
+            try:
+                job()
+            except Exception:  # the jobs catch their own errors; this is a last resort
+                logger.exception("hedged attempt failed")
+            with self._lock:
+                self._idle += 1
+
+    def losers_abandoned(self, count: int) -> None:
+        if count:
+            with self._lock:
+                self.abandoned += count
+
+    def loser_done(self) -> None:
+        with self._lock:
+            self.abandoned -= 1
+
+    def may_abandon(self) -> bool:
+        """Whether another loser may be left behind (few enough are still blocked)."""
+        return self.abandoned < _MAX_ABANDONED
+
+
+_WORKERS = _Workers()
+# A child forked by a pre-forking server (gunicorn --preload) must not count on idle
+# threads of its parent: it would hand hedged attempts to threads that are not there.
+os.register_at_fork(after_in_child=_WORKERS.reset)
 
 Pool = TypeVar("Pool", bound=httpx.HTTPTransport | httpx.AsyncHTTPTransport)
 
@@ -235,8 +606,9 @@ class Client(httpx.Client):
     apply; a ``timeout`` given here caps each attempt further.
 
     Per-request options go in ``extensions={"meshlib": {...}}``: ``retry_non_idempotent``
-    (resend a POST/PATCH after it may have reached the server), ``deadline`` (seconds) and
-    ``retries``. What the mesh did is in ``response.extensions["meshlib"]``.
+    (resend a POST/PATCH after it may have reached the server), ``deadline`` (seconds),
+    ``retries`` and ``hedge`` (seconds before a hedged attempt, or ``False``; see
+    ``MESH_HEDGE_DELAY``). What the mesh did is in ``response.extensions["meshlib"]``.
 
     Raises:
         meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value.

@@ -24,6 +24,7 @@ from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SE
 from opentelemetry.semconv.attributes.url_attributes import URL_PATH
 
 __all__ = [
+    "ATTEMPT_CANCELLED",
     "BREAKER_REFUSED_EVENT",
     "BREAKER_STATE",
     "ENDPOINT_EJECTED_EVENT",
@@ -68,6 +69,8 @@ MESH_ATTEMPTS: Final = "meshlib.attempts"
 LIMIT_SCOPE: Final = "meshlib.limit.scope"
 #: An injected fault: delay or abort.
 FAULT_KIND: Final = "meshlib.fault.kind"
+#: On an attempt span: the attempt was abandoned (a hedge race's loser), not failed.
+ATTEMPT_CANCELLED: Final = "meshlib.attempt.cancelled"
 #: Span events.
 ENDPOINT_EJECTED_EVENT: Final = "meshlib.endpoint.ejected"
 BREAKER_REFUSED_EVENT: Final = "meshlib.breaker.refused"

@@ -1,9 +1,11 @@
 """Telemetry of one outbound logical request: spans, metrics and the access log line.
 
 A ``Call`` (``_pipeline.py``) owns one ``OutboundTelemetry`` and tells it what happens:
-each attempt starting and ending, a retry the budget refused, and the end of the whole
-request (from the transports' ``finally``). Every hook is failsafe: an exception here is
-logged and the request goes on.
+each attempt starting and ending (or cancelled: a hedge race's loser), a retry the budget
+refused, and the end of the whole request (from the transports' ``finally``). Attempts
+may overlap (a hedge races the attempt in flight), so each attempt's span is handed back
+to the Call, which passes it in again when that attempt ends. Every hook is failsafe: an
+exception here is logged and the request goes on.
 
 Spans, when a tracer provider is installed: one CLIENT span for the logical request (child
 of whatever span is current, e.g. the inbound request being served) and, under it, one
@@ -40,6 +42,7 @@ from ._instruments import (
     CLIENT_RETRY_BUDGET_EXHAUSTED,
 )
 from ._names import (
+    ATTEMPT_CANCELLED,
     BREAKER_REFUSED_EVENT,
     BREAKER_STATE,
     ENDPOINT_EJECTED_EVENT,
@@ -74,18 +77,7 @@ _PATHS = BoundedLabel()
 class OutboundTelemetry:
     """The telemetry of one logical request to ``service``."""
 
-    __slots__ = (
-        "_attempt",
-        "_attempt_at",
-        "_carry",
-        "_endpoint",
-        "_method",
-        "_path",
-        "_service",
-        "_span",
-        "_start",
-        "_version",
-    )
+    __slots__ = ("_carry", "_method", "_path", "_service", "_span", "_start", "_version")
 
     def __init__(self, service: str, request: httpx.Request) -> None:
         self._start = time.perf_counter()
@@ -93,10 +85,7 @@ class OutboundTelemetry:
         self._method = request.method
         self._version = ""
         self._span: trace.Span | None = None
-        self._attempt: trace.Span | None = None
         self._carry = False
-        self._endpoint = ""
-        self._attempt_at = 0.0
         self._path = request.url.path if STATE.path_label else ""
         try:
             tracer = STATE.tracer()
@@ -124,21 +113,19 @@ class OutboundTelemetry:
 
     def attempt_started(
         self, request: httpx.Request, endpoint: Endpoint, number: int, retry_reason: str
-    ) -> None:
-        """An attempt on ``endpoint`` is about to be sent (``retry_reason``: why, if a retry)."""
+    ) -> trace.Span | None:
+        """An attempt on ``endpoint`` is about to be sent (``retry_reason``: why, if a retry,
+        ``hedge`` for a hedge). Returns the attempt's span, to pass back when it ends."""
         try:
             self._version = endpoint.meta.get("version", "")
-            if STATE.endpoint_label:
-                self._endpoint = f"{endpoint.host}:{endpoint.port}"
-                self._attempt_at = time.perf_counter()
             span = self._span
             if span is None:
                 if self._carry:
                     inject(request.headers)
-                return
+                return None
             tracer = STATE.tracer()
             if tracer is None:
-                return
+                return None
             attributes: dict[str, str | int] = {
                 HTTP_REQUEST_METHOD: self._method,
                 SERVER_ADDRESS: endpoint.host,
@@ -156,10 +143,11 @@ class OutboundTelemetry:
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
             )
-            self._attempt = attempt
             inject(request.headers, context=trace.set_span_in_context(attempt))
+            return attempt
         except Exception:
             logger.exception("outbound telemetry failed")
+            return None
 
     def attempt_ended(
         self,
@@ -168,27 +156,29 @@ class OutboundTelemetry:
         ejected: bool,
         status: int | None,
         error: BaseException | None,
+        attempt: trace.Span | None,
+        endpoint: Endpoint | None = None,
+        started: float = 0.0,
     ) -> None:
-        """The attempt got ``status`` or failed with ``error``; ``ejected``: it cost the
-        endpoint its place in load balancing."""
+        """The attempt (its span from ``attempt_started``) to ``endpoint``, started at
+        ``started`` (``time.monotonic()``), got ``status`` or failed with ``error``;
+        ``ejected``: it cost the endpoint its place in load balancing."""
         try:
             if ejected:
                 CLIENT_EJECTIONS.add((STATE.source, self._service))
-            if self._endpoint:
+            if STATE.endpoint_label and endpoint is not None:
                 CLIENT_ATTEMPT_DURATION.record(
-                    time.perf_counter() - self._attempt_at,
+                    time.monotonic() - started,
                     (
                         STATE.source,
                         self._service,
-                        *_endpoint_labels(self._endpoint),
+                        *_endpoint_labels(f"{endpoint.host}:{endpoint.port}"),
                         "" if status is None else str(status),
                         "" if error is None else _error_type(error),
                     ),
                 )
-            attempt = self._attempt
             if attempt is None:
                 return
-            self._attempt = None
             if status is not None:
                 attempt.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if outcome.failure:
@@ -200,6 +190,16 @@ class OutboundTelemetry:
             if ejected:
                 attempt.add_event(ENDPOINT_EJECTED_EVENT, {SERVICE_PEER_NAME: self._service})
             attempt.end()
+        except Exception:
+            logger.exception("outbound telemetry failed")
+
+    def attempt_cancelled(self, attempt: trace.Span | None) -> None:
+        """The attempt was abandoned before it ended: it lost a hedge race, or the request
+        was cut short. Its span ends marked ``meshlib.attempt.cancelled``, not as an error."""
+        try:
+            if attempt is not None:
+                attempt.set_attribute(ATTEMPT_CANCELLED, True)
+                attempt.end()
         except Exception:
             logger.exception("outbound telemetry failed")
 
@@ -261,9 +261,6 @@ class OutboundTelemetry:
         error_type: str,
         error: BaseException | None,
     ) -> None:
-        if self._attempt is not None:  # an attempt cut short (cancelled): close it too
-            self._attempt.end()
-            self._attempt = None
         span.set_attribute(MESH_ATTEMPTS, info.attempts)
         if status is not None:
             span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
