@@ -418,6 +418,36 @@ def test_beyond_the_concurrency_limit_a_request_is_shed_before_its_handler(
     assert status["faults"] is None
 
 
+def test_a_meshlib_client_sends_a_shed_post_to_another_instance_at_once(
+    serve: ServedFactory,
+) -> None:
+    env = {"MESH_SERVICE_NAME": "hello", "MESH_MAX_CONCURRENT_REQUESTS": "1"}
+    busy, free = serve(TARGETS[0], env), serve(TARGETS[0], env)
+    held = Held(busy.url)
+    wait_until(lambda: health(busy)["in_flight"] == 1, timeout=30, what="busy is full")
+    config = load_config(
+        {
+            "MESH_STATIC_SERVICES": f"hello={busy.address},{free.address}",
+            "MESH_LB": "round_robin",
+            "MESH_OUTLIER_CONSECUTIVE_ERRORS": "1",
+        }
+    )
+    reasons = []
+    with meshlib.Client(config=config) as client:
+        for _ in range(4):  # round robin offers busy half of them
+            r = client.post("http://hello/hold", content=b"once only")  # not idempotent
+            assert r.status_code == 200
+            reasons.append(r.extensions["meshlib"].retry_reasons)
+        state = client._transport.mesh.services()["hello"]  # type: ignore[attr-defined]
+        ejected = [s.endpoint.port for s in state.endpoints if s.ejections]
+    assert held.release() == 200
+    # shed, so never run on busy: each POST ran once, on free, and busy is not ejected
+    assert reasons.count(["overloaded"]) >= 1
+    assert handled(busy).get("hold") == 1  # the held request only
+    assert handled(free).get("hold") == 4
+    assert ejected == []
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_slots_come_back_after_errors_disconnects_and_streamed_bodies(
     serve: ServedFactory, target: str

@@ -56,6 +56,7 @@ from .balance import EndpointState
 from .resilience._deadline import DEADLINE_HEADER, Deadline, inbound_deadline
 from .resilience._retry import (
     IDEMPOTENT_METHODS,
+    OVERLOADED,
     Outcome,
     backoff,
     classify_error,
@@ -346,6 +347,8 @@ class Call:
             return None
         if self._in_flight:
             return WAIT
+        if outcome is OVERLOADED:  # another instance may take it now: back off, no more
+            return self._retry_delay(outcome, None)
         return self._retry_delay(outcome, parse_retry_after(response.headers.get("retry-after")))
 
     def attempt_cancelled(self, attempt: Attempt) -> None:

@@ -5,7 +5,13 @@ Retries are only safe when the request can be replayed without harm:
 * nothing reached the server (a connect failure): any method, any replayable body;
 * the server may have seen the request (a reset, a timeout, a 502/503/504): only
   idempotent methods (RFC 9110: GET, HEAD, OPTIONS, TRACE, PUT, DELETE), a request with an
-  ``Idempotency-Key`` header, or a caller who opted in per request.
+  ``Idempotency-Key`` header, or a caller who opted in per request;
+* a meshlib server shed the request before its handler ran (503 with
+  ``x-mesh-overloaded: true``, as Envoy marks its own with ``x-envoy-overloaded``): like a
+  connect failure, any method may go to another instance at once. The shedding instance is
+  busy, not broken, so this is no failure for ejection or the breaker (ejecting busy
+  instances would pile their load onto the rest), and its ``Retry-After`` -- how long *it*
+  needs -- does not delay the try elsewhere.
 
 Backoff is exponential with full jitter (AWS's analysis: it spreads retries best); a
 ``Retry-After`` from the server replaces it when present. Written here rather than with
@@ -26,6 +32,8 @@ from .._exceptions import IdentityMismatch
 
 __all__ = [
     "IDEMPOTENT_METHODS",
+    "OVERLOADED",
+    "OVERLOADED_HEADER",
     "RETRYABLE_STATUS",
     "Outcome",
     "backoff",
@@ -36,6 +44,8 @@ __all__ = [
 
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 RETRYABLE_STATUS: Final = frozenset({502, 503, 504})
+#: Set by a meshlib server on a 503 it answered without running the handler (load shed).
+OVERLOADED_HEADER: Final = "x-mesh-overloaded"
 
 
 class Outcome(NamedTuple):
@@ -52,6 +62,8 @@ class Outcome(NamedTuple):
 
 
 _SUCCESS = Outcome(failure=False, retryable=False, sent=True, reason="")
+#: A request shed by a meshlib server before its handler ran.
+OVERLOADED = Outcome(failure=False, retryable=True, sent=False, reason="overloaded")
 
 
 def classify_response(response: httpx.Response) -> Outcome:
@@ -61,6 +73,8 @@ def classify_response(response: httpx.Response) -> Outcome:
         if status == 429 and "retry-after" in response.headers:
             return Outcome(failure=False, retryable=True, sent=True, reason="429")
         return _SUCCESS
+    if status == 503 and response.headers.get(OVERLOADED_HEADER) == "true":
+        return OVERLOADED
     return Outcome(
         failure=True, retryable=status in RETRYABLE_STATUS, sent=True, reason=str(status)
     )

@@ -38,6 +38,7 @@ from typing import NamedTuple
 from .. import __version__
 from .._status import LOOPBACK, status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
+from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
 from ..security import Authorizer, SpiffeId
 from ..telemetry import prometheus_text
 from ..telemetry._inbound import peer_service
@@ -60,7 +61,6 @@ __all__ = [
 
 RESERVED_PREFIX = "/mesh/"
 #: Marks a 503 the concurrency limit answered: the request was not handled at all.
-OVERLOADED_HEADER = "x-mesh-overloaded"
 
 
 class LocalResponse(NamedTuple):
