@@ -292,6 +292,14 @@ def _listen_address(text: str) -> tuple[str, int]:
     return _host_port(text)
 
 
+def _http_url(text: str) -> str:
+    """An ``http(s)://host[:port][/path]`` base URL, without a trailing slash."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError(text)
+    return text.strip().rstrip("/")
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -604,6 +612,15 @@ VARIABLES: tuple[Variable, ...] = (
         _listen_address,
     ),
     Variable(
+        "MESH_ROLLOUT_PROMETHEUS_URL",
+        "`http://127.0.0.1:9090`",
+        "http://prometheus.internal:9090",
+        "an http:// or https:// URL",
+        "The Prometheus whose HTTP API `meshlib rollout` reads the canary's success rate and "
+        "p99 from (the `--prometheus` flag overrides it).",
+        _http_url,
+    ),
+    Variable(
         "MESH_TLS",
         "off",
         "strict",
@@ -903,6 +920,7 @@ class MeshConfig:
     egress_allow: tuple[str, ...] = ()
     access_log: Literal["off", "json"] = "off"
     metrics_addr: tuple[str, int] | None = None
+    rollout_prometheus_url: str = "http://127.0.0.1:9090"
     #: None: unset (OpenTelemetry's default applies); () : none
     traces_exporter: tuple[str, ...] | None = None
     metrics_exporter: tuple[str, ...] | None = None
@@ -1024,6 +1042,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         egress_allow=get("MESH_EGRESS_ALLOW") or (),
         access_log=get("MESH_ACCESS_LOG") or "off",
         metrics_addr=get("MESH_METRICS_ADDR"),
+        rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL") or "http://127.0.0.1:9090",
         traces_exporter=get("OTEL_TRACES_EXPORTER"),
         metrics_exporter=get("OTEL_METRICS_EXPORTER"),
         consul=consul,
