@@ -292,10 +292,19 @@ def test_a_killed_controller_resumes_at_its_step_and_a_second_one_is_refused(sho
             timeout=60,
             what="the resumed controller to pass one more check",
         )
+        again.proc.send_signal(signal.SIGTERM)  # a stop, not a crash: it lets the lock go
+        code, err = again.finish()
+        assert code == 130
+        assert err.endswith(
+            f"meshlib rollout: controller stopped; {shop.service} stays progressing at "
+            f"{(shop.state() or {})['weight']}%. Run the same `meshlib rollout start` to "
+            "resume it.\n"
+        )
+        assert json.loads(shop.run("status", shop.service, "--json").stdout)["controller"] is None
     finally:
         again.kill()
 
-    # No controller runs now: abort carries itself out (taking over the dead one's lock).
+    # No controller runs now: abort carries itself out.
     aborted = shop.run("abort", shop.service, "--json")
     assert aborted.returncode == 0, aborted.stderr
     assert json.loads(aborted.stdout)["event"] == "aborted"
@@ -421,6 +430,21 @@ def test_a_missing_resolver_or_subset_is_refused_in_one_line(shop: Mesh) -> None
         "(subsets: v1, v2, v3)\n"
     )
     assert shop.state() is None
+
+    shop.http(
+        "PUT",
+        "/v1/config",
+        json={
+            "Kind": "service-splitter",
+            "Name": shop.service,
+            "Splits": [{"Weight": 100, "ServiceSubset": "v2"}],
+        },
+    )
+    done = shop.run("start", shop.service, "--canary", "v2")
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"meshlib rollout: 'v2' already gets 100% of '{shop.service}': nothing to roll out\n"
+    )
 
     nothing = shop.run("abort", shop.service)
     assert nothing.returncode == 1

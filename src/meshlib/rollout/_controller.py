@@ -75,7 +75,7 @@ def _passed(settings: Settings, m: Measurement) -> tuple[bool, str]:
     shown = f"success {success:.2f}%"
     if m.p99 is not None:
         shown += f", p99 {m.p99 * 1000:.0f}ms"
-    shown += f", {m.requests:g} requests"
+    shown += f", {m.requests:.0f} requests"
     if success < settings.min_success_rate:
         return False, f"{shown}: success rate below {settings.min_success_rate:g}%"
     if settings.max_p99 is not None and m.p99 is not None and m.p99 > settings.max_p99:

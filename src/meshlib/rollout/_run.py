@@ -68,9 +68,13 @@ def _settings(api: ConsulAPI, service: str, options: Options, resolver: Resolver
         raise RolloutError(
             f"service-resolver {service!r} has no subset {options.canary!r} (subsets: {known})"
         )
+    split = read_split(api, service) or {}
+    if split.get(options.canary, 0) >= 100:
+        raise RolloutError(
+            f"{options.canary!r} already gets 100% of {service!r}: nothing to roll out"
+        )
     stable = options.stable
     if stable is None:
-        split = read_split(api, service) or {}
         candidates = [(w, s) for s, w in split.items() if s in subsets and s != options.canary]
         stable = max(candidates)[1] if candidates and max(candidates)[0] > 0 else None
         stable = stable or resolver.default or None
@@ -305,7 +309,7 @@ def status(api: ConsulAPI, service: str, *, json_lines: bool, out: TextIO = sys.
     ]
     if m is not None:
         lines.append(
-            f"metrics:    {m.requests:g} requests, success "
+            f"metrics:    {m.requests:.0f} requests, success "
             + ("-" if m.success_rate is None else f"{m.success_rate:.2f}%")
             + ", p99 "
             + ("-" if m.p99 is None else f"{m.p99 * 1000:.0f}ms")

@@ -132,7 +132,7 @@ class RichView:
             else:
                 p99 = "-" if m.p99 is None else f"{m.p99 * 1000:.0f}ms"
                 success = "-" if m.success_rate is None else f"{m.success_rate:.2f}%"
-                shown = f"success {success}  p99 {p99}  requests {m.requests:g}"
+                shown = f"success {success}  p99 {p99}  requests {m.requests:.0f}"
             grid.add_row("metrics", shown)
         limits = f"success >= {s.min_success_rate:g}%"
         if s.max_p99 is not None:
