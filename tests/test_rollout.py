@@ -451,6 +451,31 @@ def test_a_missing_resolver_or_subset_is_refused_in_one_line(shop: Mesh) -> None
     assert nothing.stderr.startswith(f"meshlib rollout: no rollout of '{shop.service}' in Consul")
 
 
+def test_an_unreachable_prometheus_makes_checks_inconclusive_not_failed(shop: Mesh) -> None:
+    controller = shop.controller(
+        "--canary", "v2", "--threshold", "1", "--json", *FAST, "--prometheus", "http://127.0.0.1:9"
+    )
+    try:
+        checks = wait_until(
+            lambda: len(_events_of(controller, "check")) >= 2 and _events_of(controller, "check"),
+            timeout=30,
+            what="two checks",
+        )
+        for check in checks:
+            assert check["verdict"] == "inconclusive"
+            assert check["metrics"]["error"].startswith(
+                "cannot query Prometheus at http://127.0.0.1:9"
+            )
+            assert (check["weight"], check["failed_checks"]) == (10, 0)
+        assert shop.run("abort", shop.service).returncode == 0
+        code, _ = controller.finish()
+        assert code == 1
+    finally:
+        controller.kill()
+    assert controller.events()[-1]["event"] == "aborted"
+    assert shop.split() == {"v1": 100, "v2": 0}
+
+
 def test_without_http_protocol_the_splitter_error_says_what_to_set(
     consul: ConsulAgent,
 ) -> None:
@@ -523,6 +548,13 @@ def test_a_window_without_requests_holds_the_weight() -> None:
     held = judge(state, Measurement(requests=0), now=2)
     assert (held.weight, held.failed_checks, held.step, held.verdict) == (20, 0, 1, "inconclusive")
     assert held.next_check == 2 + held.settings.interval
+
+
+def test_a_failed_measurement_holds_the_weight_and_says_why() -> None:
+    state = begin("shop", _settings(threshold=1), now=0)
+    held = judge(state, Measurement(requests=0, error="cannot query Prometheus at x"), now=1)
+    assert (held.phase, held.weight, held.failed_checks) == ("progressing", 10, 0)
+    assert held.message == "inconclusive: cannot query Prometheus at x; holding at 10%"
 
 
 def test_commands_pause_resume_promote_and_abort() -> None:

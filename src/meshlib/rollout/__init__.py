@@ -14,7 +14,7 @@ Modules, one concept each:
 
 from __future__ import annotations
 
-from ._consul import ConsulAPI, RolloutError
+from ._consul import ConsulAPI, ConsulUnavailable, MetricsUnavailable, RolloutError
 from ._consul_entries import Match
 from ._metrics import MetricSource, PrometheusSource
 from ._run import Options, run_command, start, status
@@ -23,9 +23,11 @@ from ._view import make_view
 
 __all__ = [
     "ConsulAPI",
+    "ConsulUnavailable",
     "Match",
     "Measurement",
     "MetricSource",
+    "MetricsUnavailable",
     "Options",
     "PrometheusSource",
     "RolloutError",

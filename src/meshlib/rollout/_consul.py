@@ -1,5 +1,11 @@
 """The Consul HTTP API as the rollout controller uses it: one JSON call, errors in one line.
 
+The errors of ``meshlib rollout``, each message one line for the operator::
+
+    RolloutError                 the rollout cannot go on (bad resolver, lock held, ...)
+     +-- ConsulUnavailable       Consul did not answer, or answered 5xx: worth retrying
+     +-- MetricsUnavailable      the metric source failed: the check is inconclusive
+
 The controller is a small synchronous control loop, so a plain ``httpx.Client`` serves it
 better than py-consul: py-consul has no CAS for config entries and no blocking query on a
 single KV key with a sub-second ``wait`` (FINDINGS.md), both of which the controller needs.
@@ -15,11 +21,19 @@ import httpx
 from .._config import ConsulSettings
 from ..discovery._consul import _ssl_context
 
-__all__ = ["ConsulAPI", "RolloutError"]
+__all__ = ["ConsulAPI", "ConsulUnavailable", "MetricsUnavailable", "RolloutError"]
 
 
 class RolloutError(Exception):
     """A rollout cannot go on; the message is one line meant for the operator."""
+
+
+class ConsulUnavailable(RolloutError):
+    """Consul could not be reached or failed (5xx); a controller retries for a while."""
+
+
+class MetricsUnavailable(RolloutError):
+    """The metric source could not measure; the check is inconclusive, not failed."""
 
 
 class ConsulAPI:
@@ -64,7 +78,7 @@ class ConsulAPI:
                 timeout=httpx.Timeout(self._timeout, read=self._timeout + wait * 1.1),
             )
         except httpx.HTTPError as exc:
-            raise RolloutError(
+            raise ConsulUnavailable(
                 f"cannot reach Consul at {self.address} ({type(exc).__name__}: {exc})"
             ) from exc
         index = int(response.headers.get("X-Consul-Index", "0") or 0)
@@ -72,7 +86,8 @@ class ConsulAPI:
             return None, index
         if response.status_code >= 400:
             text = " ".join(response.text.split()) or response.reason_phrase
-            raise RolloutError(f"Consul refused {method} {path}: {text}")
+            error = ConsulUnavailable if response.status_code >= 500 else RolloutError
+            raise error(f"Consul refused {method} {path}: {text}")
         if not response.content:
             return None, index
         try:

@@ -87,6 +87,13 @@ def judge(state: RolloutState, m: Measurement, now: float) -> RolloutState:
     """The state after one check of a progressing rollout."""
     s = state.settings
     state = state.replace(last=m, next_check=now + s.interval)
+    if m.error is not None:
+        return _note(
+            state,
+            f"inconclusive: {m.error}; holding at {state.weight}%",
+            now,
+            verdict="inconclusive",
+        )
     if m.requests <= 0:
         return _note(
             state,

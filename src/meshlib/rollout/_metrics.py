@@ -21,7 +21,7 @@ from ..telemetry._names import (
     SERVICE_VERSION,
     prometheus_name,
 )
-from ._consul import RolloutError
+from ._consul import MetricsUnavailable
 from ._state import Measurement
 
 __all__ = ["MetricSource", "PrometheusSource"]
@@ -33,7 +33,10 @@ class MetricSource(Protocol):
     """Measures one version of a service over the last ``window`` seconds."""
 
     def measure(self, service: str, version: str, window: float) -> Measurement:
-        """Requests, success rate (percent, no 5xx) and p99 latency (seconds)."""
+        """Requests, success rate (percent, no 5xx) and p99 latency (seconds).
+
+        Raises ``MetricsUnavailable`` when it cannot tell (the check is then inconclusive).
+        """
         ...
 
 
@@ -80,9 +83,11 @@ class PrometheusSource:
             response = self._client.get("/api/v1/query", params={"query": promql})
             payload = response.json()
         except (httpx.HTTPError, ValueError) as exc:
-            raise RolloutError(f"cannot query Prometheus at {self.url}: {exc}") from exc
+            raise MetricsUnavailable(f"cannot query Prometheus at {self.url}: {exc}") from exc
         if payload.get("status") != "success":
-            raise RolloutError(f"Prometheus at {self.url} refused {promql}: {payload.get('error')}")
+            raise MetricsUnavailable(
+                f"Prometheus at {self.url} refused {promql}: {payload.get('error')}"
+            )
         result = payload["data"]["result"]
         return float(result[0]["value"][1]) if result else None
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TextIO
 
-from ._consul import ConsulAPI, RolloutError
+from ._consul import ConsulAPI, ConsulUnavailable, MetricsUnavailable, RolloutError
 from ._consul_entries import (
     Match,
     Resolver,
@@ -32,13 +32,15 @@ from ._consul_entries import (
 from ._controller import begin, command, judge, routes
 from ._lock import ControllerLock
 from ._metrics import MetricSource
-from ._state import ACTIVE, Mode, Request, RolloutState, Settings, StateStore
+from ._state import ACTIVE, Measurement, Mode, Request, RolloutState, Settings, StateStore
 from ._view import View, event_json
 
 __all__ = ["Options", "apply_routes", "run_command", "start", "status"]
 
 #: How long a command waits for a running controller to take it.
 COMMAND_TIMEOUT = 30.0
+#: How long a controller rides out an unreachable Consul before it gives up.
+CONSUL_OUTAGE = 60.0
 #: The event each operator command produces.
 _EVENT = {"promote": "promoted", "abort": "aborted", "pause": "paused", "resume": "resumed"}
 
@@ -179,7 +181,7 @@ def start(
             raise RolloutError(f"the rollout state of {service!r} changed while starting")
         apply_routes(api, state)
         view.event(kind, state)
-        state = _drive(api, source, store, lock, view, clock)
+        state = _drive(api, source, store, lock, view, clock, err)
         return 0 if state.phase == "promoted" else 1
     except (KeyboardInterrupt, _Stopped):
         current, _ = store.load()
@@ -202,34 +204,66 @@ def _drive(
     lock: ControllerLock,
     view: View,
     clock: Callable[[], float],
+    err: TextIO,
 ) -> RolloutState:
+    failing_since: float | None = None
     while True:
-        if lock.lost.is_set():
-            raise RolloutError("lost the controller lock (Consul ended its session); stopping")
-        state, index = store.load()
-        if state is None:
-            raise RolloutError("the rollout state was deleted from Consul; stopping")
-        if state.request is not None:
-            new = command(state, state.request, clock())
-            if store.save(new, index):
-                apply_routes(api, new)
-                view.event(_EVENT[state.request], new)
+        try:
+            final = _tick(api, source, store, lock, view, clock)
+        except ConsulUnavailable as exc:
+            # Ride out a short Consul outage; the routing entries keep their last weights.
+            now = time.monotonic()
+            if failing_since is None:
+                failing_since = now
+                err.write(f"meshlib rollout: {exc}; retrying for {CONSUL_OUTAGE:g}s\n")
+            if now - failing_since > CONSUL_OUTAGE:
+                raise
+            time.sleep(1.0)  # the retry period while Consul is unreachable
             continue
-        if state.phase not in ACTIVE:
-            return state
-        now = clock()
-        if state.phase == "paused":
-            store.wait(index, 30.0)
-            continue
-        if now < state.next_check:
-            store.wait(index, state.next_check - now)
-            continue
-        s = state.settings
-        measured = source.measure(state.service, s.canary_version, s.window)
-        new = judge(state, measured, clock())
-        if store.save(new, index):  # else: changed meanwhile; read it again and decide anew
+        failing_since = None
+        if final is not None:
+            return final
+
+
+def _tick(
+    api: ConsulAPI,
+    source: MetricSource,
+    store: StateStore,
+    lock: ControllerLock,
+    view: View,
+    clock: Callable[[], float],
+) -> RolloutState | None:
+    """One step of the loop; the final state once the rollout has ended."""
+    if lock.lost.is_set():
+        raise RolloutError("lost the controller lock (Consul ended its session); stopping")
+    state, index = store.load()
+    if state is None:
+        raise RolloutError("the rollout state was deleted from Consul; stopping")
+    if state.request is not None:
+        new = command(state, state.request, clock())
+        if store.save(new, index):
             apply_routes(api, new)
-            view.event("check" if new.phase in ACTIVE else new.phase, new)
+            view.event(_EVENT[state.request], new)
+        return None
+    if state.phase not in ACTIVE:
+        return state
+    now = clock()
+    if state.phase == "paused":
+        store.wait(index, 30.0)
+        return None
+    if now < state.next_check:
+        store.wait(index, state.next_check - now)
+        return None
+    s = state.settings
+    try:
+        measured = source.measure(state.service, s.canary_version, s.window)
+    except MetricsUnavailable as exc:
+        measured = Measurement(requests=0.0, error=str(exc))
+    new = judge(state, measured, clock())
+    if store.save(new, index):  # else: changed meanwhile; read it again and decide anew
+        apply_routes(api, new)
+        view.event("check" if new.phase in ACTIVE else new.phase, new)
+    return None
 
 
 def run_command(

@@ -68,6 +68,8 @@ class Measurement:
     requests: float
     success_rate: float | None = None  # percent
     p99: float | None = None  # seconds
+    #: why nothing could be measured (the metric source failed)
+    error: str | None = None
 
 
 @dataclass(frozen=True)

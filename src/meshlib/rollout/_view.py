@@ -49,7 +49,12 @@ def event_json(kind: str, state: RolloutState) -> dict[str, Any]:
         "verdict": state.verdict or None,
         "metrics": None
         if m is None
-        else {"requests": m.requests, "success_rate": m.success_rate, "p99_seconds": m.p99},
+        else {
+            "requests": m.requests,
+            "success_rate": m.success_rate,
+            "p99_seconds": m.p99,
+            "error": m.error,
+        },
         "message": state.message,
     }
 
@@ -127,7 +132,9 @@ class RichView:
         )
         m = state.last
         if m is not None:
-            if m.requests <= 0:
+            if m.error is not None:
+                shown = m.error
+            elif m.requests <= 0:
                 shown = "no requests in the window"
             else:
                 p99 = "-" if m.p99 is None else f"{m.p99 * 1000:.0f}ms"
