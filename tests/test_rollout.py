@@ -505,6 +505,52 @@ def test_without_http_protocol_the_splitter_error_says_what_to_set(
     assert 'Protocol = "http" in a service-defaults entry' in result.stderr
 
 
+def test_an_unreachable_consul_and_bad_flags_are_one_line_each() -> None:
+    env = {**os.environ, "CONSUL_HTTP_ADDR": "127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "meshlib", "rollout", "start", "shop", "--canary", "v2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("meshlib rollout: cannot reach Consul at http://127.0.0.1:9 (")
+    assert result.stderr.count("\n") == 1
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshlib",
+            "rollout",
+            "start",
+            "shop",
+            "--canary",
+            "v2",
+            "--step",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "argument --step: '0': expected a number from 1 to 100" in bad.stderr
+
+
+def test_rollout_without_an_action_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshlib.cli import main
+
+    assert main(["rollout"]) == 2
+    out = capsys.readouterr().out
+    for action in ("start", "status", "promote", "abort", "pause", "resume"):
+        assert action in out
+
+
 # --------------------------------------------------------------------------- the decisions
 
 

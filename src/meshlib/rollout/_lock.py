@@ -10,6 +10,7 @@ is not trusted for correctness: every state write is also a check-and-set.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -116,13 +117,17 @@ class ControllerLock:
         if self.session is not None:
             try:
                 self.api.call("PUT", self.path, params={"release": self.session})
+            except RolloutError:
+                pass  # Consul away or the session gone: the TTL frees the lock anyway
             finally:
                 self._destroy()
 
     def _destroy(self) -> None:
         if self.session is not None:
             session, self.session = self.session, None
-            self.api.call("PUT", f"/v1/session/destroy/{session}")
+            # as above: if Consul cannot be reached, the session ends by its TTL
+            with contextlib.suppress(RolloutError):
+                self.api.call("PUT", f"/v1/session/destroy/{session}")
 
     def _renew(self) -> None:
         while not self._stop.wait(SESSION_TTL / 3):
