@@ -253,7 +253,11 @@ def test_a_healthy_canary_is_promoted_step_by_step(shop: Mesh) -> None:
     assert code == 0, err
     events = controller.events()
     checks = [e for e in events if e["verdict"] == "passed"]
-    assert [e["weight"] for e in events if e["event"] in ("started", "check")] == [25, 50, 75, 100]
+    assert not [e for e in events if e["verdict"] == "failed"]
+    weights = [e["weight"] for e in events if e["event"] in ("started", "check")]
+    # a window Prometheus has not scraped yet (a loaded machine) holds a step: inconclusive
+    assert weights == sorted(weights)
+    assert sorted(set(weights)) == [25, 50, 75, 100]
     assert all(e["metrics"]["success_rate"] == 100 and e["metrics"]["requests"] > 0 for e in checks)
     assert events[-1]["event"] == "promoted"
     assert shop.split() == {"v1": 0, "v2": 100}
@@ -263,7 +267,7 @@ def test_a_healthy_canary_is_promoted_step_by_step(shop: Mesh) -> None:
 
 
 def test_a_killed_controller_resumes_at_its_step_and_a_second_one_is_refused(shop: Mesh) -> None:
-    first = shop.controller("--canary", "v2", "--step", "10", "--json", *FAST)
+    first = shop.controller("--canary", "v2", "--step", "5", "--json", *FAST)
     try:
         wait_until(
             lambda: (shop.state() or {}).get("step", 0) >= 2, timeout=60, what="two passed checks"
@@ -282,7 +286,7 @@ def test_a_killed_controller_resumes_at_its_step_and_a_second_one_is_refused(sho
     assert killed["phase"] == "progressing"
     assert shop.split() == {"v1": 100 - killed["weight"], "v2": killed["weight"]}
 
-    again = shop.controller("--canary", "v2", "--step", "10", "--json", *FAST)
+    again = shop.controller("--canary", "v2", "--step", "5", "--json", *FAST)
     try:
         resumed = wait_until(lambda: _events_of(again, "resumed"), timeout=30, what="resumed")[0]
         assert (resumed["step"], resumed["weight"]) == (killed["step"], killed["weight"])
@@ -313,9 +317,9 @@ def test_a_killed_controller_resumes_at_its_step_and_a_second_one_is_refused(sho
 
 
 def test_pause_resume_promote_and_status_reach_a_running_controller(shop: Mesh) -> None:
-    controller = shop.controller("--canary", "v2", "--step", "10", "--json", *FAST)
+    controller = shop.controller("--canary", "v2", "--step", "5", "--json", *FAST)
     try:
-        wait_until(lambda: (shop.state() or {}).get("weight", 0) >= 20, timeout=60, what="20%")
+        wait_until(lambda: (shop.state() or {}).get("weight", 0) >= 10, timeout=60, what="10%")
         paused = shop.run("pause", shop.service, "--json")
         assert paused.returncode == 0, paused.stderr
         held = json.loads(paused.stdout)
@@ -367,9 +371,13 @@ def test_blue_green_switches_all_traffic_at_once_after_its_checks(shop: Mesh) ->
     code, err = controller.finish()
     assert code == 0, err
     lines = [line.rstrip("\n") for line in controller.lines]  # not a terminal: plain lines
-    assert len(lines) == 4, lines
     assert all(f"{shop.service} " in line for line in lines)
-    assert all("weight   0%" in line for line in lines[:3]), lines
+    assert "started (blue-green)" in lines[0]
+    assert all("weight   0%" in line for line in lines[:-1]), lines
+    assert [line.split(": ")[0].split("  ")[-1] for line in lines if "passed" in line] == [
+        "passed 1/3",
+        "passed 2/3",
+    ]
     assert "promoted after 3 checks" in lines[-1]
     assert "weight 100%" in lines[-1]
     assert shop.split() == {"v1": 0, "v2": 100}
