@@ -55,6 +55,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_ACCESS_LOG": ("yes", "one of off, json"),
     "MESH_METRICS_LABELS": ("endpoint,url", "labels separated by commas: endpoint, path or none"),
     "MESH_METRICS_ADDR": ("9464", "host:port ('9464' has no port)"),
+    "MESH_ROLLOUT_PROMETHEUS_URL": ("prometheus:9090", "an http:// or https:// URL"),
     "OTEL_TRACES_EXPORTER": ("jaeger", "exporters separated by commas: otlp, console or none"),
     "OTEL_METRICS_EXPORTER": ("otlp,prometheus", "exporters separated by commas"),
     "MESH_TLS_CA": ("vault", "one of local, consul"),

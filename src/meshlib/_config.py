@@ -411,6 +411,14 @@ class Faults:
         return ", ".join(parts[:-1]) + " " + parts[-1]
 
 
+def _http_url(text: str) -> str:
+    """An ``http(s)://host[:port][/path]`` base URL, without a trailing slash."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError(text)
+    return text.strip().rstrip("/")
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -746,6 +754,15 @@ VARIABLES: tuple[Variable, ...] = (
         "else the path). Each label keeps at most 500 distinct values per process; more "
         "become `_OTHER`.",
         _metric_labels,
+    ),
+    Variable(
+        "MESH_ROLLOUT_PROMETHEUS_URL",
+        "`http://127.0.0.1:9090`",
+        "http://prometheus.internal:9090",
+        "an http:// or https:// URL",
+        "The Prometheus whose HTTP API `meshlib rollout` reads the canary's success rate and "
+        "p99 from (the `--prometheus` flag overrides it).",
+        _http_url,
     ),
     Variable(
         "MESH_TLS",
@@ -1122,6 +1139,7 @@ class MeshConfig:
     access_log: Literal["off", "json"] = "off"
     metrics_addr: tuple[str, int] | None = None
     metrics_labels: frozenset[str] = frozenset()
+    rollout_prometheus_url: str = "http://127.0.0.1:9090"
     #: None: unset (OpenTelemetry's default applies); () : none
     traces_exporter: tuple[str, ...] | None = None
     metrics_exporter: tuple[str, ...] | None = None
@@ -1248,6 +1266,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         access_log=get("MESH_ACCESS_LOG") or "off",
         metrics_addr=get("MESH_METRICS_ADDR"),
         metrics_labels=get("MESH_METRICS_LABELS") or frozenset(),
+        rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL") or "http://127.0.0.1:9090",
         traces_exporter=get("OTEL_TRACES_EXPORTER"),
         metrics_exporter=get("OTEL_METRICS_EXPORTER"),
         consul=consul,

@@ -1,30 +1,22 @@
-"""The ``meshlib`` command.
-
-Subcommands that are planned but not built yet say so plainly and exit with status 2,
-rather than pretending to work.
-"""
+"""The ``meshlib`` command: serve, ca, rollout, status, top, demo and config."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._config import load_config, parse_duration
 from ._exceptions import ConfigError
 
+if TYPE_CHECKING:
+    from . import rollout
+
 __all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _not_built(name: str, what: str) -> Handler:
-    def run(args: argparse.Namespace) -> int:
-        print(f"meshlib {name}: not built yet ({what}).", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -192,6 +184,162 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_seconds, default=5.0, help="default 5s")
 
 
+def _rollout(args: argparse.Namespace) -> int:
+    """Drive a canary, blue/green or A/B release through Consul's routing entries."""
+    from . import rollout
+    from ._config import ConsulSettings
+
+    action = getattr(args, "action", None)
+    if action is None:
+        args.rollout_parser.print_help()
+        return 2
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"meshlib rollout: {line}", file=sys.stderr)
+        return 1
+    # Like Consul's own CLI, an unset CONSUL_HTTP_ADDR means the local agent.
+    api = rollout.ConsulAPI(config.consul or ConsulSettings(address="http://127.0.0.1:8500"))
+    try:
+        if action == "status":
+            return rollout.status(api, args.service, json_lines=args.json)
+        view = rollout.make_view(json_lines=args.json)
+        if action != "start":
+            return rollout.run_command(api, args.service, args.action, view)
+        source = rollout.PrometheusSource(args.prometheus or config.rollout_prometheus_url)
+        try:
+            return rollout.start(api, source, args.service, _rollout_options(args), view)
+        finally:
+            source.close()
+    except rollout.RolloutError as exc:
+        print(f"meshlib rollout: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        api.close()
+
+
+def _rollout_options(args: argparse.Namespace) -> rollout.Options:
+    from . import rollout
+
+    match = None
+    if args.header or args.cookie:
+        kind, text = ("header", args.header) if args.header else ("cookie", args.cookie)
+        name, _, value = text.partition("=")
+        match = rollout.Match(kind, name.strip(), value.strip())
+    return rollout.Options(
+        canary=args.canary,
+        mode=args.mode,
+        stable=args.stable,
+        step=args.step,
+        max_weight=args.max_weight,
+        interval=args.interval,
+        window=args.window,
+        iterations=args.iterations,
+        min_success_rate=args.min_success_rate,
+        max_p99=args.max_p99,
+        threshold=args.threshold,
+        match=match,
+    )
+
+
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text.strip().removesuffix("%"))
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a number from {low:g} to {high:g}"
+            )
+        return value
+
+    return parse
+
+
+def _match(text: str) -> str:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected name=value")
+    return text
+
+
+def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(rollout_parser=parser)
+    actions = parser.add_subparsers(title="actions", metavar="ACTION", dest="action")
+    start = actions.add_parser(
+        "start",
+        help="start a rollout (or resume the one in progress) and drive it to the end",
+        description="Step the canary's share of the service-splitter, checking its metrics "
+        "each interval; promote when the last check passes, roll back after --threshold "
+        "failed checks. Exit status 0 when promoted, 1 when rolled back or aborted.",
+    )
+    start.add_argument("service", help="the service (its service-resolver names the subsets)")
+    start.add_argument("--canary", required=True, help="the resolver subset of the new version")
+    start.add_argument(
+        "--stable",
+        help="the subset serving now (default: the splitter's largest, else DefaultSubset)",
+    )
+    start.add_argument(
+        "--mode", choices=("canary", "blue-green", "ab"), default="canary", help="(canary)"
+    )
+    start.add_argument(
+        "--step", type=_bounded(int, 1, 100), default=10, help="canary: percent per step (10)"
+    )
+    start.add_argument(
+        "--max-weight",
+        type=_bounded(int, 1, 100),
+        default=100,
+        help="canary: the last step's weight before promotion (100)",
+    )
+    start.add_argument(
+        "--iterations",
+        type=_bounded(int, 1, 10_000),
+        default=10,
+        help="blue-green, ab: checks that must pass before the switch (10)",
+    )
+    start.add_argument("--interval", type=_seconds, default=30.0, help="time between checks (30s)")
+    start.add_argument(
+        "--window", type=_seconds, help="range the metrics cover (default: the interval)"
+    )
+    start.add_argument(
+        "--min-success-rate",
+        type=_bounded(float, 0, 100),
+        default=99.0,
+        help="percent of the canary's requests that must not be 5xx (99)",
+    )
+    start.add_argument(
+        "--max-p99", type=_seconds, default=0.5, help="the canary's p99 latency limit (500ms)"
+    )
+    start.add_argument(
+        "--threshold",
+        type=_bounded(int, 1, 1000),
+        default=2,
+        help="failed checks before rolling back (2)",
+    )
+    pin = start.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--header", type=_match, help="ab (or blue-green test traffic): route name=value to it"
+    )
+    pin.add_argument("--cookie", type=_match, help="like --header, on a cookie")
+    start.add_argument(
+        "--prometheus", help="Prometheus base URL (default MESH_ROLLOUT_PROMETHEUS_URL)"
+    )
+    for name, help_text in (
+        ("status", "show where the rollout is and which controller drives it"),
+        ("promote", "send all traffic to the canary now"),
+        ("abort", "send all traffic back to the stable subset now"),
+        ("pause", "hold the current weight; checks stop until resume"),
+        ("resume", "continue a paused rollout"),
+    ):
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("service", help="the service")
+        sub.set_defaults(json=False)
+    for sub in actions.choices.values():
+        sub.add_argument("--json", action="store_true", help="one JSON object per event/line")
+
+
 def _demo(args: argparse.Namespace) -> int:
     """The weather system on loopback, with the mesh at work (about a minute)."""
     from ._demo import run
@@ -242,7 +390,7 @@ _COMMANDS: tuple[tuple[str, str, Handler], ...] = (
     (
         "rollout",
         "drive a canary, blue/green or A/B release (start, status, promote, abort, pause, resume)",
-        _not_built("rollout", "it arrives with traffic management"),
+        _rollout,
     ),
     (
         "status",
@@ -282,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
             _serve_arguments(sub)
         elif name == "ca":
             _ca_arguments(sub)
+        elif name == "rollout":
+            _rollout_arguments(sub)
         elif name == "demo":
             sub.add_argument(
                 "--duration",
@@ -296,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``meshlib`` command; returns the exit status."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and getattr(args, "handler", None) in (_serve, _ca, _demo, _status):
+    if rest and getattr(args, "handler", None) in (_serve, _ca, _demo, _status, _rollout):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:

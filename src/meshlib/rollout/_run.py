@@ -1,0 +1,356 @@
+"""The rollout commands: the controller loop (``start``) and the operator's commands.
+
+The loop reads the state from KV, acts (an operator's request first, then a check when one
+is due), writes the new state with check-and-set, then makes the routing entries say what
+the state says. Between checks it waits on a blocking query of the state key, so a
+``pause`` or ``abort`` typed in another terminal is acted on at once. Routing is
+re-applied from the state on every start, so a controller killed between writing the state
+and the splitter leaves nothing half done.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import TextIO
+
+from ._consul import ConsulAPI, ConsulUnavailable, MetricsUnavailable, RolloutError
+from ._consul_entries import (
+    Match,
+    Resolver,
+    read_resolver,
+    read_split,
+    remove_route,
+    write_route,
+    write_split,
+)
+from ._controller import begin, command, judge, routes
+from ._lock import ControllerLock
+from ._metrics import MetricSource
+from ._state import ACTIVE, Measurement, Mode, Request, RolloutState, Settings, StateStore
+from ._view import View, event_json
+
+__all__ = ["Options", "apply_routes", "run_command", "start", "status"]
+
+#: How long a command waits for a running controller to take it.
+COMMAND_TIMEOUT = 30.0
+#: How long a controller rides out an unreachable Consul before it gives up.
+CONSUL_OUTAGE = 60.0
+#: The event each operator command produces.
+_EVENT = {"promote": "promoted", "abort": "aborted", "pause": "paused", "resume": "resumed"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """``meshlib rollout start``'s flags."""
+
+    canary: str
+    mode: Mode = "canary"
+    stable: str | None = None
+    step: int = 10
+    max_weight: int = 100
+    interval: float = 30.0
+    window: float | None = None
+    iterations: int = 10
+    min_success_rate: float = 99.0
+    max_p99: float | None = 0.5
+    threshold: int = 2
+    match: Match | None = None
+
+
+def _settings(api: ConsulAPI, service: str, options: Options, resolver: Resolver) -> Settings:
+    subsets = sorted(resolver.subsets)
+    known = ", ".join(subsets) or "none"
+    if options.canary not in resolver.subsets:
+        raise RolloutError(
+            f"service-resolver {service!r} has no subset {options.canary!r} (subsets: {known})"
+        )
+    split = read_split(api, service) or {}
+    if split.get(options.canary, 0) >= 100:
+        raise RolloutError(
+            f"{options.canary!r} already gets 100% of {service!r}: nothing to roll out"
+        )
+    stable = options.stable
+    if stable is None:
+        candidates = [(w, s) for s, w in split.items() if s in subsets and s != options.canary]
+        stable = max(candidates)[1] if candidates and max(candidates)[0] > 0 else None
+        stable = stable or resolver.default or None
+    if stable is None:
+        raise RolloutError(
+            f"service-resolver {service!r} has no DefaultSubset: name the stable one with --stable"
+        )
+    if stable not in resolver.subsets:
+        raise RolloutError(
+            f"service-resolver {service!r} has no subset {stable!r} (subsets: {known})"
+        )
+    if stable == options.canary:
+        raise RolloutError(
+            f"{options.canary!r} is already the stable subset of {service!r}: nothing to roll out"
+        )
+    if options.mode == "ab" and options.match is None:
+        raise RolloutError("--mode ab needs --header name=value or --cookie name=value")
+    return Settings(
+        mode=options.mode,
+        canary=options.canary,
+        stable=stable,
+        canary_version=resolver.version(options.canary),
+        step=options.step,
+        max_weight=options.max_weight,
+        interval=options.interval,
+        window=options.window or options.interval,
+        iterations=options.iterations,
+        min_success_rate=options.min_success_rate,
+        max_p99=options.max_p99,
+        threshold=options.threshold,
+        match=options.match,
+    )
+
+
+def apply_routes(api: ConsulAPI, state: RolloutState) -> None:
+    """Make the splitter (and router) say what ``state`` calls for."""
+    s = state.settings
+    wanted = routes(state)
+    try:
+        write_split(api, state.service, s.stable, s.canary, wanted.weight)
+    except RolloutError as exc:
+        if "protocol" in str(exc):
+            raise RolloutError(
+                f'{exc} (splitting needs Protocol = "http" in a service-defaults entry for '
+                f"{state.service!r})"
+            ) from None
+        raise
+    if s.match is not None:
+        if wanted.route:
+            write_route(api, state.service, s.canary, s.match)
+        else:
+            remove_route(api, state.service, s.match)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
+
+
+def start(
+    api: ConsulAPI,
+    source: MetricSource,
+    service: str,
+    options: Options,
+    view: View,
+    *,
+    err: TextIO = sys.stderr,
+    clock: Callable[[], float] = time.time,
+) -> int:
+    """Run (or resume) the rollout of ``service``; 0 when promoted, 1 otherwise."""
+    resolver = read_resolver(api, service)
+    store = StateStore(api, service)
+    lock = ControllerLock(api, service)
+    holder = lock.acquire()
+    if holder is not None:
+        raise RolloutError(
+            f"another controller is driving {service!r} ({holder.describe()}); "
+            "use `meshlib rollout status|pause|abort` or stop that controller first"
+        )
+    previous = signal.signal(signal.SIGTERM, _stop)
+    state: RolloutState | None = None
+    try:
+        state, index = store.load()
+        if state is not None and state.phase in ACTIVE:
+            if state.settings.canary != options.canary:
+                raise RolloutError(
+                    f"a rollout of {service!r} to {state.settings.canary!r} is in progress: "
+                    f"abort it before starting one to {options.canary!r}"
+                )
+            kind = "resumed"
+            state = state.replace(
+                message=f"resumed at step {state.step}, weight {state.weight}%",
+                updated=clock(),
+            )
+        else:
+            kind = "started"
+            state = begin(service, _settings(api, service, options, resolver), clock())
+        if not store.save(state, index):
+            raise RolloutError(f"the rollout state of {service!r} changed while starting")
+        apply_routes(api, state)
+        view.event(kind, state)
+        state = _drive(api, source, store, lock, view, clock, err)
+        return 0 if state.phase == "promoted" else 1
+    except (KeyboardInterrupt, _Stopped):
+        current, _ = store.load()
+        if current is not None and current.phase in ACTIVE:
+            err.write(
+                f"meshlib rollout: controller stopped; {service} stays {current.phase} at "
+                f"{current.weight}%. Run the same `meshlib rollout start` to resume it.\n"
+            )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        view.close()
+        lock.release()
+
+
+def _drive(
+    api: ConsulAPI,
+    source: MetricSource,
+    store: StateStore,
+    lock: ControllerLock,
+    view: View,
+    clock: Callable[[], float],
+    err: TextIO,
+) -> RolloutState:
+    failing_since: float | None = None
+    while True:
+        try:
+            final = _tick(api, source, store, lock, view, clock)
+        except ConsulUnavailable as exc:
+            # Ride out a short Consul outage; the routing entries keep their last weights.
+            now = time.monotonic()
+            if failing_since is None:
+                failing_since = now
+                err.write(f"meshlib rollout: {exc}; retrying for {CONSUL_OUTAGE:g}s\n")
+            if now - failing_since > CONSUL_OUTAGE:
+                raise
+            time.sleep(1.0)  # the retry period while Consul is unreachable
+            continue
+        failing_since = None
+        if final is not None:
+            return final
+
+
+def _tick(
+    api: ConsulAPI,
+    source: MetricSource,
+    store: StateStore,
+    lock: ControllerLock,
+    view: View,
+    clock: Callable[[], float],
+) -> RolloutState | None:
+    """One step of the loop; the final state once the rollout has ended."""
+    if lock.lost.is_set():
+        raise RolloutError("lost the controller lock (Consul ended its session); stopping")
+    state, index = store.load()
+    if state is None:
+        raise RolloutError("the rollout state was deleted from Consul; stopping")
+    if state.request is not None:
+        new = command(state, state.request, clock())
+        if store.save(new, index):
+            apply_routes(api, new)
+            view.event(_EVENT[state.request], new)
+        return None
+    if state.phase not in ACTIVE:
+        return state
+    now = clock()
+    if state.phase == "paused":
+        store.wait(index, 30.0)
+        return None
+    if now < state.next_check:
+        store.wait(index, state.next_check - now)
+        return None
+    s = state.settings
+    try:
+        measured = source.measure(state.service, s.canary_version, s.window)
+    except MetricsUnavailable as exc:
+        measured = Measurement(requests=0.0, error=str(exc))
+    new = judge(state, measured, clock())
+    if store.save(new, index):  # else: changed meanwhile; read it again and decide anew
+        apply_routes(api, new)
+        view.event("check" if new.phase in ACTIVE else new.phase, new)
+    return None
+
+
+def run_command(
+    api: ConsulAPI,
+    service: str,
+    request: Request,
+    view: View,
+    *,
+    err: TextIO = sys.stderr,
+    clock: Callable[[], float] = time.time,
+    timeout: float = COMMAND_TIMEOUT,
+) -> int:
+    """``promote``, ``abort``, ``pause`` or ``resume`` the rollout of ``service``."""
+    store = StateStore(api, service)
+    state, index = store.load()
+    if state is None:
+        raise RolloutError(f"no rollout of {service!r} in Consul at {api.address}")
+    if state.phase not in ACTIVE:
+        raise RolloutError(f"the rollout of {service!r} is already {state.phase}")
+    lock = ControllerLock(api, service)
+    holder = lock.acquire()
+    if holder is None:  # no controller running: carry the command out here
+        try:
+            state, index = store.load()
+            assert state is not None
+            new = command(state, request, clock())
+            if not store.save(new, index):
+                raise RolloutError(f"the rollout state of {service!r} changed meanwhile; retry")
+            apply_routes(api, new)
+            view.event(_EVENT[request], new)
+        finally:
+            lock.release()
+        if request == "resume":
+            err.write(
+                f"meshlib rollout: no controller is running for {service}; run "
+                f"`meshlib rollout start {service} --canary {new.settings.canary}` to drive it\n"
+            )
+        return 0
+    # A controller holds the lock: leave the request in the state for it to act on.
+    deadline = clock() + timeout
+    while state is not None and not store.save(state.replace(request=request), index):
+        state, index = store.load()
+        if clock() > deadline:
+            raise RolloutError(f"the rollout state of {service!r} keeps changing; retry")
+    while clock() < deadline:
+        state, index = store.wait(index, max(deadline - clock(), 0.001))
+        if state is None or state.request is None:
+            break
+    else:
+        raise RolloutError(
+            f"the controller ({holder.describe()}) did not act on {request} within "
+            f"{timeout:g}s; it stays queued"
+        )
+    if state is not None:
+        view.event(_EVENT[request], state)
+    return 0
+
+
+def status(api: ConsulAPI, service: str, *, json_lines: bool, out: TextIO = sys.stdout) -> int:
+    """Print where the rollout of ``service`` is, and who drives it."""
+    state, _ = StateStore(api, service).load()
+    if state is None:
+        raise RolloutError(f"no rollout of {service!r} in Consul at {api.address}")
+    holder = ControllerLock(api, service).holder()
+    controller = holder.describe() if holder is not None else None
+    if json_lines:
+        out.write(json.dumps({**event_json("status", state), "controller": controller}) + "\n")
+        return 0
+    s = state.settings
+    m = state.last
+    lines = [
+        f"service:    {service}",
+        f"mode:       {s.mode} ({s.stable} -> {s.canary}, version {s.canary_version})",
+        f"phase:      {state.phase}",
+        f"weight:     {state.weight}%",
+        f"checks:     {state.step} passed, {state.failed_checks}/{s.threshold} failed",
+    ]
+    if m is not None:
+        lines.append(
+            f"metrics:    {m.requests:.0f} requests, success "
+            + ("-" if m.success_rate is None else f"{m.success_rate:.2f}%")
+            + ", p99 "
+            + ("-" if m.p99 is None else f"{m.p99 * 1000:.0f}ms")
+        )
+    if s.match is not None:
+        lines.append(f"match:      {s.match}")
+    lines.append(f"controller: {controller or 'none running'}")
+    lines.append(f"last:       {state.message}")
+    out.write("\n".join(lines) + "\n")
+    return 0

@@ -1,0 +1,640 @@
+"""``meshlib rollout`` against real parts: a Consul agent, three ``meshlib serve`` apps
+(v1, a healthy v2, a v3 answering 503 half the time) scraped every second by Debian's
+Prometheus, and the controller run as the real command in its own process.
+
+Traffic goes straight to every instance's address the whole time (a bounded loop on
+loopback), so Prometheus sees each version whatever the splitter's weights are; the
+controller judges the canary on those metrics and writes Consul's service-splitter and
+service-router, which the tests read back from Consul.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from consul_agent import ConsulAgent, unique
+from meshlib.rollout import Measurement, Settings
+from meshlib.rollout._controller import begin, command, judge, routes
+from polling import wait_until
+from prometheus_server import Prometheus
+from served import Served
+
+#: Every check in these tests: 1 s apart, over the last 4 s of metrics (4 scrapes).
+FAST = ("--interval", "1s", "--window", "4s", "--max-p99", "5s")
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+class Traffic:
+    """Requests to every instance in turn until stopped (or a hard cap), on loopback."""
+
+    CAP = 200_000
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set() and self.sent < self.CAP:
+                for url in self.urls:
+                    with contextlib.suppress(httpx.HTTPError):
+                        client.get(f"{url}/work")
+                    self.sent += 1
+                self._stop.wait(0.01)  # pacing: about 100 requests/s per instance
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class Mesh:
+    """The service, its three versions, Prometheus, and the Consul agent."""
+
+    def __init__(self, consul: ConsulAgent, prometheus: Prometheus, service: str) -> None:
+        self.consul = consul
+        self.prometheus = prometheus
+        self.service = service
+        self.env = {
+            **os.environ,
+            "CONSUL_HTTP_ADDR": consul.http_addr,
+            "MESH_ROLLOUT_PROMETHEUS_URL": prometheus.url,
+        }
+
+    def http(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(method, f"{self.consul.url}{path}", timeout=10, **kwargs)
+
+    def split(self) -> dict[str, int] | None:
+        response = self.http("GET", f"/v1/config/service-splitter/{self.service}")
+        if response.status_code == 404:
+            return None
+        return {s["ServiceSubset"]: s["Weight"] for s in response.json()["Splits"]}
+
+    def router(self) -> dict[str, Any] | None:
+        response = self.http("GET", f"/v1/config/service-router/{self.service}")
+        return None if response.status_code == 404 else response.json()  # type: ignore[no-any-return]
+
+    def state(self) -> dict[str, Any] | None:
+        response = self.http("GET", f"/v1/kv/meshlib/rollouts/{self.service}/state?raw")
+        return None if response.status_code == 404 else response.json()  # type: ignore[no-any-return]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meshlib", "rollout", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def controller(self, *args: str) -> Controller:
+        return Controller(self.env, ["start", self.service, *args])
+
+
+class Controller:
+    """``meshlib rollout start ...`` as a process; its stdout lines collected."""
+
+    def __init__(self, env: dict[str, str], args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshlib", "rollout", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in list(self.lines)]
+
+    def finish(self, timeout: float = 90) -> tuple[int, str]:
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        self.proc.stdout.close()
+        with self.proc.stderr:
+            return code, self.proc.stderr.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if not self.proc.stderr.closed:  # type: ignore[union-attr]
+            self.finish()
+
+
+@pytest.fixture(scope="module")
+def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    service = unique("shop")
+    versions = {"v1": "0", "v2": "0", "v3": "50"}
+    apps = [
+        Served(
+            "canary_app:app",
+            {
+                "MESH_SERVICE_NAME": service,
+                "MESH_SERVICE_VERSION": version,
+                "MESH_TEST_FAIL_PERCENT": fail,
+            },
+        )
+        for version, fail in versions.items()
+    ]
+    prometheus: Prometheus | None = None
+    traffic: Traffic | None = None
+    try:
+        for app in apps:
+            app.start()
+        prometheus = Prometheus(
+            tmp_path_factory.mktemp("prometheus"),
+            {version: app.address for version, app in zip(versions, apps, strict=True)},
+            "/mesh/metrics",
+        )
+        traffic = Traffic([app.url for app in apps])
+        ready = prometheus
+        for version in versions:
+            wait_until(
+                lambda v=version: (
+                    (
+                        ready.value(
+                            "sum(increase(http_server_request_duration_seconds_count"
+                            f'{{service_name="{service}",service_version="{v}"}}[4s]))'
+                        )
+                        or 0
+                    )
+                    > 0
+                ),
+                timeout=60,
+                what=f"Prometheus to see {version}'s requests",
+            )
+        yield Mesh(consul, prometheus, service)
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if prometheus is not None:
+            prometheus.stop()
+        for app in apps:
+            app.stop()
+
+
+@pytest.fixture
+def shop(mesh: Mesh) -> Iterator[Mesh]:
+    """The service's defaults and resolver in Consul; the rollout's traces removed after."""
+    s = mesh.service
+    mesh.http("PUT", "/v1/config", json={"Kind": "service-defaults", "Name": s, "Protocol": "http"})
+    mesh.http(
+        "PUT",
+        "/v1/config",
+        json={
+            "Kind": "service-resolver",
+            "Name": s,
+            "DefaultSubset": "v1",
+            "Subsets": {v: {"Filter": f"Service.Meta.version == {v}"} for v in ("v1", "v2", "v3")},
+        },
+    )
+    yield mesh
+    for kind in ("service-router", "service-splitter"):
+        mesh.http("DELETE", f"/v1/config/{kind}/{s}")
+    mesh.http("DELETE", f"/v1/kv/meshlib/rollouts/{s}?recurse")
+
+
+def _events_of(controller: Controller, kind: str) -> list[dict[str, Any]]:
+    return [e for e in controller.events() if e["event"] == kind]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_a_canary_answering_5xx_is_rolled_back_automatically(shop: Mesh) -> None:
+    controller = shop.controller(
+        "--canary", "v3", "--step", "20", "--threshold", "2", "--json", *FAST
+    )
+    code, err = controller.finish()
+    assert code == 1, err
+    events = controller.events()
+    assert events[0]["event"] == "started"
+    assert events[0]["weight"] == 20
+    failed = [e for e in events if e["verdict"] == "failed"]
+    assert len(failed) == 2, events
+    assert all(e["metrics"]["success_rate"] < 99 for e in failed)
+    assert events[-1]["event"] == "rolled-back"
+    assert shop.split() == {"v1": 100, "v3": 0}
+    state = shop.state()
+    assert state is not None
+    assert state["phase"] == "rolled-back"
+    assert state["failed_checks"] == 2
+
+
+def test_a_healthy_canary_is_promoted_step_by_step(shop: Mesh) -> None:
+    controller = shop.controller("--canary", "v2", "--step", "25", "--json", *FAST)
+    code, err = controller.finish()
+    assert code == 0, err
+    events = controller.events()
+    checks = [e for e in events if e["verdict"] == "passed"]
+    assert not [e for e in events if e["verdict"] == "failed"]
+    weights = [e["weight"] for e in events if e["event"] in ("started", "check")]
+    # a window Prometheus has not scraped yet (a loaded machine) holds a step: inconclusive
+    assert weights == sorted(weights)
+    assert sorted(set(weights)) == [25, 50, 75, 100]
+    assert all(e["metrics"]["success_rate"] == 100 and e["metrics"]["requests"] > 0 for e in checks)
+    assert events[-1]["event"] == "promoted"
+    assert shop.split() == {"v1": 0, "v2": 100}
+    state = shop.state()
+    assert state is not None
+    assert state["phase"] == "promoted"
+
+
+def test_a_killed_controller_resumes_at_its_step_and_a_second_one_is_refused(shop: Mesh) -> None:
+    first = shop.controller("--canary", "v2", "--step", "5", "--json", *FAST)
+    try:
+        wait_until(
+            lambda: (shop.state() or {}).get("step", 0) >= 2, timeout=60, what="two passed checks"
+        )
+        second = shop.run("start", shop.service, "--canary", "v2", *FAST)
+        assert second.returncode == 1
+        assert second.stderr.startswith(
+            f"meshlib rollout: another controller is driving '{shop.service}' "
+            f"(pid {first.proc.pid} on host "
+        )
+        assert second.stderr.count("\n") == 1
+    finally:
+        first.kill()
+    killed = shop.state()
+    assert killed is not None
+    assert killed["phase"] == "progressing"
+    assert shop.split() == {"v1": 100 - killed["weight"], "v2": killed["weight"]}
+
+    again = shop.controller("--canary", "v2", "--step", "5", "--json", *FAST)
+    try:
+        resumed = wait_until(lambda: _events_of(again, "resumed"), timeout=30, what="resumed")[0]
+        assert (resumed["step"], resumed["weight"]) == (killed["step"], killed["weight"])
+        assert _events_of(again, "started") == []
+        wait_until(
+            lambda: (shop.state() or {}).get("step", 0) > killed["step"],
+            timeout=60,
+            what="the resumed controller to pass one more check",
+        )
+        again.proc.send_signal(signal.SIGTERM)  # a stop, not a crash: it lets the lock go
+        code, err = again.finish()
+        assert code == 130
+        assert err.endswith(
+            f"meshlib rollout: controller stopped; {shop.service} stays progressing at "
+            f"{(shop.state() or {})['weight']}%. Run the same `meshlib rollout start` to "
+            "resume it.\n"
+        )
+        assert json.loads(shop.run("status", shop.service, "--json").stdout)["controller"] is None
+    finally:
+        again.kill()
+
+    # No controller runs now: abort carries itself out.
+    aborted = shop.run("abort", shop.service, "--json")
+    assert aborted.returncode == 0, aborted.stderr
+    assert json.loads(aborted.stdout)["event"] == "aborted"
+    assert shop.split() == {"v1": 100, "v2": 0}
+    assert (shop.state() or {})["phase"] == "aborted"
+
+
+def test_pause_resume_promote_and_status_reach_a_running_controller(shop: Mesh) -> None:
+    controller = shop.controller("--canary", "v2", "--step", "5", "--json", *FAST)
+    try:
+        wait_until(lambda: (shop.state() or {}).get("weight", 0) >= 10, timeout=60, what="10%")
+        paused = shop.run("pause", shop.service, "--json")
+        assert paused.returncode == 0, paused.stderr
+        held = json.loads(paused.stdout)
+        assert held["phase"] == "paused"
+
+        status = shop.run("status", shop.service, "--json")
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)
+        assert shown["phase"] == "paused"
+        assert shown["weight"] == held["weight"]
+        assert f"pid {controller.proc.pid} on host" in shown["controller"]
+
+        # Paused means held: three check intervals pass without a change.
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            assert (shop.state() or {})["weight"] == held["weight"]
+            time.sleep(0.2)  # observing that nothing happens; there is no event to await
+
+        plain = shop.run("status", shop.service)
+        assert "phase:      paused" in plain.stdout
+        assert f"weight:     {held['weight']}%" in plain.stdout
+
+        assert shop.run("resume", shop.service).returncode == 0
+        wait_until(
+            lambda: (shop.state() or {}).get("weight", 0) > held["weight"],
+            timeout=60,
+            what="the weight to grow after resume",
+        )
+        promoted = shop.run("promote", shop.service, "--json")
+        assert promoted.returncode == 0, promoted.stderr
+        assert json.loads(promoted.stdout)["phase"] == "promoted"
+        code, err = controller.finish()
+        assert code == 0, err
+    finally:
+        controller.kill()
+    assert [e["event"] for e in controller.events() if e["event"] != "check"] == [
+        "started",
+        "paused",
+        "resumed",
+        "promoted",
+    ]
+    assert shop.split() == {"v1": 0, "v2": 100}
+
+
+def test_blue_green_switches_all_traffic_at_once_after_its_checks(shop: Mesh) -> None:
+    controller = shop.controller(
+        "--canary", "v2", "--mode", "blue-green", "--iterations", "3", *FAST
+    )
+    code, err = controller.finish()
+    assert code == 0, err
+    lines = [line.rstrip("\n") for line in controller.lines]  # not a terminal: plain lines
+    assert all(f"{shop.service} " in line for line in lines)
+    assert "started (blue-green)" in lines[0]
+    assert all("weight   0%" in line for line in lines[:-1]), lines
+    assert [line.split(": ")[0].split("  ")[-1] for line in lines if "passed" in line] == [
+        "passed 1/3",
+        "passed 2/3",
+    ]
+    assert "promoted after 3 checks" in lines[-1]
+    assert "weight 100%" in lines[-1]
+    assert shop.split() == {"v1": 0, "v2": 100}
+
+
+def test_ab_routes_a_header_to_the_canary_until_it_is_promoted(shop: Mesh) -> None:
+    controller = shop.controller(
+        "--canary", "v2", "--mode", "ab", "--header", "x-canary=yes", "--iterations", "3",
+        "--json", *FAST,
+    )  # fmt: skip
+    try:
+        router = wait_until(shop.router, timeout=30, what="the service-router")
+        assert router["Routes"] == [
+            {
+                "Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "yes"}]}},
+                "Destination": {"ServiceSubset": "v2"},
+            }
+        ]
+        assert shop.split() == {"v1": 100, "v2": 0}
+        code, err = controller.finish()
+        assert code == 0, err
+    finally:
+        controller.kill()
+    assert controller.events()[-1]["event"] == "promoted"
+    assert shop.router() is None  # the controller made it, so it removed it
+    assert shop.split() == {"v1": 0, "v2": 100}
+
+
+def test_an_ab_cookie_route_keeps_the_operators_own_routes(shop: Mesh) -> None:
+    own = {"Match": {"HTTP": {"PathPrefix": "/admin"}}, "Destination": {"ServiceSubset": "v1"}}
+    shop.http(
+        "PUT", "/v1/config", json={"Kind": "service-router", "Name": shop.service, "Routes": [own]}
+    )
+    controller = shop.controller(
+        "--canary", "v2", "--mode", "ab", "--cookie", "beta=1", "--iterations", "1", *FAST
+    )
+    try:
+        wait_until(lambda: len((shop.router() or {}).get("Routes", [])) == 2, timeout=30)
+        ours = (shop.router() or {})["Routes"][0]
+        assert ours["Match"]["HTTP"]["Header"][0]["Name"] == "cookie"
+        code, err = controller.finish()
+        assert code == 0, err
+    finally:
+        controller.kill()
+    assert (shop.router() or {})["Routes"] == [own]
+
+
+def test_a_missing_resolver_or_subset_is_refused_in_one_line(shop: Mesh) -> None:
+    missing = shop.run("start", unique("nosuch"), "--canary", "v2")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("meshlib rollout: no service-resolver 'nosuch-")
+    assert missing.stderr.count("\n") == 1
+
+    unknown = shop.run("start", shop.service, "--canary", "v9")
+    assert unknown.returncode == 1
+    assert unknown.stderr == (
+        f"meshlib rollout: service-resolver '{shop.service}' has no subset 'v9' "
+        "(subsets: v1, v2, v3)\n"
+    )
+    assert shop.state() is None
+
+    shop.http(
+        "PUT",
+        "/v1/config",
+        json={
+            "Kind": "service-splitter",
+            "Name": shop.service,
+            "Splits": [{"Weight": 100, "ServiceSubset": "v2"}],
+        },
+    )
+    done = shop.run("start", shop.service, "--canary", "v2")
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"meshlib rollout: 'v2' already gets 100% of '{shop.service}': nothing to roll out\n"
+    )
+
+    nothing = shop.run("abort", shop.service)
+    assert nothing.returncode == 1
+    assert nothing.stderr.startswith(f"meshlib rollout: no rollout of '{shop.service}' in Consul")
+
+
+def test_an_unreachable_prometheus_makes_checks_inconclusive_not_failed(shop: Mesh) -> None:
+    controller = shop.controller(
+        "--canary", "v2", "--threshold", "1", "--json", *FAST, "--prometheus", "http://127.0.0.1:9"
+    )
+    try:
+        checks = wait_until(
+            lambda: len(_events_of(controller, "check")) >= 2 and _events_of(controller, "check"),
+            timeout=30,
+            what="two checks",
+        )
+        for check in checks:
+            assert check["verdict"] == "inconclusive"
+            assert check["metrics"]["error"].startswith(
+                "cannot query Prometheus at http://127.0.0.1:9"
+            )
+            assert (check["weight"], check["failed_checks"]) == (10, 0)
+        assert shop.run("abort", shop.service).returncode == 0
+        code, _ = controller.finish()
+        assert code == 1
+    finally:
+        controller.kill()
+    assert controller.events()[-1]["event"] == "aborted"
+    assert shop.split() == {"v1": 100, "v2": 0}
+
+
+def test_without_http_protocol_the_splitter_error_says_what_to_set(
+    consul: ConsulAgent,
+) -> None:
+    service = unique("tcp")
+    resolver = {
+        "Kind": "service-resolver",
+        "Name": service,
+        "DefaultSubset": "v1",
+        "Subsets": {v: {"Filter": f"Service.Meta.version == {v}"} for v in ("v1", "v2")},
+    }
+    httpx.put(f"{consul.url}/v1/config", json=resolver, timeout=10)
+    env = {**os.environ, "CONSUL_HTTP_ADDR": consul.http_addr}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "meshlib", "rollout", "start", service, "--canary", "v2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        httpx.delete(f"{consul.url}/v1/kv/meshlib/rollouts/{service}?recurse", timeout=10)
+        httpx.delete(f"{consul.url}/v1/config/service-resolver/{service}", timeout=10)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert 'Protocol = "http" in a service-defaults entry' in result.stderr
+
+
+def test_an_unreachable_consul_and_bad_flags_are_one_line_each() -> None:
+    env = {**os.environ, "CONSUL_HTTP_ADDR": "127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "meshlib", "rollout", "start", "shop", "--canary", "v2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("meshlib rollout: cannot reach Consul at http://127.0.0.1:9 (")
+    assert result.stderr.count("\n") == 1
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshlib",
+            "rollout",
+            "start",
+            "shop",
+            "--canary",
+            "v2",
+            "--step",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "argument --step: '0': expected a number from 1 to 100" in bad.stderr
+
+
+def test_rollout_without_an_action_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshlib.cli import main
+
+    assert main(["rollout"]) == 2
+    out = capsys.readouterr().out
+    for action in ("start", "status", "promote", "abort", "pause", "resume"):
+        assert action in out
+
+
+# --------------------------------------------------------------------------- the decisions
+
+
+def _settings(**changes: Any) -> Settings:
+    base: dict[str, Any] = {
+        "mode": "canary",
+        "canary": "v2",
+        "stable": "v1",
+        "canary_version": "v2",
+    }
+    return Settings(**{**base, **changes})
+
+
+def test_checks_step_the_weight_and_promote_after_the_last_step() -> None:
+    state = begin("shop", _settings(step=40, max_weight=80), now=0)
+    good = Measurement(requests=100, success_rate=100, p99=0.01)
+    weights = [state.weight]
+    while state.phase == "progressing":
+        state = judge(state, good, now=1)
+        weights.append(state.weight)
+    assert weights == [40, 80, 100]
+    assert state.phase == "promoted"
+    assert routes(state).weight == 100
+
+
+def test_failed_checks_count_in_total_and_roll_back_at_the_threshold() -> None:
+    state = begin("shop", _settings(threshold=2), now=0)
+    good = Measurement(requests=100, success_rate=100, p99=0.01)
+    slow = Measurement(requests=100, success_rate=100, p99=0.9)
+    state = judge(state, slow, now=1)
+    assert (state.phase, state.failed_checks, state.weight) == ("progressing", 1, 10)
+    state = judge(state, good, now=2)
+    assert (state.failed_checks, state.weight) == (1, 20)
+    state = judge(state, slow, now=3)
+    assert (state.phase, state.weight) == ("rolled-back", 0)
+    assert "p99 above 500ms" in state.message
+
+
+def test_a_window_without_requests_holds_the_weight() -> None:
+    state = judge(begin("shop", _settings(), now=0), Measurement(requests=100, success_rate=100), 1)
+    held = judge(state, Measurement(requests=0), now=2)
+    assert (held.weight, held.failed_checks, held.step, held.verdict) == (20, 0, 1, "inconclusive")
+    assert held.next_check == 2 + held.settings.interval
+
+
+def test_a_failed_measurement_holds_the_weight_and_says_why() -> None:
+    state = begin("shop", _settings(threshold=1), now=0)
+    held = judge(state, Measurement(requests=0, error="cannot query Prometheus at x"), now=1)
+    assert (held.phase, held.weight, held.failed_checks) == ("progressing", 10, 0)
+    assert held.message == "inconclusive: cannot query Prometheus at x; holding at 10%"
+
+
+def test_commands_pause_resume_promote_and_abort() -> None:
+    state = begin("shop", _settings(), now=0)
+    paused = command(state, "pause", now=1)
+    assert paused.phase == "paused"
+    assert command(paused, "resume", now=2).phase == "progressing"
+    assert routes(command(state, "abort", now=1)).weight == 0
+    promoted = command(state, "promote", now=1)
+    assert routes(promoted).weight == 100
+    assert command(promoted, "abort", now=2).phase == "promoted"  # final stays final
+
+
+def test_blue_green_stays_at_zero_until_the_iterations_pass() -> None:
+    state = begin("shop", _settings(mode="blue-green", iterations=3), now=0)
+    good = Measurement(requests=10, success_rate=100, p99=0.01)
+    seen = []
+    for now in range(1, 4):
+        state = judge(state, good, now=now)
+        seen.append((state.phase, state.weight))
+    assert seen == [("progressing", 0), ("progressing", 0), ("promoted", 100)]
+
+
+def test_state_round_trips_through_json() -> None:
+    from meshlib.rollout import Match, RolloutState
+
+    state = begin("shop", _settings(mode="ab", match=Match("cookie", "beta", "1")), now=5)
+    state = judge(state, Measurement(requests=3, success_rate=50.0, p99=None), now=6)
+    assert RolloutState.from_json(json.loads(json.dumps(state.to_json()))) == state
