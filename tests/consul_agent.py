@@ -26,7 +26,8 @@ Any test using one of these fixtures is marked ``consul`` automatically, so
 ``registered`` (function)
     A list to put service IDs in; they are deregistered from the shared agent afterwards.
 
-Helpers: ``ConsulAgent.get(path)`` / ``.put(path, body)`` speak JSON to the agent's HTTP API;
+Helpers: ``ConsulAgent.get(path)`` / ``.put(path, body)`` / ``.delete(path)`` speak JSON
+to the agent's HTTP API;
 ``register(agent, name, service_id, port)`` registers an instance with a passing TTL check
 (``service:<id>``) and waits until the catalog shows it; ``unique(prefix)`` makes a service
 name no other test uses.
@@ -198,6 +199,16 @@ class ConsulAgent:
         """PUT ``body`` (JSON-encoded unless bytes) to ``path``; return the decoded answer."""
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method="PUT")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+        try:
+            return json.loads(raw or b"null")
+        except ValueError:
+            return raw.decode()
+
+    def delete(self, path: str, timeout: float = 5.0) -> Any:
+        """DELETE ``path`` (a config entry, a KV key); return the decoded answer."""
+        request = urllib.request.Request(self.url + path, method="DELETE")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
         try:

@@ -25,7 +25,9 @@ from ._config import MeshConfig
 from ._exceptions import ConfigError, NoHealthyEndpoints
 from ._service import ServiceState
 from .discovery import Discovery, Snapshot, StaticDiscovery, make_discovery
-from .routing import Decision, Target, compile_filter
+from .discovery._consul import TargetKey
+from .routing import Chain, Decision, Target, compile_filter
+from .routing._consul import CompiledChain
 from .routing._filter import EndpointView, Predicate
 from .routing._local import LocalConfigFile
 from .security import security_for
@@ -33,6 +35,9 @@ from .security import security_for
 __all__ = ["Mesh", "Pending", "reset"]
 
 _CONSUL_SUFFIX = ".service.consul"
+
+#: a service's routing: from the local config file, or Consul's compiled discovery chain
+RoutingChain = Chain | CompiledChain
 
 
 class Pending(NamedTuple):
@@ -56,11 +61,18 @@ class Mesh:
         self.discovery = make_discovery(config) if discovery is None else discovery
         #: host as written in URLs ("weather", "weather.service.consul") -> state
         self._services: dict[str, ServiceState] = {}
-        #: Target.key -> (target, the state of its endpoints, its subset predicate)
-        self._targets: dict[str, tuple[Target, ServiceState, Predicate | None]] = {}
+        #: (service, filter, datacenter) -> (target, the state of its endpoints, its subset
+        #: predicate, whether discovery watches it itself: Consul's filtered health query)
+        self._targets: dict[TargetKey, tuple[Target, ServiceState, Predicate | None, bool]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.discovery.subscribe(self._on_snapshot)
+        # Consul's discovery chains and per-target watches (ConsulDiscovery with chains).
+        self._consul_chain = getattr(self.discovery, "chain", None)
+        self._consul_target = getattr(self.discovery, "target", None)
+        subscribe_targets = getattr(self.discovery, "subscribe_targets", None)
+        if subscribe_targets is not None:
+            subscribe_targets(self._on_target_snapshot)
 
     # ---------------------------------------------------------------- classification
 
@@ -121,9 +133,14 @@ class Mesh:
         state = self._services.get(snapshot.service)
         if state is not None:
             state.update(snapshot)
-        for target, target_state, predicate in list(self._targets.values()):
-            if target.service == snapshot.service:
+        for target, target_state, predicate, remote in list(self._targets.values()):
+            if target.service == snapshot.service and not remote:
                 target_state.update(_subset(snapshot, predicate))
+
+    def _on_target_snapshot(self, key: TargetKey, snapshot: Snapshot) -> None:
+        found = self._targets.get(key)
+        if found is not None and found[3]:
+            found[1].update(snapshot)
 
     # ---------------------------------------------------------------- traffic management
 
@@ -135,42 +152,66 @@ class Mesh:
         Without routing configuration for the service: the service itself. Otherwise its
         chain picks a route, a split and a subset (routing/_chain.py); an empty target
         fails over to the resolver's failover targets that have endpoints.
+
+        The chain comes from the local config file if it has one for the service, else from
+        Consul's discovery chain (the last one its watch delivered: a dict lookup, no I/O).
+        Without either, this costs two dict lookups and routes as if there were no chains.
         """
+        chain: RoutingChain | None = None
         local = self.local
-        if local is None:
-            return state, None
-        chain = local.current().chains.get(state.name)
+        if local is not None:
+            chain = local.current().chains.get(state.name)
+        if chain is None and self._consul_chain is not None:
+            chain = self._consul_chain(state.name)
         if chain is None:
             return state, None
         url = request.url
         decision = chain.decide(request.method, url.path, request.headers, dict(url.params))
         target = decision.target
         if not target.subset and target.service == state.name and not target.datacenter:
-            return state, decision
-        chosen = self._target_state(target)
+            if state.endpoints or not target.failover:
+                return state, decision
+            chosen = state
+        else:
+            chosen = self._target_state(target)
         if not chosen.endpoints:
             for fallback in target.failover:
-                if fallback.datacenter:
-                    continue  # other datacenters need Consul's discovery chain
+                if fallback.datacenter and self._consul_target is None:
+                    continue  # other datacenters need Consul
                 candidate = self._target_state(fallback)
                 if candidate.endpoints:
                     return candidate, decision
         return chosen, decision
 
     def _target_state(self, target: Target) -> ServiceState:
-        found = self._targets.get(target.key)
+        key = (target.service, target.filter, target.datacenter)
+        found = self._targets.get(key)
         if found is not None:
             return found[1]
         with self._lock:
-            found = self._targets.get(target.key)
+            found = self._targets.get(key)
             if found is not None:
                 return found[1]
-            predicate = compile_filter(target.filter) if target.filter else None
             state = ServiceState(target.service, self.config.policy(target.service))
+            remote = self._consul_target is not None and bool(target.filter or target.datacenter)
+            predicate = None
+            if remote:
+                # Consul filters the subset and answers for other datacenters; the watch
+                # usually runs already (started when the chain arrived).
+                assert self._consul_target is not None
+                self._targets[key] = (target, state, None, True)
+                snapshot = self._consul_target(target)
+                if snapshot is not None:
+                    state.update(snapshot)
+                    latest = self._consul_target(target)  # an answer that raced the first
+                    if latest is not None and latest is not snapshot:
+                        state.update(latest)
+                return state
+            predicate = compile_filter(target.filter) if target.filter else None
             snapshot = self.discovery.snapshot(target.service)
             if snapshot is not None:
                 state.update(_subset(snapshot, predicate))
-            self._targets[target.key] = (target, state, predicate)
+            self._targets[key] = (target, state, predicate, False)
             return state
 
     def services(self) -> dict[str, ServiceState]:

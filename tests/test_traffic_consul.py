@@ -1,0 +1,267 @@
+"""Traffic management from Consul's own config entries: a real agent, real servers.
+
+The entries are written to Consul (``PUT /v1/config``) as an operator or ``consul config
+write`` would; meshlib follows the compiled ``/v1/discovery-chain/<service>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+import meshlib
+from backends import Backend, BackendFactory
+from consul_agent import ConsulAgent, ConsulFactory, register, unique
+from polling import wait_until
+
+
+class Fleet:
+    """A service in Consul with v1 instances b0, b1 and a v2 instance b2, and its entries."""
+
+    def __init__(self, agent: ConsulAgent, servers: list[Backend], ids: list[str]) -> None:
+        self.agent = agent
+        self.name = unique("forecast")
+        self.kinds: list[str] = []
+        for server, version in zip(servers, ["v1", "v1", "v2"], strict=True):
+            register(
+                agent,
+                self.name,
+                f"{self.name}-{server.name}",
+                server.port,
+                ids=ids,
+                Meta={"version": version},
+            )
+        # Routers and splitters need an L7 protocol (Consul refuses them for tcp).
+        self.write({"Kind": "service-defaults", "Protocol": "http"})
+        self.write(
+            {
+                "Kind": "service-resolver",
+                "DefaultSubset": "v1",
+                "Subsets": {
+                    "v1": {"Filter": "Service.Meta.version == v1"},
+                    "v2": {"Filter": "Service.Meta.version == v2"},
+                },
+            }
+        )
+
+    def write(self, entry: dict[str, Any]) -> None:
+        entry = {**entry, "Name": self.name}
+        assert self.agent.put("/v1/config", entry) is True
+        if entry["Kind"] not in self.kinds:
+            self.kinds.append(entry["Kind"])
+
+    def split(self, v1: float, v2: float) -> None:
+        self.write(
+            {
+                "Kind": "service-splitter",
+                "Splits": [
+                    {"Weight": v1, "ServiceSubset": "v1"},
+                    {"Weight": v2, "ServiceSubset": "v2"},
+                ],
+            }
+        )
+
+    def url(self, path: str = "/whoami") -> str:
+        return f"http://{self.name}{path}"
+
+    def remove(self) -> None:
+        for kind in reversed(self.kinds):  # routers and splitters before what they rely on
+            self.agent.delete(f"/v1/config/{kind}/{self.name}")
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.setenv("MESH_RETRY_BACKOFF", "5ms")
+    monkeypatch.setenv("MESH_RETRY_BACKOFF_MAX", "20ms")
+    return monkeypatch
+
+
+@pytest.fixture
+def fleet(
+    consul: ConsulAgent, backends: BackendFactory, env: pytest.MonkeyPatch, registered: list[str]
+) -> Iterator[Fleet]:
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    fleet = Fleet(consul, backends.many(3), registered)
+    yield fleet
+    fleet.remove()
+
+
+def test_a_10_percent_split_in_consul_sends_10_percent_over_10000_requests(fleet: Fleet) -> None:
+    fleet.split(90, 10)
+    version = {"b0": "v1", "b1": "v1", "b2": "v2"}
+    with meshlib.Client() as client:
+        counts = Counter(version[client.get(fleet.url()).text] for _ in range(10_000))
+    assert sum(counts.values()) == 10_000
+    share = counts["v2"] / 10_000
+    print(f"\nv2 share at a 10% weight written to Consul: {share:.2%} of 10,000 requests")
+    assert abs(share - 0.10) <= 0.02
+
+
+def test_a_weight_change_in_consul_reaches_the_client_within_a_second(fleet: Fleet) -> None:
+    fleet.split(100, 0)
+    with meshlib.Client() as client:
+        assert {client.get(fleet.url()).text for _ in range(20)} <= {"b0", "b1"}
+        fleet.split(0, 100)
+        changed = time.monotonic()
+        wait_until(lambda: client.get(fleet.url()).text == "b2", what="v2 traffic")
+        reached = time.monotonic() - changed
+        assert {client.get(fleet.url()).text for _ in range(20)} == {"b2"}
+    print(f"\nweight change written to Consul reached the client in {reached * 1000:.0f} ms")
+    assert reached < 1.0
+
+
+def test_a_router_header_match_in_consul_pins_requests_to_the_canary(fleet: Fleet) -> None:
+    fleet.split(100, 0)
+    fleet.write(
+        {
+            "Kind": "service-router",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"Header": [{"Name": "x-canary", "Exact": "1"}]}},
+                    "Destination": {"ServiceSubset": "v2"},
+                }
+            ],
+        }
+    )
+    with meshlib.Client() as client:
+        pinned = Counter(client.get(fleet.url(), headers={"x-canary": "1"}).text for _ in range(50))
+        unpinned = Counter(client.get(fleet.url()).text for _ in range(50))
+    assert pinned == {"b2": 50}
+    assert "b2" not in unpinned
+
+
+def test_consul_routes_carry_their_timeout_and_retry_settings(
+    fleet: Fleet, backends: BackendFactory
+) -> None:
+    fleet.write(
+        {
+            "Kind": "service-router",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/slow"}},
+                    "Destination": {"RequestTimeout": "300ms", "ServiceSubset": "v2"},
+                },
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/status/500", "Methods": ["GET"]}},
+                    "Destination": {
+                        "ServiceSubset": "v2",
+                        "NumRetries": 2,
+                        "RetryOnStatusCodes": [500],
+                    },
+                },
+            ],
+        }
+    )
+    canary = backends.started[2]
+    with meshlib.Client() as client:
+        started = time.monotonic()
+        with pytest.raises(meshlib.DeadlineExceeded):
+            client.get(fleet.url("/slow?ms=3000"))
+        assert time.monotonic() - started < 2.0
+        before = canary.stats()["GET"]
+        response = client.get(fleet.url("/status/500"))
+        assert response.status_code == 500
+        assert response.extensions["meshlib"].retry_reasons == ["500", "500"]
+        assert canary.stats()["GET"] - before == 3  # the first try and two retries
+
+
+def test_a_service_without_local_instances_is_served_from_the_other_datacenter(
+    consul_factory: ConsulFactory, backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    dc1 = consul_factory()
+    dc2 = consul_factory(datacenter="dc2", retry_join_wan=[dc1.serf_wan_addr])
+    wait_until(lambda: "dc2" in dc1.get("/v1/catalog/datacenters"), timeout=20, what="the WAN join")
+    local, remote = backends.many(2)
+    service = unique("forecast")
+    critical = {"TTL": "60s", "Status": "critical"}
+    register(dc1, service, f"{service}-local", local.port, Check=critical)
+    register(dc2, service, f"{service}-remote", remote.port)
+    resolver = {
+        "Kind": "service-resolver",
+        "Name": service,
+        "Failover": {"*": {"Datacenters": ["dc2"]}},
+    }
+    assert dc1.put("/v1/config", resolver) is True
+    env.setenv("CONSUL_HTTP_ADDR", dc1.http_addr)
+    with meshlib.Client() as client:
+        assert {client.get(f"http://{service}/whoami").text for _ in range(10)} == {"b1"}
+        dc1.put(f"/v1/agent/check/pass/service:{service}-local")  # local is healthy again
+        wait_until(
+            lambda: client.get(f"http://{service}/whoami").text == "b0", what="local traffic"
+        )
+
+
+class _GarbleChains:
+    """A proxy in front of a real agent that can garble its discovery-chain answers.
+
+    Consul never serves a malformed chain, so this is the one place a test needs a fake.
+    """
+
+    GARBAGE = json.dumps({"Chain": {"ServiceName": "x", "Datacenter": "dc1", "StartNode": 7}})
+
+    def __init__(self, agent: ConsulAgent) -> None:
+        self.garble = threading.Event()
+        garble, upstream = self.garble, agent.url
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                try:
+                    with urllib.request.urlopen(upstream + self.path, timeout=60) as answer:
+                        status, headers, body = answer.status, answer.headers, answer.read()
+                except urllib.error.HTTPError as exc:
+                    status, headers, body = exc.code, exc.headers, exc.read()
+                if self.path.startswith("/v1/discovery-chain/") and garble.is_set():
+                    body = _GarbleChains.GARBAGE.encode()
+                self.send_response(status)
+                self.send_header("X-Consul-Index", headers.get("X-Consul-Index", "1"))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_malformed_chain_keeps_the_last_good_one_and_says_so_once(
+    fleet: Fleet, env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = _GarbleChains(fleet.agent)
+    env.setenv("CONSUL_HTTP_ADDR", proxy.address)
+    fleet.split(0, 100)
+    try:
+        with meshlib.Client() as client, caplog.at_level(logging.ERROR, logger="meshlib"):
+            assert client.get(fleet.url()).text == "b2"
+            proxy.garble.set()
+            fleet.split(100, 0)  # wakes the chain watch, which now reads garbage
+            wait_until(lambda: caplog.records, what="the error")
+            served = {client.get(fleet.url()).text for _ in range(30)}
+    finally:
+        proxy.close()
+    assert served == {"b2"}  # still the last good split
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    message = caplog.records[0].getMessage()
+    assert f"discovery chain of {fleet.name!r} is refused" in message
+    assert "keeping the last good chain" in message
