@@ -83,6 +83,8 @@ class Fleet:
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("MESH_RETRY_BACKOFF", "5ms")
     monkeypatch.setenv("MESH_RETRY_BACKOFF_MAX", "20ms")
+    # The first request to a service waits for its chain too: be generous on a busy machine.
+    monkeypatch.setenv("MESH_DISCOVERY_TIMEOUT", "10s")
     return monkeypatch
 
 
@@ -265,3 +267,143 @@ def test_a_malformed_chain_keeps_the_last_good_one_and_says_so_once(
     message = caplog.records[0].getMessage()
     assert f"discovery chain of {fleet.name!r} is refused" in message
     assert "keeping the last good chain" in message
+
+
+def test_service_defaults_passive_health_check_sets_the_ejection_of_that_upstream(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    service, caller = unique("forecast"), unique("frontend")
+    good, bad = backends.many(2)
+    for server in (good, bad):
+        register(consul, service, f"{service}-{server.name}", server.port, ids=registered)
+    # Consul keeps the settings for calls *from* a service in that service's entry.
+    defaults = {
+        "Kind": "service-defaults",
+        "Name": caller,
+        "UpstreamConfig": {
+            "Overrides": [
+                {"Name": service, "PassiveHealthCheck": {"MaxFailures": 1, "Interval": "10s"}}
+            ]
+        },
+    }
+    assert consul.put("/v1/config", defaults) is True
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_SERVICE_NAME", caller)
+    env.setenv("MESH_LB", "round_robin")
+    env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "5")  # what applies without the entry
+    try:
+        with meshlib.Client() as client:
+            assert client.get(f"http://{service}/whoami").status_code == 200
+            mesh = client._transport.mesh  # type: ignore[attr-defined]
+            wait_until(
+                lambda: mesh.services()[service].policy.outlier_consecutive_errors == 1,
+                what="the service-defaults entry",
+            )
+            bad.set_mode(status=503)
+            before = bad.stats().get("GET", 0)
+            served = {client.get(f"http://{service}/whoami").text for _ in range(40)}
+        assert served == {"b0"}  # the 503 was retried on the good instance
+        assert bad.stats()["GET"] - before == 1  # ejected after one failure, not five
+    finally:
+        consul.delete(f"/v1/config/service-defaults/{caller}")
+
+
+def test_service_defaults_limits_cap_the_requests_in_flight_with_a_clear_error(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    service, caller = unique("forecast"), unique("frontend")
+    (server,) = backends.many(1)
+    register(consul, service, f"{service}-{server.name}", server.port, ids=registered)
+    defaults = {
+        "Kind": "service-defaults",
+        "Name": caller,
+        "UpstreamConfig": {"Defaults": {"Limits": {"MaxConcurrentRequests": 2}}},
+    }
+    assert consul.put("/v1/config", defaults) is True
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_SERVICE_NAME", caller)
+    try:
+        with meshlib.Client() as client:
+            assert client.get(f"http://{service}/whoami").status_code == 200
+            mesh = client._transport.mesh  # type: ignore[attr-defined]
+            wait_until(lambda: mesh._capped, what="the service-defaults entry")
+            slow = [
+                threading.Thread(target=client.get, args=(f"http://{service}/slow?ms=1500",))
+                for _ in range(2)
+            ]
+            for thread in slow:
+                thread.start()
+            wait_until(lambda: server.stats().get("GET", 0) == 3, what="two slow requests")
+            with pytest.raises(meshlib.CircuitOpen) as info:
+                client.get(f"http://{service}/whoami")
+            for thread in slow:
+                thread.join(10)
+            assert client.get(f"http://{service}/whoami").status_code == 200  # room again
+        assert "2 requests in flight" in str(info.value)
+        assert "Limits.MaxConcurrentRequests" in str(info.value)
+        assert server.stats()["GET"] == 4  # the refused request never reached the server
+    finally:
+        consul.delete(f"/v1/config/service-defaults/{caller}")
+
+
+def test_a_service_without_entries_is_routed_as_without_chains(
+    consul: ConsulAgent, backends: BackendFactory, env: pytest.MonkeyPatch, registered: list[str]
+) -> None:
+    service = unique("forecast")
+    (server,) = backends.many(1)
+    register(consul, service, f"{service}-{server.name}", server.port, ids=registered)
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    with meshlib.Client() as client:
+        assert client.get(f"http://{service}/whoami").text == "b0"
+        mesh = client._transport.mesh  # type: ignore[attr-defined]
+        assert mesh.discovery.chain(service) is None  # Consul's default chain: nothing to do
+        state = mesh.services()[service]
+        request = client.build_request("GET", f"http://{service}/whoami")
+        assert mesh.route(state, request) == (state, None)
+
+
+@pytest.mark.parametrize(
+    ("chain", "problem"),
+    [
+        ([], "the answer is not a JSON object"),
+        ({"Chain": {"ServiceName": "s", "Datacenter": "dc1"}}, "None is not one of Chain.Nodes"),
+        (
+            {
+                "Chain": {
+                    "ServiceName": "s",
+                    "Datacenter": "dc1",
+                    "StartNode": "splitter:s",
+                    "Nodes": {
+                        "splitter:s": {
+                            "Type": "splitter",
+                            "Splits": [{"Weight": 100, "NextNode": "splitter:s"}],
+                        }
+                    },
+                }
+            },
+            "leads back to itself",
+        ),
+        (
+            {
+                "Chain": {
+                    "ServiceName": "s",
+                    "Datacenter": "dc1",
+                    "StartNode": "resolver:s",
+                    "Nodes": {"resolver:s": {"Type": "resolver", "Resolver": {"Target": "t"}}},
+                }
+            },
+            "'t' is not one of Chain.Targets",
+        ),
+    ],
+)
+def test_a_malformed_chain_is_refused_naming_the_problem(chain: Any, problem: str) -> None:
+    from meshlib.routing._consul import compile_chain
+
+    with pytest.raises(ValueError, match=problem):
+        compile_chain(chain)

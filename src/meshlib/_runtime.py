@@ -16,13 +16,15 @@ clients it creates.
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import httpx
 
-from ._config import MeshConfig
-from ._exceptions import ConfigError, NoHealthyEndpoints
+from ._config import MeshConfig, ServicePolicy
+from ._exceptions import CircuitOpen, ConfigError, NoHealthyEndpoints
 from ._service import ServiceState
 from .discovery import Discovery, Snapshot, StaticDiscovery, make_discovery
 from .discovery._consul import TargetKey
@@ -30,11 +32,14 @@ from .routing import Chain, Decision, Target, compile_filter
 from .routing._consul import CompiledChain
 from .routing._filter import EndpointView, Predicate
 from .routing._local import LocalConfigFile
+from .routing._upstream import UpstreamConfig, parse_upstream_config
 from .security import security_for
 
 __all__ = ["Mesh", "Pending", "reset"]
 
 _CONSUL_SUFFIX = ".service.consul"
+
+logger = logging.getLogger("meshlib.routing")
 
 #: a service's routing: from the local config file, or Consul's compiled discovery chain
 RoutingChain = Chain | CompiledChain
@@ -73,6 +78,15 @@ class Mesh:
         subscribe_targets = getattr(self.discovery, "subscribe_targets", None)
         if subscribe_targets is not None:
             subscribe_targets(self._on_target_snapshot)
+        #: this process's service-defaults UpstreamConfig (passive health per destination)
+        self._upstream = UpstreamConfig()
+        #: whether Consul caps the requests in flight to any destination
+        self._capped = False
+        self._upstream_refused: str | None = None
+        watch = getattr(self.discovery, "watch", None)
+        if watch is not None and config.service_name and self._consul_chain is not None:
+            path = "/v1/config/service-defaults/" + quote(config.service_name, safe="")
+            watch(path, self._on_service_defaults, missing_ok=True)
 
     # ---------------------------------------------------------------- classification
 
@@ -123,7 +137,7 @@ class Mesh:
         with self._lock:
             state = self._services.get(name)
             if state is None:
-                state = ServiceState(name, self.config.policy(name))
+                state = ServiceState(name, self._policy(name))
                 state.update(snapshot)
                 self._services[name] = state
             self._services[host] = state
@@ -144,10 +158,64 @@ class Mesh:
 
     # ---------------------------------------------------------------- traffic management
 
+    def _policy(self, service: str) -> ServicePolicy:
+        """The environment's policy for ``service`` with Consul's upstream settings on top."""
+        return self._upstream.policy(service, self.config.policy(service))
+
+    def _on_service_defaults(self, body: Any, index: int) -> None:
+        """A new answer for this process's ``service-defaults`` (discovery thread)."""
+        try:
+            upstream = parse_upstream_config(body)
+        except ValueError as exc:
+            if str(exc) != self._upstream_refused:  # one error per distinct problem
+                self._upstream_refused = str(exc)
+                logger.error(
+                    "service-defaults %r is refused (%s); keeping the last good settings",
+                    self.config.service_name,
+                    exc,
+                )
+            return
+        self._upstream_refused = None
+        if upstream == self._upstream:
+            return
+        self._upstream = upstream
+        self._capped = upstream.defaults.max_concurrent is not None or any(
+            u.max_concurrent is not None for u in upstream.overrides.values()
+        )
+        states = {id(s): s for s in list(self._services.values())}
+        states.update((id(t[1]), t[1]) for t in list(self._targets.values()))
+        for state in states.values():
+            policy = self._policy(state.name)
+            if policy != state.policy:
+                state.apply_policy(policy)
+
     def route(
         self, state: ServiceState, request: httpx.Request
     ) -> tuple[ServiceState, Decision | None]:
         """The state of the endpoints this request goes to, and the routing decision.
+
+        ``CircuitOpen`` when Consul's ``Limits.MaxConcurrentRequests`` for the destination
+        is reached (routing/_upstream.py).
+        """
+        chosen, decision = self._route(state, request)
+        if self._capped:
+            cap = self._upstream.max_concurrent(chosen.name)
+            # Counted from the balancer's per-endpoint in-flight counters: no extra state,
+            # and like Envoy's circuit breakers a check, not a reservation (concurrent
+            # requests may overshoot by a few).
+            if cap is not None and sum(e.in_flight for e in chosen.endpoints) >= cap:
+                raise CircuitOpen(
+                    f"service {chosen.name!r}: {cap} requests in flight, the most its "
+                    f"service-defaults UpstreamConfig Limits.MaxConcurrentRequests allows",
+                    service=chosen.name,
+                    request=request,
+                )
+        return chosen, decision
+
+    def _route(
+        self, state: ServiceState, request: httpx.Request
+    ) -> tuple[ServiceState, Decision | None]:
+        """``route`` without the concurrency cap.
 
         Without routing configuration for the service: the service itself. Otherwise its
         chain picks a route, a split and a subset (routing/_chain.py); an empty target
@@ -192,7 +260,7 @@ class Mesh:
             found = self._targets.get(key)
             if found is not None:
                 return found[1]
-            state = ServiceState(target.service, self.config.policy(target.service))
+            state = ServiceState(target.service, self._policy(target.service))
             remote = self._consul_target is not None and bool(target.filter or target.datacenter)
             predicate = None
             if remote:

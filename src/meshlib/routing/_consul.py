@@ -139,8 +139,10 @@ def compile_chain(body: Any) -> CompiledChain | None:
                 weight = split.get("Weight") or 0  # Consul omits a weight of 0
                 if not isinstance(weight, int | float) or not 0 <= weight <= 100:
                     raise ValueError(f"Nodes[{name!r}].Splits[{i}].Weight: {weight!r}")
-                total += float(weight)
-                splits.append((total, build(split.get("NextNode"), f"{name} split {i}", inner)))
+                next_node = build(split.get("NextNode"), f"{name} split {i}", inner)
+                if weight:  # a share of 0 is never chosen, not even by rounding
+                    total += float(weight)
+                    splits.append((total, next_node))
             if not splits or total <= 0:
                 raise ValueError(f"Nodes[{name!r}]: a splitter without weights")
             node = _Splitter(tuple(splits))
