@@ -201,6 +201,9 @@ def test_a_service_without_local_instances_is_served_from_the_other_datacenter(
         wait_until(
             lambda: client.get(f"http://{service}/whoami").text == "b0", what="local traffic"
         )
+        dc1.put(f"/v1/agent/service/deregister/{service}-local")  # and now gone from dc1
+        wait_until(lambda: client.get(f"http://{service}/whoami").text == "b1", what="dc2 again")
+        assert {client.get(f"http://{service}/whoami").text for _ in range(10)} == {"b1"}
 
 
 class _GarbleChains:
@@ -407,3 +410,26 @@ def test_a_malformed_chain_is_refused_naming_the_problem(chain: Any, problem: st
 
     with pytest.raises(ValueError, match=problem):
         compile_chain(chain)
+
+
+def test_a_failover_datacenter_out_of_reach_neither_delays_nor_breaks_routing(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet.write(
+        {
+            "Kind": "service-resolver",
+            "DefaultSubset": "v2",
+            "Subsets": {"v2": {"Filter": "Service.Meta.version == v2"}},
+            "Failover": {"*": {"Datacenters": ["dc-nowhere"]}},
+        }
+    )
+    with meshlib.Client() as client, caplog.at_level(logging.WARNING, logger="meshlib"):
+        started = time.monotonic()
+        assert client.get(fleet.url()).text == "b2"  # the chain is in force from the start
+        first = time.monotonic() - started
+        assert {client.get(fleet.url()).text for _ in range(20)} == {"b2"}
+    print(f"\nfirst request with an unreachable failover datacenter: {first * 1000:.0f} ms")
+    assert first < 3.0
+    unavailable = [r.getMessage() for r in caplog.records if "dc-nowhere" in r.getMessage()]
+    assert len(unavailable) == 1, unavailable
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]

@@ -395,11 +395,17 @@ class ConsulDiscovery:
             params["filter"] = expression  # Consul evaluates the subset, as for Envoy
         if datacenter:
             params["dc"] = datacenter
+        where = f" in {datacenter}" if datacenter else ""
+        where += f" matching {expression!r}" if expression else ""
         last: tuple[object, ...] | None = None
+        failing = False
 
         def answer(body: Any, index: int) -> None:
-            nonlocal last
+            nonlocal last, failing
             endpoints = _endpoints(body)
+            if failing:
+                failing = False
+                logger.info("instances of %s%s are answered again", service, where)
             fingerprint = tuple(_fingerprint(endpoint) for endpoint in endpoints)
             if fingerprint != last:
                 last = fingerprint
@@ -412,8 +418,17 @@ class ConsulDiscovery:
                         logger.exception("target listener %r failed", listener)
             event.set()
 
+        def failed(reason: str) -> None:
+            nonlocal failing
+            if not failing:  # once per failure streak, not per retry
+                failing = True
+                logger.warning("instances of %s%s unavailable: %s", service, where, reason)
+            # A target that cannot answer (another datacenter out of reach) counts as
+            # answered: it is empty, and a chain waiting for it must not wait longer.
+            event.set()
+
         path = self._health_path + quote(service, safe="")
-        self._spawn(self._blocking_loop(path, params, answer))
+        self._spawn(self._blocking_loop(path, params, answer, failed=failed))
         return event
 
     async def _watch_catalog(self) -> None:
@@ -434,8 +449,14 @@ class ConsulDiscovery:
         params: Mapping[str, str],
         answer: Callable[[Any, int], None],
         missing_ok: bool = False,
+        failed: Callable[[str], None] | None = None,
     ) -> None:
-        """Query ``path`` forever, following Consul's blocking-query rules (module docstring)."""
+        """Query ``path`` forever, following Consul's blocking-query rules (module docstring).
+
+        ``failed(reason)``, if given, is called instead of the outage log after each query
+        that brought no usable answer, and that watch's answers say nothing about an outage:
+        for a query another datacenter answers, whose failure says nothing about the agent.
+        """
         loop = asyncio.get_running_loop()
         index = 0
         failures = 0
@@ -452,7 +473,10 @@ class ConsulDiscovery:
             except Exception as exc:  # any failure: keep the last snapshot and retry
                 failures += 1
                 index = 0
-                self._failed(_reason(exc), loop.time())
+                if failed is None:
+                    self._failed(_reason(exc), loop.time())
+                else:
+                    failed(_reason(exc))
                 base = max(self._min_interval, 0.05)
                 cap = min(self._max_backoff, base * 2 ** min(failures, 32))
                 backoff = random.uniform(0, cap)  # full jitter
@@ -460,7 +484,8 @@ class ConsulDiscovery:
                 await asyncio.sleep(backoff)
                 continue
             failures = 0
-            self._recovered(sent)
+            if failed is None:
+                self._recovered(sent)
             index = _next_index(index, new_index)
 
     async def _get(
