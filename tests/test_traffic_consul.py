@@ -206,17 +206,16 @@ def test_a_service_without_local_instances_is_served_from_the_other_datacenter(
         assert {client.get(f"http://{service}/whoami").text for _ in range(10)} == {"b1"}
 
 
-class _GarbleChains:
-    """A proxy in front of a real agent that can garble its discovery-chain answers.
+class _Garbler:
+    """A proxy in front of a real agent that can garble its answers for paths under a prefix.
 
-    Consul never serves a malformed chain, so this is the one place a test needs a fake.
+    Consul never serves a malformed chain or config entry, so this is the one place a test
+    needs a fake.
     """
 
-    GARBAGE = json.dumps({"Chain": {"ServiceName": "x", "Datacenter": "dc1", "StartNode": 7}})
-
-    def __init__(self, agent: ConsulAgent) -> None:
+    def __init__(self, agent: ConsulAgent, prefix: str, garbage: Any) -> None:
         self.garble = threading.Event()
-        garble, upstream = self.garble, agent.url
+        garble, upstream, text = self.garble, agent.url, json.dumps(garbage).encode()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -225,8 +224,8 @@ class _GarbleChains:
                         status, headers, body = answer.status, answer.headers, answer.read()
                 except urllib.error.HTTPError as exc:
                     status, headers, body = exc.code, exc.headers, exc.read()
-                if self.path.startswith("/v1/discovery-chain/") and garble.is_set():
-                    body = _GarbleChains.GARBAGE.encode()
+                if self.path.startswith(prefix) and garble.is_set():
+                    status, body = 200, text
                 self.send_response(status)
                 self.send_header("X-Consul-Index", headers.get("X-Consul-Index", "1"))
                 self.send_header("Content-Length", str(len(body)))
@@ -253,7 +252,8 @@ class _GarbleChains:
 def test_a_malformed_chain_keeps_the_last_good_one_and_says_so_once(
     fleet: Fleet, env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = _GarbleChains(fleet.agent)
+    garbage = {"Chain": {"ServiceName": "x", "Datacenter": "dc1", "StartNode": 7}}
+    proxy = _Garbler(fleet.agent, "/v1/discovery-chain/", garbage)
     env.setenv("CONSUL_HTTP_ADDR", proxy.address)
     fleet.split(0, 100)
     try:
@@ -266,8 +266,9 @@ def test_a_malformed_chain_keeps_the_last_good_one_and_says_so_once(
     finally:
         proxy.close()
     assert served == {"b2"}  # still the last good split
-    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
-    message = caplog.records[0].getMessage()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    message = errors[0]
     assert f"discovery chain of {fleet.name!r} is refused" in message
     assert "keeping the last good chain" in message
 
@@ -433,3 +434,56 @@ def test_a_failover_datacenter_out_of_reach_neither_delays_nor_breaks_routing(
     unavailable = [r.getMessage() for r in caplog.records if "dc-nowhere" in r.getMessage()]
     assert len(unavailable) == 1, unavailable
     assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+
+
+def test_a_malformed_service_defaults_keeps_the_last_good_settings_and_says_so_once(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service, caller = unique("forecast"), unique("frontend")
+    (server,) = backends.many(1)
+    register(consul, service, f"{service}-{server.name}", server.port, ids=registered)
+
+    def defaults(failures: int) -> dict[str, Any]:
+        check = {"MaxFailures": failures}
+        return {
+            "Kind": "service-defaults",
+            "Name": caller,
+            "UpstreamConfig": {"Defaults": {"PassiveHealthCheck": check}},
+        }
+
+    assert consul.put("/v1/config", defaults(2)) is True
+    garbage = {"Kind": "service-defaults", "UpstreamConfig": {"Overrides": "all of them"}}
+    proxy = _Garbler(consul, "/v1/config/service-defaults/", garbage)
+    env.setenv("CONSUL_HTTP_ADDR", proxy.address)
+    env.setenv("MESH_SERVICE_NAME", caller)
+    try:
+        with meshlib.Client() as client, caplog.at_level(logging.ERROR, logger="meshlib"):
+            assert client.get(f"http://{service}/whoami").status_code == 200
+            state = client._transport.mesh.services()[service]  # type: ignore[attr-defined]
+            wait_until(lambda: state.policy.outlier_consecutive_errors == 2, what="the entry")
+            proxy.garble.set()
+            assert consul.put("/v1/config", defaults(3)) is True  # wakes the watch
+            wait_until(lambda: caplog.records, what="the error")
+            assert client.get(f"http://{service}/whoami").status_code == 200
+            assert state.policy.outlier_consecutive_errors == 2  # the last good settings
+    finally:
+        proxy.close()
+        consul.delete(f"/v1/config/service-defaults/{caller}")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    message = errors[0]
+    assert f"service-defaults {caller!r} is refused (UpstreamConfig.Overrides is not a list)" in (
+        message
+    )
+
+
+@pytest.mark.anyio
+async def test_the_async_client_follows_the_consul_chain_too(fleet: Fleet) -> None:
+    fleet.split(0, 100)
+    async with meshlib.AsyncClient() as client:
+        served = {(await client.get(fleet.url())).text for _ in range(20)}
+    assert served == {"b2"}
