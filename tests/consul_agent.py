@@ -14,9 +14,10 @@ Fixtures:
     One started ``ConsulAgent`` shared by most tests. Tests clean up what they register or
     write, or use unique names; they never stop it.
 ``consul_factory`` (function)
-    ``consul_factory(datacenter="dc1", node_name=None, retry_join_wan=None, start=True)``
-    starts a private agent (one a test stops and restarts, or a second datacenter joined
-    over WAN); all are stopped at teardown.
+    ``consul_factory(datacenter="dc1", node_name=None, retry_join_wan=None, start=True,
+    extra_args=())`` starts a private agent (one a test stops and restarts, a second
+    datacenter joined over WAN, one with other settings such as
+    ``-hcl=connect { enabled = false }``); all are stopped at teardown.
 ``consul_client`` (function)
     A py-consul client of the shared agent, its HTTP session closed at teardown.
 
@@ -344,6 +345,7 @@ class ConsulFactory(Protocol):
         node_name: str | None = None,
         retry_join_wan: Sequence[str] | None = None,
         start: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> ConsulAgent: ...
 
 
@@ -389,6 +391,7 @@ def consul_factory(consul_bin: str, tmp_path: Path) -> Iterator[ConsulFactory]:
         node_name: str | None = None,
         retry_join_wan: Sequence[str] | None = None,
         start: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> ConsulAgent:
         agent = ConsulAgent(
             consul_bin,
@@ -396,6 +399,7 @@ def consul_factory(consul_bin: str, tmp_path: Path) -> Iterator[ConsulFactory]:
             node_name=node_name,
             retry_join_wan=retry_join_wan,
             log_dir=tmp_path / "consul",
+            extra_args=extra_args,
         )
         agents.append(agent)
         return agent.start() if start else agent

@@ -188,6 +188,14 @@ def test_a_service_without_local_instances_is_served_from_the_other_datacenter(
     critical = {"TTL": "60s", "Status": "critical"}
     register(dc1, service, f"{service}-local", local.port, Check=critical)
     register(dc2, service, f"{service}-remote", remote.port)
+
+    def dc1_sees_dc2() -> bool:  # the WAN join lists dc2 a little before it answers RPCs
+        try:
+            return bool(dc1.get(f"/v1/health/service/{service}?dc=dc2&passing=1"))
+        except OSError:
+            return False
+
+    wait_until(dc1_sees_dc2, timeout=20, what="dc1 answering for dc2")
     resolver = {
         "Kind": "service-resolver",
         "Name": service,
@@ -487,3 +495,26 @@ async def test_the_async_client_follows_the_consul_chain_too(fleet: Fleet) -> No
     async with meshlib.AsyncClient() as client:
         served = {(await client.get(fleet.url())).text for _ in range(20)}
     assert served == {"b2"}
+
+
+def test_without_connect_consul_has_no_chains_and_routing_goes_on_without_them(
+    consul_factory: ConsulFactory,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = consul_factory(extra_args=["-hcl=connect { enabled = false }"])
+    service = unique("forecast")
+    (server,) = backends.many(1)
+    register(agent, service, f"{service}-{server.name}", server.port)
+    env.setenv("CONSUL_HTTP_ADDR", agent.http_addr)
+    with meshlib.Client() as client, caplog.at_level(logging.INFO, logger="meshlib"):
+        started = time.monotonic()
+        assert client.get(f"http://{service}/whoami").text == "b0"
+        first = time.monotonic() - started
+        assert client.get(f"http://{service}/whoami").text == "b0"
+    assert first < 3.0  # not held for MESH_DISCOVERY_TIMEOUT (10 s) waiting for a chain
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 1, messages
+    assert "discovery chain of" in messages[0]
+    assert "Connect must be enabled" in messages[0]

@@ -75,6 +75,7 @@ class Mesh:
         # Consul's discovery chains and per-target watches (ConsulDiscovery with chains).
         self._consul_chain = getattr(self.discovery, "chain", None)
         self._consul_target = getattr(self.discovery, "target", None)
+        self._chain_known = getattr(self.discovery, "chain_known", None)
         subscribe_targets = getattr(self.discovery, "subscribe_targets", None)
         if subscribe_targets is not None:
             subscribe_targets(self._on_target_snapshot)
@@ -103,7 +104,9 @@ class Mesh:
             self._refuse_if_consul_name(name, host)
             return None
         snapshot = self.discovery.snapshot(name)
-        if snapshot is None:
+        # Its endpoints may be known a moment before its discovery chain: the first request
+        # waits for both (discovery.wait), or it would go out unrouted.
+        if snapshot is None or (self._chain_known is not None and not self._chain_known(name)):
             return Pending(name, host)
         return self._state(name, host, snapshot)
 

@@ -197,6 +197,10 @@ class ConsulDiscovery:
             return True, None
         return snapshot is not None, snapshot
 
+    def chain_known(self, service: str) -> bool:
+        """Whether ``service``'s chain has settled (so its first request may be routed)."""
+        return not self._chains_on or service in self._chains
+
     def chain(self, service: str) -> CompiledChain | None:
         """The latest good discovery chain of ``service``; None for the default chain.
 
@@ -355,7 +359,31 @@ class ConsulDiscovery:
             latest += 1
             self._spawn(self._publish_chain(service, chain, latest, lambda: latest))
 
-        await self._blocking_loop("/v1/discovery-chain/" + quote(service, safe=""), {}, answer)
+        failing = False
+
+        def failed(reason: str) -> None:
+            # Consul answers 500 when Connect is disabled on its servers (discovery chains
+            # need it): route without chains rather than hold first requests or call it an
+            # outage; the health watches report a real one.
+            nonlocal failing
+            if not failing:
+                failing = True
+                logger.warning(
+                    "the discovery chain of %r is unavailable (%s); routing without it",
+                    service,
+                    reason,
+                )
+            self._chain_settled(service)
+
+        def usable(body: Any, index: int) -> None:
+            nonlocal failing
+            if failing:
+                failing = False
+                logger.info("the discovery chain of %r is available again", service)
+            answer(body, index)
+
+        path = "/v1/discovery-chain/" + quote(service, safe="")
+        await self._blocking_loop(path, {}, usable, failed=failed)
 
     async def _publish_chain(
         self,
