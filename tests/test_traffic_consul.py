@@ -518,3 +518,32 @@ def test_without_connect_consul_has_no_chains_and_routing_goes_on_without_them(
     assert len(messages) == 1, messages
     assert "discovery chain of" in messages[0]
     assert "Connect must be enabled" in messages[0]
+
+
+def test_consul_splits_and_failover_reach_other_services_from_the_first_request(
+    consul: ConsulAgent, backends: BackendFactory, env: pytest.MonkeyPatch, registered: list[str]
+) -> None:
+    front, moved, backup = unique("forecast"), unique("forecast-next"), unique("forecast-backup")
+    a, b, c = backends.many(3)
+    register(consul, front, f"{front}-a", a.port, ids=registered)
+    register(consul, moved, f"{moved}-b", b.port, ids=registered)
+    register(consul, backup, f"{backup}-c", c.port, ids=registered)
+    critical = {"TTL": "60s", "Status": "critical"}
+    gone = unique("forecast-gone")
+    register(consul, gone, f"{gone}-a", a.port, ids=registered, Check=critical)
+    entries = [
+        {"Kind": "service-defaults", "Name": front, "Protocol": "http"},
+        {"Kind": "service-defaults", "Name": moved, "Protocol": "http"},
+        {"Kind": "service-splitter", "Name": front, "Splits": [{"Weight": 100, "Service": moved}]},
+        {"Kind": "service-resolver", "Name": gone, "Failover": {"*": {"Service": backup}}},
+    ]
+    for entry in entries:
+        assert consul.put("/v1/config", entry) is True
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    try:
+        with meshlib.Client() as client:
+            assert [client.get(f"http://{front}/whoami").text for _ in range(10)] == ["b1"] * 10
+            assert [client.get(f"http://{gone}/whoami").text for _ in range(10)] == ["b2"] * 10
+    finally:
+        for entry in reversed(entries):
+            consul.delete(f"/v1/config/{entry['Kind']}/{entry['Name']}")

@@ -244,17 +244,18 @@ class Mesh:
                 return state, decision
             chosen = state
         else:
-            chosen = self._target_state(target)
+            chosen = self._target_state(target, state.name)
         if not chosen.endpoints:
             for fallback in target.failover:
                 if fallback.datacenter and self._consul_target is None:
                     continue  # other datacenters need Consul
-                candidate = self._target_state(fallback)
+                candidate = self._target_state(fallback, state.name)
                 if candidate.endpoints:
                     return candidate, decision
         return chosen, decision
 
-    def _target_state(self, target: Target) -> ServiceState:
+    def _target_state(self, target: Target, home: str) -> ServiceState:
+        """The endpoints of ``target``, one of the targets of ``home``'s chain."""
         key = (target.service, target.filter, target.datacenter)
         found = self._targets.get(key)
         if found is not None:
@@ -264,11 +265,14 @@ class Mesh:
             if found is not None:
                 return found[1]
             state = ServiceState(target.service, self._policy(target.service))
-            remote = self._consul_target is not None and bool(target.filter or target.datacenter)
+            remote = self._consul_target is not None and bool(
+                target.filter or target.datacenter or target.service != home
+            )
             predicate = None
             if remote:
                 # Consul filters the subset and answers for other datacenters; the watch
-                # usually runs already (started when the chain arrived).
+                # usually runs already (started when the chain arrived, so even the first
+                # request to another service of the chain finds its endpoints).
                 assert self._consul_target is not None
                 self._targets[key] = (target, state, None, True)
                 snapshot = self._consul_target(target)

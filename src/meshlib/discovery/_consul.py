@@ -618,9 +618,12 @@ def _endpoints(body: Any) -> tuple[Endpoint, ...]:
 
 
 def _target_keys(chain: CompiledChain) -> set[TargetKey]:
-    """The targets of ``chain`` (failover included) that need their own health watch."""
+    """The targets of ``chain`` (failover included) that need their own health watch:
+    subsets, other datacenters and other services (the chain's own service is watched)."""
     return {
-        (t.service, t.filter, t.datacenter) for t in chain.targets() if t.filter or t.datacenter
+        (t.service, t.filter, t.datacenter)
+        for t in chain.targets()
+        if t.filter or t.datacenter or t.service != chain.service
     }
 
 
