@@ -14,9 +14,10 @@ Fixtures:
     One started ``ConsulAgent`` shared by most tests. Tests clean up what they register or
     write, or use unique names; they never stop it.
 ``consul_factory`` (function)
-    ``consul_factory(datacenter="dc1", node_name=None, retry_join_wan=None, start=True)``
-    starts a private agent (one a test stops and restarts, or a second datacenter joined
-    over WAN); all are stopped at teardown.
+    ``consul_factory(datacenter="dc1", node_name=None, retry_join_wan=None, start=True,
+    extra_args=())`` starts a private agent (one a test stops and restarts, a second
+    datacenter joined over WAN, one with other settings such as
+    ``-hcl=connect { enabled = false }``); all are stopped at teardown.
 ``consul_client`` (function)
     A py-consul client of the shared agent, its HTTP session closed at teardown.
 
@@ -26,7 +27,8 @@ Any test using one of these fixtures is marked ``consul`` automatically, so
 ``registered`` (function)
     A list to put service IDs in; they are deregistered from the shared agent afterwards.
 
-Helpers: ``ConsulAgent.get(path)`` / ``.put(path, body)`` speak JSON to the agent's HTTP API;
+Helpers: ``ConsulAgent.get(path)`` / ``.put(path, body)`` / ``.delete(path)`` speak JSON
+to the agent's HTTP API;
 ``register(agent, name, service_id, port)`` registers an instance with a passing TTL check
 (``service:<id>``) and waits until the catalog shows it; ``unique(prefix)`` makes a service
 name no other test uses.
@@ -205,6 +207,16 @@ class ConsulAgent:
         except ValueError:
             return raw.decode()
 
+    def delete(self, path: str, timeout: float = 5.0) -> Any:
+        """DELETE ``path`` (a config entry, a KV key); return the decoded answer."""
+        request = urllib.request.Request(self.url + path, method="DELETE")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+        try:
+            return json.loads(raw or b"null")
+        except ValueError:
+            return raw.decode()
+
     # ------------------------------------------------------------------ internals
 
     def _argv(self) -> list[str]:
@@ -333,6 +345,7 @@ class ConsulFactory(Protocol):
         node_name: str | None = None,
         retry_join_wan: Sequence[str] | None = None,
         start: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> ConsulAgent: ...
 
 
@@ -378,6 +391,7 @@ def consul_factory(consul_bin: str, tmp_path: Path) -> Iterator[ConsulFactory]:
         node_name: str | None = None,
         retry_join_wan: Sequence[str] | None = None,
         start: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> ConsulAgent:
         agent = ConsulAgent(
             consul_bin,
@@ -385,6 +399,7 @@ def consul_factory(consul_bin: str, tmp_path: Path) -> Iterator[ConsulFactory]:
             node_name=node_name,
             retry_join_wan=retry_join_wan,
             log_dir=tmp_path / "consul",
+            extra_args=extra_args,
         )
         agents.append(agent)
         return agent.start() if start else agent

@@ -16,23 +16,33 @@ clients it creates.
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import httpx
 
-from ._config import MeshConfig
-from ._exceptions import ConfigError, NoHealthyEndpoints
+from ._config import MeshConfig, ServicePolicy
+from ._exceptions import CircuitOpen, ConfigError, NoHealthyEndpoints
 from ._service import ServiceState
 from .discovery import Discovery, Snapshot, StaticDiscovery, make_discovery
-from .routing import Decision, Target, compile_filter
+from .discovery._consul import TargetKey
+from .routing import Chain, Decision, Target, compile_filter
+from .routing._consul import CompiledChain
 from .routing._filter import EndpointView, Predicate
 from .routing._local import LocalConfigFile
+from .routing._upstream import UpstreamConfig, parse_upstream_config
 from .security import security_for
 
 __all__ = ["Mesh", "Pending", "reset"]
 
 _CONSUL_SUFFIX = ".service.consul"
+
+logger = logging.getLogger("meshlib.routing")
+
+#: a service's routing: from the local config file, or Consul's compiled discovery chain
+RoutingChain = Chain | CompiledChain
 
 
 class Pending(NamedTuple):
@@ -56,11 +66,28 @@ class Mesh:
         self.discovery = make_discovery(config) if discovery is None else discovery
         #: host as written in URLs ("weather", "weather.service.consul") -> state
         self._services: dict[str, ServiceState] = {}
-        #: Target.key -> (target, the state of its endpoints, its subset predicate)
-        self._targets: dict[str, tuple[Target, ServiceState, Predicate | None]] = {}
+        #: (service, filter, datacenter) -> (target, the state of its endpoints, its subset
+        #: predicate, whether discovery watches it itself: Consul's filtered health query)
+        self._targets: dict[TargetKey, tuple[Target, ServiceState, Predicate | None, bool]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.discovery.subscribe(self._on_snapshot)
+        # Consul's discovery chains and per-target watches (ConsulDiscovery with chains).
+        self._consul_chain = getattr(self.discovery, "chain", None)
+        self._consul_target = getattr(self.discovery, "target", None)
+        self._chain_known = getattr(self.discovery, "chain_known", None)
+        subscribe_targets = getattr(self.discovery, "subscribe_targets", None)
+        if subscribe_targets is not None:
+            subscribe_targets(self._on_target_snapshot)
+        #: this process's service-defaults UpstreamConfig (passive health per destination)
+        self._upstream = UpstreamConfig()
+        #: whether Consul caps the requests in flight to any destination
+        self._capped = False
+        self._upstream_refused: str | None = None
+        watch = getattr(self.discovery, "watch", None)
+        if watch is not None and config.service_name and self._consul_chain is not None:
+            path = "/v1/config/service-defaults/" + quote(config.service_name, safe="")
+            watch(path, self._on_service_defaults, missing_ok=True)
 
     # ---------------------------------------------------------------- classification
 
@@ -77,7 +104,9 @@ class Mesh:
             self._refuse_if_consul_name(name, host)
             return None
         snapshot = self.discovery.snapshot(name)
-        if snapshot is None:
+        # Its endpoints may be known a moment before its discovery chain: the first request
+        # waits for both (discovery.wait), or it would go out unrouted.
+        if snapshot is None or (self._chain_known is not None and not self._chain_known(name)):
             return Pending(name, host)
         return self._state(name, host, snapshot)
 
@@ -111,7 +140,7 @@ class Mesh:
         with self._lock:
             state = self._services.get(name)
             if state is None:
-                state = ServiceState(name, self.config.policy(name))
+                state = ServiceState(name, self._policy(name))
                 state.update(snapshot)
                 self._services[name] = state
             self._services[host] = state
@@ -121,56 +150,143 @@ class Mesh:
         state = self._services.get(snapshot.service)
         if state is not None:
             state.update(snapshot)
-        for target, target_state, predicate in list(self._targets.values()):
-            if target.service == snapshot.service:
+        for target, target_state, predicate, remote in list(self._targets.values()):
+            if target.service == snapshot.service and not remote:
                 target_state.update(_subset(snapshot, predicate))
 
+    def _on_target_snapshot(self, key: TargetKey, snapshot: Snapshot) -> None:
+        found = self._targets.get(key)
+        if found is not None and found[3]:
+            found[1].update(snapshot)
+
     # ---------------------------------------------------------------- traffic management
+
+    def _policy(self, service: str) -> ServicePolicy:
+        """The environment's policy for ``service`` with Consul's upstream settings on top."""
+        return self._upstream.policy(service, self.config.policy(service))
+
+    def _on_service_defaults(self, body: Any, index: int) -> None:
+        """A new answer for this process's ``service-defaults`` (discovery thread)."""
+        try:
+            upstream = parse_upstream_config(body)
+        except ValueError as exc:
+            if str(exc) != self._upstream_refused:  # one error per distinct problem
+                self._upstream_refused = str(exc)
+                logger.error(
+                    "service-defaults %r is refused (%s); keeping the last good settings",
+                    self.config.service_name,
+                    exc,
+                )
+            return
+        self._upstream_refused = None
+        if upstream == self._upstream:
+            return
+        self._upstream = upstream
+        self._capped = upstream.defaults.max_concurrent is not None or any(
+            u.max_concurrent is not None for u in upstream.overrides.values()
+        )
+        states = {id(s): s for s in list(self._services.values())}
+        states.update((id(t[1]), t[1]) for t in list(self._targets.values()))
+        for state in states.values():
+            policy = self._policy(state.name)
+            if policy != state.policy:
+                state.apply_policy(policy)
 
     def route(
         self, state: ServiceState, request: httpx.Request
     ) -> tuple[ServiceState, Decision | None]:
         """The state of the endpoints this request goes to, and the routing decision.
 
+        ``CircuitOpen`` when Consul's ``Limits.MaxConcurrentRequests`` for the destination
+        is reached (routing/_upstream.py).
+        """
+        chosen, decision = self._route(state, request)
+        if self._capped:
+            cap = self._upstream.max_concurrent(chosen.name)
+            # Counted from the balancer's per-endpoint in-flight counters: no extra state,
+            # and like Envoy's circuit breakers a check, not a reservation (concurrent
+            # requests may overshoot by a few).
+            if cap is not None and sum(e.in_flight for e in chosen.endpoints) >= cap:
+                raise CircuitOpen(
+                    f"service {chosen.name!r}: {cap} requests in flight, the most its "
+                    f"service-defaults UpstreamConfig Limits.MaxConcurrentRequests allows",
+                    service=chosen.name,
+                    request=request,
+                )
+        return chosen, decision
+
+    def _route(
+        self, state: ServiceState, request: httpx.Request
+    ) -> tuple[ServiceState, Decision | None]:
+        """``route`` without the concurrency cap.
+
         Without routing configuration for the service: the service itself. Otherwise its
         chain picks a route, a split and a subset (routing/_chain.py); an empty target
         fails over to the resolver's failover targets that have endpoints.
+
+        The chain comes from the local config file if it has one for the service, else from
+        Consul's discovery chain (the last one its watch delivered: a dict lookup, no I/O).
+        Without either, this costs two dict lookups and routes as if there were no chains.
         """
+        chain: RoutingChain | None = None
         local = self.local
-        if local is None:
-            return state, None
-        chain = local.current().chains.get(state.name)
+        if local is not None:
+            chain = local.current().chains.get(state.name)
+        if chain is None and self._consul_chain is not None:
+            chain = self._consul_chain(state.name)
         if chain is None:
             return state, None
         url = request.url
         decision = chain.decide(request.method, url.path, request.headers, dict(url.params))
         target = decision.target
         if not target.subset and target.service == state.name and not target.datacenter:
-            return state, decision
-        chosen = self._target_state(target)
+            if state.endpoints or not target.failover:
+                return state, decision
+            chosen = state
+        else:
+            chosen = self._target_state(target, state.name)
         if not chosen.endpoints:
             for fallback in target.failover:
-                if fallback.datacenter:
-                    continue  # other datacenters need Consul's discovery chain
-                candidate = self._target_state(fallback)
+                if fallback.datacenter and self._consul_target is None:
+                    continue  # other datacenters need Consul
+                candidate = self._target_state(fallback, state.name)
                 if candidate.endpoints:
                     return candidate, decision
         return chosen, decision
 
-    def _target_state(self, target: Target) -> ServiceState:
-        found = self._targets.get(target.key)
+    def _target_state(self, target: Target, home: str) -> ServiceState:
+        """The endpoints of ``target``, one of the targets of ``home``'s chain."""
+        key = (target.service, target.filter, target.datacenter)
+        found = self._targets.get(key)
         if found is not None:
             return found[1]
         with self._lock:
-            found = self._targets.get(target.key)
+            found = self._targets.get(key)
             if found is not None:
                 return found[1]
+            state = ServiceState(target.service, self._policy(target.service))
+            remote = self._consul_target is not None and bool(
+                target.filter or target.datacenter or target.service != home
+            )
+            predicate = None
+            if remote:
+                # Consul filters the subset and answers for other datacenters; the watch
+                # usually runs already (started when the chain arrived, so even the first
+                # request to another service of the chain finds its endpoints).
+                assert self._consul_target is not None
+                self._targets[key] = (target, state, None, True)
+                snapshot = self._consul_target(target)
+                if snapshot is not None:
+                    state.update(snapshot)
+                    latest = self._consul_target(target)  # an answer that raced the first
+                    if latest is not None and latest is not snapshot:
+                        state.update(latest)
+                return state
             predicate = compile_filter(target.filter) if target.filter else None
-            state = ServiceState(target.service, self.config.policy(target.service))
             snapshot = self.discovery.snapshot(target.service)
             if snapshot is not None:
                 state.update(_subset(snapshot, predicate))
-            self._targets[target.key] = (target, state, predicate)
+            self._targets[key] = (target, state, predicate, False)
             return state
 
     def services(self) -> dict[str, ServiceState]:

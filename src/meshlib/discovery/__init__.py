@@ -37,5 +37,5 @@ def make_discovery(config: MeshConfig) -> Discovery:
                 "MESH_DISCOVERY='consul': expected CONSUL_HTTP_ADDR to be set as well "
                 "(the address of the local Consul agent), or MESH_DISCOVERY=static"
             )
-        return ConsulDiscovery(config.consul, connect=config.tls == "strict")
+        return ConsulDiscovery(config.consul, connect=config.tls == "strict", chains=True)
     return StaticDiscovery(config.static_services)

@@ -48,9 +48,14 @@ from urllib.parse import quote
 import httpx
 
 from .._config import ConsulSettings
+from ..routing._chain import Target
+from ..routing._consul import CompiledChain, compile_chain
 from ._endpoint import Endpoint, Snapshot, SnapshotListener
 
-__all__ = ["ConsulDiscovery"]
+__all__ = ["ConsulDiscovery", "TargetKey"]
+
+#: a chain target's instances: (service, Consul filter expression, datacenter or "")
+TargetKey = tuple[str, str, str]
 
 logger = logging.getLogger("meshlib.discovery")
 
@@ -75,6 +80,14 @@ class ConsulDiscovery:
 
     A service is watched from the first ``snapshot()`` (or ``wait()``) that mentions it, for
     the life of the discovery. Every watch runs on one daemon thread; ``close()`` stops it.
+
+    With ``chains``, each watched service's compiled discovery chain
+    (``/v1/discovery-chain/<service>``, the ``service-router``/``-splitter``/``-resolver``
+    entries) is followed too, and every target of a chain that selects a subset or another
+    datacenter gets its own health watch (``target()``): Consul evaluates the subset's
+    filter (``filter=``) and answers for the other datacenter (``dc=``), as it does for
+    Envoy. A new chain is published only once its new targets have answered, so a request
+    never sees a chain whose targets look empty merely because nobody asked yet.
     """
 
     def __init__(
@@ -85,6 +98,7 @@ class ConsulDiscovery:
         min_interval: float = 0.1,
         max_backoff: float = 2.0,
         connect: bool = False,
+        chains: bool = False,
     ) -> None:
         if not wait > 0:
             raise ValueError(f"wait must be positive, not {wait!r}")
@@ -103,6 +117,13 @@ class ConsulDiscovery:
         self._services: frozenset[str] | None = None
         self._watched: set[str] = set()
         self._listeners: tuple[SnapshotListener, ...] = ()
+        self._chains_on = chains
+        #: service -> its chain (None: the default chain); set once the chain is usable
+        self._chains: dict[str, CompiledChain | None] = {}
+        #: target -> latest snapshot of its instances (replaced, never mutated)
+        self._target_snapshots: dict[TargetKey, Snapshot] = {}
+        self._target_first: dict[TargetKey, asyncio.Event] = {}  # discovery thread only
+        self._target_listeners: tuple[Callable[[TargetKey, Snapshot], None], ...] = ()
         self._lock = threading.Lock()  # starting watches, subscribing, closing; never I/O
         self._changed = threading.Condition()  # wakes wait() on new snapshots / catalog
         self._closed = False
@@ -165,6 +186,8 @@ class ConsulDiscovery:
     def _settle(self, service: str) -> tuple[bool, Snapshot | None]:
         """(whether discovery can answer for ``service`` now, that answer)."""
         snapshot = self._snapshots.get(service)
+        if self._chains_on and service not in self._chains:
+            return False, snapshot  # its routing is not known yet
         if snapshot is not None and snapshot.endpoints:
             return True, snapshot
         services = self._services
@@ -173,6 +196,34 @@ class ConsulDiscovery:
         if service not in services:
             return True, None
         return snapshot is not None, snapshot
+
+    def chain_known(self, service: str) -> bool:
+        """Whether ``service``'s chain has settled (so its first request may be routed)."""
+        return not self._chains_on or service in self._chains
+
+    def chain(self, service: str) -> CompiledChain | None:
+        """The latest good discovery chain of ``service``; None for the default chain.
+
+        A dict lookup: requests read the last chain, never Consul. Needs ``chains=True``.
+        """
+        return self._chains.get(service)
+
+    def target(self, target: Target) -> Snapshot | None:
+        """The latest instances of ``target`` (its service, subset filter and datacenter).
+
+        The first call for a target starts its watch; None until it first answers.
+        """
+        key = (target.service, target.filter, target.datacenter)
+        snapshot = self._target_snapshots.get(key)
+        if snapshot is None:
+            with suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._watch_target, key)
+        return snapshot
+
+    def subscribe_targets(self, listener: Callable[[TargetKey, Snapshot], None]) -> None:
+        """Call ``listener(key, snapshot)`` on the discovery thread for each target answer."""
+        with self._lock:
+            self._target_listeners = (*self._target_listeners, listener)
 
     def subscribe(self, listener: SnapshotListener) -> None:
         """Call ``listener(snapshot)`` on the discovery thread for every new snapshot.
@@ -212,22 +263,27 @@ class ConsulDiscovery:
             self._watched.add(service)
             with suppress(RuntimeError):  # the loop died; nothing will ever answer
                 self._loop.call_soon_threadsafe(self._spawn, self._watch_health(service))
+                if self._chains_on:
+                    self._loop.call_soon_threadsafe(self._spawn, self._watch_chain(service))
 
     def watch(
         self,
         path: str,
         answer: Callable[[Any, int], None],
         params: Mapping[str, str] | None = None,
+        *,
+        missing_ok: bool = False,
     ) -> None:
         """Keep a blocking query on ``path`` going on the discovery thread.
 
         ``answer(body, index)`` runs on that thread with each answer; raising from it counts
         as a bad answer (retried with backoff, the last good state kept). Used for Consul
-        Connect's CA roots and leaf (security/_consul_ca.py).
+        Connect's CA roots and leaf (security/_consul_ca.py) and config entries. With
+        ``missing_ok`` a 404 (a config entry that does not exist) answers ``None``.
         """
         with suppress(RuntimeError):
             self._loop.call_soon_threadsafe(
-                self._spawn, self._blocking_loop(path, dict(params or {}), answer)
+                self._spawn, self._blocking_loop(path, dict(params or {}), answer, missing_ok)
             )
 
     # ------------------------------------------------------------------ the discovery thread
@@ -279,6 +335,130 @@ class ConsulDiscovery:
         path = self._health_path + quote(service, safe="")
         await self._blocking_loop(path, {"passing": "1"}, answer)
 
+    async def _watch_chain(self, service: str) -> None:
+        latest = 0  # the newest answer; an older one still waiting for targets is dropped
+        refused: str | None = None
+
+        def answer(body: Any, index: int) -> None:
+            nonlocal latest, refused
+            try:
+                chain = compile_chain(body)
+            except ValueError as exc:
+                # Consul answered, so this is no outage: keep the last good chain, say so once
+                # per distinct problem, and block until the entries change again.
+                if str(exc) != refused:
+                    refused = str(exc)
+                    logger.error(
+                        "the discovery chain of %r is refused (%s); keeping the last good chain",
+                        service,
+                        exc,
+                    )
+                self._chain_settled(service)
+                return
+            refused = None
+            latest += 1
+            self._spawn(self._publish_chain(service, chain, latest, lambda: latest))
+
+        failing = False
+
+        def failed(reason: str) -> None:
+            # Consul answers 500 when Connect is disabled on its servers (discovery chains
+            # need it): route without chains rather than hold first requests or call it an
+            # outage; the health watches report a real one.
+            nonlocal failing
+            if not failing:
+                failing = True
+                logger.warning(
+                    "the discovery chain of %r is unavailable (%s); routing without it",
+                    service,
+                    reason,
+                )
+            self._chain_settled(service)
+
+        def usable(body: Any, index: int) -> None:
+            nonlocal failing
+            if failing:
+                failing = False
+                logger.info("the discovery chain of %r is available again", service)
+            answer(body, index)
+
+        path = "/v1/discovery-chain/" + quote(service, safe="")
+        await self._blocking_loop(path, {}, usable, failed=failed)
+
+    async def _publish_chain(
+        self,
+        service: str,
+        chain: CompiledChain | None,
+        number: int,
+        latest: Callable[[], int],
+    ) -> None:
+        if chain is not None:
+            events = [self._watch_target(key) for key in _target_keys(chain)]
+            waiting = [e.wait() for e in events if not e.is_set()]
+            if waiting:  # bounded: a target that never answers must not freeze routing
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(*waiting), timeout=10.0)
+        if number != latest():
+            return  # a newer chain arrived meanwhile
+        if service not in self._chains or self._chains[service] != chain:
+            logger.debug("service %s: new discovery chain", service)
+        self._chains[service] = chain  # one assignment: requests read it without a lock
+        self._chain_settled(service)
+
+    def _chain_settled(self, service: str) -> None:
+        if service not in self._chains:
+            self._chains[service] = None
+        with self._changed:
+            self._changed.notify_all()
+
+    def _watch_target(self, key: TargetKey) -> asyncio.Event:
+        """Start watching ``key``'s instances (discovery thread); its first-answer event."""
+        event = self._target_first.get(key)
+        if event is not None:
+            return event
+        event = self._target_first[key] = asyncio.Event()
+        service, expression, datacenter = key
+        params = {"passing": "1"}
+        if expression:
+            params["filter"] = expression  # Consul evaluates the subset, as for Envoy
+        if datacenter:
+            params["dc"] = datacenter
+        where = f" in {datacenter}" if datacenter else ""
+        where += f" matching {expression!r}" if expression else ""
+        last: tuple[object, ...] | None = None
+        failing = False
+
+        def answer(body: Any, index: int) -> None:
+            nonlocal last, failing
+            endpoints = _endpoints(body)
+            if failing:
+                failing = False
+                logger.info("instances of %s%s are answered again", service, where)
+            fingerprint = tuple(_fingerprint(endpoint) for endpoint in endpoints)
+            if fingerprint != last:
+                last = fingerprint
+                snapshot = Snapshot(service, endpoints, index)
+                self._target_snapshots[key] = snapshot
+                for listener in self._target_listeners:
+                    try:
+                        listener(key, snapshot)
+                    except Exception:
+                        logger.exception("target listener %r failed", listener)
+            event.set()
+
+        def failed(reason: str) -> None:
+            nonlocal failing
+            if not failing:  # once per failure streak, not per retry
+                failing = True
+                logger.warning("instances of %s%s unavailable: %s", service, where, reason)
+            # A target that cannot answer (another datacenter out of reach) counts as
+            # answered: it is empty, and a chain waiting for it must not wait longer.
+            event.set()
+
+        path = self._health_path + quote(service, safe="")
+        self._spawn(self._blocking_loop(path, params, answer, failed=failed))
+        return event
+
     async def _watch_catalog(self) -> None:
         def answer(body: Any, index: int) -> None:
             if not isinstance(body, dict) or not all(isinstance(name, str) for name in body):
@@ -292,9 +472,19 @@ class ConsulDiscovery:
         await self._blocking_loop("/v1/catalog/services", {}, answer)
 
     async def _blocking_loop(
-        self, path: str, params: Mapping[str, str], answer: Callable[[Any, int], None]
+        self,
+        path: str,
+        params: Mapping[str, str],
+        answer: Callable[[Any, int], None],
+        missing_ok: bool = False,
+        failed: Callable[[str], None] | None = None,
     ) -> None:
-        """Query ``path`` forever, following Consul's blocking-query rules (module docstring)."""
+        """Query ``path`` forever, following Consul's blocking-query rules (module docstring).
+
+        ``failed(reason)``, if given, is called instead of the outage log after each query
+        that brought no usable answer, and that watch's answers say nothing about an outage:
+        for a query another datacenter answers, whose failure says nothing about the agent.
+        """
         loop = asyncio.get_running_loop()
         index = 0
         failures = 0
@@ -306,12 +496,15 @@ class ConsulDiscovery:
             sent = loop.time()
             not_before = sent + self._min_interval
             try:
-                body, new_index = await self._get(path, params, index)
+                body, new_index = await self._get(path, params, index, missing_ok)
                 answer(body, new_index)
             except Exception as exc:  # any failure: keep the last snapshot and retry
                 failures += 1
                 index = 0
-                self._failed(_reason(exc), loop.time())
+                if failed is None:
+                    self._failed(_reason(exc), loop.time())
+                else:
+                    failed(_reason(exc))
                 base = max(self._min_interval, 0.05)
                 cap = min(self._max_backoff, base * 2 ** min(failures, 32))
                 backoff = random.uniform(0, cap)  # full jitter
@@ -319,15 +512,19 @@ class ConsulDiscovery:
                 await asyncio.sleep(backoff)
                 continue
             failures = 0
-            self._recovered(sent)
+            if failed is None:
+                self._recovered(sent)
             index = _next_index(index, new_index)
 
-    async def _get(self, path: str, params: Mapping[str, str], index: int) -> tuple[Any, int]:
+    async def _get(
+        self, path: str, params: Mapping[str, str], index: int, missing_ok: bool = False
+    ) -> tuple[Any, int]:
         query = dict(params)
         if index > 0:
             query.update(index=str(index), wait=f"{self._wait_ms}ms")
         response = await self._client.get(path, params=query, extensions=self._extensions)
-        if response.status_code != 200:
+        missing = missing_ok and response.status_code == 404
+        if response.status_code != 200 and not missing:
             text = " ".join(response.text.split())[:200]
             raise _BadAnswer(f"HTTP {response.status_code} {text}".rstrip())
         header = response.headers.get("X-Consul-Index")
@@ -335,6 +532,8 @@ class ConsulDiscovery:
             new_index = int(header or "")
         except ValueError:
             raise _BadAnswer(f"X-Consul-Index {header!r} is not a number") from None
+        if missing:
+            return None, new_index
         try:
             body = response.json()
         except ValueError as exc:
@@ -416,6 +615,16 @@ def _endpoints(body: Any) -> tuple[Endpoint, ...]:
         )
     endpoints.sort(key=lambda e: (e.node, e.id, e.host, e.port))
     return tuple(endpoints)
+
+
+def _target_keys(chain: CompiledChain) -> set[TargetKey]:
+    """The targets of ``chain`` (failover included) that need their own health watch:
+    subsets, other datacenters and other services (the chain's own service is watched)."""
+    return {
+        (t.service, t.filter, t.datacenter)
+        for t in chain.targets()
+        if t.filter or t.datacenter or t.service != chain.service
+    }
 
 
 def _fingerprint(endpoint: Endpoint) -> tuple[object, ...]:

@@ -1,6 +1,6 @@
 """Traffic management: routes, splits, subsets and failover, from Consul's config entries
-or the local config file, compiled into one ``Chain`` per service (groundwork: the outbound
-pipeline does not consult chains yet)."""
+(its compiled discovery chain, ``CompiledChain`` in _consul.py) or the local config file
+(``Chain``); ``Mesh.route`` asks the service's chain for a ``Decision`` per request."""
 
 from __future__ import annotations
 
