@@ -7,6 +7,7 @@ through the mesh. Requests go through the gateway as a user's would.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import subprocess
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 import otlp_receiver
+from consul_agent import ConsulFactory
 from meshlib._demo._processes import ServiceProcess, stop_all
 from otlp_receiver import OtlpReceiver, Received
 from polling import wait_until
@@ -207,3 +209,32 @@ def test_meshlib_demo_runs_the_weather_mesh_with_no_failed_request() -> None:
     assert int(summary.group(1)) > 50
     assert summary.group(2) == "0"
     assert "every process the demo started has been stopped" in out
+
+
+def test_meshlib_demo_with_consul_splits_the_canary_with_consul_config_entries(
+    consul_factory: ConsulFactory,
+) -> None:
+    """The demo against a Consul agent: discovery, Connect certificates, and the canary
+    through a service-splitter in Consul that the gateway follows; Consul left as found."""
+    agent = consul_factory()
+    result = subprocess.run(
+        [sys.executable, "-m", "meshlib", "demo", "--duration", "14"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={**os.environ, "CONSUL_HTTP_ADDR": agent.http_addr},
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert f"Consul at {agent.http_addr}" in out
+    assert "canary: forecast v2 gets 10% (service-splitter 90/10 in Consul)" in out
+    canary = re.search(r"^\s+forecast v2 \S+\s+(\d+)", out, re.M)
+    assert canary is not None, out
+    assert int(canary.group(1)) > 0  # the gateway followed Consul's split
+    summary = re.search(r"^summary: (\d+) requests in [\d.]+ s, (\d+) failed$", out, re.M)
+    assert summary is not None, out
+    assert summary.group(2) == "0"
+    for kind in ("service-splitter", "service-resolver", "service-defaults"):
+        r = httpx.get(f"{agent.url}/v1/config/{kind}/forecast", timeout=10)
+        assert r.status_code == 404, f"the demo left its {kind} behind"

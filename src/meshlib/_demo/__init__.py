@@ -8,7 +8,8 @@ gateway from this process (a mesh client itself), and shows what happens:
 1. requests spread over the forecast instances;
 2. one instance is killed (SIGKILL) and ejected, with no failed request;
 3. it comes back and gets traffic again;
-4. a canary of forecast v2 at 10% (a splitter in the local config file), then promoted;
+4. a canary of forecast v2 at 10% (a service-splitter in the local config file, or in
+   Consul: _consul_split.py), then promoted;
 5. the span tree of one request across the three services.
 
 It ends by itself, stops every process it started (by PID), and prints a summary.
@@ -35,9 +36,10 @@ from typing import Any, TextIO
 import httpx
 
 from .. import _runtime
-from .._config import MeshConfig, load_config
+from .._config import ConsulSettings, MeshConfig, load_config
 from ..client import Client
 from ..security import reset as reset_security
+from ._consul_split import ConsulSplit
 from ._processes import ServiceProcess, stop_all
 from ._traces import SpanRecord, TraceReceiver, span_tree
 from ._view import View
@@ -144,14 +146,16 @@ class WeatherSystem:
             )
             for i in (1, 2)
         ]
-        #: forecast v2, the canary: gets traffic only through the splitter (static mode)
-        self.canary: ServiceProcess | None = None
-        if consul is None:
-            self.canary = self._process(
-                "forecast-v2",
-                "forecast:app",
-                {"MESH_SERVICE_NAME": "forecast", "MESH_SERVICE_VERSION": "v2"},
-            )
+        #: forecast v2, the canary: gets traffic only through the splitter
+        self.canary: ServiceProcess | None = self._process(
+            "forecast-v2",
+            "forecast:app",
+            {"MESH_SERVICE_NAME": "forecast", "MESH_SERVICE_VERSION": "v2"},
+        )
+        #: forecast's subsets and split as Consul config entries (Consul mode)
+        self.consul_split: ConsulSplit | None = None
+        #: why there is no canary step ("" when there is one)
+        self.no_canary = ""
         self.gateway: ServiceProcess | None = None
         self.started: list[ServiceProcess] = []
         self.killed_ids: list[str] = []
@@ -161,6 +165,8 @@ class WeatherSystem:
         return ServiceProcess(label, target, EXAMPLE, {**self.common, **env}, log)
 
     def start(self) -> None:
+        if self.consul is not None:
+            self._prepare_consul_split()
         backends = [self.geo, *self.forecasts, *([self.canary] if self.canary else [])]
         self.started.extend(backends)
         for process in backends:
@@ -183,12 +189,26 @@ class WeatherSystem:
         self.started.append(self.gateway)
         self.gateway.start()
         if self.consul is not None:
-            self._wait_passing({"geo": 1, "forecast": 2, "gateway": 1})
+            forecasts = len(self.forecasts) + (1 if self.canary else 0)
+            self._wait_passing({"geo": 1, "forecast": forecasts, "gateway": 1})
 
-    def split(self, v1: int, v2: int) -> Path:
-        """Write the gateway's local config file: forecast v1/v2 subsets split ``v1``/``v2``
-        (atomically, as a rollout controller would; the gateway sees it within 0.5 s)."""
+    def _prepare_consul_split(self) -> None:
+        """forecast v1 as the default subset in Consul before any v2 instance registers,
+        so the canary gets no traffic until the split gives it some."""
+        self.consul_split = ConsulSplit(self._consul_settings())
+        self.consul_split.prepare()
+        if self.consul_split.refusal:
+            self.no_canary = self.consul_split.refusal
+            self.canary = None  # without our resolver it would get an equal share at once
+
+    def split(self, v1: int, v2: int) -> Path | None:
+        """Send forecast ``v1``/``v2`` percent to its v1/v2 subsets: a service-splitter in
+        Consul, or in the gateway's local config file (written atomically, as a rollout
+        controller would; the gateway sees it within 0.5 s)."""
         assert self.canary is not None
+        if self.consul_split is not None:
+            self.consul_split.split(v1, v2)
+            return None
         instances = [{"address": f.address, "meta": {"version": "v1"}} for f in self.forecasts] + [
             {"address": self.canary.address, "meta": {"version": "v2"}}
         ]
@@ -256,6 +276,11 @@ class WeatherSystem:
         stop_all(self.started)
         if self.consul is not None and self.killed_ids:
             self._deregister_killed()
+        if self.consul_split is not None:
+            try:
+                self.consul_split.close()
+            except Exception as exc:
+                print(f"meshlib demo: could not remove its Consul entries: {exc}", file=sys.stderr)
 
     def _deregister_killed(self) -> None:
         """A killed instance could not deregister itself: do it for it."""
@@ -266,14 +291,18 @@ class WeatherSystem:
         except Exception as exc:
             print(f"meshlib demo: could not deregister {self.killed_ids}: {exc}", file=sys.stderr)
 
+    def _consul_settings(self) -> ConsulSettings:
+        """The ``CONSUL_*`` settings of this environment."""
+        config = load_config({k: v for k, v in os.environ.items() if k.startswith("CONSUL_")})
+        assert config.consul is not None
+        return config.consul
+
     @contextlib.contextmanager
     def _consul_client(self) -> Iterator[Any]:
         """A py-consul client of the agent at CONSUL_HTTP_ADDR."""
         from ..server._registration import _client
 
-        config = load_config({k: v for k, v in os.environ.items() if k.startswith("CONSUL_")})
-        assert config.consul is not None
-        client = _client(config.consul)
+        client = _client(self._consul_settings())
         try:
             yield client
         finally:
@@ -354,10 +383,11 @@ def _timeline(
     at(0.62)
     # --- canary: forecast v2 at 10%, then promoted --------------------------------------
     if system.canary is None:
-        view.event("canary: with Consul it needs the discovery chain (not built yet) - skipped")
+        view.event(f"canary: skipped ({system.no_canary})")
     else:
         system.split(90, 10)
-        view.event("canary: forecast v2 gets 10% (service-splitter 90/10 in the config file)")
+        where = "in Consul" if system.consul_split is not None else "in the config file"
+        view.event(f"canary: forecast v2 gets 10% (service-splitter 90/10 {where})")
         at(0.74)
         system.split(0, 100)
         view.event("canary promoted: forecast v2 gets 100%")
