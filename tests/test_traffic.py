@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -152,6 +153,39 @@ def test_routes_carry_their_own_timeout_and_retry_settings(
         assert response.status_code == 500
         assert response.extensions["meshlib"].retry_reasons == ["500", "500"]
         assert canary.stats()["GET"] - before == 3  # the first try and two retries
+
+
+def test_a_resolvers_connect_timeout_bounds_connecting_to_an_instance(
+    backends: BackendFactory, config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real listener whose accept queue is full: the kernel drops further SYNs, so a
+    # connect to it hangs (until the client's connect timeout), as to a vanished host.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname(), timeout=5)
+    (good,) = backends.many(1)
+    monkeypatch.setenv("MESH_TIMEOUT", "20s")
+    monkeypatch.setenv("MESH_LB", "round_robin")
+    port = blackhole.getsockname()[1]
+    services = {"forecast": [{"address": f"127.0.0.1:{port}"}, {"address": good.address}]}
+    resolver = {"Kind": "service-resolver", "Name": "forecast", "ConnectTimeout": "200ms"}
+    config_file.write_text(json.dumps({"services": services, "config_entries": [resolver]}))
+    try:
+        reasons = []
+        with meshlib.Client() as client:
+            for _ in range(2):  # round robin: one of them tries the blackhole first
+                started = time.monotonic()
+                response = client.get("http://forecast/whoami")
+                took = time.monotonic() - started
+                assert response.status_code == 200
+                assert response.text == good.name
+                assert took < 10  # the 200 ms connect timeout, not MESH_TIMEOUT's 20 s
+                reasons.append(response.extensions["meshlib"].retry_reasons)
+        assert ["connect"] in reasons
+    finally:
+        filler.close()
+        blackhole.close()
 
 
 def test_an_empty_subset_fails_over_to_another_service(

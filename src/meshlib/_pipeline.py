@@ -143,6 +143,7 @@ class Call:
         "_original_timeout",
         "_original_url",
         "_tried",
+        "connect_timeout",
         "deadline",
         "hash_key",
         "hedge_delay",
@@ -172,10 +173,13 @@ class Call:
         budget = policy.deadline
         retries = policy.retries
         self.retry_on_status: frozenset[int] = frozenset()
+        #: the resolver's ConnectTimeout for the chosen target (None: MESH_TIMEOUT's)
+        self.connect_timeout: float | None = None
         if route is not None:  # the matching route's own settings (traffic management)
             budget = route.request_timeout or budget
             retries = policy.retries if route.num_retries is None else route.num_retries
             self.retry_on_status = route.retry_on_status
+            self.connect_timeout = route.target.connect_timeout
         deadline = Deadline.after(float(options.get("deadline", budget)), now)
         inbound = inbound_deadline.get()
         if inbound is not None and inbound.at < deadline.at:
@@ -284,7 +288,10 @@ class Call:
             self._original_url, endpoint.host, endpoint.port, "https" if tls else None
         )
         timeout = min(self.service.policy.timeout, remaining)
-        request.extensions["timeout"] = _attempt_timeout(self._original_timeout, timeout)
+        timeouts = _attempt_timeout(self._original_timeout, timeout)
+        if self.connect_timeout is not None:
+            timeouts["connect"] = min(timeouts["connect"] or timeout, self.connect_timeout)
+        request.extensions["timeout"] = timeouts
         request.headers[DEADLINE_HEADER] = str(max(int(remaining * 1000), 1))
         span = self.telemetry.attempt_started(request, endpoint, self.info.attempts, reason)
         attempt = Attempt(state, state.started(), tls, span)
