@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 import meshlib
+from consul_agent import ConsulAgent, unique
 from meshlib._config import FaultHeader, Faults, load_config, parse_rate_limit
 from meshlib.security import LocalCA, SpiffeId
 from meshlib.server._faults import FaultInjector, parse_faults
@@ -698,3 +699,49 @@ def test_a_malformed_faults_entry_stops_start_up_with_one_line(
         f"MESH_CONFIG_FILE={str(path)!r}: faults.hello.abort_percent must be a number from 0 "
         "to 100, not 'lots'"
     ).encode() in served.output
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_with_consul_faults_follow_the_services_kv_entry(
+    serve: ServedFactory, consul: ConsulAgent, target: str
+) -> None:
+    service = unique("faulty")
+    key = f"{consul.url}/v1/kv/meshlib/faults/{service}"
+    served = serve(
+        target,
+        {
+            "MESH_SERVICE_NAME": service,
+            "CONSUL_HTTP_ADDR": consul.http_addr,
+            "MESH_FAULT_ABORT_STATUS": "502",  # the environment's, until Consul has an entry
+            "MESH_FAULT_ABORT_PERCENT": "100",
+        },
+    )
+    try:
+        assert count_statuses(served.url, 5) == {"502 abort": 5}
+        httpx.put(key, json={"abort_status": 503, "header": "x-chaos"}, timeout=10)
+        marked = {"x-chaos": "1"}
+        wait_until(
+            lambda: count_statuses(served.url, 1, marked) == {"503 abort": 1},
+            timeout=10,
+            what="Consul's entry in force",
+        )
+        assert count_statuses(served.url, 20, marked) == {"503 abort": 20}
+        assert count_statuses(served.url, 20) == {"200 -": 20}  # only marked requests
+        assert f"(from Consul KV meshlib/faults/{service})".encode() in served.output
+
+        httpx.put(key, content=b"{not json", timeout=10)  # malformed: the last good stays
+        wait_until(
+            lambda: b"keeping the last good fault settings" in served.output,
+            timeout=10,
+            what="the error",
+        )
+        assert count_statuses(served.url, 10, marked) == {"503 abort": 10}
+
+        httpx.delete(key, timeout=10)  # back to the environment's
+        wait_until(
+            lambda: count_statuses(served.url, 1) == {"502 abort": 1},
+            timeout=10,
+            what="the environment's faults again",
+        )
+    finally:
+        httpx.delete(key, timeout=10)

@@ -12,9 +12,19 @@ Settings come from the environment (``MESH_FAULT_*``) or from the local config f
 environment's settings as a whole (``{}`` turns faults off), because the file is re-read
 while the server runs and the environment is not: an operator can start, change and stop
 an experiment without a restart, including one the environment started. Without an entry
-for this service, the environment's settings apply. The file is checked at most every
-half second from the request path (a ``stat``; read only when it changed); a malformed
-``faults`` entry is refused with one logged error and the last good settings stay.
+for this service, the environment's settings apply.
+
+With Consul discovery, Consul's KV store is the config store: the same entry as JSON at
+``meshlib/faults/<service>`` is followed with a blocking query (from the first request
+on, so a forked worker watches for itself) and wins over the file and the environment
+while the key exists::
+
+    consul kv put meshlib/faults/forecast '{"abort_status": 503, "abort_percent": 5}'
+    consul kv delete meshlib/faults/forecast     # back to the file / environment
+
+The file is checked at most every half second from the request path (a ``stat``; read
+only when it changed); a malformed ``faults`` entry, in the file or in Consul, is refused
+with one logged error and the last good settings stay.
 
 Each eligible request (all, or only those carrying ``header``) is delayed with probability
 ``delay_percent`` and aborted with probability ``abort_percent``, independently, delay
@@ -25,6 +35,7 @@ failure.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -32,11 +43,21 @@ import random
 import threading
 import time
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
+from urllib.parse import quote
 
 from .._config import Faults, MeshConfig, parse_duration, parse_fault_header
 
-__all__ = ["FAULT_RESPONSE_HEADER", "FaultDecision", "FaultInjector", "parse_faults"]
+__all__ = [
+    "FAULT_RESPONSE_HEADER",
+    "KV_PREFIX",
+    "FaultDecision",
+    "FaultInjector",
+    "parse_faults",
+]
+
+#: Consul KV prefix of per-service fault entries (Consul discovery).
+KV_PREFIX = "meshlib/faults/"
 
 logger = logging.getLogger("meshlib.server")
 
@@ -136,6 +157,18 @@ def _from_file(path: str, service: str) -> Faults | None:
     return parse_faults(section[service], f"faults.{service}")
 
 
+def _from_kv(body: object, service: str) -> Faults:
+    """This service's entry from Consul's KV answer (a list of one base64 value)."""
+    if not isinstance(body, list) or len(body) != 1 or not isinstance(body[0], dict):
+        raise ValueError("expected one KV entry")
+    raw = body[0].get("Value")
+    try:
+        entry = json.loads(base64.b64decode(raw or b"", validate=True) or b"{}")
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    return parse_faults(entry, f"{KV_PREFIX}{service}")
+
+
 class FaultInjector:
     """Decides, per request, whether to inject a fault; thread-safe."""
 
@@ -145,8 +178,17 @@ class FaultInjector:
         *,
         check_interval: float = 0.5,
         rng: random.Random | None = None,
+        follow_consul: bool = True,
     ) -> None:
         self._env = config.faults
+        #: Consul KV: followed with Consul discovery (``follow_consul``), started lazily
+        self._consul = config.consul if follow_consul and config.discovery == "consul" else None
+        self._watcher: Any = None
+        self._watcher_pid = 0
+        #: this service's KV entry (None: no key), and the file/environment's choice
+        self._kv: Faults | None = None
+        self._kv_refused = ""
+        self._local: tuple[Faults, str] = (self._env, "the environment")
         self._service = config.service_name or ""
         self._path = config.config_file
         self._check_interval = check_interval
@@ -166,6 +208,7 @@ class FaultInjector:
                 raise ConfigError([f"MESH_CONFIG_FILE={self._path!r}: {exc}"]) from None
             if found is not None:
                 self.faults, self.source = found, self._path
+        self._local = (self.faults, self.source)
         if self.faults.active:
             self._announce()
 
@@ -184,6 +227,8 @@ class FaultInjector:
 
     def current(self) -> Faults:
         """The settings in force (re-reading the file when it changed)."""
+        if self._consul is not None and self._watcher_pid != os.getpid():
+            self._follow_consul()
         if self._path is not None and self._service:
             now = time.monotonic()
             if now - self._checked >= self._check_interval and self._lock.acquire(blocking=False):
@@ -211,10 +256,18 @@ class FaultInjector:
         except (OSError, ValueError) as exc:
             logger.error("%s: %s; keeping the last good fault settings", self._path, exc)
             return
-        faults, source = (
-            (found, self._path) if found is not None else (self._env, "the environment")
-        )
-        if faults == self.faults:
+        self._local = (found, self._path) if found is not None else (self._env, "the environment")
+        self._apply()
+
+    def _apply(self) -> None:
+        """Put the winning settings in force: Consul's KV entry, else the file's or the
+        environment's; announce a change."""
+        kv = self._kv
+        if kv is not None:
+            faults, source = kv, f"Consul KV {KV_PREFIX}{self._service}"
+        else:
+            faults, source = self._local
+        if faults == self.faults and source == self.source:
             return
         was_active = self.faults.active
         self.faults, self.source = faults, source
@@ -222,6 +275,43 @@ class FaultInjector:
             self._announce()
         elif was_active:
             logger.warning("fault injection is off for %s (from %s)", self._service, self.source)
+
+    def _follow_consul(self) -> None:
+        """Start the KV watch in this process (again after a fork: threads do not follow)."""
+        with self._lock:
+            if self._watcher_pid == os.getpid() or self._consul is None or not self._service:
+                return
+            from ..discovery._consul import ConsulDiscovery
+
+            self._watcher_pid = os.getpid()
+            self._watcher = ConsulDiscovery(self._consul)
+            key = quote(KV_PREFIX + self._service, safe="/")
+            self._watcher.watch(f"/v1/kv/{key}", self._on_kv, missing_ok=True)
+
+    def _on_kv(self, body: Any, index: int) -> None:
+        """A new answer for this service's KV key (on the watch thread)."""
+        try:
+            kv = None if body is None else _from_kv(body, self._service)
+        except ValueError as exc:
+            if str(exc) != self._kv_refused:  # one error per distinct problem
+                self._kv_refused = str(exc)
+                logger.error(
+                    "Consul KV %s%s: %s; keeping the last good fault settings",
+                    KV_PREFIX,
+                    self._service,
+                    exc,
+                )
+            return
+        self._kv_refused = ""
+        with self._lock:
+            self._kv = kv
+            self._apply()
+
+    def close(self) -> None:
+        """Stop following Consul (the settings in force stay)."""
+        watcher, self._watcher, self._consul = self._watcher, None, None
+        if watcher is not None:
+            watcher.close()
 
     def decide(self, headers: Mapping[str, str]) -> FaultDecision | None:
         """The fault for a request with these (lower-cased) headers, or None."""

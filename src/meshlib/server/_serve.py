@@ -131,7 +131,7 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     config = load_config()
     # the file's fault settings are checked (and announced) now: a framework may build
     # its middleware only on the first request
-    FaultInjector(config)
+    FaultInjector(config, follow_consul=False)
     app = meshed(load_app(target), config)
     kind = "asgi" if is_asgi(app) else "wsgi"
     shown = f"[{host}]" if ":" in host else host
