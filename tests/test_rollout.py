@@ -18,13 +18,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+import meshlib
 from consul_agent import ConsulAgent, unique
+from meshlib._config import load_config
 from meshlib.rollout import Measurement, Settings
 from meshlib.rollout._controller import begin, command, judge, routes
 from polling import wait_until
@@ -107,6 +110,14 @@ class Mesh:
     def controller(self, *args: str) -> Controller:
         return Controller(self.env, ["start", self.service, *args])
 
+    def versions_a_client_reaches(self, n: int = 20) -> Counter[str]:
+        """Which versions a meshlib client (following Consul's discovery chain) reaches."""
+        config = load_config({"CONSUL_HTTP_ADDR": self.consul.http_addr})
+        with meshlib.Client(config=config, timeout=10) as client:
+            return Counter(
+                client.get(f"http://{self.service}/work").json()["version"] for _ in range(n)
+            )
+
 
 class Controller:
     """``meshlib rollout start ...`` as a process; its stdout lines collected."""
@@ -158,6 +169,8 @@ def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 "MESH_SERVICE_NAME": service,
                 "MESH_SERVICE_VERSION": version,
                 "MESH_TEST_FAIL_PERCENT": fail,
+                # registered, so meshlib clients find them through Consul's chain
+                "CONSUL_HTTP_ADDR": consul.http_addr,
             },
         )
         for version, fail in versions.items()
@@ -189,6 +202,11 @@ def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 timeout=60,
                 what=f"Prometheus to see {version}'s requests",
             )
+        wait_until(
+            lambda: len(consul.get(f"/v1/health/service/{service}?passing=1")) == 3,
+            timeout=60,
+            what="all three versions passing in Consul",
+        )
         yield Mesh(consul, prometheus, service)
     finally:
         if traffic is not None:
@@ -241,6 +259,7 @@ def test_a_canary_answering_5xx_is_rolled_back_automatically(shop: Mesh) -> None
     assert all(e["metrics"]["success_rate"] < 99 for e in failed)
     assert events[-1]["event"] == "rolled-back"
     assert shop.split() == {"v1": 100, "v3": 0}
+    assert shop.versions_a_client_reaches() == {"v1": 20}  # clients follow the rollback
     state = shop.state()
     assert state is not None
     assert state["phase"] == "rolled-back"
@@ -261,6 +280,7 @@ def test_a_healthy_canary_is_promoted_step_by_step(shop: Mesh) -> None:
     assert all(e["metrics"]["success_rate"] == 100 and e["metrics"]["requests"] > 0 for e in checks)
     assert events[-1]["event"] == "promoted"
     assert shop.split() == {"v1": 0, "v2": 100}
+    assert shop.versions_a_client_reaches() == {"v2": 20}  # clients follow the promotion
     state = shop.state()
     assert state is not None
     assert state["phase"] == "promoted"
