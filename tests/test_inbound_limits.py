@@ -249,7 +249,12 @@ def health(served: Served, client: httpx.Client | None = None) -> dict[str, obje
 
 
 def handled(served: Served) -> dict[str, int]:
-    return httpx.get(f"{served.url}/handled", timeout=10).json()  # type: ignore[no-any-return]
+    """The app's own count of handler runs (asked again if a fault hit the question)."""
+    for _ in range(100):  # at 50% aborts, 100 tries all aborted is a 1-in-10^30 event
+        r = httpx.get(f"{served.url}/handled", timeout=10)
+        if "x-mesh-fault" not in r.headers:
+            return r.json()  # type: ignore[no-any-return]
+    raise AssertionError("every /handled request got an injected fault")
 
 
 # ---------------------------------------------------------------------------- rate limits
