@@ -28,7 +28,14 @@ from typing import Any
 
 NAME = "backend"
 STATS: Counter[str] = Counter()
-MODE: dict[str, Any] = {"status": None, "delay_ms": 0, "hang": False, "hold": False}
+MODE: dict[str, Any] = {
+    "status": None,
+    "delay_ms": 0,
+    "hang": False,
+    "hold": False,
+    # send the headers and part of the body, then drop the connection (a crash mid-body)
+    "cut": False,
+}
 #: Set by /admin/release (then replaced, so later requests are held again).
 RELEASE: list[asyncio.Event] = []
 
@@ -117,6 +124,16 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await asyncio.Event().wait()  # accept, never answer (until the client gives up)
     if MODE["delay_ms"]:
         await asyncio.sleep(MODE["delay_ms"] / 1000)
+    if MODE["cut"]:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"1000"), (b"x-instance", NAME.encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+        raise RuntimeError("cut mid-body (on purpose)")  # uvicorn drops the connection
     if MODE["status"]:
         extra = (
             [(b"retry-after", str(MODE["retry_after"]).encode())]

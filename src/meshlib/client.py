@@ -83,6 +83,7 @@ class MeshTransport(httpx.BaseTransport):
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
             return self._hedged(call, request)
+        read_body = _reads_body(request, call)
         response: httpx.Response | None = None
         try:
             while True:
@@ -92,7 +93,10 @@ class MeshTransport(httpx.BaseTransport):
                     inner = self._pool(request, service.name)
                 try:
                     response = inner.handle_request(request)
+                    if read_body:
+                        _read_within_attempt(response)
                 except httpx.TransportError as exc:
+                    response = None
                     delay = call.attempt_failed(attempt, exc)
                     if delay is None:
                         raise
@@ -201,6 +205,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
             return await self._hedged(call, request)
+        read_body = _reads_body(request, call)
         response: httpx.Response | None = None
         try:
             while True:
@@ -210,7 +215,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     inner = await self._pool(request, service.name)
                 try:
                     response = await inner.handle_async_request(request)
+                    if read_body:
+                        await _aread_within_attempt(response)
                 except httpx.TransportError as exc:
+                    response = None
                     delay = call.attempt_failed(attempt, exc)
                     if delay is None:
                         raise
@@ -596,6 +604,40 @@ class _TlsPools(Generic[Pool]):
         return pools
 
 
+#: Set by ``Client.send`` / ``AsyncClient.send`` on a request whose caller reads the whole
+#: body anyway (``stream=False``, httpx's default).
+READ_BODY = "meshlib.read_body"
+
+
+def _reads_body(request: httpx.Request, call: Call) -> bool:
+    """Whether to read the body inside the attempt (a mid-body loss is then retried).
+
+    A connection lost mid-body is then an attempt failure, retried on another instance,
+    not an error for the caller. Only for a caller that reads the whole body right after
+    anyway (so nothing is held longer or buffered that would not be) and a request that may
+    be sent again (the same rule as any retry after bytes reached the server). A streaming
+    caller gets the body as it arrives, as before: once it has seen a byte, nothing can be
+    replayed.
+    """
+    return bool(request.extensions.get(READ_BODY)) and call.may_resend and call.replayable
+
+
+def _read_within_attempt(response: httpx.Response) -> None:
+    try:
+        response.read()
+    except httpx.TransportError:
+        response.close()
+        raise
+
+
+async def _aread_within_attempt(response: httpx.Response) -> None:
+    try:
+        await response.aread()
+    except httpx.TransportError:
+        await response.aclose()
+        raise
+
+
 class Client(httpx.Client):
     """An ``httpx.Client`` that sends requests for mesh services through the mesh.
 
@@ -627,6 +669,14 @@ class Client(httpx.Client):
             transport=MeshTransport(transport, config=config), timeout=timeout, **kwargs
         )
 
+    def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        """``httpx.Client.send``; a non-streaming request's body is read in its attempt."""
+        if not stream:
+            request.extensions[READ_BODY] = True
+        return super().send(request, stream=stream, **kwargs)
+
 
 class AsyncClient(httpx.AsyncClient):
     """An ``httpx.AsyncClient`` that sends requests for mesh services through the mesh.
@@ -645,3 +695,11 @@ class AsyncClient(httpx.AsyncClient):
         super().__init__(
             transport=AsyncMeshTransport(transport, config=config), timeout=timeout, **kwargs
         )
+
+    async def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        """``httpx.AsyncClient.send``; a non-streaming request's body is read in its attempt."""
+        if not stream:
+            request.extensions[READ_BODY] = True
+        return await super().send(request, stream=stream, **kwargs)
