@@ -117,9 +117,16 @@ def test_consul_down_keeps_the_last_snapshot_and_recovers_by_itself(
             except meshlib.NoHealthyEndpoints:
                 return False  # Consul came back empty: true until the registration lands
 
-        wait_until(serves_second, timeout=15, what="the new instance")
+        # generous: a restarting dev agent on a loaded machine may answer 500 ("grpc: the
+        # client connection is closing") for a while after its first answers (seen in CI)
+        wait_until(serves_second, timeout=60, what="the new instance")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len([r for r in warnings if "unreachable" in r.getMessage()]) == 1
+    outages = [r for r in warnings if "unreachable" in r.getMessage()]
+    # one outage, logged once; a second only if the restarted agent failed again after
+    # it had answered (a real second outage, not a flapping log)
+    assert 1 <= len(outages) <= 2, [r.getMessage() for r in warnings]
+    if len(outages) == 2:
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.anyio
