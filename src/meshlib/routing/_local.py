@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from .._config import _host_port
+from .._watched_file import WatchedFile
 from ..discovery._endpoint import Endpoint
 from ._chain import Chain
 from ._entries import compile_entries
@@ -108,55 +106,12 @@ def _endpoint(service: str, index: int, item: Any) -> Endpoint:
     )
 
 
-class LocalConfigFile:
+class LocalConfigFile(WatchedFile[LocalConfig]):
     """The file, re-read when it changes; ``current`` never raises after the first read."""
 
     def __init__(self, path: str, *, check_interval: float = 0.5) -> None:
-        self.path = path
-        self.check_interval = check_interval
-        self._listeners: list[Callable[[LocalConfig], None]] = []
-        self._lock = threading.Lock()
-        self._mtime = os.stat(path).st_mtime_ns
-        with open(path, encoding="utf-8") as fh:
-            self._config = parse(fh.read())  # a bad file stops start-up
-        self._checked = time.monotonic()
-
-    def subscribe(self, listener: Callable[[LocalConfig], None]) -> None:
-        """Call ``listener`` with every new good version."""
-        self._listeners.append(listener)
-
-    def current(self) -> LocalConfig:
-        """The latest good version (checking the file at most every ``check_interval``)."""
-        now = time.monotonic()
-        if now - self._checked >= self.check_interval and self._lock.acquire(blocking=False):
-            try:
-                self._checked = now
-                self._reload_if_changed()
-            finally:
-                self._lock.release()
-        return self._config
-
-    def _reload_if_changed(self) -> None:
-        try:
-            mtime = os.stat(self.path).st_mtime_ns
-        except OSError as exc:
-            if self._mtime != -1:
-                logger.error("%s: %s; keeping the last good configuration", self.path, exc)
-                self._mtime = -1
-            return
-        if mtime == self._mtime:
-            return
-        self._mtime = mtime
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                config = parse(fh.read())
-        except (OSError, ValueError) as exc:
-            logger.error("%s is refused (%s); keeping the last good configuration", self.path, exc)
-            return
-        self._config = config
-        logger.info("%s reloaded", self.path)
-        for listener in self._listeners:
-            try:
-                listener(config)
-            except Exception:
-                logger.exception("a local config listener failed")
+        # a bad file stops start-up: the OSError / ValueError goes to the caller
+        super().__init__(
+            path, parse, what="configuration", logger=logger, check_interval=check_interval
+        )
+        self.subscribe(lambda _: logger.info("%s reloaded", path))

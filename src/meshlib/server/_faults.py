@@ -41,12 +41,12 @@ import logging
 import os
 import random
 import threading
-import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from .._config import Faults, MeshConfig, parse_duration, parse_fault_header
+from .._watched_file import WatchedFile
 
 __all__ = [
     "FAULT_RESPONSE_HEADER",
@@ -140,13 +140,13 @@ def parse_faults(entry: object, where: str) -> Faults:
     )
 
 
-def _from_file(path: str, service: str) -> Faults | None:
-    """This service's entry in the file, None if it has none; ``ValueError`` if malformed."""
-    with open(path, encoding="utf-8") as fh:
-        try:
-            document = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not JSON: {exc}") from None
+def _from_text(text: str, service: str) -> Faults | None:
+    """This service's entry in the file's text, None if it has none; ``ValueError`` if
+    malformed."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
     section = document.get("faults") if isinstance(document, dict) else None
     if section is None:
         return None
@@ -190,24 +190,31 @@ class FaultInjector:
         self._kv_refused = ""
         self._local: tuple[Faults, str] = (self._env, "the environment")
         self._service = config.service_name or ""
-        self._path = config.config_file
-        self._check_interval = check_interval
         self._random = (rng or random.Random()).random
         self._lock = threading.Lock()
-        self._mtime = -1
-        self._checked = time.monotonic()
         self.source = "the environment"
         self.faults = self._env
-        if self._path is not None and self._service:
+        #: the config file's faults entry for this service, followed as the file changes
+        self._file: WatchedFile[Faults | None] | None = None
+        path = config.config_file
+        if path is not None and self._service:
+            service = self._service
             try:
-                self._mtime = os.stat(self._path).st_mtime_ns
-                found = _from_file(self._path, self._service)
+                self._file = WatchedFile(
+                    path,
+                    lambda text: _from_text(text, service),
+                    what="fault settings",
+                    logger=logger,
+                    check_interval=check_interval,
+                )
             except (OSError, ValueError) as exc:
                 from .._exceptions import ConfigError
 
-                raise ConfigError([f"MESH_CONFIG_FILE={self._path!r}: {exc}"]) from None
+                raise ConfigError([f"MESH_CONFIG_FILE={path!r}: {exc}"]) from None
+            found = self._file.current()
             if found is not None:
-                self.faults, self.source = found, self._path
+                self.faults, self.source = found, path
+            self._file.subscribe(self._on_file)
         self._local = (self.faults, self.source)
         if self.faults.active:
             self._announce()
@@ -229,35 +236,18 @@ class FaultInjector:
         """The settings in force (re-reading the file when it changed)."""
         if self._consul is not None and self._watcher_pid != os.getpid():
             self._follow_consul()
-        if self._path is not None and self._service:
-            now = time.monotonic()
-            if now - self._checked >= self._check_interval and self._lock.acquire(blocking=False):
-                try:
-                    self._checked = now
-                    self._reload_if_changed()
-                finally:
-                    self._lock.release()
+        if self._file is not None:
+            self._file.current()  # a new version arrives through _on_file
         return self.faults
 
-    def _reload_if_changed(self) -> None:
-        assert self._path is not None
-        try:
-            mtime = os.stat(self._path).st_mtime_ns
-        except OSError as exc:
-            if self._mtime != -1:
-                logger.error("%s: %s; keeping the last good fault settings", self._path, exc)
-                self._mtime = -1
-            return
-        if mtime == self._mtime:
-            return
-        self._mtime = mtime
-        try:
-            found = _from_file(self._path, self._service)
-        except (OSError, ValueError) as exc:
-            logger.error("%s: %s; keeping the last good fault settings", self._path, exc)
-            return
-        self._local = (found, self._path) if found is not None else (self._env, "the environment")
-        self._apply()
+    def _on_file(self, found: Faults | None) -> None:
+        """A new good version of the config file: its entry, or None for none."""
+        assert self._file is not None
+        with self._lock:
+            self._local = (
+                (found, self._file.path) if found is not None else (self._env, "the environment")
+            )
+            self._apply()
 
     def _apply(self) -> None:
         """Put the winning settings in force: Consul's KV entry, else the file's or the
