@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .._config import ServicePolicy
+from ._consul import _obj
 from ._entries import _seconds
 
 __all__ = ["UpstreamConfig", "parse_upstream_config"]
@@ -134,12 +135,4 @@ def _count(value: Any, where: str) -> int | None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{where} {value!r} is not a whole number >= 0")
-    return value
-
-
-def _obj(value: Any, where: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where} is not a JSON object")
     return value
