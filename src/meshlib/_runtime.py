@@ -35,7 +35,7 @@ from .routing._local import LocalConfigFile
 from .routing._upstream import UpstreamConfig, parse_upstream_config
 from .security import security_for
 
-__all__ = ["Mesh", "Pending", "reset"]
+__all__ = ["Mesh", "Pending", "live_meshes", "reset"]
 
 _CONSUL_SUFFIX = ".service.consul"
 
@@ -346,6 +346,11 @@ def _service_name(host: str) -> str | None:
 
 _registry: list[Mesh] = []
 _registry_lock = threading.Lock()
+
+
+def live_meshes() -> list[Mesh]:
+    """The process's runtimes still open (what its metrics and ``/mesh/status`` report)."""
+    return [mesh for mesh in list(_registry) if not mesh._closed]
 
 
 def reset() -> None:

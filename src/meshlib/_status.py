@@ -15,7 +15,7 @@ from typing import Any
 
 from ._version import __version__
 
-__all__ = ["LOOPBACK", "status_report"]
+__all__ = ["LOOPBACK", "render", "status_report"]
 
 #: Client addresses allowed to read ``/mesh/status`` on a served app.
 LOOPBACK = ("127.", "::1", "::ffff:127.")
@@ -23,13 +23,11 @@ LOOPBACK = ("127.", "::1", "::ffff:127.")
 
 def status_report() -> dict[str, Any]:
     """The services every live mesh runtime of this process calls, with their endpoints."""
-    from ._runtime import _registry  # imported late: the runtime imports telemetry
+    from ._runtime import live_meshes  # imported late: the runtime imports telemetry
 
     now = time.monotonic()
     services: dict[str, Any] = {}
-    for mesh in list(_registry):
-        if mesh._closed:
-            continue
+    for mesh in live_meshes():
         for name, state in sorted(mesh.services().items()):
             endpoints = []
             for endpoint_state in state.endpoints:
@@ -38,7 +36,7 @@ def status_report() -> dict[str, Any]:
                 latency = endpoint_state.ewma.cost(now)
                 endpoints.append(
                     {
-                        "address": f"{endpoint.host}:{endpoint.port}",
+                        "address": endpoint.address,
                         "id": endpoint.id,
                         "version": endpoint.meta.get("version", ""),
                         "weight": endpoint_state.weight,

@@ -30,7 +30,7 @@ class ConsulSplit:
 
     def __init__(self, settings: ConsulSettings) -> None:
         self.api = ConsulAPI(settings)
-        #: (kind, name) of the entries this demo wrote, to delete on close
+        #: the kinds of forecast's entries this demo wrote, to delete on close
         self.created: list[str] = []
         #: why the canary cannot run here ("" when it can)
         self.refusal = ""

@@ -129,12 +129,10 @@ CLIENT_EJECTIONS = REGISTRY.counter(
 
 
 def _services() -> Iterator[tuple[str, ServiceState]]:
-    from .._runtime import _registry  # the process's meshes (imported late: no cycle)
+    from .._runtime import live_meshes  # imported late: no cycle
     from ._state import STATE
 
-    for mesh in list(_registry):
-        if mesh._closed:
-            continue
+    for mesh in live_meshes():
         for state in mesh.services().values():
             yield STATE.source, state
 

@@ -172,7 +172,7 @@ class OutboundTelemetry:
                     (
                         STATE.source,
                         self._service,
-                        *_endpoint_labels(f"{endpoint.host}:{endpoint.port}"),
+                        *_endpoint_labels(endpoint),
                         "" if status is None else str(status),
                         "" if error is None else _error_type(error),
                     ),
@@ -310,13 +310,11 @@ def span_ids(span: trace.Span | None) -> tuple[str, str]:
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
 
 
-def _endpoint_labels(endpoint: str) -> tuple[str, str]:
-    """``host:port`` as the server.address and server.port labels, capped together."""
-    kept = _ENDPOINTS(endpoint)
-    if kept == "_OTHER":
-        return kept, kept
-    host, _, port = kept.rpartition(":")
-    return host, port
+def _endpoint_labels(endpoint: Endpoint) -> tuple[str, str]:
+    """The server.address and server.port labels, capped together (by the address)."""
+    if _ENDPOINTS(endpoint.address) == "_OTHER":
+        return "_OTHER", "_OTHER"
+    return endpoint.host, str(endpoint.port)
 
 
 def _error_type(error: BaseException | None) -> str:
