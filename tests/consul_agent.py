@@ -135,16 +135,25 @@ class ConsulAgent:
         """Start the agent and return once it has a leader and its node is in the catalog.
 
         On a first start a port lost to another process is retried on fresh ports; a
-        restart keeps its ports, so it only retries the same ones.
+        restart keeps its ports, so it only retries the same ones. An agent that never
+        becomes ready is killed and started once more.
         """
         if self.running:
             return self
         first = not self.ports
+        hung = 0
         for attempt in range(1, _BIND_ATTEMPTS + 1):
             if first:
                 self.ports = {name: _free_port(udp=name in _UDP_TOO) for name in _PORT_NAMES}
             try:
                 self._launch(timeout)
+            except _StartHung:
+                # Seen in CI: a restarted server agent on a loaded machine wrote its start-up
+                # warnings, then nothing for 30 s. It was killed; one more start, no more.
+                hung += 1
+                if hung > 1:
+                    raise
+                continue
             except _BindFailed as exc:
                 if attempt == _BIND_ATTEMPTS:
                     raise RuntimeError(f"consul could not bind its ports: {exc}") from None
@@ -287,7 +296,7 @@ class ConsulAgent:
             except (OSError, ValueError):
                 pass  # not listening yet
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise _StartHung(
                     f"consul did not become ready within {timeout:g} s (waiting for "
                     f"{waiting_for}); log {self.log_path}:\n{self._log_tail(offset)}"
                 )
@@ -305,6 +314,10 @@ class ConsulAgent:
 
 class _BindFailed(Exception):
     pass
+
+
+class _StartHung(RuntimeError):
+    """The agent runs but never became ready."""
 
 
 def _free_port(*, udp: bool = False) -> int:
