@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 from consul_agent import ConsulAgent, ConsulFactory, register, unique
 from meshlib._config import ConsulSettings
 from meshlib.discovery import ConsulDiscovery, Endpoint, Snapshot
+from meshlib.discovery import _consul as consul_discovery
 from polling import wait_until
 
 LOGGER = "meshlib.discovery"
@@ -184,6 +185,33 @@ def test_one_thread_watches_fifty_services(
     assert threading.active_count() - before == 1
     discovery.close()
     assert threading.active_count() == before
+
+
+@pytest.mark.consul
+def test_watches_beyond_the_connection_limit_take_turns_and_see_changes(
+    consul: ConsulAgent,
+    registered: list[str],
+    make_discovery: DiscoveryFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 6 watches (5 services and the catalog) over 2 connections: each answers, and a change
+    # to a watch that is waiting for a connection is seen at its turn, not never
+    monkeypatch.setattr(consul_discovery, "_MAX_CONNECTIONS", 2)
+    names = [unique(f"turns{i}") for i in range(5)]
+    for name in names:
+        register(consul, name, f"{name}-1", 9001, ids=registered)
+    discovery = make_discovery(consul.url, wait=0.5)
+    for name in names:
+        discovery.snapshot(name)
+    wait_until(lambda: all(ids_of(discovery, n) for n in names), what="5 first answers")
+
+    register(consul, names[-1], f"{names[-1]}-2", 9002, ids=registered)
+
+    wait_until(
+        lambda: ids_of(discovery, names[-1]) == {f"{names[-1]}-1", f"{names[-1]}-2"},
+        timeout=15,
+        what="the change",
+    )
 
 
 @pytest.mark.consul
