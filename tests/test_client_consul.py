@@ -11,6 +11,8 @@ import pytest
 import meshlib
 from backends import Backend, BackendFactory
 from consul_agent import ConsulAgent, ConsulFactory, register, unique
+from meshlib._runtime import live_meshes
+from meshlib._status import render, status_report
 from polling import wait_until
 
 
@@ -89,6 +91,42 @@ def test_an_instance_whose_check_goes_critical_gets_no_traffic_within_a_second(
     last_b0 = max(t for t, s in served if s == "b0")
     assert last_b0 - failed_at < 1.0
     assert failures == []
+
+
+def test_when_every_check_fails_at_once_requests_still_reach_the_instances(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    # Health checks that all time out together (a starved checker, a slow health endpoint)
+    # must not empty the service: panic mode uses the instances failing their checks, as
+    # Envoy does with the UNHEALTHY endpoints Consul gives it. Seen in the chaos suite's
+    # rolling restart: 34,546 GETs lost to NoHealthyEndpoints while the servers were fine.
+    service = unique("wx")
+    servers = backends.many(3)
+    checks = [register_backend(consul, service, server, registered) for server in servers]
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        assert {client.get(f"http://{service}/whoami").text for _ in range(9)} == {"b0", "b1", "b2"}
+        state = live_meshes()[-1].services()[service]
+        for check in checks:
+            consul.put(f"/v1/agent/check/fail/{check}?note=timed+out")
+        wait_until(lambda: len(state.unhealthy) == 3, what="every check failing")
+        served = [client.get(f"http://{service}/whoami").text for _ in range(30)]
+        assert sorted(set(served)) == ["b0", "b1", "b2"]
+        report = status_report()
+        assert [e["healthy"] for e in report["services"][service]["endpoints"]] == [False] * 3
+        assert render(report).count("failing checks") == 3
+
+        # one passes again: 1 of 3 healthy is under the 50% panic threshold, so all three
+        # still share the load; with two passing, only those two are used
+        consul.put(f"/v1/agent/check/pass/{checks[0]}")
+        consul.put(f"/v1/agent/check/pass/{checks[1]}")
+        wait_until(lambda: len(state.endpoints) == 2, what="two checks passing")
+        served = [client.get(f"http://{service}/whoami").text for _ in range(30)]
+        assert sorted(set(served)) == ["b0", "b1"]
 
 
 def test_consul_down_keeps_the_last_snapshot_and_recovers_by_itself(

@@ -166,6 +166,7 @@ def test_wait_for_a_service_without_healthy_instances_returns_an_empty_snapshot(
 
     assert snapshot is not None
     assert snapshot.endpoints == ()
+    assert [e.id for e in snapshot.unhealthy] == [f"{name}-1"]  # kept for panic mode
     assert discovery.knows(name) is True
 
 

@@ -237,17 +237,18 @@ _health_answer = st.one_of(st.lists(_entry, max_size=5), _json)
 @given(_health_answer)
 def test_any_consul_health_json_gives_endpoints_or_a_bad_answer(body: Any) -> None:
     try:
-        endpoints = _endpoints(body)
+        healthy, unhealthy = _endpoints(body)
     except _BadAnswer:
         return
-    assert isinstance(endpoints, tuple)
-    for endpoint in endpoints:
-        assert isinstance(endpoint, Endpoint)
-        assert 0 < endpoint.port < 65536
-        assert endpoint.host
-        assert endpoint.weight >= 1
-    keys = [(e.node, e.id, e.host, e.port) for e in endpoints]
-    assert keys == sorted(keys)
+    for endpoints in (healthy, unhealthy):
+        assert isinstance(endpoints, tuple)
+        for endpoint in endpoints:
+            assert isinstance(endpoint, Endpoint)
+            assert 0 < endpoint.port < 65536
+            assert endpoint.host
+            assert endpoint.weight >= 1
+        keys = [(e.node, e.id, e.host, e.port) for e in endpoints]
+        assert keys == sorted(keys)
 
 
 @PROPERTIES

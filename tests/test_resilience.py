@@ -281,6 +281,51 @@ def test_panic_threshold_zero_still_uses_all_when_every_endpoint_is_ejected() ->
     assert len(state.candidates(now=50.0, tried=())) == 2
 
 
+def with_unhealthy(healthy: int, unhealthy: int, **policy: float) -> ServiceState:
+    state = ServiceState("weather", ServicePolicy(**policy))  # type: ignore[arg-type]
+    ports = iter(range(9000, 9100))
+    state.update(
+        Snapshot(
+            "weather",
+            tuple(Endpoint("127.0.0.1", next(ports)) for _ in range(healthy)),
+            unhealthy=tuple(Endpoint("127.0.0.1", next(ports)) for _ in range(unhealthy)),
+        )
+    )
+    return state
+
+
+def test_instances_failing_their_checks_are_used_only_in_panic_mode() -> None:
+    # Envoy's rule, with the unhealthy instances Consul lists: panic when fewer than the
+    # threshold of ALL instances are healthy and not ejected
+    state = with_unhealthy(2, 2, panic_threshold=0.5)
+    assert [s.endpoint.port for s in state.candidates(now=0.0, tried=())] == [9000, 9001]
+    state.endpoints[0].ejected_until = 100.0  # 1 of 4 available: panic, all four
+    assert [s.endpoint.port for s in state.candidates(now=0.0, tried=())] == [
+        9000, 9001, 9002, 9003
+    ]  # fmt: skip
+    every_check_failing = with_unhealthy(0, 3, panic_threshold=0.5)
+    assert every_check_failing.routable()
+    assert len(every_check_failing.candidates(now=0.0, tried=())) == 3
+
+
+def test_panic_threshold_zero_never_sends_to_instances_failing_their_checks() -> None:
+    state = with_unhealthy(1, 3, panic_threshold=0.0)
+    assert [s.endpoint.port for s in state.candidates(now=0.0, tried=())] == [9000]
+    assert not with_unhealthy(0, 3, panic_threshold=0.0).routable()
+
+
+def test_an_instance_keeps_its_state_when_its_checks_fail_and_pass_again() -> None:
+    state = with_unhealthy(2, 0)
+    first = state.endpoints[0]
+    first.ejections = 3
+    endpoints = tuple(s.endpoint for s in state.endpoints)
+    state.update(Snapshot("weather", endpoints[1:], unhealthy=endpoints[:1]))
+    assert state.unhealthy == (first,)
+    state.update(Snapshot("weather", endpoints))
+    assert state.endpoints[0] is first
+    assert state.unhealthy == ()
+
+
 def test_a_retry_prefers_endpoints_this_request_has_not_tried() -> None:
     state = service_with(3)
     tried = [state.endpoints[0].endpoint.key, state.endpoints[1].endpoint.key]

@@ -631,7 +631,8 @@ VARIABLES: tuple[Variable, ...] = (
         "0",
         "a ratio from 0% to 100%, as '50%' or '0.5'",
         "When fewer than this share of endpoints are available, balance across all of them "
-        "(ejected ones too) rather than overload the few left. `0` disables panic mode.",
+        "(ejected ones and those failing their health checks too) rather than overload the "
+        "few left. `0` disables panic mode.",
         _ratio(0.0, 1.0),
         per_service=True,
     ),

@@ -226,8 +226,7 @@ class Call:
                 service=service.name,
                 request=request,
             )
-        endpoints = service.endpoints
-        if not endpoints:
+        if not service.routable():
             raise NoHealthyEndpoints(
                 f"service {service.name!r} has no healthy endpoints",
                 service=service.name,

@@ -26,7 +26,7 @@ import httpx
 from ._config import MeshConfig, ServicePolicy
 from ._exceptions import CircuitOpen, ConfigError, NoHealthyEndpoints
 from ._service import ServiceState
-from .discovery import Discovery, Snapshot, StaticDiscovery, make_discovery
+from .discovery import Discovery, Endpoint, Snapshot, StaticDiscovery, make_discovery
 from .discovery._consul import TargetKey
 from .routing import Chain, Decision, Target, compile_filter
 from .routing._consul import CompiledChain
@@ -327,12 +327,18 @@ def _local_config(config: MeshConfig) -> LocalConfigFile | None:
 def _subset(snapshot: Snapshot, predicate: Predicate | None) -> Snapshot:
     if predicate is None:
         return snapshot
-    kept = tuple(
-        e
-        for e in snapshot.endpoints
-        if predicate(EndpointView(snapshot.service, e.id, e.host, e.port, e.node, e.meta, e.tags))
+
+    def kept(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        service = snapshot.service
+        return tuple(
+            e
+            for e in endpoints
+            if predicate(EndpointView(service, e.id, e.host, e.port, e.node, e.meta, e.tags))
+        )
+
+    return Snapshot(
+        snapshot.service, kept(snapshot.endpoints), snapshot.index, kept(snapshot.unhealthy)
     )
-    return Snapshot(snapshot.service, kept, snapshot.index)
 
 
 def _service_name(host: str) -> str | None:

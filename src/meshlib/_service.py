@@ -14,7 +14,7 @@ from collections.abc import Collection
 
 from ._config import ServicePolicy
 from .balance import Balancer, EndpointState, make_balancer
-from .discovery import Snapshot
+from .discovery import Endpoint, Snapshot
 from .resilience._breaker import Breaker
 from .resilience._budget import RetryBudget
 from .resilience._outlier import OutlierDetector
@@ -28,6 +28,8 @@ class ServiceState:
     def __init__(self, name: str, policy: ServicePolicy) -> None:
         self.name = name
         self.endpoints: tuple[EndpointState, ...] = ()
+        #: instances whose health checks fail: used only in panic mode (``candidates``)
+        self.unhealthy: tuple[EndpointState, ...] = ()
         self.snapshot: Snapshot | None = None
         self._update_lock = threading.Lock()
         self.apply_policy(policy)
@@ -52,32 +54,45 @@ class ServiceState:
     def update(self, snapshot: Snapshot) -> None:
         """Adopt a new snapshot, keeping the runtime state of endpoints still listed."""
         with self._update_lock:
-            old = {state.endpoint.key: state for state in self.endpoints}
-            states = []
-            for endpoint in snapshot.endpoints:
-                state = old.get(endpoint.key)
-                if state is None:
-                    state = EndpointState(endpoint)
-                elif state.endpoint != endpoint:
-                    state.rebind(endpoint)  # weight or address changed; keep the stats
-                states.append(state)
-            self.endpoints = tuple(states)
+            old = {state.endpoint.key: state for state in (*self.endpoints, *self.unhealthy)}
+
+            def states(endpoints: tuple[Endpoint, ...]) -> tuple[EndpointState, ...]:
+                found = []
+                for endpoint in endpoints:
+                    state = old.get(endpoint.key)
+                    if state is None:
+                        state = EndpointState(endpoint)
+                    elif state.endpoint != endpoint:
+                        state.rebind(endpoint)  # weight or address changed; keep the stats
+                    found.append(state)
+                return tuple(found)
+
+            self.endpoints = states(snapshot.endpoints)
+            self.unhealthy = states(snapshot.unhealthy)
             self.snapshot = snapshot
+
+    def routable(self) -> bool:
+        """Whether an attempt may start: a healthy instance, or panic mode's unhealthy ones."""
+        return bool(self.endpoints) or (bool(self.unhealthy) and self.policy.panic_threshold > 0)
 
     def candidates(
         self, now: float, tried: Collection[str]
     ) -> list[EndpointState] | tuple[EndpointState, ...]:
         """Endpoints an attempt may use: not ejected, preferably not tried by this request.
 
-        When fewer than ``panic_threshold`` of the endpoints are available, all of them are
-        used (Envoy's panic mode): spreading load over a partly failing set beats
-        overloading the few left. ``tried`` is only a preference: when every candidate was
-        tried, they are all candidates again.
+        When fewer than ``panic_threshold`` of all the instances are available (healthy and
+        not ejected), all of them are used, the unhealthy ones too (Envoy's panic mode):
+        spreading load over a partly failing set beats overloading the few left, and a
+        burst of failed health checks (a slow health endpoint, a starved checker) must not
+        empty the service. ``tried`` is only a preference: when every candidate was tried,
+        they are all candidates again.
         """
         endpoints = self.endpoints
         available = [s for s in endpoints if s.ejected_until <= now]
-        if not available or len(available) < self.policy.panic_threshold * len(endpoints):
-            available = list(endpoints)
+        threshold = self.policy.panic_threshold
+        unhealthy = self.unhealthy if threshold > 0 else ()
+        if not available or len(available) < threshold * (len(endpoints) + len(unhealthy)):
+            available = [*endpoints, *unhealthy]
         if tried:
             fresh = [s for s in available if s.endpoint.key not in tried]
             if fresh:

@@ -30,7 +30,8 @@ def status_report() -> dict[str, Any]:
     for mesh in live_meshes():
         for name, state in sorted(mesh.services().items()):
             endpoints = []
-            for endpoint_state in state.endpoints:
+            unhealthy = set(state.unhealthy)
+            for endpoint_state in (*state.endpoints, *state.unhealthy):
                 endpoint = endpoint_state.endpoint
                 ejected_for = max(0.0, endpoint_state.ejected_until - now)
                 latency = endpoint_state.ewma.cost(now)
@@ -38,6 +39,7 @@ def status_report() -> dict[str, Any]:
                     {
                         "address": endpoint.address,
                         "id": endpoint.id,
+                        "healthy": endpoint_state not in unhealthy,
                         "version": endpoint.meta.get("version", ""),
                         "weight": endpoint_state.weight,
                         "in_flight": endpoint_state.in_flight,
@@ -63,7 +65,7 @@ def render(report: dict[str, Any]) -> str:
     lines: list[str] = []
     for name, service in services.items():
         endpoints = service.get("endpoints") or []
-        ejected = sum(1 for e in endpoints if e.get("ejected_for_s"))
+        ejected = sum(1 for e in endpoints if e.get("ejected_for_s") or not e.get("healthy", True))
         lines.append(
             f"{name}  breaker {service.get('breaker')}  lb {service.get('lb')}  "
             f"{len(endpoints) - ejected}/{len(endpoints)} usable"
@@ -76,6 +78,8 @@ def render(report: dict[str, Any]) -> str:
             latency = e.get("latency_ms")
             shown = f"{latency:.1f}ms" if isinstance(latency, int | float) else "-"
             state = f"ejected {e['ejected_for_s']:.1f}s" if e.get("ejected_for_s") else "ok"
+            if not e.get("healthy", True):
+                state = "failing checks" + ("" if state == "ok" else f", {state}")
             lines.append(
                 f"  {e.get('address', ''):<24} {e.get('version') or '-':<10} "
                 f"{e.get('weight', 1):>6} {e.get('in_flight', 0):>9} {shown:>10}  {state}"

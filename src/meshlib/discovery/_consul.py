@@ -80,7 +80,7 @@ class _BadAnswer(Exception):
 
 
 class ConsulDiscovery:
-    """Discovery from Consul: blocking queries on ``/v1/health/service/<name>?passing``.
+    """Discovery from Consul: blocking queries on ``/v1/health/service/<name>``.
 
     ``settings`` says where the agent is and how to authenticate. ``wait`` is how long one
     blocking query may be held by Consul; ``min_interval`` is the shortest time between two
@@ -177,7 +177,7 @@ class ConsulDiscovery:
     def knows(self, service: str) -> bool | None:
         """Whether ``service`` is in Consul's catalog; None before the catalog first answered."""
         snapshot = self._snapshots.get(service)
-        if snapshot is not None and snapshot.endpoints:
+        if snapshot is not None and (snapshot.endpoints or snapshot.unhealthy):
             return True  # the catalog watch may simply not have caught up yet
         services = self._services
         return None if services is None else service in services
@@ -329,20 +329,25 @@ class ConsulDiscovery:
             logger.error("a Consul watch stopped", exc_info=task.exception())
 
     async def _watch_health(self, service: str) -> None:
-        last: tuple[object, ...] | None = None
+        last: object = None
 
         def answer(body: Any, index: int) -> None:
             nonlocal last
-            endpoints = _endpoints(body)
-            fingerprint = tuple(_fingerprint(endpoint) for endpoint in endpoints)
+            healthy, unhealthy = _endpoints(body)
+            fingerprint = _fingerprint(healthy, unhealthy)
             if fingerprint == last:
                 return
             last = fingerprint
-            logger.debug("service %s: %d healthy endpoints", service, len(endpoints))
-            self._publish(Snapshot(service, endpoints, index))
+            logger.debug(
+                "service %s: %d healthy endpoints, %d unhealthy",
+                service,
+                len(healthy),
+                len(unhealthy),
+            )
+            self._publish(Snapshot(service, healthy, index, unhealthy))
 
-        path = self._health_path + quote(service, safe="")
-        await self._blocking_loop(path, {"passing": "1"}, answer)
+        # Every instance, not only ?passing ones: the unhealthy are kept for panic mode.
+        await self._blocking_loop(self._health_path + quote(service, safe=""), {}, answer)
 
     async def _watch_chain(self, service: str) -> None:
         latest = 0  # the newest answer; an older one still waiting for targets is dropped
@@ -427,26 +432,26 @@ class ConsulDiscovery:
             return event
         event = self._target_first[key] = asyncio.Event()
         service, expression, datacenter = key
-        params = {"passing": "1"}
+        params = {}
         if expression:
             params["filter"] = expression  # Consul evaluates the subset, as for Envoy
         if datacenter:
             params["dc"] = datacenter
         where = f" in {datacenter}" if datacenter else ""
         where += f" matching {expression!r}" if expression else ""
-        last: tuple[object, ...] | None = None
+        last: object = None
         failing = False
 
         def answer(body: Any, index: int) -> None:
             nonlocal last, failing
-            endpoints = _endpoints(body)
+            healthy, unhealthy = _endpoints(body)
             if failing:
                 failing = False
                 logger.info("instances of %s%s are answered again", service, where)
-            fingerprint = tuple(_fingerprint(endpoint) for endpoint in endpoints)
+            fingerprint = _fingerprint(healthy, unhealthy)
             if fingerprint != last:
                 last = fingerprint
-                snapshot = Snapshot(service, endpoints, index)
+                snapshot = Snapshot(service, healthy, index, unhealthy)
                 self._target_snapshots[key] = snapshot
                 for listener in self._target_listeners:
                     try:
@@ -613,11 +618,16 @@ def _next_index(last: int, new: int) -> int:
     return new
 
 
-def _endpoints(body: Any) -> tuple[Endpoint, ...]:
-    """The endpoints in a ``/v1/health/service`` answer, sorted; _BadAnswer if malformed."""
+def _endpoints(body: Any) -> tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]:
+    """The (healthy, unhealthy) endpoints in a ``/v1/health/service`` answer, each sorted.
+
+    Healthy means every check of the instance and of its node passes: what ``?passing``
+    selects. _BadAnswer if the answer is malformed.
+    """
     if not isinstance(body, list):
         raise _BadAnswer("the health answer is not a JSON list")
-    endpoints = []
+    healthy: list[Endpoint] = []
+    unhealthy: list[Endpoint] = []
     for entry in body:
         if not isinstance(entry, dict):
             raise _BadAnswer("a health entry is not a JSON object")
@@ -634,7 +644,7 @@ def _endpoints(body: Any) -> tuple[Endpoint, ...]:
             raise _BadAnswer("a health entry has neither Service.Address nor Node.Address")
         weights = service.get("Weights")
         passing = _int(weights.get("Passing")) if isinstance(weights, dict) else None
-        endpoints.append(
+        (healthy if _passing(entry.get("Checks")) else unhealthy).append(
             Endpoint(
                 host=host,
                 port=port,
@@ -645,8 +655,22 @@ def _endpoints(body: Any) -> tuple[Endpoint, ...]:
                 tags=_tags(service.get("Tags")),
             )
         )
-    endpoints.sort(key=lambda e: (e.node, e.id, e.host, e.port))
-    return tuple(endpoints)
+    healthy.sort(key=_order)
+    unhealthy.sort(key=_order)
+    return tuple(healthy), tuple(unhealthy)
+
+
+def _order(endpoint: Endpoint) -> tuple[str, str, str, int]:
+    return endpoint.node, endpoint.id, endpoint.host, endpoint.port
+
+
+def _passing(checks: object) -> bool:
+    """Whether every check in a health entry's ``Checks`` passes (none: it passes)."""
+    if checks is None:
+        return True
+    if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
+        raise _BadAnswer("Checks is not a list of objects")
+    return all(check.get("Status") == "passing" for check in checks)
 
 
 def _target_keys(chain: CompiledChain) -> set[TargetKey]:
@@ -659,10 +683,16 @@ def _target_keys(chain: CompiledChain) -> set[TargetKey]:
     }
 
 
-def _fingerprint(endpoint: Endpoint) -> tuple[object, ...]:
+def _fingerprint(healthy: tuple[Endpoint, ...], unhealthy: tuple[Endpoint, ...]) -> object:
+    """What makes two answers different news (a check's output alone is not)."""
     # Endpoint's own equality ignores meta and tags; a change in either is still news.
-    e = endpoint
-    return (e.host, e.port, e.weight, e.id, e.node, tuple(sorted(e.meta.items())), e.tags)
+    return tuple(
+        tuple(
+            (e.host, e.port, e.weight, e.id, e.node, tuple(sorted(e.meta.items())), e.tags)
+            for e in endpoints
+        )
+        for endpoints in (healthy, unhealthy)
+    )
 
 
 def _int(value: object) -> int | None:

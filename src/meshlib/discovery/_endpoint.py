@@ -1,7 +1,7 @@
 """What discovery produces: endpoints, immutable snapshots of them, and the protocol.
 
 Discovery runs in the background and publishes a new ``Snapshot`` per service whenever
-the set of healthy instances changes; the request path only ever reads the latest
+its instances or their health change; the request path only ever reads the latest
 snapshot (an attribute read), so it never waits on Consul.
 """
 
@@ -43,12 +43,17 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The healthy endpoints of one service at one moment. Never mutated; replaced."""
+    """The endpoints of one service at one moment. Never mutated; replaced."""
 
     service: str
+    #: The healthy instances: the ones requests go to.
     endpoints: tuple[Endpoint, ...]
     #: Consul's ``X-Consul-Index`` for this answer, or a counter for static discovery.
     index: int = 0
+    #: Instances discovery lists whose health checks do not all pass. Requests reach them
+    #: only in panic mode, when too few healthy ones are left (``ServiceState.candidates``),
+    #: as Envoy does with the unhealthy endpoints Consul gives it.
+    unhealthy: tuple[Endpoint, ...] = ()
 
 
 SnapshotListener = Callable[[Snapshot], None]
