@@ -27,7 +27,7 @@ import httpx
 from harness import Line, PlainServer, pin_client, pin_server, print_table
 
 import meshlib
-from meshlib import _runtime
+from meshlib import _runtime, security
 
 #: Misses understood and reported (docs/performance.md), which do not fail the session;
 #: any other row that loses requests does.
@@ -369,7 +369,8 @@ def certificates_rotated(quick: bool) -> Line:
     finally:
         for served in instances:
             served.stop()
-        _runtime.reset()  # stop renewing leaves from the directory about to go
+        _runtime.reset()
+        security.reset()  # stop renewing leaves from the directory about to go
         shutil.rmtree(directory, ignore_errors=True)
     return load.line("certificates rotated under load", "[3 s leaves, 1 root rotation]")
 
@@ -404,7 +405,9 @@ def main() -> None:
     for name in chosen:
         with _timed(name):
             lines[name] = scenarios[name]()
-        _runtime.reset()  # each scenario's mesh runtime (watches, TLS renewal) stops with it
+        # each scenario's mesh runtime (watches) and TLS material (renewal) stop with it
+        _runtime.reset()
+        security.reset()
     headings = ("scenario", "requests", "lost", "goal")
     print_table("meshlib chaos: idempotent GETs lost", lines.values(), headings)
     missed = [name for name, line in lines.items() if line.met is False]

@@ -18,7 +18,7 @@ from typing import Any
 
 from harness import ROOT, Line, machine, pin_client, print_table, write_json
 
-from meshlib import _runtime
+from meshlib import _runtime, security
 
 Row = Callable[[bool], tuple[list[Line], dict[str, Any]]]
 
@@ -61,7 +61,9 @@ def main() -> None:
     for key in args.rows.split(","):
         started = time.monotonic()
         got, figures = _row(key.strip())(args.quick)
-        _runtime.reset()  # a row's mesh runtime (watches, TLS renewal) stops with it
+        # a row's mesh runtime (watches) and TLS material (renewal) stop with it
+        _runtime.reset()
+        security.reset()
         lines += got
         raw.update(figures)
         print(f"row {key}: {time.monotonic() - started:.0f} s", flush=True)
