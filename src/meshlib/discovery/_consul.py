@@ -149,7 +149,7 @@ class ConsulDiscovery:
             "base_url": settings.address,
             "headers": headers,
             # Built once and shared: each client would otherwise build its own context. Plain
-            # http has nothing to verify; the context is only never used.
+            # http never uses it.
             "verify": _ssl_context(settings) if tls else _UNUSED_TLS,
             "timeout": httpx.Timeout(10.0, read=wait + wait / 16 + 10.0),
             "limits": httpx.Limits(max_connections=1, max_keepalive_connections=1),
