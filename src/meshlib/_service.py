@@ -73,7 +73,11 @@ class ServiceState:
 
     def routable(self) -> bool:
         """Whether an attempt may start: a healthy instance, or panic mode's unhealthy ones."""
-        return bool(self.endpoints) or (bool(self.unhealthy) and self.policy.panic_threshold > 0)
+        return bool(self.endpoints or self._last_resort())
+
+    def _last_resort(self) -> tuple[EndpointState, ...]:
+        """The unhealthy instances panic mode may use: none while it is off (threshold 0)."""
+        return self.unhealthy if self.policy.panic_threshold > 0 else ()
 
     def candidates(
         self, now: float, tried: Collection[str]
@@ -89,9 +93,9 @@ class ServiceState:
         """
         endpoints = self.endpoints
         available = [s for s in endpoints if s.ejected_until <= now]
-        threshold = self.policy.panic_threshold
-        unhealthy = self.unhealthy if threshold > 0 else ()
-        if not available or len(available) < threshold * (len(endpoints) + len(unhealthy)):
+        unhealthy = self._last_resort()
+        total = len(endpoints) + len(unhealthy)
+        if not available or len(available) < self.policy.panic_threshold * total:
             available = [*endpoints, *unhealthy]
         if tried:
             fresh = [s for s in available if s.endpoint.key not in tried]

@@ -30,8 +30,8 @@ def status_report() -> dict[str, Any]:
     for mesh in live_meshes():
         for name, state in sorted(mesh.services().items()):
             endpoints = []
-            unhealthy = set(state.unhealthy)
-            for endpoint_state in (*state.endpoints, *state.unhealthy):
+            listed = [(s, True) for s in state.endpoints] + [(s, False) for s in state.unhealthy]
+            for endpoint_state, healthy in listed:
                 endpoint = endpoint_state.endpoint
                 ejected_for = max(0.0, endpoint_state.ejected_until - now)
                 latency = endpoint_state.ewma.cost(now)
@@ -39,7 +39,7 @@ def status_report() -> dict[str, Any]:
                     {
                         "address": endpoint.address,
                         "id": endpoint.id,
-                        "healthy": endpoint_state not in unhealthy,
+                        "healthy": healthy,
                         "version": endpoint.meta.get("version", ""),
                         "weight": endpoint_state.weight,
                         "in_flight": endpoint_state.in_flight,
