@@ -419,12 +419,12 @@ def test_meshlib_top_redraws_until_interrupted(chain: Chain, prometheus: Prometh
         if top.poll() is None:
             top.kill()
             top.wait()
-    reader.join(timeout=10)
-    assert top.stdout is not None
-    assert top.stderr is not None
-    errors = top.stderr.read()
-    top.stdout.close()
-    top.stderr.close()
+        reader.join(timeout=10)
+        assert top.stdout is not None
+        assert top.stderr is not None
+        errors = top.stderr.read()
+        top.stdout.close()  # closed even when the test failed: no ResourceWarning later
+        top.stderr.close()
     assert b"Traceback" not in errors
     for frame in frames[:3]:
         assert frame.startswith(b"meshlib top  " + prometheus.url.encode())

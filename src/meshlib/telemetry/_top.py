@@ -11,8 +11,9 @@ every ``--interval`` seconds until Ctrl-C.
 from __future__ import annotations
 
 import math
+import signal
 import sys
-import time
+import threading
 from typing import TextIO
 
 import httpx
@@ -99,9 +100,19 @@ def run(
     window: str,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Print the graph once, or redraw it until interrupted; returns the exit status."""
+    """Print the graph once, or redraw it until interrupted; returns the exit status.
+
+    Ctrl-C (SIGINT) ends the redraw loop at its next step rather than raising
+    ``KeyboardInterrupt`` wherever it lands: raised inside httpx's connection pool it can
+    leave the pool's lock held, and closing the client then waits on it forever (a hang
+    seen once in CI after SIGINT). A query in flight still ends within its timeout.
+    """
+    stop = threading.Event()
+    handled = not once and threading.current_thread() is threading.main_thread()
+    if handled:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
-        while True:
+        while not stop.is_set():
             try:
                 table = render(edges(prometheus, window), window)
             except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
@@ -115,6 +126,10 @@ def run(
                 return 0
             out.write("\x1b[H\x1b[2J" + f"meshlib top  {prometheus}  window {window}\n\n" + table)
             out.flush()
-            time.sleep(interval)  # the refresh period of a terminal view
-    except KeyboardInterrupt:  # Ctrl-C, wherever it lands, is the way out
+            stop.wait(interval)  # the refresh period of a terminal view
         return 0
+    except KeyboardInterrupt:  # Ctrl-C before the handler was in place, or with --once
+        return 0
+    finally:
+        if handled:
+            signal.signal(signal.SIGINT, previous)
