@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import nox
+
+# tests/tools.py finds or builds Consul, Prometheus and Alertmanager (stdlib only)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+import tools
 
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["lint", "typing", "tests", "docs"]
@@ -14,35 +20,38 @@ nox.options.error_on_missing_interpreters = True
 PYTHON = "3.11"
 
 
-def _consul(session: nox.Session) -> str:
-    """Find or build the Consul binary the tests use (first time: a Go build, minutes)."""
-    out = session.run("python", "tests/consul_binary.py", silent=True, log=False)
-    assert isinstance(out, str)
-    path = out.strip().splitlines()[-1]
-    session.log(f"consul: {path}")
-    return path
+def _tools(session: nox.Session, *names: str) -> dict[str, str]:
+    """Find or build the programs the tests run (first time: Go builds, minutes, with progress).
+
+    Returns ``MESH_TEST_<NAME>`` variables for the test run. A tool that cannot be had is left
+    out: the tests that need it skip with a line saying how to get it (and fail the run when
+    ``MESH_TEST_REQUIRE_TOOLS`` is set, as in CI).
+    """
+    env: dict[str, str] = {}
+    for name in names or tuple(tools.TOOLS):
+        try:
+            path = tools.find_tool(name)
+        except tools.ToolUnavailable as exc:
+            session.warn(f"{name}: {exc}")
+            continue
+        session.log(f"{name}: {path}")
+        env[f"MESH_TEST_{name.upper()}"] = path
+    return env
 
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test suite, against a real Consul agent (built with Go on first use)."""
     session.install("-e", ".[test]")
-    consul = _consul(session)
-    session.run(
-        "pytest",
-        "-m",
-        "not soak",
-        *session.posargs,
-        env={"MESH_TEST_CONSUL": consul},
-    )
+    env = _tools(session)
+    session.run("pytest", "-m", "not soak", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
 def soak(session: nox.Session) -> None:
     """Long soak tests, kept out of the default run."""
     session.install("-e", ".[test]")
-    consul = _consul(session)
-    session.run("pytest", "-m", "soak", *session.posargs, env={"MESH_TEST_CONSUL": consul})
+    session.run("pytest", "-m", "soak", *session.posargs, env=_tools(session))
 
 
 @nox.session(python=PYTHON)
@@ -80,13 +89,13 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against bare httpx (docs/performance.md); `-- --quick` only proves they run."""
     session.install("-e", ".[test]")
-    consul = _consul(session)
-    session.run("python", "bench/perf.py", *session.posargs, env={"MESH_TEST_CONSUL": consul})
+    env = _tools(session, "consul")
+    session.run("python", "bench/perf.py", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
 def chaos(session: nox.Session) -> None:
     """Chaos scenarios on loopback, counting lost requests; `-- --quick` shortens them."""
     session.install("-e", ".[test]")
-    consul = _consul(session)
-    session.run("python", "bench/chaos.py", *session.posargs, env={"MESH_TEST_CONSUL": consul})
+    env = _tools(session, "consul")
+    session.run("python", "bench/chaos.py", *session.posargs, env=env)

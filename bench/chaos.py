@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import shutil
 import tempfile
 import threading
@@ -212,9 +211,9 @@ class _PersistentConsul:
 
 
 def _consul_binary() -> str:
-    from consul_binary import find_consul
+    from tools import find_tool
 
-    return os.environ.get("MESH_TEST_CONSUL") or find_consul()
+    return find_tool("consul")  # honours MESH_TEST_CONSUL
 
 
 def _register(agent: Any, name: str, server: PlainServer) -> None:

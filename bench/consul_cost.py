@@ -122,9 +122,9 @@ def worker(address: str, names: list[str], idle: float, changes: list[str], time
 
 def _agent() -> Any:
     from consul_agent import ConsulAgent
-    from consul_binary import find_consul
+    from tools import find_tool
 
-    agent = ConsulAgent(os.environ.get("MESH_TEST_CONSUL") or find_consul())
+    agent = ConsulAgent(find_tool("consul"))
     agent.start()
     assert agent.pid is not None
     pin_server(agent.pid)

@@ -7,7 +7,7 @@ import pytest
 from meshlib import _runtime, security
 from meshlib.server import _instance
 
-pytest_plugins = ["backends", "consul_agent", "served"]
+pytest_plugins = ["missing_tools", "backends", "consul_agent", "served"]
 
 
 @pytest.fixture
@@ -30,5 +30,5 @@ def _no_mesh_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     for name in list(os.environ):
-        if name.startswith(("MESH_", "CONSUL_")) and name != "MESH_TEST_CONSUL":
+        if name.startswith(("MESH_", "CONSUL_")) and not name.startswith("MESH_TEST_"):
             monkeypatch.delenv(name)

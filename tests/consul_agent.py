@@ -9,7 +9,8 @@ comes back EMPTY after a restart, with a lower index than before.
 Fixtures:
 
 ``consul_bin`` (session)
-    Path of a consul binary from ``consul_binary.find_consul`` (found, cached or built).
+    Path of a consul binary from ``tools.find_tool`` (found, cached or built); without one
+    (no Go to build it) the tests that need it skip, saying how to get one.
 ``consul`` (session)
     One started ``ConsulAgent`` shared by most tests. Tests clean up what they register or
     write, or use unique names; they never stop it.
@@ -49,13 +50,12 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
-from consul_binary import ConsulUnavailable, find_consul
+from missing_tools import require_tool
 from polling import wait_until
 
 __all__ = ["ConsulAgent", "ConsulFactory", "register", "unique"]
@@ -373,15 +373,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def consul_bin(request: pytest.FixtureRequest) -> str:
+def consul_bin() -> str:
     """Path of a working consul binary (found, cached, or built on first use)."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    # A first build takes minutes: let its progress reach the terminal.
-    with capture.global_and_fixture_disabled() if capture is not None else nullcontext():
-        try:
-            return find_consul()
-        except ConsulUnavailable as exc:
-            pytest.fail(f"{exc}\n(deselect these tests with -m 'not consul')", pytrace=False)
+    return require_tool("consul")
 
 
 @pytest.fixture(scope="session")

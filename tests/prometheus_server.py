@@ -1,8 +1,10 @@
-"""Debian's real ``prometheus`` for the tests: scrapes given targets every second."""
+"""A real ``prometheus`` for the tests: scrapes given targets every second.
+
+The binary comes from ``tools.find_tool`` (PATH, the cache, or a Go build on first use).
+"""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import httpx
 
 from backends import free_port
+from missing_tools import require_tool
 from polling import wait_until
 
 
@@ -17,9 +20,7 @@ class Prometheus:
     """One ``prometheus`` process on a free loopback port, with its own TSDB."""
 
     def __init__(self, directory: Path, targets: dict[str, str], metrics_path: str) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            raise RuntimeError("prometheus is not installed (apt-get install prometheus)")
+        binary = require_tool("prometheus")
         self.port = free_port()
         config = directory / "prometheus.yml"
         jobs = "\n".join(

@@ -22,11 +22,15 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def test_consul_binary_script_prints_a_working_binary(consul_bin: str) -> None:
-    script = Path(__file__).with_name("consul_binary.py")
+def test_tools_script_prints_a_working_consul(consul_bin: str) -> None:
+    script = Path(__file__).with_name("tools.py")
 
     result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, str(script), "consul"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
 
     path = result.stdout.strip()

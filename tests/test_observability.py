@@ -5,9 +5,7 @@ traced into a real OTLP receiver, scraped by Debian's real Prometheus, shown by
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +20,7 @@ import pytest
 
 from backends import free_port
 from meshlib.security import LocalCA
+from missing_tools import require_tool
 from otlp_receiver import OtlpReceiver, Received
 from polling import wait_until
 from prometheus_server import Prometheus
@@ -34,15 +33,6 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "meshlib-dashboard.json"
 
 #: span kinds in the OTLP protobuf
 INTERNAL, SERVER, CLIENT = 1, 2, 3
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed (.ci/run installs it with apt-get)")
-        pytest.skip(f"{name} is not installed (apt-get install prometheus prometheus-alertmanager)")
-    return path
 
 
 class Chain:
@@ -104,7 +94,6 @@ def chain(otlp: OtlpReceiver) -> Iterator[Chain]:
 
 @pytest.fixture(scope="module")
 def prometheus(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    _tool("prometheus")
     server = Prometheus(
         tmp_path_factory.mktemp("prometheus"),
         {
@@ -442,7 +431,7 @@ def test_every_dashboard_query_is_valid_promql(prometheus: Prometheus) -> None:
 
 def test_alert_rules_pass_promtool() -> None:
     result = subprocess.run(
-        [_tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True
+        [require_tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 6 rules found" in result.stdout
@@ -452,7 +441,7 @@ def test_alert_rules_fire_on_the_series_they_are_written_for() -> None:
     # error rate, breaker open, certificate expiring, retry budget exhausted; each also
     # checked not to fire early (deploy/prometheus/meshlib-alerts.test.yml)
     result = subprocess.run(
-        [_tool("promtool"), "test", "rules", str(RULES.with_suffix(".test.yml"))],
+        [require_tool("promtool"), "test", "rules", str(RULES.with_suffix(".test.yml"))],
         capture_output=True,
         text=True,
     )
@@ -462,7 +451,7 @@ def test_alert_rules_fire_on_the_series_they_are_written_for() -> None:
 
 def test_alertmanager_config_passes_amtool() -> None:
     result = subprocess.run(
-        [_tool("amtool"), "check-config", str(ALERTMANAGER)], capture_output=True, text=True
+        [require_tool("amtool"), "check-config", str(ALERTMANAGER)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout

@@ -11,7 +11,6 @@ import logging
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from meshlib.telemetry import prometheus_text, record_certificate_expiry
 from meshlib.telemetry._export import MetricsListener, otlp_metrics
 from meshlib.telemetry._inbound import peer_service
 from meshlib.telemetry._metrics import REGISTRY, Registry
+from missing_tools import require_tool
 
 SERVICES = "weather=127.0.0.1:8001,127.0.0.1:8002"
 
@@ -244,11 +244,7 @@ def test_transport_errors_are_labelled_by_error_type() -> None:
 
 
 def test_exposition_passes_promtool_check_metrics() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed")
-        pytest.skip("promtool is not installed")
+    promtool = require_tool("promtool")
     with client(lambda r: httpx.Response(200)) as c:
         c.get("http://weather/")
     record_certificate_expiry(2_000_000_000.0, "gateway")
