@@ -536,6 +536,7 @@ def test_a_prometheus_that_does_not_scrape_the_canary_is_refused(
         tmp_path_factory.mktemp("only-v1"), {"v1": shop.addresses["v1"]}, "/mesh/metrics"
     )
     try:
+        wait_until(lambda: only_v1.value('up{job="v1"}') == 1, timeout=30, what="v1 scraped")
         result = shop.run("start", shop.service, "--canary", "v2", "--prometheus", only_v1.url)
     finally:
         only_v1.stop()

@@ -184,7 +184,8 @@ class PrometheusSource:
             up = [t for t in mine if t.get("health") == "up"]
             if not up:
                 where = ", ".join(addresses) or "no instances in Consul"
-                state = "scrapes none of them" if not mine else "cannot scrape them (down)"
+                health = ", ".join(sorted({str(t.get("health")) for t in mine}))
+                state = "scrapes none of them" if not mine else f"has them {health}, not up"
                 raise RolloutError(
                     f"Prometheus at {self.url} {state}: the targets of {service} {version} "
                     f"({where}) must be scraped from /mesh/metrics (docs/rollouts.md)"
