@@ -19,7 +19,14 @@ from polling import wait_until
 class Prometheus:
     """One ``prometheus`` process on a free loopback port, with its own TSDB."""
 
-    def __init__(self, directory: Path, targets: dict[str, str], metrics_path: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        targets: dict[str, str],
+        metrics_path: str,
+        *,
+        scrape_interval: str = "1s",
+    ) -> None:
         binary = require_tool("prometheus")
         self.port = free_port()
         config = directory / "prometheus.yml"
@@ -30,7 +37,8 @@ class Prometheus:
             for job, address in targets.items()
         )
         config.write_text(
-            f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}\n"
+            f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: 1s\n"
+            f"scrape_configs:\n{jobs}\n"
         )
         self.proc = subprocess.Popen(
             [

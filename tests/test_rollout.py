@@ -1,9 +1,11 @@
-"""``meshlib rollout`` against real parts: a Consul agent, three ``meshlib serve`` apps
-(v1, a healthy v2, a v3 answering 503 half the time) scraped every second by Debian's
-Prometheus, and the controller run as the real command in its own process.
+"""``meshlib rollout`` against real parts: a Consul agent, four ``meshlib serve`` apps
+(v1, a healthy v2, a v3 answering 503 half the time, and a v4 a test makes fail on demand)
+scraped every 250 ms by a real Prometheus, and the controller run as the real command in
+its own process (or, where a test must act at the moment a weight moves, in this one).
 
-Traffic goes straight to every instance's address the whole time (a bounded loop on
-loopback), so Prometheus sees each version whatever the splitter's weights are; the
+Traffic goes straight to v1, v2 and v3 the whole time (a bounded loop on loopback), so
+Prometheus sees each version whatever the splitter's weights are; v4 gets only the traffic
+of the test using it, which counts its own requests to compare with the controller's. The
 controller judges the canary on those metrics and writes Consul's service-splitter and
 service-router, which the tests read back from Consul.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -27,15 +30,19 @@ import pytest
 
 import meshlib
 from consul_agent import ConsulAgent, unique
+from meshlib import rollout
 from meshlib._config import load_config
-from meshlib.rollout import Measurement, Settings
-from meshlib.rollout._controller import begin, command, judge, routes
+from meshlib.rollout import Measurement, RolloutState, Settings
+from meshlib.rollout._controller import begin, command, judge, refusal, routes
+from meshlib.rollout._view import event_json
 from polling import wait_until
 from prometheus_server import Prometheus
 from served import Served
 
-#: Every check in these tests: 1 s apart, over the last 4 s of metrics (4 scrapes).
-FAST = ("--interval", "1s", "--window", "4s", "--max-p99", "5s")
+#: How often the tests' Prometheus scrapes.
+SCRAPE = 0.25
+#: Every check in these tests: 1 s apart, over the last 1 s of metrics (4 scrapes).
+FAST = ("--interval", "1s", "--window", "1s", "--max-p99", "5s")
 
 
 # --------------------------------------------------------------------------- the parts
@@ -70,10 +77,18 @@ class Traffic:
 class Mesh:
     """The service, its three versions, Prometheus, and the Consul agent."""
 
-    def __init__(self, consul: ConsulAgent, prometheus: Prometheus, service: str) -> None:
+    def __init__(
+        self,
+        consul: ConsulAgent,
+        prometheus: Prometheus,
+        service: str,
+        addresses: dict[str, str],
+    ) -> None:
         self.consul = consul
         self.prometheus = prometheus
         self.service = service
+        #: each version's instance, host:port
+        self.addresses = addresses
         self.env = {
             **os.environ,
             "CONSUL_HTTP_ADDR": consul.http_addr,
@@ -161,7 +176,7 @@ class Controller:
 @pytest.fixture(scope="module")
 def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     service = unique("shop")
-    versions = {"v1": "0", "v2": "0", "v3": "50"}
+    versions = {"v1": "0", "v2": "0", "v3": "50", "v4": "0"}
     apps = [
         Served(
             "canary_app:app",
@@ -180,14 +195,16 @@ def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         for app in apps:
             app.start()
+        addresses = {version: app.address for version, app in zip(versions, apps, strict=True)}
         prometheus = Prometheus(
             tmp_path_factory.mktemp("prometheus"),
-            {version: app.address for version, app in zip(versions, apps, strict=True)},
+            addresses,
             "/mesh/metrics",
+            scrape_interval=f"{SCRAPE * 1000:.0f}ms",
         )
-        traffic = Traffic([app.url for app in apps])
+        traffic = Traffic([app.url for app in apps[:3]])  # v4: only the test using it
         ready = prometheus
-        for version in versions:
+        for version in ("v1", "v2", "v3"):
             wait_until(
                 lambda v=version: (
                     (
@@ -203,11 +220,11 @@ def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 what=f"Prometheus to see {version}'s requests",
             )
         wait_until(
-            lambda: len(consul.get(f"/v1/health/service/{service}?passing=1")) == 3,
+            lambda: len(consul.get(f"/v1/health/service/{service}?passing=1")) == 4,
             timeout=60,
-            what="all three versions passing in Consul",
+            what="all four versions passing in Consul",
         )
-        yield Mesh(consul, prometheus, service)
+        yield Mesh(consul, prometheus, service, addresses)
     finally:
         if traffic is not None:
             traffic.stop()
@@ -229,7 +246,9 @@ def shop(mesh: Mesh) -> Iterator[Mesh]:
             "Kind": "service-resolver",
             "Name": s,
             "DefaultSubset": "v1",
-            "Subsets": {v: {"Filter": f"Service.Meta.version == {v}"} for v in ("v1", "v2", "v3")},
+            "Subsets": {
+                v: {"Filter": f"Service.Meta.version == {v}"} for v in ("v1", "v2", "v3", "v4")
+            },
         },
     )
     yield mesh
@@ -455,7 +474,7 @@ def test_a_missing_resolver_or_subset_is_refused_in_one_line(shop: Mesh) -> None
     assert unknown.returncode == 1
     assert unknown.stderr == (
         f"meshlib rollout: service-resolver '{shop.service}' has no subset 'v9' "
-        "(subsets: v1, v2, v3)\n"
+        "(subsets: v1, v2, v3, v4)\n"
     )
     assert shop.state() is None
 
@@ -479,58 +498,300 @@ def test_a_missing_resolver_or_subset_is_refused_in_one_line(shop: Mesh) -> None
     assert nothing.stderr.startswith(f"meshlib rollout: no rollout of '{shop.service}' in Consul")
 
 
-def test_an_unreachable_prometheus_makes_checks_inconclusive_not_failed(shop: Mesh) -> None:
-    controller = shop.controller(
-        "--canary", "v2", "--threshold", "1", "--json", *FAST, "--prometheus", "http://127.0.0.1:9"
+def test_an_unreachable_prometheus_is_refused_before_any_weight_moves(shop: Mesh) -> None:
+    result = shop.run(
+        "start", shop.service, "--canary", "v2", *FAST, "--prometheus", "http://127.0.0.1:9"
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "meshlib rollout: cannot query Prometheus at http://127.0.0.1:9"
+    )
+    assert result.stderr.endswith("; no weight was moved\n")
+    assert result.stderr.count("\n") == 1
+    assert shop.split() is None
+    assert shop.state() is None
+
+
+def test_an_interval_shorter_than_four_scrapes_is_refused_in_one_line(shop: Mesh) -> None:
+    short = shop.run("start", shop.service, "--canary", "v2", "--interval", "500ms")
+    assert short.returncode == 1
+    assert short.stderr == (
+        f"meshlib rollout: --interval 500ms is shorter than 4 scrapes of {shop.service} "
+        "(Prometheus scrapes it every 250ms): use --interval 1s or more, or scrape it more "
+        "often\n"
+    )
+    window = shop.run(
+        "start", shop.service, "--canary", "v2", "--interval", "1s", "--window", "750ms"
+    )
+    assert window.returncode == 1
+    assert "--window 750ms is shorter than 4 scrapes" in window.stderr
+    assert shop.split() is None
+    assert shop.state() is None
+
+
+def test_a_prometheus_that_does_not_scrape_the_canary_is_refused(
+    shop: Mesh, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    only_v1 = Prometheus(
+        tmp_path_factory.mktemp("only-v1"), {"v1": shop.addresses["v1"]}, "/mesh/metrics"
     )
     try:
-        checks = wait_until(
-            lambda: len(_events_of(controller, "check")) >= 2 and _events_of(controller, "check"),
+        wait_until(lambda: only_v1.value('up{job="v1"}') == 1, timeout=30, what="v1 scraped")
+        result = shop.run("start", shop.service, "--canary", "v2", "--prometheus", only_v1.url)
+    finally:
+        only_v1.stop()
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"meshlib rollout: Prometheus at {only_v1.url} scrapes none of them: the targets of "
+        f"{shop.service} v2 ({shop.addresses['v2']}) must be scraped from /mesh/metrics "
+        "(docs/rollouts.md)\n"
+    )
+    assert shop.split() is None
+
+
+def test_prometheus_stopped_mid_rollout_rolls_back_after_the_inconclusive_limit(
+    shop: Mesh, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    own = Prometheus(
+        tmp_path_factory.mktemp("stopped"),
+        {v: shop.addresses[v] for v in ("v1", "v2")},
+        "/mesh/metrics",
+        scrape_interval="250ms",
+    )
+    controller: Controller | None = None
+    try:
+        wait_until(
+            lambda: own.value('sum(up{job="v2"} offset 1s)') == 1,
             timeout=30,
-            what="two checks",
+            what="a second of scrapes",
         )
-        for check in checks:
-            assert check["verdict"] == "inconclusive"
-            assert check["metrics"]["error"].startswith(
-                "cannot query Prometheus at http://127.0.0.1:9"
-            )
-            assert (check["weight"], check["failed_checks"]) == (10, 0)
+        controller = shop.controller(
+            "--canary", "v2", "--step", "10", "--threshold", "2", "--json", *FAST,
+            "--prometheus", own.url,
+        )  # fmt: skip
+        wait_until(lambda: _events_of(controller, "check"), timeout=30, what="a first check")
+        own.stop()
+        code, err = controller.finish()
+    finally:
+        own.stop()
+        if controller is not None:
+            controller.kill()
+    assert code == 3, err
+    events = controller.events()
+    after = [e for e in events if e["verdict"] == "inconclusive"]
+    assert [e["inconclusive_checks"] for e in after][-2:] == [1, 2]
+    assert all("cannot query Prometheus" in e["metrics"]["error"] for e in after[-2:])
+    assert not [e for e in events if e["verdict"] == "failed"]
+    last = events[-1]
+    assert (last["event"], last["reason"], last["weight"]) == (
+        "rolled-back",
+        "inconclusive checks",
+        0,
+    )
+    assert last["message"].startswith("rolled back: 2 inconclusive checks in a row (cannot query")
+    assert shop.split() == {"v1": 100, "v2": 0}
+
+
+def test_a_splitter_consul_refuses_leaves_no_rollout_in_progress(shop: Mesh) -> None:
+    tcp = {"Kind": "service-defaults", "Name": shop.service, "Protocol": "tcp"}
+    assert shop.http("PUT", "/v1/config", json=tcp).status_code == 200
+    refused = shop.run("start", shop.service, "--canary", "v2", *FAST)
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1
+    assert 'Protocol = "http" in a service-defaults entry' in refused.stderr
+    assert shop.state() is None
+    assert shop.split() is None
+    status = shop.run("status", shop.service)
+    assert status.returncode == 1
+    assert status.stderr.startswith(f"meshlib rollout: no rollout of '{shop.service}' in Consul")
+
+    http = {**tcp, "Protocol": "http"}
+    assert shop.http("PUT", "/v1/config", json=http).status_code == 200
+    controller = shop.controller("--canary", "v2", "--json", "--interval", "1m")
+    try:
+        first = wait_until(controller.events, timeout=30, what="the first event")[0]
+        assert (first["event"], first["step"], first["weight"]) == ("started", 0, 10)
+    finally:
+        controller.kill()
+
+
+def test_commands_that_would_do_nothing_say_so_and_fail(shop: Mesh) -> None:
+    controller = shop.controller("--canary", "v2", "--json", "--interval", "1m")
+    try:
+        wait_until(controller.events, timeout=30, what="the rollout to start")
+        resume = shop.run("resume", shop.service)
+        assert resume.returncode == 1
+        assert resume.stderr == (
+            f"meshlib rollout: the rollout of '{shop.service}' is not paused (progressing at "
+            "10%): nothing to resume\n"
+        )
+        assert shop.run("pause", shop.service).returncode == 0
+        again = shop.run("pause", shop.service)
+        assert again.returncode == 1
+        assert again.stderr == (
+            f"meshlib rollout: the rollout of '{shop.service}' is already paused at 10%: "
+            "nothing to pause\n"
+        )
         assert shop.run("abort", shop.service).returncode == 0
         code, _ = controller.finish()
         assert code == 1
     finally:
         controller.kill()
-    assert controller.events()[-1]["event"] == "aborted"
-    assert shop.split() == {"v1": 100, "v2": 0}
-
-
-def test_without_http_protocol_the_splitter_error_says_what_to_set(
-    consul: ConsulAgent,
-) -> None:
-    service = unique("tcp")
-    resolver = {
-        "Kind": "service-resolver",
-        "Name": service,
-        "DefaultSubset": "v1",
-        "Subsets": {v: {"Filter": f"Service.Meta.version == {v}"} for v in ("v1", "v2")},
-    }
-    httpx.put(f"{consul.url}/v1/config", json=resolver, timeout=10)
-    env = {**os.environ, "CONSUL_HTTP_ADDR": consul.http_addr}
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "meshlib", "rollout", "start", service, "--canary", "v2"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+    for request in ("abort", "promote", "pause", "resume"):
+        late = shop.run(request, shop.service)
+        assert late.returncode == 1
+        assert late.stderr == (
+            f"meshlib rollout: the rollout of '{shop.service}' is already aborted: "
+            f"nothing to {request}\n"
         )
+    assert [e["event"] for e in controller.events()] == ["started", "paused", "aborted"]
+    history = [message for _, message in (shop.state() or {})["history"]]
+    assert history == ["started (canary): 10% of " + shop.service + " to v2", "paused at 10%",
+                       "aborted by the operator"]  # fmt: skip
+
+
+class Caller:
+    """Requests to one instance, about 100 a second, each remembered as (done at, status)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.done: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set() and len(self.done) < Traffic.CAP:
+                with contextlib.suppress(httpx.HTTPError):
+                    status = client.get(f"{self.url}/work").status_code
+                    self.done.append((time.time(), status))
+                self._stop.wait(0.01)  # pacing
+
+    def success_rate(self, start: float, end: float) -> tuple[float, int]:
+        """Percent not 5xx of the requests done in (start, end], and how many."""
+        seen = [status for at, status in list(self.done) if start < at <= end]
+        ok = sum(1 for status in seen if status < 500)
+        return (100.0 * ok / len(seen) if seen else math.nan), len(seen)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class Events:
+    """A ``View`` that keeps every event, and can act when the rollout starts."""
+
+    def __init__(self, on_start: Callable[[RolloutState], None] | None = None) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.on_start = on_start
+
+    def event(self, kind: str, state: RolloutState) -> None:
+        self.seen.append(event_json(kind, state))
+        if kind == "started" and self.on_start is not None:
+            self.on_start(state)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def v4(shop: Mesh) -> Iterator[tuple[Mesh, Caller]]:
+    """The shop with v4 healthy and its own caller; v4 healthy again afterwards."""
+    url = f"http://{shop.addresses['v4']}"
+    httpx.post(f"{url}/control", params={"fail": 0}, timeout=5).raise_for_status()
+    caller = Caller(url)
+    try:
+        wait_until(
+            lambda: (
+                (
+                    shop.prometheus.value(
+                        "sum(http_server_request_duration_seconds_count"
+                        f'{{service_name="{shop.service}",service_version="v4"}} offset 1s)'
+                    )
+                    or 0
+                )
+                > 0
+            ),
+            timeout=30,
+            what="a second of v4's requests in Prometheus",
+        )
+        yield shop, caller
     finally:
-        httpx.delete(f"{consul.url}/v1/kv/meshlib/rollouts/{service}?recurse", timeout=10)
-        httpx.delete(f"{consul.url}/v1/config/service-resolver/{service}", timeout=10)
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1
-    assert 'Protocol = "http" in a service-defaults entry' in result.stderr
+        caller.stop()
+        httpx.post(f"{url}/control", params={"fail": 0}, timeout=5)
+
+
+def test_a_canary_that_starts_failing_at_its_first_weight_never_passes_a_check(
+    v4: tuple[Mesh, Caller],
+) -> None:
+    """The hardest first check: the 5xx series is new, and only in the window's last scrapes.
+
+    Each repetition answers a status code v4 has never answered (a new series), starting
+    0.45 s before the first check, so the window's samples hold one or two scrapes of it:
+    ``increase()`` counted that as no errors at all, and passed the canary.
+    """
+    shop, caller = v4
+    url = f"http://{shop.addresses['v4']}"
+    consul = rollout.ConsulAPI(load_config({"CONSUL_HTTP_ADDR": shop.consul.http_addr}).consul)  # type: ignore[arg-type]
+    source = rollout.PrometheusSource(shop.prometheus.url)
+    options = rollout.Options(canary="v4", step=20, interval=1.0, max_p99=5.0, threshold=2)
+    checks: list[dict[str, Any]] = []
+    try:
+        for repetition in range(10):
+            status = 500 + repetition  # 500..509: a series new to Prometheus each time
+
+            def fail_before_the_first_check(state: RolloutState, status: int = status) -> None:
+                def flip() -> None:
+                    httpx.post(
+                        f"{url}/control",
+                        params={"fail": 50, "status": status, "period": 4, "tail": 1},
+                        timeout=5,
+                    ).raise_for_status()
+
+                threading.Timer(max(state.next_check - time.time() - 0.45, 0), flip).start()
+
+            events = Events(on_start=fail_before_the_first_check)
+            code = rollout.start(consul, source, shop.service, options, events)
+            httpx.post(f"{url}/control", params={"fail": 0}, timeout=5).raise_for_status()
+            run = [e for e in events.seen if e["event"] in ("check", "rolled-back")]
+            checks += run
+            assert code == 1, events.seen
+            assert events.seen[-1]["event"] == "rolled-back", events.seen
+            assert events.seen[-1]["reason"] == "failed checks"
+            assert [e["weight"] for e in events.seen if e["event"] == "check"] == [20]
+            assert shop.split() == {"v1": 100, "v4": 0}
+    finally:
+        source.close()
+        consul.close()
+    assert [e["verdict"] for e in checks] == ["failed"] * 20, checks
+    assert all(e["metrics"]["success_rate"] < 99 for e in checks)
+    assert caller.done  # the canary answered throughout
+
+
+def test_each_checks_success_rate_is_within_two_points_of_the_callers(
+    v4: tuple[Mesh, Caller],
+) -> None:
+    shop, caller = v4
+    url = f"http://{shop.addresses['v4']}"
+    # failures in runs of 30 of every 60 requests: a count over the wrong span shows it
+    httpx.post(f"{url}/control", params={"fail": 50, "period": 60}, timeout=5).raise_for_status()
+    wait_until(lambda: len(caller.done) > 300, timeout=30, what="a steady state")
+    controller = shop.controller(
+        "--canary", "v4", "--step", "20", "--min-success-rate", "0", "--json",
+        "--interval", "2s", "--max-p99", "5s",
+    )  # fmt: skip
+    code, err = controller.finish()
+    assert code == 0, err
+    checks = [e for e in controller.events() if e["verdict"] == "passed"]
+    assert len(checks) == 5
+    compared = []
+    for check in checks:
+        m = check["metrics"]
+        assert m["end"] - m["start"] == pytest.approx(2.0, abs=0.05)  # the whole window
+        rate, seen = caller.success_rate(m["start"], m["end"])
+        compared.append((m["success_rate"], round(rate, 2), m["requests"], seen))
+    assert all(abs(ours - theirs) <= 2 for ours, theirs, _, _ in compared), compared
 
 
 def test_an_unreachable_consul_and_bad_flags_are_one_line_each() -> None:
@@ -625,10 +886,58 @@ def test_a_window_without_requests_holds_the_weight() -> None:
 
 
 def test_a_failed_measurement_holds_the_weight_and_says_why() -> None:
-    state = begin("shop", _settings(threshold=1), now=0)
+    state = begin("shop", _settings(threshold=2), now=0)
     held = judge(state, Measurement(requests=0, error="cannot query Prometheus at x"), now=1)
     assert (held.phase, held.weight, held.failed_checks) == ("progressing", 10, 0)
-    assert held.message == "inconclusive: cannot query Prometheus at x; holding at 10%"
+    assert held.message == "inconclusive (1/2): cannot query Prometheus at x; holding at 10%"
+
+
+def test_inconclusive_checks_in_a_row_roll_back_at_the_threshold() -> None:
+    state = begin("shop", _settings(threshold=3), now=0)
+    nothing = Measurement(requests=0)
+    good = Measurement(requests=100, success_rate=100, p99=0.01)
+    state = judge(judge(state, nothing, now=1), nothing, now=2)
+    assert (state.phase, state.inconclusive_checks) == ("progressing", 2)
+    state = judge(state, good, now=3)  # a conclusive check ends the run
+    assert (state.inconclusive_checks, state.weight) == (0, 20)
+    for now in (4, 5, 6):
+        state = judge(state, nothing, now=now)
+    assert (state.phase, state.weight, state.reason) == ("rolled-back", 0, "inconclusive checks")
+    assert (
+        state.message
+        == "rolled back: 3 inconclusive checks in a row (no requests to v2 in the window)"
+    )
+
+
+def test_requests_without_a_success_rate_are_not_a_pass() -> None:
+    state = begin("shop", _settings(), now=0)
+    held = judge(state, Measurement(requests=50), now=1)
+    assert (held.verdict, held.step, held.weight) == ("inconclusive", 0, 10)
+    assert "no success rate for v2" in held.message
+
+
+def test_commands_that_would_do_nothing_are_refused_and_leave_no_event() -> None:
+    state = begin("shop", _settings(), now=0)
+    assert refusal(state, "resume") == (
+        "the rollout of 'shop' is not paused (progressing at 10%): nothing to resume"
+    )
+    assert command(state, "resume", now=1) == state
+    paused = command(state, "pause", now=1)
+    assert (
+        refusal(paused, "pause")
+        == "the rollout of 'shop' is already paused at 10%: nothing to pause"
+    )
+    assert command(paused, "pause", now=2).history == paused.history
+    done = command(paused, "abort", now=3)
+    assert (
+        refusal(done, "promote") == "the rollout of 'shop' is already aborted: nothing to promote"
+    )
+    assert done.reason == "operator"
+
+
+def test_events_keep_their_time() -> None:
+    state = judge(begin("shop", _settings(), now=100), Measurement(requests=0), now=130)
+    assert [when for when, _ in state.history] == [100, 130]
 
 
 def test_commands_pause_resume_promote_and_abort() -> None:
@@ -653,8 +962,11 @@ def test_blue_green_stays_at_zero_until_the_iterations_pass() -> None:
 
 
 def test_state_round_trips_through_json() -> None:
-    from meshlib.rollout import Match, RolloutState
+    from meshlib.rollout import Match
 
     state = begin("shop", _settings(mode="ab", match=Match("cookie", "beta", "1")), now=5)
     state = judge(state, Measurement(requests=3, success_rate=50.0, p99=None), now=6)
     assert RolloutState.from_json(json.loads(json.dumps(state.to_json()))) == state
+    # a state written before events had times still reads
+    older = {**state.to_json(), "history": ["started"]}
+    assert RolloutState.from_json(older).history == ((0.0, "started"),)

@@ -273,7 +273,11 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
         help="start a rollout (or resume the one in progress) and drive it to the end",
         description="Step the canary's share of the service-splitter, checking its metrics "
         "each interval; promote when the last check passes, roll back after --threshold "
-        "failed checks. Exit status 0 when promoted, 1 when rolled back or aborted.",
+        "failed checks or --threshold inconclusive checks in a row. Before any weight moves, "
+        "Prometheus must scrape the canary's and the stable version's instances, and "
+        "--interval and --window must span at least four of its scrapes. Exit status 0 when "
+        "promoted, 1 when rolled back on failed checks, aborted or refused, 3 when rolled "
+        "back because the checks stayed inconclusive (no data).",
     )
     start.add_argument("service", help="the service (its service-resolver names the subsets)")
     start.add_argument("--canary", required=True, help="the resolver subset of the new version")
@@ -299,9 +303,16 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
         default=10,
         help="blue-green, ab: checks that must pass before the switch (10)",
     )
-    start.add_argument("--interval", type=_seconds, default=30.0, help="time between checks (30s)")
     start.add_argument(
-        "--window", type=_seconds, help="range the metrics cover (default: the interval)"
+        "--interval",
+        type=_seconds,
+        default=30.0,
+        help="time between checks, at least four scrapes (30s)",
+    )
+    start.add_argument(
+        "--window",
+        type=_seconds,
+        help="range the metrics cover, at least four scrapes (default: the interval)",
     )
     start.add_argument(
         "--min-success-rate",
@@ -316,7 +327,7 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
         "--threshold",
         type=_bounded(int, 1, 1000),
         default=2,
-        help="failed checks before rolling back (2)",
+        help="failed checks, or inconclusive checks in a row, before rolling back (2)",
     )
     pin = start.add_mutually_exclusive_group()
     pin.add_argument(

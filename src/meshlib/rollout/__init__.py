@@ -6,7 +6,7 @@ Modules, one concept each:
 * ``_consul_entries``: the resolver read, the splitter and router written (check-and-set);
 * ``_state``: the rollout's record and its KV store (``meshlib/rollouts/<service>/state``);
 * ``_lock``: one controller per service (a Consul session and a KV lock);
-* ``_metrics``: ``MetricSource`` and the default ``PrometheusSource``;
+* ``_metrics``: ``MetricSource`` and the default ``PrometheusSource`` (a ``ScrapedSource``);
 * ``_controller``: the decisions, without I/O (begin, judge a check, operator commands);
 * ``_view``: a rich panel on a terminal, plain lines in a pipe, JSON lines for machines;
 * ``_run``: the controller loop and the commands, as the CLI calls them.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ._consul import ConsulAPI, ConsulUnavailable, MetricsUnavailable, RolloutError
 from ._consul_entries import Match
-from ._metrics import MetricSource, PrometheusSource
+from ._metrics import MetricSource, PrometheusSource, ScrapedSource
 from ._run import Options, run_command, start, status
 from ._state import Measurement, RolloutState, Settings
 from ._view import make_view
@@ -32,6 +32,7 @@ __all__ = [
     "PrometheusSource",
     "RolloutError",
     "RolloutState",
+    "ScrapedSource",
     "Settings",
     "make_view",
     "run_command",

@@ -22,6 +22,7 @@ __all__ = [
     "MANAGED_BY",
     "Match",
     "Resolver",
+    "instances",
     "read_resolver",
     "read_split",
     "remove_route",
@@ -94,6 +95,23 @@ def read_resolver(api: ConsulAPI, service: str) -> Resolver:
         for name, body in (entry.get("Subsets") or {}).items()
     }
     return Resolver(service, subsets, str(entry.get("DefaultSubset") or ""))
+
+
+def instances(api: ConsulAPI, resolver: Resolver, subset: str) -> list[str]:
+    """The ``host:port`` of every instance ``subset`` selects, healthy or not.
+
+    The subset's ``Filter`` is the same expression Consul's health endpoint filters with, so
+    these are the instances a client following the discovery chain reaches.
+    """
+    params = {"filter": resolver.subsets[subset]} if resolver.subsets.get(subset) else {}
+    path = f"/v1/health/service/{quote(resolver.service, safe='')}"
+    body, _ = api.call("GET", path, params=params)
+    found = []
+    for entry in body or ():
+        service = entry.get("Service") or {}
+        host = service.get("Address") or (entry.get("Node") or {}).get("Address") or ""
+        found.append(f"{host}:{service.get('Port')}")
+    return sorted(found)
 
 
 def read_split(api: ConsulAPI, service: str) -> dict[str, int] | None:

@@ -12,9 +12,14 @@ Observe -> judge -> adjust, one check per interval (Flagger's analysis, in the s
 
 A check fails when the success rate is below ``min_success_rate`` or the p99 latency is
 above ``max_p99``; after ``threshold`` failed checks (in total, as Flagger counts them) the
-canary is rolled back to 0. A window without a single request to the canary is
-*inconclusive*: it neither passes nor fails, the rollout holds its weight and checks again,
-because promoting on no evidence is as wrong as rolling back a healthy version at night.
+canary is rolled back to 0.
+
+No data is not good data. A check without a measurement that covers its window (no
+requests to the canary, a metric source that failed, samples that start after the window
+does) is *inconclusive*: it neither passes nor fails, and the rollout holds its weight and
+checks again. But a canary is never left on nothing for long: after ``threshold``
+inconclusive checks in a row it is rolled back too (Flagger halts on "no values found"
+likewise), because a version nobody can see is not a version to keep sending traffic to.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 
 from ._state import Measurement, Request, RolloutState, Settings
 
-__all__ = ["Routes", "begin", "command", "judge", "routes"]
+__all__ = ["Routes", "begin", "command", "judge", "refusal", "routes"]
 
 _HISTORY = 20
 
@@ -47,7 +52,7 @@ def routes(state: RolloutState) -> Routes:
 
 
 def _note(state: RolloutState, message: str, now: float, **changes: object) -> RolloutState:
-    history = (*state.history, message)[-_HISTORY:]
+    history = (*state.history, (now, message))[-_HISTORY:]
     return state.replace(message=message, updated=now, history=history, **changes)
 
 
@@ -70,8 +75,7 @@ def begin(service: str, settings: Settings, now: float) -> RolloutState:
     )
 
 
-def _passed(settings: Settings, m: Measurement) -> tuple[bool, str]:
-    success = m.success_rate if m.success_rate is not None else 100.0
+def _passed(settings: Settings, m: Measurement, success: float) -> tuple[bool, str]:
     shown = f"success {success:.2f}%"
     if m.p99 is not None:
         shown += f", p99 {m.p99 * 1000:.0f}ms"
@@ -83,25 +87,42 @@ def _passed(settings: Settings, m: Measurement) -> tuple[bool, str]:
     return True, shown
 
 
+def _missing(settings: Settings, m: Measurement) -> str | None:
+    """Why ``m`` cannot judge the canary, or None when it can."""
+    if m.error is not None:
+        return m.error
+    if m.requests <= 0:
+        return f"no requests to {settings.canary} in the window"
+    if m.success_rate is None:
+        return f"no success rate for {settings.canary} in the window"
+    return None
+
+
 def judge(state: RolloutState, m: Measurement, now: float) -> RolloutState:
     """The state after one check of a progressing rollout."""
     s = state.settings
     state = state.replace(last=m, next_check=now + s.interval)
-    if m.error is not None:
+    missing = _missing(s, m)
+    if missing is not None:
+        count = state.inconclusive_checks + 1
+        state = state.replace(inconclusive_checks=count, verdict="inconclusive")
+        if count >= s.threshold:
+            return _note(
+                state,
+                f"rolled back: {count} inconclusive checks in a row ({missing})",
+                now,
+                phase="rolled-back",
+                weight=0,
+                reason="inconclusive checks",
+            )
         return _note(
             state,
-            f"inconclusive: {m.error}; holding at {state.weight}%",
+            f"inconclusive ({count}/{s.threshold}): {missing}; holding at {state.weight}%",
             now,
-            verdict="inconclusive",
         )
-    if m.requests <= 0:
-        return _note(
-            state,
-            f"inconclusive: no requests to {s.canary} in the window; holding at {state.weight}%",
-            now,
-            verdict="inconclusive",
-        )
-    ok, shown = _passed(s, m)
+    assert m.success_rate is not None  # _missing says so
+    state = state.replace(inconclusive_checks=0)
+    ok, shown = _passed(s, m, m.success_rate)
     if not ok:
         failed = state.failed_checks + 1
         state = state.replace(failed_checks=failed, verdict="failed")
@@ -112,30 +133,57 @@ def judge(state: RolloutState, m: Measurement, now: float) -> RolloutState:
                 now,
                 phase="rolled-back",
                 weight=0,
+                reason="failed checks",
             )
         return _note(state, f"check failed ({failed}/{s.threshold}): {shown}", now)
     state = state.replace(step=state.step + 1, verdict="passed")
     if s.mode == "canary":
         if state.weight >= s.max_weight:
-            return _note(state, f"promoted: {shown}", now, phase="promoted", weight=100)
+            return _note(
+                state, f"promoted: {shown}", now, phase="promoted", weight=100, reason="promoted"
+            )
         weight = min(state.weight + s.step, s.max_weight)
         return _note(state, f"passed: {shown}; weight {weight}%", now, weight=weight)
     if state.step >= s.iterations:
         return _note(
-            state, f"promoted after {state.step} checks: {shown}", now, phase="promoted", weight=100
+            state,
+            f"promoted after {state.step} checks: {shown}",
+            now,
+            phase="promoted",
+            weight=100,
+            reason="promoted",
         )
     return _note(state, f"passed {state.step}/{s.iterations}: {shown}", now)
 
 
-def command(state: RolloutState, request: Request, now: float) -> RolloutState:
-    """The state after an operator's ``promote``, ``abort``, ``pause`` or ``resume``."""
-    state = state.replace(request=None)
+def refusal(state: RolloutState, request: Request) -> str | None:
+    """Why an operator's ``request`` would do nothing to ``state`` (None: it would act)."""
+    where = f"the rollout of {state.service!r}"
     if state.phase not in ("progressing", "paused"):
-        return _note(state, f"{request} ignored: the rollout is already {state.phase}", now)
+        return f"{where} is already {state.phase}: nothing to {request}"
+    if request == "resume" and state.phase != "paused":
+        return f"{where} is not paused (progressing at {state.weight}%): nothing to resume"
+    if request == "pause" and state.phase == "paused":
+        return f"{where} is already paused at {state.weight}%: nothing to pause"
+    return None
+
+
+def command(state: RolloutState, request: Request, now: float) -> RolloutState:
+    """The state after an operator's ``promote``, ``abort``, ``pause`` or ``resume``.
+
+    A request that would do nothing (``refusal``) only clears the request: no event.
+    """
+    state = state.replace(request=None)
+    if refusal(state, request) is not None:
+        return state
     if request == "promote":
-        return _note(state, "promoted by the operator", now, phase="promoted", weight=100)
+        return _note(
+            state, "promoted by the operator", now, phase="promoted", weight=100, reason="operator"
+        )
     if request == "abort":
-        return _note(state, "aborted by the operator", now, phase="aborted", weight=0)
+        return _note(
+            state, "aborted by the operator", now, phase="aborted", weight=0, reason="operator"
+        )
     if request == "pause":
         return _note(state, f"paused at {state.weight}%", now, phase="paused")
     return _note(

@@ -6,6 +6,15 @@ the state says. Between checks it waits on a blocking query of the state key, so
 ``pause`` or ``abort`` typed in another terminal is acted on at once. Routing is
 re-applied from the state on every start, so a controller killed between writing the state
 and the splitter leaves nothing half done.
+
+State only after the write: each change writes the routing first and the state after it,
+so a write Consul refuses (a splitter for a service without ``Protocol = "http"``) or that
+fails leaves the state as it was, and ``status`` never shows a weight no splitter carries.
+
+Before the first weight moves, ``start`` asks the metric source (Prometheus) whether it
+scrapes the canary's and the stable version's instances and how often, and refuses an
+interval or window shorter than four scrapes (``MIN_SCRAPES``): fewer samples than that
+measure the scrape timing more than the canary.
 """
 
 from __future__ import annotations
@@ -23,24 +32,35 @@ from ._consul import ConsulAPI, ConsulUnavailable, MetricsUnavailable, RolloutEr
 from ._consul_entries import (
     Match,
     Resolver,
+    instances,
     read_resolver,
     read_split,
     remove_route,
     write_route,
     write_split,
 )
-from ._controller import begin, command, judge, routes
+from ._controller import begin, command, judge, refusal, routes
 from ._lock import ControllerLock
-from ._metrics import MetricSource
+from ._metrics import MetricSource, ScrapedSource, format_seconds
 from ._state import ACTIVE, Measurement, Mode, Request, RolloutState, Settings, StateStore
 from ._view import View, event_json
 
-__all__ = ["Options", "apply_routes", "run_command", "start", "status"]
+__all__ = [
+    "MIN_SCRAPES",
+    "Options",
+    "apply_routes",
+    "exit_status",
+    "run_command",
+    "start",
+    "status",
+]
 
 #: How long a command waits for a running controller to take it.
 COMMAND_TIMEOUT = 30.0
 #: How long a controller rides out an unreachable Consul before it gives up.
 CONSUL_OUTAGE = 60.0
+#: A check's window (and the interval between checks) spans at least this many scrapes.
+MIN_SCRAPES = 4
 #: The event each operator command produces.
 _EVENT = {"promote": "promoted", "abort": "aborted", "pause": "paused", "resume": "resumed"}
 
@@ -139,6 +159,53 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise _Stopped
 
 
+def exit_status(state: RolloutState) -> int:
+    """``start``'s exit status: 0 promoted, 3 rolled back on inconclusive checks, else 1."""
+    if state.phase == "promoted":
+        return 0
+    return 3 if state.reason == "inconclusive checks" else 1
+
+
+def _preflight(
+    api: ConsulAPI, source: MetricSource, resolver: Resolver, settings: Settings
+) -> Settings:
+    """Check the source sees both versions, and that the checks span four scrapes."""
+    if not isinstance(source, ScrapedSource):
+        return settings
+    versions = {
+        resolver.version(subset): instances(api, resolver, subset)
+        for subset in (settings.stable, settings.canary)
+    }
+    try:
+        scrape = source.scrape_interval(resolver.service, versions)
+    except MetricsUnavailable as exc:
+        raise RolloutError(f"{exc}; no weight was moved") from None
+    least = MIN_SCRAPES * scrape
+    for flag, value in (("--interval", settings.interval), ("--window", settings.window)):
+        if value < least - 1e-9:
+            raise RolloutError(
+                f"{flag} {format_seconds(value)} is shorter than {MIN_SCRAPES} scrapes of "
+                f"{resolver.service} (Prometheus scrapes it every {format_seconds(scrape)}): "
+                f"use {flag} {format_seconds(least)} or more, or scrape it more often"
+            )
+    return settings.replace(scrape_interval=scrape)
+
+
+def _commit(api: ConsulAPI, store: StateStore, new: RolloutState, index: int) -> bool:
+    """Routing first, then the state (check-and-set); False when the state changed meanwhile.
+
+    Nothing is saved if a routing write fails. If the state changed meanwhile, the routing
+    goes back to what the stored state says, and the caller reads it again.
+    """
+    apply_routes(api, new)
+    if store.save(new, index):
+        return True
+    current, _ = store.load()
+    if current is not None:
+        apply_routes(api, current)
+    return False
+
+
 def start(
     api: ConsulAPI,
     source: MetricSource,
@@ -149,7 +216,7 @@ def start(
     err: TextIO = sys.stderr,
     clock: Callable[[], float] = time.time,
 ) -> int:
-    """Run (or resume) the rollout of ``service``; 0 when promoted, 1 otherwise."""
+    """Run (or resume) the rollout of ``service``; its exit status (``exit_status``)."""
     resolver = read_resolver(api, service)
     store = StateStore(api, service)
     lock = ControllerLock(api, service)
@@ -170,19 +237,22 @@ def start(
                     f"abort it before starting one to {options.canary!r}"
                 )
             kind = "resumed"
+            settings = _preflight(api, source, resolver, state.settings)
             state = state.replace(
+                settings=settings,
                 message=f"resumed at step {state.step}, weight {state.weight}%",
                 updated=clock(),
             )
         else:
             kind = "started"
-            state = begin(service, _settings(api, service, options, resolver), clock())
-        if not store.save(state, index):
+            settings = _settings(api, service, options, resolver)
+            settings = _preflight(api, source, resolver, settings)
+            state = begin(service, settings, clock())
+        if not _commit(api, store, state, index):
             raise RolloutError(f"the rollout state of {service!r} changed while starting")
-        apply_routes(api, state)
         view.event(kind, state)
         state = _drive(api, source, store, lock, view, clock, err)
-        return 0 if state.phase == "promoted" else 1
+        return exit_status(state)
     except (KeyboardInterrupt, _Stopped):
         current, _ = store.load()
         if current is not None and current.phase in ACTIVE:
@@ -241,8 +311,7 @@ def _tick(
         raise RolloutError("the rollout state was deleted from Consul; stopping")
     if state.request is not None:
         new = command(state, state.request, clock())
-        if store.save(new, index):
-            apply_routes(api, new)
+        if _commit(api, store, new, index) and new.message != state.message:
             view.event(_EVENT[state.request], new)
         return None
     if state.phase not in ACTIVE:
@@ -260,8 +329,7 @@ def _tick(
     except MetricsUnavailable as exc:
         measured = Measurement(requests=0.0, error=str(exc))
     new = judge(state, measured, clock())
-    if store.save(new, index):  # else: changed meanwhile; read it again and decide anew
-        apply_routes(api, new)
+    if _commit(api, store, new, index):  # else: changed meanwhile; read it again, decide anew
         view.event("check" if new.phase in ACTIVE else new.phase, new)
     return None
 
@@ -280,19 +348,24 @@ def run_command(
     store = StateStore(api, service)
     state, index = store.load()
     if state is None:
-        raise RolloutError(f"no rollout of {service!r} in Consul at {api.address}")
-    if state.phase not in ACTIVE:
-        raise RolloutError(f"the rollout of {service!r} is already {state.phase}")
+        raise RolloutError(
+            f"no rollout of {service!r} in Consul at {api.address}: nothing to {request}"
+        )
+    refused = refusal(state, request)
+    if refused is not None:
+        raise RolloutError(refused)
     lock = ControllerLock(api, service)
     holder = lock.acquire()
     if holder is None:  # no controller running: carry the command out here
         try:
             state, index = store.load()
             assert state is not None
+            refused = refusal(state, request)
+            if refused is not None:
+                raise RolloutError(refused)
             new = command(state, request, clock())
-            if not store.save(new, index):
+            if not _commit(api, store, new, index):
                 raise RolloutError(f"the rollout state of {service!r} changed meanwhile; retry")
-            apply_routes(api, new)
             view.event(_EVENT[request], new)
         finally:
             lock.release()
@@ -339,9 +412,14 @@ def status(api: ConsulAPI, service: str, *, json_lines: bool, out: TextIO = sys.
         f"mode:       {s.mode} ({s.stable} -> {s.canary}, version {s.canary_version})",
         f"phase:      {state.phase}",
         f"weight:     {state.weight}%",
-        f"checks:     {state.step} passed, {state.failed_checks}/{s.threshold} failed",
+        f"checks:     {state.step} passed, {state.failed_checks}/{s.threshold} failed, "
+        f"{state.inconclusive_checks}/{s.threshold} inconclusive in a row",
     ]
-    if m is not None:
+    if s.scrape_interval:
+        lines.append(f"scrapes:    every {format_seconds(s.scrape_interval)}")
+    if m is not None and m.error is not None:
+        lines.append(f"metrics:    {m.error}")
+    elif m is not None:
         lines.append(
             f"metrics:    {m.requests:.0f} requests, success "
             + ("-" if m.success_rate is None else f"{m.success_rate:.2f}%")

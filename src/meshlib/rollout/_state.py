@@ -57,19 +57,35 @@ class Settings:
     iterations: int = 5
     min_success_rate: float = 99.0
     max_p99: float | None = 0.5
+    #: failed checks in total, and inconclusive checks in a row, before rolling back
     threshold: int = 2
     match: Match | None = None
+    #: seconds between Prometheus's scrapes of the canary's and stable's targets (0: unknown,
+    #: a metric source that has no scrapes)
+    scrape_interval: float = 0.0
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """The canary's metrics over one window. ``requests == 0``: nothing to judge."""
+    """The canary's metrics over one window.
+
+    Only a measurement with ``requests > 0``, a ``success_rate`` and no ``error`` can pass
+    or fail a check; anything less is inconclusive (no data is not good data).
+    """
 
     requests: float
     success_rate: float | None = None  # percent
     p99: float | None = None  # seconds
-    #: why nothing could be measured (the metric source failed)
+    #: why nothing (or not enough) could be measured: the source failed, or its data does
+    #: not cover the window
     error: str | None = None
+    #: the span the counts cover, as the source's sample times (seconds since the epoch)
+    start: float | None = None
+    end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,8 @@ class RolloutState:
     #: checks passed so far (canary: steps taken; blue/green, A/B: iterations passed)
     step: int = 0
     failed_checks: int = 0
+    #: inconclusive checks in a row (a check that passes or fails resets it)
+    inconclusive_checks: int = 0
     last: Measurement | None = None
     verdict: str = ""
     message: str = ""
@@ -91,7 +109,10 @@ class RolloutState:
     next_check: float = 0.0
     #: an operator's command waiting for the controller
     request: Request | None = None
-    history: tuple[str, ...] = field(default=())
+    #: why the rollout ended: "promoted", "failed checks", "inconclusive checks", "operator"
+    reason: str = ""
+    #: the latest events, ``(time, message)``
+    history: tuple[tuple[float, str], ...] = field(default=())
 
     def replace(self, **changes: Any) -> RolloutState:
         """A copy with ``changes``."""
@@ -100,7 +121,7 @@ class RolloutState:
     def to_json(self) -> dict[str, Any]:
         """The JSON document kept in KV (and printed by ``status --json``)."""
         data = dataclasses.asdict(self)
-        data["history"] = list(self.history)
+        data["history"] = [list(entry) for entry in self.history]
         return data
 
     @classmethod
@@ -115,7 +136,10 @@ class RolloutState:
             **fields,
             settings=settings,
             last=Measurement(**last) if last else None,
-            history=tuple(data.get("history") or ()),
+            history=tuple(
+                (0.0, entry) if isinstance(entry, str) else (float(entry[0]), str(entry[1]))
+                for entry in data.get("history") or ()
+            ),
         )
 
 

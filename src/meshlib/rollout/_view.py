@@ -45,6 +45,7 @@ def event_json(kind: str, state: RolloutState) -> dict[str, Any]:
         "weight": state.weight,
         "step": state.step,
         "failed_checks": state.failed_checks,
+        "inconclusive_checks": state.inconclusive_checks,
         "threshold": s.threshold,
         "verdict": state.verdict or None,
         "metrics": None
@@ -54,8 +55,13 @@ def event_json(kind: str, state: RolloutState) -> dict[str, Any]:
             "success_rate": m.success_rate,
             "p99_seconds": m.p99,
             "error": m.error,
+            # the span of the samples the counts come from (seconds since the epoch)
+            "start": m.start,
+            "end": m.end,
         },
         "message": state.message,
+        # why the rollout ended (promoted, failed checks, inconclusive checks, operator)
+        "reason": state.reason or None,
     }
 
 
@@ -128,7 +134,8 @@ class RichView:
         goal = f"{s.iterations} checks" if s.mode != "canary" else f"max {s.max_weight}%"
         grid.add_row(
             "checks",
-            f"{state.step} passed ({goal}), {state.failed_checks}/{s.threshold} failed",
+            f"{state.step} passed ({goal}), {state.failed_checks}/{s.threshold} failed, "
+            f"{state.inconclusive_checks}/{s.threshold} inconclusive in a row",
         )
         m = state.last
         if m is not None:
@@ -147,7 +154,10 @@ class RichView:
         grid.add_row("limits", limits)
         if s.match is not None:
             grid.add_row("match", str(s.match))
-        events = "\n".join(state.history[-6:])
+        events = "\n".join(
+            f"{time.strftime('%H:%M:%S', time.localtime(when))}  {message}" if when else message
+            for when, message in state.history[-6:]
+        )
         title = f"rollout {state.service}: {s.stable} -> {s.canary} ({s.mode})"
         return Panel(Group(grid, "", events), title=title, expand=False)
 
