@@ -19,6 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import meshlib
 from backends import BackendFactory
@@ -93,6 +97,54 @@ def client_context(
     return ctx
 
 
+def odd_leaf(
+    signer: x509.Certificate, signer_key: ec.EllipticCurvePrivateKey, uris: list[str]
+) -> tuple[bytes, bytes]:
+    """A client leaf with exactly these URI SANs, signed by a real CA key (PEM cert, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
+        .issuer_name(signer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
+    )
+    if uris:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+            critical=False,
+        )
+    cert = builder.sign(signer_key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def context_for(cert_pem: bytes, key_pem: bytes, roots_pem: str) -> ssl.SSLContext:
+    """A client SSL context presenting ``cert_pem`` and trusting ``roots_pem``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=roots_pem)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "c.pem").write_bytes(cert_pem)
+        (Path(tmp) / "k.pem").write_bytes(key_pem)
+        ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
+    return ctx
+
+
 # ----------------------------------------------------------------------------- both directions
 
 
@@ -130,6 +182,78 @@ def test_a_certificate_from_another_ca_is_refused(
     with pytest.raises(httpx.TransportError), httpx.Client(verify=ctx) as client:
         client.get(f"https://127.0.0.1:{served.port}/hello", timeout=5)
     assert handled(served, ca_dir) == 0
+
+
+GATEWAY = f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/gateway"
+UNIDENTIFIED = {
+    "an agent's SPIFFE ID": [f"spiffe://{TRUST_DOMAIN}/agent/client/dc/dc1/id/node1"],
+    "a mesh gateway's SPIFFE ID": [f"spiffe://{TRUST_DOMAIN}/gateway/mesh/dc/dc1"],
+    "another trust domain": ["spiffe://other.test/ns/default/dc/dc1/svc/gateway"],
+    "two URI SANs": [GATEWAY, f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/admin"],
+    "no URI SAN": [],
+}
+
+
+@pytest.mark.parametrize("mode", ["strict", "permissive"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_mesh_signed_certificate_without_a_service_identity_is_refused_before_the_handler(
+    serve: ServedFactory, ca_dir: Path, target: str, mode: str
+) -> None:
+    served = serve(target, server_env(ca_dir, mode=mode))
+    signer, key, roots = LocalCA(ca_dir).signer()
+    for case, uris in UNIDENTIFIED.items():
+        ctx = context_for(*odd_leaf(signer, key, uris), roots.decode())
+        with httpx.Client(verify=ctx) as client:
+            try:
+                answer = client.get(f"https://127.0.0.1:{served.port}/peer", timeout=5)
+            except httpx.TransportError:
+                continue  # refused at the TLS layer
+            raise AssertionError(f"{case}: answered {answer.status_code} {answer.text}")
+    assert handled(served, ca_dir) == 0
+    wait_until(
+        lambda: served.output.count(b"refused a TLS connection") >= len(UNIDENTIFIED),
+        what="the refusals in the server's log",
+    )
+    assert b"is not of the trust domain 'meshlib.test'" in served.output
+    assert b"has 2 URI SANs, expected one" in served.output
+    # the same CA's service identity is still a caller
+    ctx = context_for(*odd_leaf(signer, key, [GATEWAY]), roots.decode())
+    with httpx.Client(verify=ctx) as client:
+        assert client.get(f"https://127.0.0.1:{served.port}/peer").json() == {"peer": GATEWAY}
+
+
+def test_a_client_refuses_a_server_certificate_with_several_uris(
+    ca_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    signer, key, roots = LocalCA(ca_dir).signer()
+    hello = f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/hello"
+    cert_pem, key_pem = odd_leaf(signer, key, [hello, GATEWAY])
+    (tmp_path / "c.pem").write_bytes(cert_pem)
+    (tmp_path / "k.pem").write_bytes(key_pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    server_ctx.load_verify_locations(cadata=roots.decode())
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = server_ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{server.server_port}")
+        with meshlib.Client() as client, pytest.raises(meshlib.IdentityMismatch):
+            client.get("http://hello/", extensions={"meshlib": {"retries": 0}})
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -18,13 +18,14 @@ from ._egress import EgressPolicy
 from ._intentions import ChainAuthorizer, ConsulAuthorizer
 from ._local_ca import LocalCA
 from ._material import LocalSource, MaterialSource, TlsMaterial
-from ._spiffe import SpiffeId, from_peercert
+from ._spiffe import NoServiceIdentity, SpiffeId, from_peercert
 
 __all__ = [
     "Authorizer",
     "Decision",
     "EgressPolicy",
     "LocalCA",
+    "NoServiceIdentity",
     "Security",
     "SpiffeId",
     "TlsContexts",

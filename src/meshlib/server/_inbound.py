@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from .. import __version__
+from .._logsafe import escaped
 from .._status import LOOPBACK, status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
@@ -162,6 +163,20 @@ class Inbound:
             "faults_from": self.faults.source if faults.active else None,
         }
 
+    def unproven(self, method: str, path: str, reason: str) -> LocalResponse:
+        """403 for a caller whose certificate proves no service identity of the mesh.
+
+        Such a caller is not an unidentified (plaintext) one: it is refused in every mode.
+        """
+        logger.warning(
+            "denied %s %s from a certificate without a mesh identity to %s: %s",
+            escaped(method),
+            escaped(path),
+            self.service,
+            escaped(reason),
+        )
+        return json_response(403, {"error": "forbidden", "detail": reason})
+
     def admit(self, request: InboundRequest) -> LocalResponse | Admitted:
         """A LocalResponse to send instead of running the app, or the request's admission.
 
@@ -175,11 +190,11 @@ class Inbound:
             if not decision.allowed:
                 logger.warning(
                     "denied %s %s from %s to %s: %s",
-                    request.method,
-                    request.path,
+                    escaped(request.method),
+                    escaped(request.path),
                     request.peer or "an unidentified caller",
-                    self.instance.config.service_name,
-                    decision.reason,
+                    self.service,
+                    escaped(decision.reason),
                 )
                 return json_response(403, {"error": "forbidden", "detail": decision.reason})
         budget = parse_deadline_header(request.headers.get(DEADLINE_HEADER))

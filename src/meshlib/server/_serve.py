@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
 import os
 import signal
@@ -35,7 +36,8 @@ from types import FrameType
 from typing import Any
 
 from .._config import MeshConfig, load_config
-from ..security import TlsContexts, security_for
+from .._logsafe import escaped
+from ..security import NoServiceIdentity, TlsContexts, security_for
 from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
 from ._instance import Instance, share_drain_with_workers
@@ -44,6 +46,8 @@ from ._wsgi import WSGIMiddleware
 __all__ = ["ServeError", "asgi_factory", "load_app", "serve"]
 
 _TARGET_ENV = "MESHLIB_SERVE_TARGET"
+
+logger = logging.getLogger("meshlib.tls")
 
 
 class ServeError(Exception):
@@ -299,11 +303,27 @@ class _SniffingContext:
         finally:
             sock.settimeout(None)
         if first == b"\x16":
-            return self._tls.server.wrap_socket(sock, **kwargs)
+            wrapped = self._tls.server.wrap_socket(sock, **kwargs)  # the handshake runs here
+            try:
+                self._tls.caller(wrapped.getpeercert())
+            except NoServiceIdentity as exc:
+                logger.warning(
+                    "refused a TLS connection from %s: %s", _peername(wrapped), escaped(str(exc))
+                )
+                wrapped.close()
+                raise OSError(f"TLS connection refused: {exc}") from None
+            return wrapped
         if self._tls.mode == "strict":
             sock.close()
             raise OSError("plaintext connection refused (MESH_TLS=strict)")
         return sock
+
+
+def _peername(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
 
 
 def _throwaway_key() -> bytes:
