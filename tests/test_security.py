@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import ssl
 import stat
 import subprocess
@@ -19,13 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import meshlib
 from backends import BackendFactory
+from certs import context_for, odd_leaf
 from meshlib.security import LocalCA, SpiffeId
 from meshlib.security._local_ca import issue_leaf
 from polling import wait_until
@@ -90,54 +88,6 @@ def client_context(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata=(ca_dir / "roots.pem").read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "c.pem").write_bytes(cert_pem)
-        (Path(tmp) / "k.pem").write_bytes(key_pem)
-        ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
-    return ctx
-
-
-def odd_leaf(
-    signer: x509.Certificate, signer_key: ec.EllipticCurvePrivateKey, uris: list[str]
-) -> tuple[bytes, bytes]:
-    """A client leaf with exactly these URI SANs, signed by a real CA key (PEM cert, key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
-        .issuer_name(signer.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            critical=False,
-        )
-    )
-    if uris:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
-            critical=False,
-        )
-    cert = builder.sign(signer_key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
-def context_for(cert_pem: bytes, key_pem: bytes, roots_pem: str) -> ssl.SSLContext:
-    """A client SSL context presenting ``cert_pem`` and trusting ``roots_pem``."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(cadata=roots_pem)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "c.pem").write_bytes(cert_pem)
         (Path(tmp) / "k.pem").write_bytes(key_pem)
@@ -457,6 +407,57 @@ def test_no_key_certificate_or_token_reaches_the_logs(
     assert "issued a leaf for spiffe://" in logs
     for secret in ("PRIVATE KEY", "BEGIN CERTIFICATE", "s3cr3t-token"):
         assert secret not in logs
+
+
+def test_ca_init_refuses_an_existing_directory_others_can_write(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(0o777)
+    created = subprocess.run(
+        [sys.executable, "-m", "meshlib", "ca", "init", "--dir", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert created.returncode == 1
+    assert created.stderr.count("\n") == 1
+    assert "is writable by others (mode 0777)" in created.stderr
+    assert not (directory / "root-key.pem").exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "mode", "message"),
+    [
+        ("", 0o777, "is writable by others (mode 0777)"),
+        ("", 0o720, "is writable by others (mode 0720)"),
+        ("root-key.pem", 0o640, "can be read or written by others (mode 0640"),
+        ("root-key.pem", 0o604, "can be read or written by others (mode 0604"),
+    ],
+)
+def test_a_ca_others_can_change_or_read_stops_start_up_with_one_line(
+    ca_dir: Path, path: str, mode: int, message: str
+) -> None:
+    (ca_dir / path).chmod(mode)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
+        **server_env(ca_dir),
+    }
+    started = subprocess.run(
+        [sys.executable, "-m", "meshlib", "serve", "fastapi_app:app", "--port", "0"],
+        cwd=Path(__file__).with_name("apps"),
+        env={**env, "PYTHONPATH": str(Path(__file__).with_name("apps"))},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode != 0
+    assert "Traceback" not in started.stderr
+    errors = [line for line in started.stderr.splitlines() if "MESH_TLS_DIR" in line]
+    assert len(errors) == 1, started.stderr
+    assert f"MESH_TLS_DIR='{ca_dir}'" in errors[0]
+    assert message in errors[0]
 
 
 def test_mesh_tls_without_a_ca_stops_start_up_with_one_line(

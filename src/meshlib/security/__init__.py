@@ -16,7 +16,7 @@ from ._authz import Authorizer, Decision, LocalAuthorizer
 from ._contexts import TlsContexts
 from ._egress import EgressPolicy
 from ._intentions import ChainAuthorizer, ConsulAuthorizer
-from ._local_ca import LocalCA
+from ._local_ca import LocalCA, UnsafeCADirectory
 from ._material import LocalSource, MaterialSource, TlsMaterial
 from ._spiffe import NoServiceIdentity, SpiffeId, from_peercert
 
@@ -89,6 +89,8 @@ def _source(config: MeshConfig) -> MaterialSource:
         raise ConfigError(
             f"MESH_TLS={config.tls!r}: expected a CA in MESH_TLS_DIR={config.tls_dir!r} ({exc})"
         ) from None
+    except UnsafeCADirectory as exc:
+        raise ConfigError(f"MESH_TLS_DIR={config.tls_dir!r}: {exc}") from None
     identity = SpiffeId(info.trust_domain, config.service_name, config.datacenter)
     return LocalSource(ca, identity, config.tls_leaf_ttl)
 
