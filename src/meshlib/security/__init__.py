@@ -7,6 +7,7 @@ servers built from the same configuration.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -34,6 +35,8 @@ __all__ = [
     "security_for",
 ]
 
+logger = logging.getLogger("meshlib.authz")
+
 
 class Security:
     """This process's TLS contexts, egress policy and authorizer."""
@@ -52,9 +55,22 @@ class Security:
         self._consul_authz: ConsulAuthorizer | None = None
         if self.tls is not None and config.discovery == "consul" and config.consul is not None:
             assert config.service_name is not None
+            assert self.trust_domain is not None
+            allow = config.unidentified_callers == "allow"
             self._consul_authz = ConsulAuthorizer(
-                config.consul, config.service_name, config.intentions_cache
+                config.consul,
+                config.service_name,
+                config.intentions_cache,
+                trust_domain=self.trust_domain,
+                datacenter=config.datacenter,
+                allow_unidentified=allow,
             )
+            if allow:
+                logger.warning(
+                    "MESH_UNIDENTIFIED_CALLERS=allow: callers without a client certificate "
+                    "reach %s without an intentions check",
+                    config.service_name,
+                )
             self.authorizer = ChainAuthorizer(local, self._consul_authz)
 
     @property
