@@ -250,6 +250,60 @@ def test_l7_intentions_decide_per_path_and_method(
         assert client.post(f"http://{hello}/hello").status_code == 403
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_l7_header_rules_and_the_app_read_a_repeated_header_alike(
+    serve: ServedFactory, agent: ConsulAgent, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    hello = unique("hello")
+    agent.put("/v1/config", {"Kind": "service-defaults", "Name": hello, "Protocol": "http"})
+    agent.put(
+        "/v1/config",
+        {
+            "Kind": "service-intentions",
+            "Name": hello,
+            "Sources": [
+                {
+                    "Name": "gateway",
+                    "Permissions": [
+                        {
+                            "Action": "allow",
+                            "HTTP": {
+                                "PathPrefix": "/header/",
+                                "Header": [{"Name": "x-role", "Exact": "reader"}],
+                            },
+                        },
+                        {
+                            "Action": "allow",
+                            "HTTP": {
+                                "PathPrefix": "/header/",
+                                "Header": [{"Name": "x-team", "Prefix": "blue"}],
+                            },
+                        },
+                        {"Action": "deny", "HTTP": {"PathPrefix": "/"}},
+                    ],
+                }
+            ],
+        },
+    )
+    serve(target, mesh_env(agent, hello))
+    wait_until(lambda: agent.get(f"/v1/health/connect/{hello}?passing=1"), what="hello")
+    as_client(monkeypatch, agent, "gateway")
+    with meshlib.Client() as client:
+        one = client.get(f"http://{hello}/header/x-role", headers={"x-role": "reader"})
+        assert one.json() == {"value": "reader"}
+        # The rule reads "admin,reader" (Envoy's view), which is not "reader": the app,
+        # which would read "admin" first, never runs.
+        two = client.get(
+            f"http://{hello}/header/x-role", headers=[("x-role", "admin"), ("x-role", "reader")]
+        )
+        assert two.status_code == 403
+        # Allowed on "blue,red": the app is given that same value, not "blue" alone.
+        teams = client.get(
+            f"http://{hello}/header/x-team", headers=[("x-team", "blue"), ("x-team", "red")]
+        )
+        assert teams.json() == {"value": "blue,red"}
+
+
 def test_a_consul_ca_root_rotation_reaches_the_processes_without_a_failed_request(
     serve: ServedFactory, agent: ConsulAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:

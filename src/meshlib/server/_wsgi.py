@@ -80,11 +80,15 @@ class WSGIMiddleware:
         if path.startswith(RESERVED_PREFIX):
             answer = self.inbound.reserved(method, path, environ.get("REMOTE_ADDR"))
             return _local(start_response, answer)
+        # The server already joined a repeated header (gunicorn: with ",", as Envoy does).
         headers = {
             key[5:].replace("_", "-").lower(): value
             for key, value in environ.items()
             if key.startswith("HTTP_")
         }
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):  # WSGI keeps these two unprefixed
+            if environ.get(key):
+                headers[key.replace("_", "-").lower()] = environ[key]
         inbound = self.inbound
         try:
             peer = _peer(environ, self._tls)
