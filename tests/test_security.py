@@ -267,6 +267,24 @@ def test_a_caller_that_is_not_allowed_gets_403_and_the_handler_never_runs(
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_a_path_cannot_forge_a_line_in_the_servers_log(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir, MESH_ALLOWED_CALLERS="gateway,auditor"))
+    as_client(monkeypatch, ca_dir, "intruder", f"hello=127.0.0.1:{served.port}")
+    forged = f"INFO allowed GET /admin from {GATEWAY}"
+    with meshlib.Client() as client:
+        path = "/hello%0D%0A" + forged.replace(" ", "%20") + "%1B[2J"
+        assert client.get(f"http://hello{path}").status_code == 403
+    wait_until(lambda: b"denied GET /hello" in served.output, what="the denial in the log")
+    lines = served.output.decode(errors="replace").splitlines()
+    assert not [line for line in lines if line.startswith("INFO allowed")], lines
+    denial = next(line for line in lines if "denied GET /hello" in line)
+    assert f"denied GET /hello\\r\\n{forged}\\x1b[2J from spiffe://" in denial
+    assert "\x1b" not in served.output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_a_permissive_server_serves_mtls_and_plaintext_on_one_port(
     serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
