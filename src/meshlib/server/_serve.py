@@ -20,6 +20,7 @@ Shutdown (SIGTERM, or Ctrl-C) runs the drain sequence of a zero-downtime deploy:
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
 import logging
@@ -291,7 +292,11 @@ def _gunicorn_tls(tls: TlsContexts) -> dict[str, Any]:
 
 
 class _SniffingContext:
-    """Duck-types ``SSLContext.wrap_socket`` for gunicorn (see ``_gunicorn_tls``)."""
+    """Duck-types ``SSLContext.wrap_socket`` for gunicorn (see ``_gunicorn_tls``).
+
+    A refused connection raises ``ECONNRESET``, which gunicorn logs at debug level only:
+    the refusal's own line is enough, without a traceback per connection.
+    """
 
     def __init__(self, tls: TlsContexts) -> None:
         self._tls = tls
@@ -311,11 +316,11 @@ class _SniffingContext:
                     "refused a TLS connection from %s: %s", _peername(wrapped), escaped(str(exc))
                 )
                 wrapped.close()
-                raise OSError(f"TLS connection refused: {exc}") from None
+                raise OSError(errno.ECONNRESET, f"TLS connection refused: {exc}") from None
             return wrapped
         if self._tls.mode == "strict":
             sock.close()
-            raise OSError("plaintext connection refused (MESH_TLS=strict)")
+            raise OSError(errno.ECONNRESET, "plaintext connection refused (MESH_TLS=strict)")
         return sock
 
 
