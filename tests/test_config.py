@@ -64,6 +64,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_ALLOWED_CALLERS": ("gateway,Bad Name", "'Bad Name' is not a service name"),
     "MESH_DENIED_CALLERS": ("x y", "'x y' is not a service name"),
     "MESH_INTENTIONS_CACHE": ("0", "a duration"),
+    "MESH_UNIDENTIFIED_CALLERS": ("deny", "one of intentions, allow"),
     "MESH_RATE_LIMIT": ("100 per second", "a rate as '<count>/s'"),
     "MESH_RATE_LIMIT_PER_SOURCE": ("5/s:burst=0", "burst in '5/s:burst=0' is not a whole"),
     "MESH_MAX_CONCURRENT_REQUESTS": ("0", "a whole number from 1 to 1000000"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import ssl
 import stat
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 import meshlib
 from backends import BackendFactory
+from certs import context_for, odd_leaf
 from meshlib.security import LocalCA, SpiffeId
 from meshlib.security._local_ca import issue_leaf
 from polling import wait_until
@@ -132,6 +134,78 @@ def test_a_certificate_from_another_ca_is_refused(
     assert handled(served, ca_dir) == 0
 
 
+GATEWAY = f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/gateway"
+UNIDENTIFIED = {
+    "an agent's SPIFFE ID": [f"spiffe://{TRUST_DOMAIN}/agent/client/dc/dc1/id/node1"],
+    "a mesh gateway's SPIFFE ID": [f"spiffe://{TRUST_DOMAIN}/gateway/mesh/dc/dc1"],
+    "another trust domain": ["spiffe://other.test/ns/default/dc/dc1/svc/gateway"],
+    "two URI SANs": [GATEWAY, f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/admin"],
+    "no URI SAN": [],
+}
+
+
+@pytest.mark.parametrize("mode", ["strict", "permissive"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_mesh_signed_certificate_without_a_service_identity_is_refused_before_the_handler(
+    serve: ServedFactory, ca_dir: Path, target: str, mode: str
+) -> None:
+    served = serve(target, server_env(ca_dir, mode=mode))
+    signer, key, roots = LocalCA(ca_dir).signer()
+    for case, uris in UNIDENTIFIED.items():
+        ctx = context_for(*odd_leaf(signer, key, uris), roots.decode())
+        with httpx.Client(verify=ctx) as client:
+            try:
+                answer = client.get(f"https://127.0.0.1:{served.port}/peer", timeout=5)
+            except httpx.TransportError:
+                continue  # refused at the TLS layer
+            raise AssertionError(f"{case}: answered {answer.status_code} {answer.text}")
+    assert handled(served, ca_dir) == 0
+    wait_until(
+        lambda: served.output.count(b"refused a TLS connection") >= len(UNIDENTIFIED),
+        what="the refusals in the server's log",
+    )
+    assert b"is not of the trust domain 'meshlib.test'" in served.output
+    assert b"has 2 URI SANs, expected one" in served.output
+    # the same CA's service identity is still a caller
+    ctx = context_for(*odd_leaf(signer, key, [GATEWAY]), roots.decode())
+    with httpx.Client(verify=ctx) as client:
+        assert client.get(f"https://127.0.0.1:{served.port}/peer").json() == {"peer": GATEWAY}
+
+
+def test_a_client_refuses_a_server_certificate_with_several_uris(
+    ca_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    signer, key, roots = LocalCA(ca_dir).signer()
+    hello = f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/hello"
+    cert_pem, key_pem = odd_leaf(signer, key, [hello, GATEWAY])
+    (tmp_path / "c.pem").write_bytes(cert_pem)
+    (tmp_path / "k.pem").write_bytes(key_pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    server_ctx.load_verify_locations(cadata=roots.decode())
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = server_ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{server.server_port}")
+        with meshlib.Client() as client, pytest.raises(meshlib.IdentityMismatch):
+            client.get("http://hello/", extensions={"meshlib": {"retries": 0}})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_an_expired_certificate_is_refused(serve: ServedFactory, ca_dir: Path, target: str) -> None:
     served = serve(target, server_env(ca_dir))
@@ -190,6 +264,24 @@ def test_a_caller_that_is_not_allowed_gets_403_and_the_handler_never_runs(
     as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{served.port}")
     with meshlib.Client() as client:
         assert client.get("http://hello/hello").status_code == 200
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_path_cannot_forge_a_line_in_the_servers_log(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir, MESH_ALLOWED_CALLERS="gateway,auditor"))
+    as_client(monkeypatch, ca_dir, "intruder", f"hello=127.0.0.1:{served.port}")
+    forged = f"INFO allowed GET /admin from {GATEWAY}"
+    with meshlib.Client() as client:
+        path = "/hello%0D%0A" + forged.replace(" ", "%20") + "%1B[2J"
+        assert client.get(f"http://hello{path}").status_code == 403
+    wait_until(lambda: b"denied GET /hello" in served.output, what="the denial in the log")
+    lines = served.output.decode(errors="replace").splitlines()
+    assert not [line for line in lines if line.startswith("INFO allowed")], lines
+    denial = next(line for line in lines if "denied GET /hello" in line)
+    assert f"denied GET /hello\\r\\n{forged}\\x1b[2J from spiffe://" in denial
+    assert "\x1b" not in served.output.decode(errors="replace")
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -333,6 +425,57 @@ def test_no_key_certificate_or_token_reaches_the_logs(
     assert "issued a leaf for spiffe://" in logs
     for secret in ("PRIVATE KEY", "BEGIN CERTIFICATE", "s3cr3t-token"):
         assert secret not in logs
+
+
+def test_ca_init_refuses_an_existing_directory_others_can_write(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(0o777)
+    created = subprocess.run(
+        [sys.executable, "-m", "meshlib", "ca", "init", "--dir", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert created.returncode == 1
+    assert created.stderr.count("\n") == 1
+    assert "is writable by others (mode 0777)" in created.stderr
+    assert not (directory / "root-key.pem").exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "mode", "message"),
+    [
+        ("", 0o777, "is writable by others (mode 0777)"),
+        ("", 0o720, "is writable by others (mode 0720)"),
+        ("root-key.pem", 0o640, "can be read or written by others (mode 0640"),
+        ("root-key.pem", 0o604, "can be read or written by others (mode 0604"),
+    ],
+)
+def test_a_ca_others_can_change_or_read_stops_start_up_with_one_line(
+    ca_dir: Path, path: str, mode: int, message: str
+) -> None:
+    (ca_dir / path).chmod(mode)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
+        **server_env(ca_dir),
+    }
+    started = subprocess.run(
+        [sys.executable, "-m", "meshlib", "serve", "fastapi_app:app", "--port", "0"],
+        cwd=Path(__file__).with_name("apps"),
+        env={**env, "PYTHONPATH": str(Path(__file__).with_name("apps"))},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode != 0
+    assert "Traceback" not in started.stderr
+    errors = [line for line in started.stderr.splitlines() if "MESH_TLS_DIR" in line]
+    assert len(errors) == 1, started.stderr
+    assert f"MESH_TLS_DIR='{ca_dir}'" in errors[0]
+    assert message in errors[0]
 
 
 def test_mesh_tls_without_a_ca_stops_start_up_with_one_line(

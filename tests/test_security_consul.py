@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -9,12 +10,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 import meshlib
 from backends import Backend, BackendFactory, free_port
+from certs import context_for, odd_leaf
 from consul_agent import ConsulAgent, register, unique
 from polling import wait_until
 from served import ServedFactory
+
+TARGETS = ["fastapi_app:app", "flask_app:app"]
 
 DEFAULT_PORT_SERVICES = ("fastapi_app:app",)
 
@@ -242,6 +250,60 @@ def test_l7_intentions_decide_per_path_and_method(
         assert client.post(f"http://{hello}/hello").status_code == 403
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_l7_header_rules_and_the_app_read_a_repeated_header_alike(
+    serve: ServedFactory, agent: ConsulAgent, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    hello = unique("hello")
+    agent.put("/v1/config", {"Kind": "service-defaults", "Name": hello, "Protocol": "http"})
+    agent.put(
+        "/v1/config",
+        {
+            "Kind": "service-intentions",
+            "Name": hello,
+            "Sources": [
+                {
+                    "Name": "gateway",
+                    "Permissions": [
+                        {
+                            "Action": "allow",
+                            "HTTP": {
+                                "PathPrefix": "/header/",
+                                "Header": [{"Name": "x-role", "Exact": "reader"}],
+                            },
+                        },
+                        {
+                            "Action": "allow",
+                            "HTTP": {
+                                "PathPrefix": "/header/",
+                                "Header": [{"Name": "x-team", "Prefix": "blue"}],
+                            },
+                        },
+                        {"Action": "deny", "HTTP": {"PathPrefix": "/"}},
+                    ],
+                }
+            ],
+        },
+    )
+    serve(target, mesh_env(agent, hello))
+    wait_until(lambda: agent.get(f"/v1/health/connect/{hello}?passing=1"), what="hello")
+    as_client(monkeypatch, agent, "gateway")
+    with meshlib.Client() as client:
+        one = client.get(f"http://{hello}/header/x-role", headers={"x-role": "reader"})
+        assert one.json() == {"value": "reader"}
+        # The rule reads "admin,reader" (Envoy's view), which is not "reader": the app,
+        # which would read "admin" first, never runs.
+        two = client.get(
+            f"http://{hello}/header/x-role", headers=[("x-role", "admin"), ("x-role", "reader")]
+        )
+        assert two.status_code == 403
+        # Allowed on "blue,red": the app is given that same value, not "blue" alone.
+        teams = client.get(
+            f"http://{hello}/header/x-team", headers=[("x-team", "blue"), ("x-team", "red")]
+        )
+        assert teams.json() == {"value": "blue,red"}
+
+
 def test_a_consul_ca_root_rotation_reaches_the_processes_without_a_failed_request(
     serve: ServedFactory, agent: ConsulAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,3 +355,148 @@ def test_a_consul_ca_root_rotation_reaches_the_processes_without_a_failed_reques
         thread.join(60)
     print(f"\nConsul CA rotation under load: {len(ok)} requests, {len(failures)} failed")
     assert failures == []
+
+
+# ----------------------------------------------------------------------------- who may enter
+
+
+def connect_ca_with_known_key(
+    agent: ConsulAgent,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, str]:
+    """Make Connect's CA sign with a root whose key the test holds (Consul's own API).
+
+    Consul's leaf API signs only service identities; an agent's or a gateway's certificate
+    from the same CA is what a real part of the mesh can hold, so the test signs one itself.
+    Returns the root, its key and the trust domain.
+    """
+    trust_domain = agent.get("/v1/agent/connect/ca/roots")["TrustDomain"]
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test root")])
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    root_pem = root.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    agent.put(
+        "/v1/connect/ca/configuration",
+        {
+            "Provider": "consul",
+            "Config": {
+                "PrivateKey": key_pem,
+                "RootCert": root_pem,
+                "PrivateKeyType": "ec",
+                "PrivateKeyBits": 256,
+            },
+        },
+    )
+
+    def active() -> bool:
+        roots = agent.get("/v1/agent/connect/ca/roots")["Roots"]
+        return any(r["Active"] and r["RootCert"].strip() == root_pem.strip() for r in roots)
+
+    wait_until(active, timeout=30, what="the test's root to sign")
+    return root, key, trust_domain
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_connect_signed_certificate_without_a_service_identity_never_passes_intentions(
+    serve: ServedFactory, agent: ConsulAgent, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    root, key, trust_domain = connect_ca_with_known_key(agent)
+    hello = unique("hello")
+    intention(agent, "*", hello, "deny")
+    intention(agent, "auditor", hello, "allow")
+    served = serve(target, mesh_env(agent, hello))
+    wait_until(lambda: agent.get(f"/v1/health/connect/{hello}?passing=1"), what="hello")
+    roots = "".join(r["RootCert"] for r in agent.get("/v1/agent/connect/ca/roots")["Roots"])
+    port = served.port
+    for uri in (
+        f"spiffe://{trust_domain}/agent/client/dc/dc1/id/node1",
+        f"spiffe://{trust_domain}/gateway/mesh/dc/dc1",
+        "spiffe://other.consul/ns/default/dc/dc1/svc/auditor",
+    ):
+        ctx = context_for(*odd_leaf(root, key, [uri]), roots)
+        with httpx.Client(verify=ctx) as client:
+            try:
+                answer = client.get(f"https://127.0.0.1:{port}/peer", timeout=5)
+            except httpx.TransportError:
+                continue  # refused at the TLS layer
+            raise AssertionError(f"{uri}: answered {answer.status_code} {answer.text}")
+    assert handled_as_auditor(monkeypatch, agent, hello) == 0
+    assert b"plaintext caller" not in served.output
+    # the test's root really is the one the server trusts: a service leaf from it is a caller
+    auditor = f"spiffe://{trust_domain}/ns/default/dc/dc1/svc/auditor"
+    with httpx.Client(verify=context_for(*odd_leaf(root, key, [auditor]), roots)) as client:
+        assert client.get(f"https://127.0.0.1:{port}/peer").json() == {"peer": auditor}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_permissive_mode_judges_a_plaintext_caller_like_the_wildcard_source(
+    serve: ServedFactory, agent: ConsulAgent, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    hello = unique("hello")
+    intention(agent, "*", hello, "deny")
+    intention(agent, "auditor", hello, "allow")
+    served = serve(target, mesh_env(agent, hello, MESH_TLS="permissive"))
+    wait_until(lambda: agent.get(f"/v1/health/connect/{hello}?passing=1"), what="hello")
+    plain = httpx.get(f"{served.url}/peer", timeout=5)
+    assert plain.status_code == 403
+    assert "DENY" in plain.json()["detail"]
+    wait_until(
+        lambda: b"denied GET /peer from an unidentified caller" in served.output, what="the log"
+    )
+    assert handled_as_auditor(monkeypatch, agent, hello) == 0
+    # a wildcard allow lets plaintext in again: the same rule as for any unnamed caller
+    intention(agent, "*", hello, "allow")
+    wait_until(
+        lambda: httpx.get(f"{served.url}/peer", timeout=5).status_code == 200,
+        timeout=15,
+        what="the wildcard allow to apply",
+    )
+
+
+def test_the_old_rule_for_plaintext_callers_is_an_explicit_setting_warned_at_start(
+    serve: ServedFactory, agent: ConsulAgent
+) -> None:
+    hello = unique("hello")
+    intention(agent, "*", hello, "deny")
+    served = serve(
+        "fastapi_app:app",
+        mesh_env(agent, hello, MESH_TLS="permissive", MESH_UNIDENTIFIED_CALLERS="allow"),
+    )
+    assert b"MESH_UNIDENTIFIED_CALLERS=allow" in served.output
+    assert httpx.get(f"{served.url}/peer", timeout=5).json() == {"peer": None}

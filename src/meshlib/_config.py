@@ -834,6 +834,17 @@ VARIABLES: tuple[Variable, ...] = (
         _duration,
     ),
     Variable(
+        "MESH_UNIDENTIFIED_CALLERS",
+        "intentions",
+        "allow",
+        "one of intentions, allow",
+        "With Consul intentions: how a caller without a client certificate (plaintext, "
+        "`MESH_TLS=permissive`) is judged. `intentions`: like the `*` source of the "
+        "intentions, so Consul's default intention policy holds; `allow`: let it through "
+        "unchecked, as meshlib did before (a warning is logged at start).",
+        _choice("intentions", "allow"),
+    ),
+    Variable(
         "MESH_EGRESS",
         "allow",
         "deny",
@@ -1135,6 +1146,7 @@ class MeshConfig:
     allowed_callers: frozenset[str] | None = None
     denied_callers: frozenset[str] = frozenset()
     intentions_cache: float = 2.0
+    unidentified_callers: Literal["intentions", "allow"] = "intentions"
     egress: Literal["allow", "deny"] = "allow"
     egress_allow: tuple[str, ...] = ()
     access_log: Literal["off", "json"] = "off"
@@ -1262,6 +1274,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         allowed_callers=get("MESH_ALLOWED_CALLERS"),
         denied_callers=get("MESH_DENIED_CALLERS") or frozenset(),
         intentions_cache=get("MESH_INTENTIONS_CACHE") or 2.0,
+        unidentified_callers=get("MESH_UNIDENTIFIED_CALLERS") or "intentions",
         egress=get("MESH_EGRESS") or "allow",
         egress_allow=get("MESH_EGRESS_ALLOW") or (),
         access_log=get("MESH_ACCESS_LOG") or "off",

@@ -45,3 +45,9 @@ async def peer(request: Request) -> dict[str, Any]:
     HANDLED["count"] += 1
     identity = meshlib.peer_identity(request)
     return {"peer": None if identity is None else str(identity)}
+
+
+@app.get("/header/{name}")
+async def header(name: str, request: Request) -> dict[str, Any]:
+    HANDLED["count"] += 1
+    return {"value": request.headers.get(name)}

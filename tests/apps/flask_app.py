@@ -46,3 +46,9 @@ def peer() -> dict[str, Any]:
     HANDLED["count"] += 1
     identity = meshlib.peer_identity(request)
     return {"peer": None if identity is None else str(identity)}
+
+
+@app.get("/header/<name>")
+def header(name: str) -> dict[str, Any]:
+    HANDLED["count"] += 1
+    return {"value": request.headers.get(name)}

@@ -7,6 +7,7 @@ servers built from the same configuration.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -16,15 +17,16 @@ from ._authz import Authorizer, Decision, LocalAuthorizer
 from ._contexts import TlsContexts
 from ._egress import EgressPolicy
 from ._intentions import ChainAuthorizer, ConsulAuthorizer
-from ._local_ca import LocalCA
+from ._local_ca import LocalCA, UnsafeCADirectory
 from ._material import LocalSource, MaterialSource, TlsMaterial
-from ._spiffe import SpiffeId, from_peercert
+from ._spiffe import NoServiceIdentity, SpiffeId, from_peercert
 
 __all__ = [
     "Authorizer",
     "Decision",
     "EgressPolicy",
     "LocalCA",
+    "NoServiceIdentity",
     "Security",
     "SpiffeId",
     "TlsContexts",
@@ -32,6 +34,8 @@ __all__ = [
     "from_peercert",
     "security_for",
 ]
+
+logger = logging.getLogger("meshlib.authz")
 
 
 class Security:
@@ -51,9 +55,22 @@ class Security:
         self._consul_authz: ConsulAuthorizer | None = None
         if self.tls is not None and config.discovery == "consul" and config.consul is not None:
             assert config.service_name is not None
+            assert self.trust_domain is not None
+            allow = config.unidentified_callers == "allow"
             self._consul_authz = ConsulAuthorizer(
-                config.consul, config.service_name, config.intentions_cache
+                config.consul,
+                config.service_name,
+                config.intentions_cache,
+                trust_domain=self.trust_domain,
+                datacenter=config.datacenter,
+                allow_unidentified=allow,
             )
+            if allow:
+                logger.warning(
+                    "MESH_UNIDENTIFIED_CALLERS=allow: callers without a client certificate "
+                    "reach %s without an intentions check",
+                    config.service_name,
+                )
             self.authorizer = ChainAuthorizer(local, self._consul_authz)
 
     @property
@@ -88,6 +105,8 @@ def _source(config: MeshConfig) -> MaterialSource:
         raise ConfigError(
             f"MESH_TLS={config.tls!r}: expected a CA in MESH_TLS_DIR={config.tls_dir!r} ({exc})"
         ) from None
+    except UnsafeCADirectory as exc:
+        raise ConfigError(f"MESH_TLS_DIR={config.tls_dir!r}: {exc}") from None
     identity = SpiffeId(info.trust_domain, config.service_name, config.datacenter)
     return LocalSource(ca, identity, config.tls_leaf_ttl)
 

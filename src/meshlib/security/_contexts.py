@@ -24,9 +24,10 @@ import shutil
 import ssl
 import tempfile
 import threading
-from typing import Literal
+from typing import Any, Literal
 
 from ._material import MaterialSource, TlsMaterial
+from ._spiffe import SpiffeId, identity_of
 
 __all__ = ["TlsContexts"]
 
@@ -48,6 +49,22 @@ class TlsContexts:
         self.base_server = self._server_context(material)
         self.base_server.sni_callback = self._point_at_newest
         source.subscribe(self._rotate)
+
+    @property
+    def trust_domain(self) -> str:
+        """The mesh's trust domain: the one this process's own identity is of."""
+        return self.material.identity.trust_domain
+
+    def caller(self, cert: dict[str, Any] | None) -> SpiffeId | None:
+        """The identity a caller's verified certificate proves; None when it sent none.
+
+        Raises:
+            NoServiceIdentity: it sent a certificate that proves no service identity of
+                this trust domain (the server must refuse the connection).
+        """
+        if cert is None:
+            return None
+        return identity_of(cert, self.trust_domain)
 
     def _point_at_newest(
         self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, base: ssl.SSLContext

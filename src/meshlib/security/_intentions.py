@@ -7,6 +7,14 @@ the intention's HTTP permissions decide per request: they come from
 ``/v1/connect/intentions/match`` (cached likewise) and are evaluated in order, first match
 wins, no match denies -- as Envoy does for a Consul service with L7 intentions.
 
+A caller without a client certificate (plaintext, permissive mode) is judged like the ``*``
+source: Consul is asked about a source no intention can name (``UNIDENTIFIED``, a name no
+service can have), so a ``*`` intention, or else Consul's default intention policy (deny
+when ACLs default to deny), decides -- L7 permissions of ``*`` included. An identified
+caller that no intention names is judged the same way, so having no certificate never
+earns more than having one. ``MESH_UNIDENTIFIED_CALLERS=allow`` restores the old rule
+(unidentified callers pass unchecked) and is warned about at start.
+
 When Consul cannot be asked, the last answer for that caller is used, however old; with no
 answer at all the request is denied (fail closed).
 """
@@ -27,17 +35,33 @@ from .._config import ConsulSettings
 from ._authz import Authorizer, Decision
 from ._spiffe import SpiffeId
 
-__all__ = ["ChainAuthorizer", "ConsulAuthorizer"]
+__all__ = ["UNIDENTIFIED", "ChainAuthorizer", "ConsulAuthorizer"]
 
 logger = logging.getLogger("meshlib.authz")
+
+#: The source name an unidentified caller is asked about: ``~`` is in no service name
+#: (Consul's or a SPIFFE ID meshlib accepts), so only ``*`` intentions can match it.
+UNIDENTIFIED = "~unidentified"
 
 
 class ConsulAuthorizer:
     """Asks Consul whether a caller may call ``service``."""
 
-    def __init__(self, settings: ConsulSettings, service: str, ttl: float) -> None:
+    def __init__(
+        self,
+        settings: ConsulSettings,
+        service: str,
+        ttl: float,
+        *,
+        trust_domain: str,
+        datacenter: str = "dc1",
+        allow_unidentified: bool = False,
+    ) -> None:
         self.service = service
         self.ttl = ttl
+        self.allow_unidentified = allow_unidentified
+        #: whom Consul is asked about for a caller without a certificate
+        self.unidentified = SpiffeId(trust_domain, UNIDENTIFIED, datacenter)
         headers = {"X-Consul-Token": settings.token} if settings.token else {}
         verify: ssl.SSLContext | bool = True
         if settings.address.startswith("https://"):
@@ -59,7 +83,9 @@ class ConsulAuthorizer:
     ) -> Decision:
         """Consul's verdict for ``caller`` (its L7 permissions for this request if any)."""
         if caller is None:
-            return Decision(True, "plaintext caller (permissive mode): no identity to check")
+            if self.allow_unidentified:
+                return Decision(True, "unidentified caller allowed (MESH_UNIDENTIFIED_CALLERS)")
+            caller = self.unidentified
         authorized, reason = self._authorize(str(caller))
         if authorized:
             return Decision(True, reason)

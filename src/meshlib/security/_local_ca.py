@@ -9,6 +9,11 @@ process. Layout of the directory::
     root-key.pem   its private key (mode 0600)
     trust-domain   the trust domain, one line
 
+Whoever can write the directory can swap the roots, and whoever can read a key can sign
+any identity: a directory that anyone but its owner (or root) can write, or a key file
+anyone else can read or write, is refused (``UnsafeCADirectory``, one line) by ``init``,
+at start and at every renewal. ``init`` never adopts a loose directory that already exists.
+
 ``meshlib ca rotate`` makes a new signing root and keeps the old one in ``roots.pem``
 (overlap), so leaves of either root are accepted while processes pick up the new root;
 ``meshlib ca rotate --drop-old`` later removes the retired roots from the bundle.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +35,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._spiffe import SpiffeId
 
-__all__ = ["CaInfo", "LocalCA", "issue_leaf"]
+__all__ = ["CaInfo", "LocalCA", "UnsafeCADirectory", "issue_leaf"]
 
 ROOT_TTL = dt.timedelta(days=3650)
 _SKEW = dt.timedelta(minutes=1)
 _UTC = dt.UTC
+
+
+_KEYS = ("root-key.pem", "previous-root-key.pem")
+
+
+class UnsafeCADirectory(ValueError):
+    """Others than the CA's owner can write its directory, or read or write a key."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class LocalCA:
         if self.exists:
             raise FileExistsError(f"a CA already exists in {self.directory}")
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.check_private()  # a directory that existed keeps its mode: never adopt a loose one
         _write(self.directory / "trust-domain", trust_domain.encode() + b"\n", 0o644)
         cert, key = _new_root(trust_domain)
         self._install(cert, key, keep=())
@@ -112,6 +126,38 @@ class LocalCA:
         bundle = b"".join(_pem(c) for c in (cert, *keep))
         _write(self.directory / "roots.pem", bundle, 0o644)
 
+    def check_private(self) -> None:
+        """Raise ``UnsafeCADirectory`` unless only the owner can change the CA or read keys.
+
+        The directory and key files must belong to this user or root; the directory must
+        not be writable by group or others, and a key file must have no group or other bits.
+        """
+        allowed_owners = {os.getuid(), 0}
+        info = self.directory.stat()
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in allowed_owners:
+            raise UnsafeCADirectory(
+                f"the CA directory {self.directory} belongs to uid {info.st_uid}: expected "
+                "this user or root"
+            )
+        if mode & 0o022:
+            raise UnsafeCADirectory(
+                f"the CA directory {self.directory} is writable by others (mode {mode:04o}): "
+                "expected no group or other write permission (chmod go-w)"
+            )
+        for name in _KEYS:
+            try:
+                key = (self.directory / name).stat()
+            except FileNotFoundError:
+                continue
+            key_mode = stat.S_IMODE(key.st_mode)
+            if key.st_uid not in allowed_owners or key_mode & 0o077:
+                raise UnsafeCADirectory(
+                    f"the CA key {self.directory / name} can be read or written by others "
+                    f"(mode {key_mode:04o}, uid {key.st_uid}): expected mode 0600 and this "
+                    "user as its owner"
+                )
+
     def load_info(self) -> CaInfo:
         """Read the CA's public parts."""
         if not self.exists:
@@ -128,8 +174,10 @@ class LocalCA:
         """The root that signs now, its key, and the trust bundle (PEM).
 
         Raises ``ValueError`` when the files read are not consistent with each other (a
-        rotation is being written right now): the caller keeps what it has and reads again.
+        rotation is being written right now): the caller keeps what it has and reads again,
+        and ``UnsafeCADirectory`` when others can change the CA or read its keys.
         """
+        self.check_private()
         bundle = (self.directory / "roots.pem").read_bytes()
         previous = self.directory / "previous-root.pem"
         if time.time() < self._signing_after() and previous.exists():

@@ -21,7 +21,14 @@ from ..resilience._deadline import inbound_deadline
 from ..security import security_for
 from ..telemetry import asgi as telemetry_around
 from ._faults import FAULT_RESPONSE_HEADER
-from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
+from ._inbound import (
+    RESERVED_PREFIX,
+    Inbound,
+    InboundRequest,
+    LocalResponse,
+    Stage,
+    joined_headers,
+)
 from ._instance import Instance
 
 __all__ = ["ASGIMiddleware"]
@@ -85,7 +92,12 @@ class ASGIMiddleware:
             client = (scope.get("client") or (None,))[0]
             await _send_local(send, self.inbound.reserved(scope["method"], path, client))
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        raw = scope["headers"]
+        headers = joined_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
+        if len(headers) != len(raw):  # a header was repeated: the app sees what rules saw
+            scope["headers"] = [
+                (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+            ]
         # Set by the server's TLS layer (meshlib serve) from the verified certificate;
         # a scope from anywhere else has no peer.
         peer = scope.get("meshlib.peer")

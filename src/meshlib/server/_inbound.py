@@ -26,16 +26,23 @@ Before the application sees a request:
 Everything here is sans-IO: the middlewares translate their protocol to ``InboundRequest``
 and a ``LocalResponse`` back, sleep for ``Admitted.fault.delay`` and then ask
 ``after_delay``.
+
+Headers: a repeated header is one value, its values joined with ``,`` in the order sent
+(``joined_headers``), as Envoy's header matchers see it (CVE-2020-25017 was Envoy checking
+the first value while the upstream read another) and as gunicorn already hands a WSGI app.
+The ASGI middleware gives the app that same joined header, so a rule and the handler can
+never read different values of one header.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from .. import __version__
+from .._logsafe import escaped
 from .._status import LOOPBACK, status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
@@ -57,6 +64,7 @@ __all__ = [
     "InboundRequest",
     "LocalResponse",
     "Stage",
+    "joined_headers",
 ]
 
 RESERVED_PREFIX = "/mesh/"
@@ -76,7 +84,7 @@ class InboundRequest(NamedTuple):
 
     method: str
     path: str
-    #: Lower-cased header names; the last value of a repeated header.
+    #: Lower-cased header names; a repeated header's values joined (``joined_headers``).
     headers: Mapping[str, str]
     #: The caller's identity from its verified client certificate; None for plaintext.
     peer: SpiffeId | None = None
@@ -91,6 +99,22 @@ class Admitted(NamedTuple):
 
     deadline: Deadline | None
     fault: FaultDecision | None = None
+
+
+def joined_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Lower-cased names to values; a repeated header's values joined in order.
+
+    With ``,`` as Envoy joins them for its matchers, and a repeated ``cookie`` with ``; ``
+    (RFC 9113, section 8.2.3), so a cookie parser still reads every cookie.
+    """
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        name = name.lower()
+        if name in headers:
+            headers[name] += ("; " if name == "cookie" else ",") + value
+        else:
+            headers[name] = value
+    return headers
 
 
 def json_response(
@@ -162,6 +186,20 @@ class Inbound:
             "faults_from": self.faults.source if faults.active else None,
         }
 
+    def unproven(self, method: str, path: str, reason: str) -> LocalResponse:
+        """403 for a caller whose certificate proves no service identity of the mesh.
+
+        Such a caller is not an unidentified (plaintext) one: it is refused in every mode.
+        """
+        logger.warning(
+            "denied %s %s from a certificate without a mesh identity to %s: %s",
+            escaped(method),
+            escaped(path),
+            self.service,
+            escaped(reason),
+        )
+        return json_response(403, {"error": "forbidden", "detail": reason})
+
     def admit(self, request: InboundRequest) -> LocalResponse | Admitted:
         """A LocalResponse to send instead of running the app, or the request's admission.
 
@@ -175,11 +213,11 @@ class Inbound:
             if not decision.allowed:
                 logger.warning(
                     "denied %s %s from %s to %s: %s",
-                    request.method,
-                    request.path,
+                    escaped(request.method),
+                    escaped(request.path),
                     request.peer or "an unidentified caller",
-                    self.instance.config.service_name,
-                    decision.reason,
+                    self.service,
+                    escaped(decision.reason),
                 )
                 return json_response(403, {"error": "forbidden", "detail": decision.reason})
         budget = parse_deadline_header(request.headers.get(DEADLINE_HEADER))

@@ -20,8 +20,10 @@ Shutdown (SIGTERM, or Ctrl-C) runs the drain sequence of a zero-downtime deploy:
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
+import logging
 import math
 import os
 import signal
@@ -35,7 +37,8 @@ from types import FrameType
 from typing import Any
 
 from .._config import MeshConfig, load_config
-from ..security import TlsContexts, security_for
+from .._logsafe import escaped
+from ..security import NoServiceIdentity, TlsContexts, security_for
 from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
 from ._instance import Instance, share_drain_with_workers
@@ -44,6 +47,8 @@ from ._wsgi import WSGIMiddleware
 __all__ = ["ServeError", "asgi_factory", "load_app", "serve"]
 
 _TARGET_ENV = "MESHLIB_SERVE_TARGET"
+
+logger = logging.getLogger("meshlib.tls")
 
 
 class ServeError(Exception):
@@ -287,7 +292,11 @@ def _gunicorn_tls(tls: TlsContexts) -> dict[str, Any]:
 
 
 class _SniffingContext:
-    """Duck-types ``SSLContext.wrap_socket`` for gunicorn (see ``_gunicorn_tls``)."""
+    """Duck-types ``SSLContext.wrap_socket`` for gunicorn (see ``_gunicorn_tls``).
+
+    A refused connection raises ``ECONNRESET``, which gunicorn logs at debug level only:
+    the refusal's own line is enough, without a traceback per connection.
+    """
 
     def __init__(self, tls: TlsContexts) -> None:
         self._tls = tls
@@ -299,11 +308,27 @@ class _SniffingContext:
         finally:
             sock.settimeout(None)
         if first == b"\x16":
-            return self._tls.server.wrap_socket(sock, **kwargs)
+            wrapped = self._tls.server.wrap_socket(sock, **kwargs)  # the handshake runs here
+            try:
+                self._tls.caller(wrapped.getpeercert())
+            except NoServiceIdentity as exc:
+                logger.warning(
+                    "refused a TLS connection from %s: %s", _peername(wrapped), escaped(str(exc))
+                )
+                wrapped.close()
+                raise OSError(errno.ECONNRESET, f"TLS connection refused: {exc}") from None
+            return wrapped
         if self._tls.mode == "strict":
             sock.close()
-            raise OSError("plaintext connection refused (MESH_TLS=strict)")
+            raise OSError(errno.ECONNRESET, "plaintext connection refused (MESH_TLS=strict)")
         return sock
+
+
+def _peername(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
 
 
 def _throwaway_key() -> bytes:

@@ -14,7 +14,9 @@ socket. That class is asyncio's own TLS layer, the one ``start_tls`` uses.
 
 uvicorn does not pass the client certificate to the app, so the verified identity is read
 here, once per connection, and every request on it gets ``scope["meshlib.peer"]`` (a
-``SpiffeId`` or ``None``) -- set by the server, so no request can forge it.
+``SpiffeId`` or ``None``) -- set by the server, so no request can forge it. A certificate
+that proves no service identity of this trust domain (``_spiffe.py``) ends the connection
+here, in either mode, before a byte of HTTP is parsed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from ..security import TlsContexts, from_peercert
+from .._logsafe import escaped
+from ..security import NoServiceIdentity, TlsContexts
 
 __all__ = ["mesh_protocol"]
 
@@ -55,17 +58,30 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
             self._mesh_app: Any = getattr(self, "app")  # noqa: B009 - untyped in uvicorn
             self._mesh_raw: asyncio.Transport | None = None
             self._mesh_http = False
+            self._mesh_refused = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             if self._mesh_raw is None and not self._mesh_http:
                 self._mesh_raw = transport  # type: ignore[assignment]
                 return  # wait for the first byte
             ssl_object = transport.get_extra_info("ssl_object")
-            peer = from_peercert(ssl_object.getpeercert()) if ssl_object is not None else None
+            try:
+                peer = contexts.caller(ssl_object.getpeercert()) if ssl_object else None
+            except NoServiceIdentity as exc:
+                logger.warning(
+                    "refused a TLS connection from %s: %s",
+                    transport.get_extra_info("peername"),
+                    escaped(str(exc)),
+                )
+                self._mesh_refused = True  # bytes already decrypted must not reach HTTP
+                transport.close()
+                return
             self.app = _with_peer(self._mesh_app, peer)
             super().connection_made(transport)
 
         def data_received(self, data: bytes) -> None:
+            if self._mesh_refused:
+                return
             if self._mesh_http:
                 super().data_received(data)
                 return
@@ -97,7 +113,11 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
             super().data_received(data)
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if not self._mesh_http or getattr(self, "transport", None) is None:
+            if (
+                self._mesh_refused
+                or not self._mesh_http
+                or getattr(self, "transport", None) is None
+            ):
                 return  # never got as far as HTTP
             super().connection_lost(exc)
 

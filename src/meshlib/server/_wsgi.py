@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._config import MeshConfig, load_config
 from ..resilience._deadline import inbound_deadline
-from ..security import SpiffeId, from_peercert, security_for
+from ..security import NoServiceIdentity, SpiffeId, TlsContexts, security_for
 from ..telemetry import wsgi as telemetry_around
 from ..telemetry._inbound import OnClose
 from ._faults import FAULT_RESPONSE_HEADER
@@ -56,7 +56,9 @@ class WSGIMiddleware:
         self.instance = Instance.for_config(self.config)
         #: the request path inside the SERVER span, server metrics and access log
         self._traced = telemetry_around(self._handle, self.config)
-        self.inbound = Inbound(self.instance, stages, security_for(self.config).authorizer)
+        security = security_for(self.config)
+        self._tls = security.tls
+        self.inbound = Inbound(self.instance, stages, security.authorizer)
 
     def start(self, *, address: str | None = None, port: int | None = None) -> None:
         """Become ready (and register with Consul) now rather than on the first request."""
@@ -78,14 +80,21 @@ class WSGIMiddleware:
         if path.startswith(RESERVED_PREFIX):
             answer = self.inbound.reserved(method, path, environ.get("REMOTE_ADDR"))
             return _local(start_response, answer)
+        # The server already joined a repeated header (gunicorn: with ",", as Envoy does).
         headers = {
             key[5:].replace("_", "-").lower(): value
             for key, value in environ.items()
             if key.startswith("HTTP_")
         }
-        peer = _peer(environ)
-        environ["meshlib.peer"] = peer
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):  # WSGI keeps these two unprefixed
+            if environ.get(key):
+                headers[key.replace("_", "-").lower()] = environ[key]
         inbound = self.inbound
+        try:
+            peer = _peer(environ, self._tls)
+        except NoServiceIdentity as exc:  # ``meshlib serve`` refuses these at the handshake
+            return _local(start_response, inbound.unproven(method, path, str(exc)))
+        environ["meshlib.peer"] = peer
         verdict = inbound.admit(InboundRequest(method, path, headers, peer))
         if isinstance(verdict, LocalResponse):
             return _local(start_response, verdict)
@@ -122,11 +131,15 @@ def _local(start_response: StartResponse, response: LocalResponse) -> list[bytes
     return [response.body]
 
 
-def _peer(environ: WSGIEnvironment) -> SpiffeId | None:
-    """The caller's identity from the TLS connection the server accepted (never a header)."""
+def _peer(environ: WSGIEnvironment, tls: TlsContexts | None) -> SpiffeId | None:
+    """The caller's identity from the TLS connection the server accepted (never a header).
+
+    Raises:
+        NoServiceIdentity: the caller's certificate proves no identity of this trust domain.
+    """
     sock = environ.get("gunicorn.socket")
-    if isinstance(sock, ssl.SSLSocket):
-        return from_peercert(sock.getpeercert())
+    if isinstance(sock, ssl.SSLSocket) and tls is not None:
+        return tls.caller(sock.getpeercert())
     return None
 
 
