@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -289,6 +290,14 @@ def _host_name(text: str) -> str:
 
 
 def _text(text: str) -> str:
+    return text
+
+
+def _token(text: str) -> str:
+    """An ACL token: visible ASCII only (a UUID for Consul), so it is a valid header value
+    and no HTTP library ever raises an error that quotes it."""
+    if not all("!" <= c <= "~" for c in text):
+        raise ValueError("not visible ASCII")
     return text
 
 
@@ -935,9 +944,10 @@ VARIABLES: tuple[Variable, ...] = (
         "CONSUL_HTTP_TOKEN",
         "unset",
         "(an ACL token)",
-        "an ACL token",
-        "ACL token sent to Consul as `X-Consul-Token`. Never logged.",
-        _text,
+        "an ACL token of visible ASCII characters (no spaces)",
+        "ACL token sent to Consul as `X-Consul-Token`. Never logged, never shown in an "
+        "error message.",
+        _token,
         owner="consul",
         secret=True,
     ),
@@ -1203,10 +1213,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
             try:
                 with open(token_file, encoding="utf-8") as fh:
                     token = fh.read().strip() or None
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
                 errors.append(
                     f"CONSUL_HTTP_TOKEN_FILE={token_file!r}: expected a readable file ({exc})"
                 )
+            if token is not None and not _valid_token(token):
+                errors.append(
+                    f"CONSUL_HTTP_TOKEN_FILE={token_file!r}: expected the file to hold "
+                    f"{_BY_NAME['CONSUL_HTTP_TOKEN'].expected} (surrounding whitespace is "
+                    "ignored)"
+                )
+                token = None
         verify = get("CONSUL_HTTP_SSL_VERIFY")
         consul = ConsulSettings(
             address=consul_addr,
@@ -1232,7 +1249,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
     service_name = get("MESH_SERVICE_NAME")
     if service_name is None and env.get("OTEL_SERVICE_NAME"):
         otel_name = env["OTEL_SERVICE_NAME"]
-        if _SERVICE_NAME.match(otel_name):
+        if _control_character(otel_name) is not None:
+            _parse(_BY_NAME["OTEL_SERVICE_NAME"], "OTEL_SERVICE_NAME", otel_name, errors)
+        elif _SERVICE_NAME.match(otel_name):
             service_name = otel_name
         else:
             errors.append(
@@ -1318,6 +1337,14 @@ def _faults(env: Mapping[str, str], get: Callable[[str], Any], errors: list[str]
 
 
 def _parse(var: Variable, name: str, raw: str, errors: list[str]) -> Any:
+    control = _control_character(raw)
+    if control is not None:
+        # never the value: a control character is most often a secret's trailing newline
+        hint = " (a newline, as read from a file?)" if control in ("U+000A", "U+000D") else ""
+        errors.append(
+            f"{name}: contains the control character {control}{hint}; expected {var.expected}"
+        )
+        return None
     try:
         return var.parse(raw)
     except ValueError as exc:
@@ -1325,6 +1352,22 @@ def _parse(var: Variable, name: str, raw: str, errors: list[str]) -> Any:
         extra = f" ({exc})" if isinstance(exc, _Invalid) else ""
         errors.append(f"{name}={shown}: expected {var.expected}{extra}")
         return None
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character of ``text`` as ``U+000A``, or None."""
+    for char in text:
+        if unicodedata.category(char) == "Cc":
+            return f"U+{ord(char):04X}"
+    return None
+
+
+def _valid_token(text: str) -> bool:
+    try:
+        _token(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _policy(
