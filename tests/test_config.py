@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -73,6 +74,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_RATE_LIMIT": ("100 per second", "a rate as '<count>/s'"),
     "MESH_RATE_LIMIT_PER_SOURCE": ("5/s:burst=0", "burst in '5/s:burst=0' is not a whole"),
     "MESH_MAX_CONCURRENT_REQUESTS": ("0", "a whole number from 1 to 1000000"),
+    "MESH_UNIDENTIFIED_DEADLINE": ("trust", "ignore, honour, or a duration"),
     "MESH_FAULT_DELAY": ("slow", "a duration"),
     "MESH_FAULT_DELAY_PERCENT": ("120", "a percentage from 0 to 100"),
     "MESH_FAULT_ABORT_STATUS": ("200", "an HTTP status from 400 to 599"),
@@ -169,6 +171,13 @@ def test_a_control_character_is_refused_naming_the_variable_never_the_value(name
     assert "\n" not in message
     assert message.startswith(f"{name}: contains the control character U+000A")
     assert "planted-value" not in message
+
+
+def test_an_unidentified_callers_deadline_is_ignored_honoured_or_floored() -> None:
+    assert load_config({}).unidentified_deadline == math.inf
+    assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "ignore"}).unidentified_deadline == math.inf
+    assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "honour"}).unidentified_deadline == 0.0
+    assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "500ms"}).unidentified_deadline == 0.5
 
 
 def test_a_token_file_with_a_control_character_inside_is_refused(tmp_path: Path) -> None:

@@ -566,7 +566,12 @@ def test_an_injected_delay_is_at_least_as_configured_and_counts_against_the_dead
 ) -> None:
     served = serve(
         target,
-        {"MESH_SERVICE_NAME": "hello", "MESH_FAULT_DELAY": "300ms", "MESH_FAULT_HEADER": "x-slow"},
+        {
+            "MESH_SERVICE_NAME": "hello",
+            "MESH_FAULT_DELAY": "300ms",
+            "MESH_FAULT_HEADER": "x-slow",
+            "MESH_UNIDENTIFIED_DEADLINE": "honour",  # the plaintext caller's deadline counts
+        },
     )
     with httpx.Client(base_url=served.url, timeout=30) as client:
         for _ in range(3):

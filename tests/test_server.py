@@ -44,7 +44,8 @@ def test_apps_behind_the_middleware_serve_normally_and_answer_reserved_routes(
 def test_a_request_whose_deadline_is_gone_gets_504_and_the_handler_never_runs(
     serve: ServedFactory, target: str
 ) -> None:
-    served = serve(target, {"MESH_SERVICE_NAME": "hello"})
+    # plaintext callers are unidentified: their deadlines count only when told to
+    served = serve(target, {"MESH_SERVICE_NAME": "hello", "MESH_UNIDENTIFIED_DEADLINE": "honour"})
     refused = httpx.get(f"{served.url}/hello", headers={"x-mesh-deadline-ms": "0"})
     assert refused.status_code == 504
     assert refused.json()["error"] == "deadline exceeded"
@@ -279,7 +280,8 @@ async def test_outbound_calls_made_while_serving_inherit_the_callers_deadline() 
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    middleware = meshlib.ASGIMiddleware(app, config=load_config({}))
+    config = load_config({"MESH_UNIDENTIFIED_DEADLINE": "honour"})
+    middleware = meshlib.ASGIMiddleware(app, config=config)
     transport = httpx.ASGITransport(app=middleware)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         await client.get("/work", headers={"x-mesh-deadline-ms": "800"})

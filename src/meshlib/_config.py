@@ -320,6 +320,17 @@ def _metric_labels(text: str) -> frozenset[str]:
     return names - {"none"}
 
 
+def _unidentified_deadline(text: str) -> float:
+    """The shortest budget honoured from an unidentified caller: inf (``ignore``), 0
+    (``honour``) or a duration."""
+    word = text.strip().lower()
+    if word == "ignore":
+        return math.inf
+    if word in ("honour", "honor"):
+        return 0.0
+    return parse_duration(text)
+
+
 def _listen_address(text: str) -> tuple[str, int]:
     return _host_port(text)
 
@@ -888,6 +899,18 @@ VARIABLES: tuple[Variable, ...] = (
         _int_between(1, 1_000_000),
     ),
     Variable(
+        "MESH_UNIDENTIFIED_DEADLINE",
+        "ignore",
+        "1s",
+        "ignore, honour, or a duration such as 250ms, 2s, 1m (the shortest budget honoured)",
+        "What a server does with the `x-mesh-deadline-ms` of a caller without a verified mesh "
+        "identity (plaintext, or mTLS without a service identity): `ignore` it, `honour` it "
+        "as from a mesh caller, or honour it but never below this duration. With "
+        "`MESH_TLS=off` every caller is unidentified: set `honour` there to keep deadlines "
+        "propagating between plaintext services.",
+        _unidentified_deadline,
+    ),
+    Variable(
         "MESH_FAULT_DELAY",
         "unset (no delay)",
         "200ms",
@@ -1158,6 +1181,8 @@ class MeshConfig:
     rate_limit: RateLimit | None = None
     rate_limit_per_source: RateLimit | None = None
     max_concurrent_requests: int | None = None
+    #: the shortest deadline budget honoured from an unidentified caller (inf: ignored)
+    unidentified_deadline: float = math.inf
     faults: Faults = field(default_factory=Faults)
     defaults: ServicePolicy = field(default_factory=ServicePolicy)
     #: override_key(service) -> that service's policy
@@ -1293,6 +1318,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         rate_limit=get("MESH_RATE_LIMIT"),
         rate_limit_per_source=get("MESH_RATE_LIMIT_PER_SOURCE"),
         max_concurrent_requests=get("MESH_MAX_CONCURRENT_REQUESTS"),
+        unidentified_deadline=_or(get("MESH_UNIDENTIFIED_DEADLINE"), math.inf),
         faults=_faults(env, get, errors),
         defaults=defaults,
         overrides=MappingProxyType(overrides),
@@ -1311,6 +1337,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         raise ConfigError(errors)
     _report_unknown(env)
     return config
+
+
+def _or(value: Any, default: Any) -> Any:
+    """``value`` unless unset (None): for settings whose valid values include 0."""
+    return default if value is None else value
 
 
 def _faults(env: Mapping[str, str], get: Callable[[str], Any], errors: list[str]) -> Faults:

@@ -11,7 +11,9 @@ Before the application sees a request:
    costs no rate-limit token;
 3. **deadline**: a caller whose ``x-mesh-deadline-ms`` budget is already gone gets 504
    without the handler running (nobody is waiting for that answer any more); otherwise
-   the remaining budget caps the handler's own outbound calls;
+   the remaining budget caps the handler's own outbound calls. The header steers this
+   server's work, so it is trusted only from an identified mesh caller: from anyone else
+   it is ignored, honoured, or raised to a floor (``MESH_UNIDENTIFIED_DEADLINE``);
 4. **stages**: plug points, in order, for checks of the application's own; the first
    stage that answers ends the request before the handler;
 5. **rate limits** (``_limits``): the caller's bucket, then the process's → 429 with
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -122,6 +125,7 @@ class Inbound:
         self.limiter = RateLimiter(config.rate_limit, config.rate_limit_per_source)
         self.max_concurrent = config.max_concurrent_requests
         self.faults = FaultInjector(config)
+        self.unidentified_deadline = config.unidentified_deadline
 
     def reserved(self, method: str, path: str, client: str | None = None) -> LocalResponse:
         """Answer a request under ``/mesh/`` (``client``: the caller's IP address)."""
@@ -183,6 +187,9 @@ class Inbound:
                 )
                 return json_response(403, {"error": "forbidden", "detail": decision.reason})
         budget = parse_deadline_header(request.headers.get(DEADLINE_HEADER))
+        if budget is not None and request.peer is None:  # not a mesh caller's to set
+            floor = self.unidentified_deadline
+            budget = None if math.isinf(floor) else max(budget, floor)
         if budget is not None and budget <= 0:
             return _deadline_passed(
                 f"the caller's deadline ({DEADLINE_HEADER}: 0) had passed before the "
