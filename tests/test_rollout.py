@@ -182,7 +182,7 @@ def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Itera
             app.start()
         prometheus = Prometheus(
             tmp_path_factory.mktemp("prometheus"),
-            {version: app.address for version, app in zip(versions, apps, strict=True)},
+            {version: app.admin_address for version, app in zip(versions, apps, strict=True)},
             "/mesh/metrics",
         )
         traffic = Traffic([app.url for app in apps])

@@ -755,12 +755,23 @@ VARIABLES: tuple[Variable, ...] = (
         _choice("off", "json"),
     ),
     Variable(
+        "MESH_ADMIN_ADDR",
+        "a server: `127.0.0.1:0` (a free loopback port, printed by `meshlib serve` and given "
+        "to Consul's check); a pure client: unset (none)",
+        "127.0.0.1:9901",
+        "host:port",
+        "The admin listener (plaintext HTTP, one per process): `/mesh/health`, "
+        "`/mesh/health/ready`, `/mesh/health/live`, `/mesh/metrics` (also `/metrics`) and "
+        "`/mesh/status` (loopback peers only). The app's own port never serves them. Bind it "
+        "beyond loopback only for a scraper or prober that cannot reach loopback.",
+        _listen_address,
+    ),
+    Variable(
         "MESH_METRICS_ADDR",
-        "unset (metrics only on `/mesh/metrics` of a served app)",
+        "unset",
         "127.0.0.1:9464",
         "host:port",
-        "Also serve the Prometheus metrics at `http://host:port/metrics` from a background "
-        "thread: for processes that only call services and serve no app.",
+        "Deprecated alias of `MESH_ADMIN_ADDR` (its listener now serves every admin route).",
         _listen_address,
     ),
     Variable(
@@ -1171,7 +1182,8 @@ class MeshConfig:
     egress: Literal["allow", "deny"] = "allow"
     egress_allow: tuple[str, ...] = ()
     access_log: Literal["off", "json"] = "off"
-    metrics_addr: tuple[str, int] | None = None
+    #: the admin listener's address (None: unset, a server then takes 127.0.0.1:0)
+    admin_addr: tuple[str, int] | None = None
     metrics_labels: frozenset[str] = frozenset()
     rollout_prometheus_url: str = "http://127.0.0.1:9090"
     #: None: unset (OpenTelemetry's default applies); () : none
@@ -1309,7 +1321,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         egress=get("MESH_EGRESS") or "allow",
         egress_allow=get("MESH_EGRESS_ALLOW") or (),
         access_log=get("MESH_ACCESS_LOG") or "off",
-        metrics_addr=get("MESH_METRICS_ADDR"),
+        admin_addr=_admin_addr(get, errors),
         metrics_labels=get("MESH_METRICS_LABELS") or frozenset(),
         rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL") or "http://127.0.0.1:9090",
         traces_exporter=get("OTEL_TRACES_EXPORTER"),
@@ -1337,6 +1349,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         raise ConfigError(errors)
     _report_unknown(env)
     return config
+
+
+def _admin_addr(get: Callable[[str], Any], errors: list[str]) -> tuple[str, int] | None:
+    """``MESH_ADMIN_ADDR``, or its deprecated alias ``MESH_METRICS_ADDR``."""
+    admin, metrics = get("MESH_ADMIN_ADDR"), get("MESH_METRICS_ADDR")
+    if admin is not None and metrics is not None and admin != metrics:
+        errors.append(
+            f"MESH_METRICS_ADDR={':'.join(map(str, metrics))!r}: expected it unset or equal to "
+            "MESH_ADMIN_ADDR (it is that variable's old name: one admin listener serves both)"
+        )
+    return admin if admin is not None else metrics  # type: ignore[no-any-return]
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -2,9 +2,11 @@
 
 Before the application sees a request:
 
-1. **reserved routes** under ``/mesh/``: health (for Consul's check and for load
-   balancers), metrics and status (``_status.py``), answered by the mesh itself and
-   never limited, so an overloaded instance is not also marked dead;
+1. **reserved routes** under ``/mesh/``: 404 on the app's port. Health (for Consul's
+   check, probes and load balancers), metrics and status (``_status.py``) are answered by
+   ``reserved`` on the admin listener (``telemetry/_admin.py``, ``MESH_ADMIN_ADDR``), never
+   through the app's port, and never limited, so an overloaded instance is not also
+   marked dead;
 2. **authorization**: the caller's identity comes from its verified client certificate
    (``InboundRequest.peer``, set by the server, never from a header); the authorizer
    (local allow/deny lists, Consul intentions) may answer 403. First, so a denied caller
@@ -35,15 +37,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from .. import __version__
-from .._status import LOOPBACK, status_report
+from .._status import status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
 from ..security import Authorizer, SpiffeId
 from ..telemetry import prometheus_text
+from ..telemetry._admin import is_loopback, serve_admin, set_routes
 from ..telemetry._inbound import peer_service
 from ..telemetry._instruments import SERVER_FAULTS, SERVER_LOAD_SHED, SERVER_RATE_LIMITED
 from ._faults import FAULT_RESPONSE_HEADER, FaultDecision, FaultInjector
@@ -63,6 +67,9 @@ __all__ = [
 ]
 
 RESERVED_PREFIX = "/mesh/"
+#: Set by ``meshlib serve`` to the admin address it reserved: its serving processes share
+#: that port (``SO_REUSEPORT``).
+ADMIN_REUSE_PORT_ENV = "MESHLIB_ADMIN_REUSE_PORT"
 #: Marks a 503 the concurrency limit answered: the request was not handled at all.
 
 
@@ -127,8 +134,22 @@ class Inbound:
         self.faults = FaultInjector(config)
         self.unidentified_deadline = config.unidentified_deadline
 
+    def open_admin(self) -> str:
+        """Serve this server's admin routes (``reserved``) on the process's admin listener,
+        opening it if need be; returns its URL."""
+        set_routes(self.reserved)
+        host, port = self.instance.config.admin_addr or ("127.0.0.1", 0)
+        reuse = os.environ.get(ADMIN_REUSE_PORT_ENV) == f"{host}:{port}"
+        return serve_admin(host, port, reuse_port=reuse).url
+
+    def not_here(self, path: str) -> LocalResponse:
+        """The app port's answer to ``/mesh/...``: those routes live on the admin listener."""
+        return json_response(
+            404, {"error": f"no route {path} here: mesh routes are on the admin listener"}
+        )
+
     def reserved(self, method: str, path: str, client: str | None = None) -> LocalResponse:
-        """Answer a request under ``/mesh/`` (``client``: the caller's IP address)."""
+        """Answer an admin request under ``/mesh/`` (``client``: the peer's IP address)."""
         instance = self.instance
         if path in ("/mesh/health", "/mesh/health/ready"):
             config = instance.config
@@ -145,7 +166,7 @@ class Inbound:
         if path == "/mesh/metrics":
             return _metrics(instance)
         if path == "/mesh/status":
-            if not client or not client.startswith(LOOPBACK):
+            if not is_loopback(client):
                 return json_response(
                     403, {"error": "/mesh/status lists internal addresses: loopback callers only"}
                 )
