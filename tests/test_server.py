@@ -51,6 +51,21 @@ def test_apps_behind_the_middleware_serve_normally_and_admin_routes_only_on_the_
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_forwarded_headers_never_change_who_the_caller_is(
+    serve: ServedFactory, target: str
+) -> None:
+    served = serve(target, {"MESH_SERVICE_NAME": "hello"})
+    forged = {
+        "x-forwarded-for": "192.0.2.7",
+        "x-forwarded-proto": "https",
+        "forwarded": "for=192.0.2.7;proto=https",
+        "x-real-ip": "192.0.2.7",
+    }
+    seen = httpx.get(f"{served.url}/client", headers=forged).json()
+    assert seen == {"host": "127.0.0.1", "scheme": "http"}  # the TCP peer, as it connected
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_a_request_whose_deadline_is_gone_gets_504_and_the_handler_never_runs(
     serve: ServedFactory, target: str
 ) -> None:

@@ -45,3 +45,8 @@ async def peer(request: Request) -> dict[str, Any]:
     HANDLED["count"] += 1
     identity = meshlib.peer_identity(request)
     return {"peer": None if identity is None else str(identity)}
+
+
+@app.get("/client")
+async def client(request: Request) -> dict[str, Any]:
+    return {"host": request.client.host if request.client else None, "scheme": request.url.scheme}

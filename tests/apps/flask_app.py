@@ -46,3 +46,8 @@ def peer() -> dict[str, Any]:
     HANDLED["count"] += 1
     identity = meshlib.peer_identity(request)
     return {"peer": None if identity is None else str(identity)}
+
+
+@app.get("/client")
+def client() -> dict[str, Any]:
+    return {"host": request.remote_addr, "scheme": request.scheme}
