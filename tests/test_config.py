@@ -62,6 +62,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_ACCESS_LOG": ("yes", "one of off, json"),
     "MESH_METRICS_LABELS": ("endpoint,url", "labels separated by commas: endpoint, path or none"),
     "MESH_METRICS_ADDR": ("9464", "host:port ('9464' has no port)"),
+    "MESH_ADMIN_ADDR": ("localhost", "host:port ('localhost' has no port)"),
     "MESH_ROLLOUT_PROMETHEUS_URL": ("prometheus:9090", "an http:// or https:// URL"),
     "OTEL_TRACES_EXPORTER": ("jaeger", "exporters separated by commas: otlp, console or none"),
     "OTEL_METRICS_EXPORTER": ("otlp,prometheus", "exporters separated by commas"),
@@ -178,6 +179,20 @@ def test_an_unidentified_callers_deadline_is_ignored_honoured_or_floored() -> No
     assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "ignore"}).unidentified_deadline == math.inf
     assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "honour"}).unidentified_deadline == 0.0
     assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "500ms"}).unidentified_deadline == 0.5
+
+
+def test_the_admin_address_and_its_old_name() -> None:
+    assert load_config({}).admin_addr is None  # a server then takes a free loopback port
+    admin = {"MESH_ADMIN_ADDR": "127.0.0.1:9901"}
+    assert load_config(admin).admin_addr == ("127.0.0.1", 9901)
+    assert load_config({"MESH_METRICS_ADDR": "127.0.0.1:9464"}).admin_addr == ("127.0.0.1", 9464)
+    assert load_config({**admin, "MESH_METRICS_ADDR": "127.0.0.1:9901"}).admin_addr == (
+        "127.0.0.1",
+        9901,
+    )
+    with pytest.raises(meshlib.ConfigError) as info:
+        load_config({**admin, "MESH_METRICS_ADDR": "127.0.0.1:9464"})
+    assert str(info.value).startswith("MESH_METRICS_ADDR='127.0.0.1:9464': expected it unset")
 
 
 def test_a_token_file_with_a_control_character_inside_is_refused(tmp_path: Path) -> None:
