@@ -51,6 +51,17 @@ def test_apps_behind_the_middleware_serve_normally_and_admin_routes_only_on_the_
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_several_workers_share_the_one_admin_port(serve: ServedFactory, target: str) -> None:
+    served = serve(target, {"MESH_SERVICE_NAME": "hello"}, args=("--workers", "2"))
+    for _ in range(20):  # a new connection each: the kernel spreads them among the workers
+        with httpx.Client(base_url=served.admin_url) as admin:
+            assert admin.get("/mesh/health").json()["status"] == "ready"
+    text = httpx.get(f"{served.admin_url}/mesh/metrics").text
+    assert 'meshlib_ready{service="hello"} 1' in text
+    assert httpx.get(f"{served.url}/mesh/metrics").status_code == 404
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_forwarded_headers_never_change_who_the_caller_is(
     serve: ServedFactory, target: str
 ) -> None:
