@@ -140,7 +140,17 @@ class Inbound:
         set_routes(self.reserved)
         host, port = self.instance.config.admin_addr or ("127.0.0.1", 0)
         reuse = os.environ.get(ADMIN_REUSE_PORT_ENV) == f"{host}:{port}"
-        return serve_admin(host, port, reuse_port=reuse).url
+        try:
+            return serve_admin(host, port, reuse_port=reuse).url
+        except OSError as exc:  # another worker of a server not run by `meshlib serve`
+            logger.warning(
+                "no admin listener in this process: cannot listen on %s:%d (MESH_ADMIN_ADDR): "
+                "%s; the app is served, /mesh/health and /mesh/metrics are not",
+                host,
+                port,
+                exc.strerror,
+            )
+            return ""
 
     def not_here(self, path: str) -> LocalResponse:
         """The app port's answer to ``/mesh/...``: those routes live on the admin listener."""
