@@ -6,6 +6,7 @@ import pytest
 
 from meshlib import _runtime, security
 from meshlib.server import _instance
+from meshlib.telemetry import _admin
 
 pytest_plugins = ["missing_tools", "backends", "consul_agent", "served"]
 
@@ -22,6 +23,7 @@ def _fresh_mesh_runtime() -> Iterator[None]:
     _runtime.reset()
     _instance.reset()
     security.reset()
+    _admin.stop_admin()
 
 
 @pytest.fixture(autouse=True)

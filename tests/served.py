@@ -16,7 +16,7 @@ import pytest
 from polling import wait_until
 
 APPS = Path(__file__).with_name("apps")
-_ANNOUNCE = re.compile(rb"on https?://[^ ]*:(\d+) pid (\d+)")
+_ANNOUNCE = re.compile(rb"on https?://[^ ]*:(\d+) pid (\d+), admin on http://[^ ]*:(\d+)")
 
 
 class Served:
@@ -28,6 +28,7 @@ class Served:
         self.target = target
         self.env = env
         self.port = port
+        self.admin_port = 0
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.output = bytearray()
@@ -40,6 +41,15 @@ class Served:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin listener: /mesh/health, /mesh/metrics, /mesh/status."""
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
 
     def start(self) -> Served:
         env = {**os.environ, **self.env, "PYTHONPATH": str(APPS)}
@@ -70,6 +80,7 @@ class Served:
         if not isinstance(match, re.Match):
             raise AssertionError(f"{self.target} exited: {self.output.decode(errors='replace')}")
         self.port = int(match.group(1))
+        self.admin_port = int(match.group(3))
         wait_until(self._healthy, timeout=30, what=f"{self.target} healthy")
         return self
 
@@ -83,18 +94,10 @@ class Served:
         return self.proc is not None and self.proc.poll() is not None
 
     def _healthy(self) -> bool:
-        import socket
-
         import httpx
 
-        if self.env.get("MESH_TLS") == "strict":  # plaintext is refused: the port must listen
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
-                    return True
-            except OSError:
-                return False
-        try:
-            return httpx.get(f"{self.url}/mesh/health", timeout=2).status_code == 200
+        try:  # the admin listener is plaintext whatever MESH_TLS says
+            return httpx.get(f"{self.admin_url}/mesh/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -88,7 +88,7 @@ def test_status_shows_each_destination_its_endpoints_and_ejections(serve: Served
     for _ in range(4):  # round robin reaches the dead endpoint, which is then ejected
         assert httpx.get(f"{gateway.url}/plan", timeout=20).status_code == 200
 
-    result = run("status", gateway.url)
+    result = run("status", gateway.admin_url)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:5] == ["forecast", "breaker", "closed", "lb", "round_robin"]
@@ -97,7 +97,7 @@ def test_status_shows_each_destination_its_endpoints_and_ejections(serve: Served
     assert rows[forecast.address].endswith(" ok")
     assert " ejected " in rows[f"127.0.0.1:{dead}"]
 
-    result = run("status", "--json", forecast.url)
+    result = run("status", "--json", forecast.admin_url)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     (endpoint,) = report["services"]["geo"]["endpoints"]
@@ -106,15 +106,30 @@ def test_status_shows_each_destination_its_endpoints_and_ejections(serve: Served
     assert endpoint["latency_ms"] > 0
 
 
-def test_status_is_for_loopback_callers_only() -> None:
+def test_status_is_for_loopback_peers_only_decided_by_address_not_text() -> None:
     def app(environ: object, start_response: object) -> list[bytes]:
         raise AssertionError("the app never sees /mesh/ routes")
 
     mesh_app = meshlib.WSGIMiddleware(app, config=load_config({"MESH_SERVICE_NAME": "web"}))
-    for remote, expected in (("192.0.2.7", 403), ("127.0.0.1", 200), ("::1", 200)):
+    # the admin listener's answer for a peer address (a real socket cannot come from these)
+    for remote, expected in (
+        ("192.0.2.7", 403),
+        ("::1:5ee:bad:c0de", 403),  # starts with "::1", is not loopback
+        ("127.evil.example", 403),
+        ("::ffff:192.0.2.7", 403),
+        ("", 403),
+        ("127.0.0.1", 200),
+        ("127.0.0.2", 200),
+        ("::1", 200),
+        ("::ffff:127.0.0.1", 200),
+    ):
+        answer = mesh_app.inbound.reserved("GET", "/mesh/status", remote)
+        assert answer.status == expected, remote
+    # through the app's port, never, whoever asks
+    for remote in ("192.0.2.7", "127.0.0.1", "::1"):
         transport = httpx.WSGITransport(app=mesh_app, remote_addr=remote)  # type: ignore[arg-type]
         with httpx.Client(transport=transport, base_url="http://x") as c:
-            assert c.get("/mesh/status").status_code == expected, remote
+            assert c.get("/mesh/status").status_code == 404, remote
 
 
 def test_status_of_an_unreachable_process_says_so_in_one_line() -> None:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import meshlib
+from backends import free_port
+from consul_agent import ConsulFactory
 from meshlib._config import (
     VARIABLES,
     HashOn,
@@ -17,6 +23,7 @@ from meshlib._config import (
     markdown_table,
     parse_duration,
 )
+from served import APPS, ServedFactory
 
 #: One bad value per variable and a fragment its error must contain. A variable added to
 #: the code without a bad case here fails test_every_variable_has_a_bad_value_case.
@@ -55,6 +62,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_ACCESS_LOG": ("yes", "one of off, json"),
     "MESH_METRICS_LABELS": ("endpoint,url", "labels separated by commas: endpoint, path or none"),
     "MESH_METRICS_ADDR": ("9464", "host:port ('9464' has no port)"),
+    "MESH_ADMIN_ADDR": ("localhost", "host:port ('localhost' has no port)"),
     "MESH_ROLLOUT_PROMETHEUS_URL": ("prometheus:9090", "an http:// or https:// URL"),
     "OTEL_TRACES_EXPORTER": ("jaeger", "exporters separated by commas: otlp, console or none"),
     "OTEL_METRICS_EXPORTER": ("otlp,prometheus", "exporters separated by commas"),
@@ -68,6 +76,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_RATE_LIMIT": ("100 per second", "a rate as '<count>/s'"),
     "MESH_RATE_LIMIT_PER_SOURCE": ("5/s:burst=0", "burst in '5/s:burst=0' is not a whole"),
     "MESH_MAX_CONCURRENT_REQUESTS": ("0", "a whole number from 1 to 1000000"),
+    "MESH_UNIDENTIFIED_DEADLINE": ("trust", "ignore, honour, or a duration"),
     "MESH_FAULT_DELAY": ("slow", "a duration"),
     "MESH_FAULT_DELAY_PERCENT": ("120", "a percentage from 0 to 100"),
     "MESH_FAULT_ABORT_STATUS": ("200", "an HTTP status from 400 to 599"),
@@ -76,6 +85,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_EGRESS": ("maybe", "one of allow, deny"),
     "MESH_EGRESS_ALLOW": ("api.github.com,http://x", "'http://x' is not a host name"),
     "CONSUL_HTTP_ADDR": ("unix:///var/run/consul.sock", "host:port or http(s)://host[:port]"),
+    "CONSUL_HTTP_TOKEN": ("token with spaces", "an ACL token of visible ASCII"),
     "CONSUL_HTTP_TOKEN_FILE": ("/nonexistent/token", "the path of a readable file"),
     "CONSUL_HTTP_SSL": ("maybe", "true or false"),
     "CONSUL_HTTP_SSL_VERIFY": ("sometimes", "true or false"),
@@ -86,7 +96,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "OTEL_SERVICE_NAME": ("My Service", "a service name"),
 }
 #: Variables that accept any value (so cannot be given a bad one).
-ANY_VALUE = {"CONSUL_HTTP_TOKEN", "MESH_TLS_DIR"}
+ANY_VALUE = {"MESH_TLS_DIR"}
 
 #: CONSUL_* variables are read only when there is a Consul to talk to.
 BASE_ENV = {"CONSUL_HTTP_ADDR": "127.0.0.1:8500"}
@@ -106,9 +116,8 @@ def test_bad_value_stops_start_up_with_one_line_naming_variable_value_and_expect
         load_config(env)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"{name}={value!r}") or message.startswith(
-        f"{name}={value!r} (used because"
-    )
+    shown = "<redacted>" if name == "CONSUL_HTTP_TOKEN" else repr(value)  # a secret
+    assert message.startswith(f"{name}={shown}")
     assert expected in message
     assert "expected" in message
 
@@ -153,6 +162,51 @@ def test_token_is_never_echoed_in_errors(tmp_path: Path) -> None:
     assert config.consul is not None
     assert config.consul.token == secret
     assert secret not in repr(config)
+
+
+@pytest.mark.parametrize("name", [v.name for v in VARIABLES])
+def test_a_control_character_is_refused_naming_the_variable_never_the_value(name: str) -> None:
+    value = "planted-value-1234\n"
+    with pytest.raises(meshlib.ConfigError) as info:
+        load_config({**BASE_ENV, name: value})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{name}: contains the control character U+000A")
+    assert "planted-value" not in message
+
+
+def test_an_unidentified_callers_deadline_is_ignored_honoured_or_floored() -> None:
+    assert load_config({}).unidentified_deadline == math.inf
+    assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "ignore"}).unidentified_deadline == math.inf
+    assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "honour"}).unidentified_deadline == 0.0
+    assert load_config({"MESH_UNIDENTIFIED_DEADLINE": "500ms"}).unidentified_deadline == 0.5
+
+
+def test_the_admin_address_and_its_old_name() -> None:
+    assert load_config({}).admin_addr is None  # a server then takes a free loopback port
+    admin = {"MESH_ADMIN_ADDR": "127.0.0.1:9901"}
+    assert load_config(admin).admin_addr == ("127.0.0.1", 9901)
+    assert load_config({"MESH_METRICS_ADDR": "127.0.0.1:9464"}).admin_addr == ("127.0.0.1", 9464)
+    assert load_config({**admin, "MESH_METRICS_ADDR": "127.0.0.1:9901"}).admin_addr == (
+        "127.0.0.1",
+        9901,
+    )
+    with pytest.raises(meshlib.ConfigError) as info:
+        load_config({**admin, "MESH_METRICS_ADDR": "127.0.0.1:9464"})
+    assert str(info.value).startswith("MESH_METRICS_ADDR='127.0.0.1:9464': expected it unset")
+
+
+def test_a_token_file_with_a_control_character_inside_is_refused(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("planted\x1b[2Jtoken\n")
+    with pytest.raises(meshlib.ConfigError) as info:
+        load_config({**BASE_ENV, "CONSUL_HTTP_TOKEN_FILE": str(token_file)})
+    assert "planted" not in str(info.value)
+    assert "CONSUL_HTTP_TOKEN_FILE=" in str(info.value)
+    token_file.write_text("planted-token\n")  # surrounding whitespace is not the token's
+    config = load_config({**BASE_ENV, "CONSUL_HTTP_TOKEN_FILE": str(token_file)})
+    assert config.consul is not None
+    assert config.consul.token == "planted-token"
 
 
 @pytest.mark.parametrize(
@@ -320,3 +374,83 @@ def test_docs_table_matches_the_code() -> None:
             f"the {owner} table in docs/configuration.md is stale; "
             "run `python scripts/config_docs.py` to regenerate it"
         )
+
+
+# ---- a planted token never reaches anything a real run writes
+
+PLANTED = "5ec7e7a0-d1ce-4c0d-b1a5-feedbeefcafe"
+ACL = '-hcl=acl { enabled = true, default_policy = "allow", tokens { initial_management = "root-mgmt" } }'  # noqa: E501
+
+#: A pure client: every log line of every library, then one call to a mesh service.
+CLIENT = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+import meshlib
+with meshlib.Client() as client:
+    print(client.get("http://hello/hello", timeout=5).text)
+"""
+
+
+def _client_run(env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT],
+        env={**os.environ, **env},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return (done.stdout + done.stderr).decode(errors="replace")
+
+
+def test_a_planted_token_never_appears_in_what_real_processes_write(
+    consul_factory: ConsulFactory, serve: ServedFactory
+) -> None:
+    consul = consul_factory(extra_args=[ACL])
+    base = {"CONSUL_HTTP_ADDR": consul.http_addr, "MESH_SERVICE_NAME": "hello"}
+    outputs: dict[str, str] = {}
+
+    # 1. the token read from a file with its newline: refused at load, in one line
+    with_newline = {**base, "CONSUL_HTTP_TOKEN": PLANTED + "\n"}
+    refused = subprocess.Popen(
+        [sys.executable, "-m", "meshlib", "serve", "fastapi_app:app", "--port", "0"],
+        cwd=APPS,
+        env={**os.environ, **with_newline, "PYTHONPATH": str(APPS)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        written, _ = refused.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # it served: stop it and read what it wrote
+        refused.kill()
+        written, _ = refused.communicate()
+    outputs["serve, token with a newline"] = written.decode(errors="replace")
+    assert PLANTED not in outputs["serve, token with a newline"]
+    assert refused.returncode not in (0, None, -9)
+    assert (
+        "CONSUL_HTTP_TOKEN: contains the control character U+000A"
+        in (outputs["serve, token with a newline"])
+    )
+    outputs["client, token with a newline"] = _client_run(with_newline)
+    assert "CONSUL_HTTP_TOKEN: contains" in outputs["client, token with a newline"]
+
+    # 2. a token Consul does not know: every call to Consul is refused (403 ACL not found)
+    unknown = {**base, "CONSUL_HTTP_TOKEN": PLANTED, "MESH_ACCESS_LOG": "json"}
+    app = serve("fastapi_app:app", unknown)
+    outputs["client, unknown token"] = _client_run(unknown)
+    app.stop()
+    outputs["serve, unknown token"] = app.output.decode(errors="replace")
+    assert "could not register hello in Consul" in outputs["serve, unknown token"]
+    assert "403" in outputs["serve, unknown token"] + outputs["client, unknown token"]
+
+    # 3. no Consul there at all
+    gone = {**unknown, "CONSUL_HTTP_ADDR": f"127.0.0.1:{free_port()}"}
+    app = serve("fastapi_app:app", gone)
+    outputs["client, unreachable Consul"] = _client_run(gone)
+    app.stop()
+    outputs["serve, unreachable Consul"] = app.output.decode(errors="replace")
+    assert "could not register hello in Consul" in outputs["serve, unreachable Consul"]
+
+    for run, output in outputs.items():
+        assert output.strip(), run
+        assert PLANTED not in output, f"{run} wrote the token:\n{output}"
+        assert PLANTED[:8] not in output, f"{run} wrote part of the token:\n{output}"

@@ -242,10 +242,10 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def health(served: Served, client: httpx.Client | None = None) -> dict[str, object]:
-    getter = client.get if client is not None else httpx.get
-    url = f"https://127.0.0.1:{served.port}" if client is not None else served.url
-    return getter(f"{url}/mesh/health", timeout=10).json()  # type: ignore[no-any-return]
+def health(served: Served) -> dict[str, object]:
+    """The admin listener's ``/mesh/health`` (plaintext whatever MESH_TLS says)."""
+    answer = httpx.get(f"{served.admin_url}/mesh/health", timeout=10)
+    return answer.json()  # type: ignore[no-any-return]
 
 
 def handled(served: Served) -> dict[str, int]:
@@ -280,8 +280,8 @@ def test_the_rate_limit_lets_exactly_the_burst_through_then_429_with_retry_after
             assert body["error"] == "rate limited"
             assert body["retry_after"] == retry_after
             assert "1/m:burst=5 (MESH_RATE_LIMIT)" in body["detail"]
-        assert client.get("/mesh/health").status_code == 200  # never limited
-        text = client.get("/mesh/metrics").text
+        assert httpx.get(f"{served.admin_url}/mesh/health").status_code == 200  # never limited
+        text = httpx.get(f"{served.admin_url}/mesh/metrics").text
     assert metric(text, "meshlib_server_rate_limited_total", meshlib_limit_scope="global") == 7
     assert (
         metric(text, "http_server_request_duration_seconds_count", http_response_status_code="429")
@@ -327,8 +327,7 @@ def test_each_calling_service_has_its_own_rate_limit_by_its_mtls_identity(
     # refused requests cost none
     assert seen["beta"] == ["ok", "ok", everyones, everyones, everyones]
     assert seen["gamma"] == [everyones] * 5
-    with httpx.Client(verify=client_context(ca_dir, "auditor"), base_url=base) as c:
-        text = c.get("/mesh/metrics").text
+    text = httpx.get(f"{served.admin_url}/mesh/metrics").text
     counted = {
         (peer, scope): metric(
             text,
@@ -417,9 +416,9 @@ def test_beyond_the_concurrency_limit_a_request_is_shed_before_its_handler(
     assert counts.get("hold") == 3
     assert counts.get("hello", 0) == 0  # the shed request's handler never ran
     assert [httpx.get(f"{served.url}/hello").status_code for _ in range(4)] == [200] * 4
-    text = httpx.get(f"{served.url}/mesh/metrics").text
+    text = httpx.get(f"{served.admin_url}/mesh/metrics").text
     assert metric(text, "meshlib_server_load_shed_total", service_name="hello") == 1
-    status = httpx.get(f"{served.url}/mesh/status").json()["inbound"]
+    status = httpx.get(f"{served.admin_url}/mesh/status").json()["inbound"]
     assert status["max_concurrent_requests"] == 3
     assert status["faults"] is None
 
@@ -517,10 +516,10 @@ def test_abort_100_percent_aborts_every_request_and_says_so(
     assert count_statuses(served.url, 50) == {"500 abort": 50}
     wait_until(lambda: b"FAULT INJECTION IS ON for hello" in served.output, what="the warning")
     assert b"abort with 500 for 100% of every request" in served.output
-    status = httpx.get(f"{served.url}/mesh/status").json()["inbound"]
+    status = httpx.get(f"{served.admin_url}/mesh/status").json()["inbound"]
     assert status["faults"] == "abort with 500 for 100% of every request"
     assert status["faults_from"] == "the environment"
-    text = httpx.get(f"{served.url}/mesh/metrics").text
+    text = httpx.get(f"{served.admin_url}/mesh/metrics").text
     assert metric(text, "meshlib_server_faults_total", meshlib_fault_kind="abort") == 50
 
 
@@ -566,7 +565,12 @@ def test_an_injected_delay_is_at_least_as_configured_and_counts_against_the_dead
 ) -> None:
     served = serve(
         target,
-        {"MESH_SERVICE_NAME": "hello", "MESH_FAULT_DELAY": "300ms", "MESH_FAULT_HEADER": "x-slow"},
+        {
+            "MESH_SERVICE_NAME": "hello",
+            "MESH_FAULT_DELAY": "300ms",
+            "MESH_FAULT_HEADER": "x-slow",
+            "MESH_UNIDENTIFIED_DEADLINE": "honour",  # the plaintext caller's deadline counts
+        },
     )
     with httpx.Client(base_url=served.url, timeout=30) as client:
         for _ in range(3):

@@ -97,9 +97,9 @@ def prometheus(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     server = Prometheus(
         tmp_path_factory.mktemp("prometheus"),
         {
-            "gateway": chain.gateway.address,
-            "forecast": chain.forecast.address,
-            "geo": chain.geo.address,
+            "gateway": chain.gateway.admin_address,
+            "forecast": chain.forecast.admin_address,
+            "geo": chain.geo.admin_address,
         },
         "/mesh/metrics",
     )
@@ -199,7 +199,7 @@ def test_the_callers_verified_identity_labels_server_metrics_and_spans(
     )
     assert httpx.get(f"{forecast.url}/forecast", timeout=20).status_code == 200
 
-    metrics = httpx.get(f"{geo.url}/mesh/metrics").text
+    metrics = httpx.get(f"{geo.admin_url}/mesh/metrics").text
     count = "http_server_request_duration_seconds_count"
     assert _counter(metrics, count, service_name="geo", service_peer_name="forecast") == 1
     (span,) = wait_until(
@@ -292,7 +292,7 @@ def test_prometheus_scrapes_the_counts_and_error_rate_the_test_produced(
     chain: Chain, prometheus: Prometheus
 ) -> None:
     count = "http_server_request_duration_seconds_count"
-    before = httpx.get(f"{chain.forecast.url}/mesh/metrics").text
+    before = httpx.get(f"{chain.forecast.admin_url}/mesh/metrics").text
     served_before = _counter(before, count, service_name="forecast")
     errors_before = _counter(
         before, count, service_name="forecast", http_response_status_code="500"

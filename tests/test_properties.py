@@ -389,7 +389,8 @@ def test_inbound_trace_and_deadline_headers_never_break_a_request(
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def call() -> int:
-        middleware = meshlib.ASGIMiddleware(app, config=load_config({}))
+        config = load_config({"MESH_UNIDENTIFIED_DEADLINE": "honour"})
+        middleware = meshlib.ASGIMiddleware(app, config=config)
         transport = httpx.ASGITransport(app=middleware)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             headers = {

@@ -26,6 +26,7 @@ from meshlib.resilience._retry import (
     classify_response,
     parse_retry_after,
 )
+from served import ServedFactory
 
 # ----------------------------------------------------------------------------- budget
 
@@ -332,3 +333,42 @@ def test_a_retry_prefers_endpoints_this_request_has_not_tried() -> None:
     assert [s.endpoint.port for s in state.candidates(now=0.0, tried=tried)] == [9002]
     every = [s.endpoint.key for s in state.endpoints]
     assert len(state.candidates(now=0.0, tried=every)) == 3
+
+
+# ---- a caller's deadline header cannot hurt the callee's upstreams (real servers)
+
+
+@pytest.mark.parametrize(
+    ("setting", "relayed"),
+    [
+        (None, True),  # the default: an unidentified caller's deadline is ignored
+        ("1s", True),  # honoured, but never below 1 s
+        ("honour", False),  # honoured: every call is cut short, and must not count
+    ],
+)
+def test_a_callers_short_deadline_never_ejects_a_healthy_upstream_or_opens_its_breaker(
+    serve: ServedFactory, setting: str | None, relayed: bool
+) -> None:
+    upstream = serve("fastapi_app:app", {"MESH_SERVICE_NAME": "upstream"})
+    env = {"MESH_SERVICE_NAME": "gateway", "MESH_STATIC_SERVICES": f"upstream={upstream.address}"}
+    if setting is not None:
+        env["MESH_UNIDENTIFIED_DEADLINE"] = setting
+    gateway = serve("relay_app:app", env)
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        answers = [
+            client.get("/relay", params={"ms": 150}, headers={"x-mesh-deadline-ms": "80"})
+            for _ in range(20)  # plaintext: an unidentified caller
+        ]
+        if relayed:
+            assert [r.status_code for r in answers] == [200] * 20
+        else:
+            assert {r.status_code for r in answers} == {502}
+            assert {r.json()["error"] for r in answers} == {"DeadlineExceeded"}
+            assert all("deadline passed" in r.json()["detail"] for r in answers)
+        state = client.get("/upstream-state").json()
+        assert state["breaker"] == "closed", state
+        [endpoint] = state["endpoints"]
+        assert endpoint["ejected_for_s"] == 0, state
+        assert endpoint["ejections"] == 0, state
+        normal = client.get("/relay", params={"ms": 150})
+        assert normal.status_code == 200, normal.text

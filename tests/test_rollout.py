@@ -83,12 +83,15 @@ class Mesh:
         prometheus: Prometheus,
         service: str,
         addresses: dict[str, str],
+        admin: dict[str, str],
     ) -> None:
         self.consul = consul
         self.prometheus = prometheus
         self.service = service
         #: each version's instance, host:port
         self.addresses = addresses
+        #: each version's admin listener (its /mesh/metrics, what Prometheus scrapes)
+        self.admin = admin
         self.env = {
             **os.environ,
             "CONSUL_HTTP_ADDR": consul.http_addr,
@@ -196,9 +199,10 @@ def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for app in apps:
             app.start()
         addresses = {version: app.address for version, app in zip(versions, apps, strict=True)}
+        admin = {version: app.admin_address for version, app in zip(versions, apps, strict=True)}
         prometheus = Prometheus(
             tmp_path_factory.mktemp("prometheus"),
-            addresses,
+            admin,
             "/mesh/metrics",
             scrape_interval=f"{SCRAPE * 1000:.0f}ms",
         )
@@ -224,7 +228,7 @@ def mesh(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Itera
             timeout=60,
             what="all four versions passing in Consul",
         )
-        yield Mesh(consul, prometheus, service, addresses)
+        yield Mesh(consul, prometheus, service, addresses, admin)
     finally:
         if traffic is not None:
             traffic.stop()
@@ -533,7 +537,7 @@ def test_a_prometheus_that_does_not_scrape_the_canary_is_refused(
     shop: Mesh, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     only_v1 = Prometheus(
-        tmp_path_factory.mktemp("only-v1"), {"v1": shop.addresses["v1"]}, "/mesh/metrics"
+        tmp_path_factory.mktemp("only-v1"), {"v1": shop.admin["v1"]}, "/mesh/metrics"
     )
     try:
         wait_until(lambda: only_v1.value('up{job="v1"}') == 1, timeout=30, what="v1 scraped")
@@ -543,7 +547,7 @@ def test_a_prometheus_that_does_not_scrape_the_canary_is_refused(
     assert result.returncode == 1
     assert result.stderr == (
         f"meshlib rollout: Prometheus at {only_v1.url} scrapes none of them: the targets of "
-        f"{shop.service} v2 ({shop.addresses['v2']}) must be scraped from /mesh/metrics "
+        f"{shop.service} v2 ({shop.admin['v2']}) must be scraped from /mesh/metrics "
         "(docs/rollouts.md)\n"
     )
     assert shop.split() is None
@@ -554,7 +558,7 @@ def test_prometheus_stopped_mid_rollout_rolls_back_after_the_inconclusive_limit(
 ) -> None:
     own = Prometheus(
         tmp_path_factory.mktemp("stopped"),
-        {v: shop.addresses[v] for v in ("v1", "v2")},
+        {v: shop.admin[v] for v in ("v1", "v2")},
         "/mesh/metrics",
         scrape_interval="250ms",
     )

@@ -108,6 +108,9 @@ def test_meshlib_services_use_connects_ca_and_its_intentions(
     hello = unique("hello")
     served = serve("fastapi_app:app", mesh_env(agent, hello))
     wait_until(lambda: agent.get(f"/v1/health/connect/{hello}?passing=1"), what="hello in Connect")
+    # strict mTLS, yet Consul's HTTP check passes: it asks the plaintext admin listener
+    [check] = [c for c in agent.get(f"/v1/health/checks/{hello}") if c["ServiceName"] == hello]
+    assert (check["Type"], check["Status"]) == ("http", "passing")
     as_client(monkeypatch, agent, "gateway")
     trust_domain = agent.get("/v1/agent/connect/ca/roots")["TrustDomain"]
     with meshlib.Client() as client:

@@ -24,27 +24,64 @@ TARGETS = ["fastapi_app:app", "flask_app:app"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_apps_behind_the_middleware_serve_normally_and_answer_reserved_routes(
+def test_apps_behind_the_middleware_serve_normally_and_admin_routes_only_on_the_admin_port(
     serve: ServedFactory, target: str
 ) -> None:
     served = serve(target, {"MESH_SERVICE_NAME": "hello", "MESH_SERVICE_VERSION": "v1"})
     assert httpx.get(f"{served.url}/hello").json()["hello"] == "hello"
-    health = httpx.get(f"{served.url}/mesh/health")
+    assert served.admin_port != served.port
+    health = httpx.get(f"{served.admin_url}/mesh/health")
     assert health.status_code == 200
     assert health.json()["status"] == "ready"
     assert health.json()["version"] == "v1"
-    assert httpx.get(f"{served.url}/mesh/health/live").status_code == 200
-    metrics = httpx.get(f"{served.url}/mesh/metrics")
+    assert httpx.get(f"{served.admin_url}/mesh/health/live").status_code == 200
+    metrics = httpx.get(f"{served.admin_url}/mesh/metrics")
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert 'meshlib_ready{service="hello"} 1' in metrics.text
-    assert httpx.get(f"{served.url}/mesh/nothing").status_code == 404
+    assert httpx.get(f"{served.admin_url}/metrics").text.startswith("# HELP")
+    assert httpx.get(f"{served.admin_url}/mesh/status").json()["services"] == {}
+    assert httpx.get(f"{served.admin_url}/mesh/nothing").status_code == 404
+    # through the app's port, no caller reads health, metrics or status, forwarded or not
+    forged = {"x-forwarded-for": "127.0.0.1", "forwarded": "for=127.0.0.1", "x-real-ip": "::1"}
+    for path in ("/mesh/health", "/mesh/metrics", "/mesh/status", "/mesh/health/live"):
+        answer = httpx.get(f"{served.url}{path}", headers=forged)
+        assert answer.status_code == 404, (path, answer.text)
+        assert "meshlib_" not in answer.text
+        assert "hello" not in answer.text.replace(path, "")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_several_workers_share_the_one_admin_port(serve: ServedFactory, target: str) -> None:
+    served = serve(target, {"MESH_SERVICE_NAME": "hello"}, args=("--workers", "2"))
+    for _ in range(20):  # a new connection each: the kernel spreads them among the workers
+        with httpx.Client(base_url=served.admin_url) as admin:
+            assert admin.get("/mesh/health").json()["status"] == "ready"
+    text = httpx.get(f"{served.admin_url}/mesh/metrics").text
+    assert 'meshlib_ready{service="hello"} 1' in text
+    assert httpx.get(f"{served.url}/mesh/metrics").status_code == 404
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_forwarded_headers_never_change_who_the_caller_is(
+    serve: ServedFactory, target: str
+) -> None:
+    served = serve(target, {"MESH_SERVICE_NAME": "hello"})
+    forged = {
+        "x-forwarded-for": "192.0.2.7",
+        "x-forwarded-proto": "https",
+        "forwarded": "for=192.0.2.7;proto=https",
+        "x-real-ip": "192.0.2.7",
+    }
+    seen = httpx.get(f"{served.url}/client", headers=forged).json()
+    assert seen == {"host": "127.0.0.1", "scheme": "http"}  # the TCP peer, as it connected
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_request_whose_deadline_is_gone_gets_504_and_the_handler_never_runs(
     serve: ServedFactory, target: str
 ) -> None:
-    served = serve(target, {"MESH_SERVICE_NAME": "hello"})
+    # plaintext callers are unidentified: their deadlines count only when told to
+    served = serve(target, {"MESH_SERVICE_NAME": "hello", "MESH_UNIDENTIFIED_DEADLINE": "honour"})
     refused = httpx.get(f"{served.url}/hello", headers={"x-mesh-deadline-ms": "0"})
     assert refused.status_code == 504
     assert refused.json()["error"] == "deadline exceeded"
@@ -67,14 +104,16 @@ def test_drain_goes_unready_and_finishes_requests_in_flight(
     slow.start()
     wait_until(
         lambda: (
-            httpx.get(f"{served.url}/mesh/metrics").text.count("in_flight{")
-            and ('in_flight{service="hello"} 1' in httpx.get(f"{served.url}/mesh/metrics").text)
+            httpx.get(f"{served.admin_url}/mesh/metrics").text.count("in_flight{")
+            and (
+                'in_flight{service="hello"} 1' in httpx.get(f"{served.admin_url}/mesh/metrics").text
+            )
         ),
         what="the slow request in flight",
     )
     served.terminate()
     health = wait_until(
-        lambda: (r := httpx.get(f"{served.url}/mesh/health")).status_code == 503 and r,
+        lambda: (r := httpx.get(f"{served.admin_url}/mesh/health")).status_code == 503 and r,
         what="readiness to go 503",
     )
     assert health.json()["status"] == "draining"
@@ -145,13 +184,14 @@ def test_registration_appears_in_consul_with_a_passing_check_and_leaves_on_shutd
     assert service["Port"] == served.port
     assert service["Address"] == "127.0.0.1"
     assert service["Meta"]["version"] == "v2"
+    assert service["Meta"]["admin-port"] == str(served.admin_port)
     assert service["Tags"] == ["blue", "eu"]
     assert service["ID"] == f"{name}-127.0.0.1-{served.port}"
     agent_view = consul.get(f"/v1/agent/service/{service['ID']}")
     assert agent_view["Connect"] == {"Native": True}
     checks = entries[0]["Checks"]
     http_check = next(c for c in checks if c["Type"] == "http")
-    assert http_check["Status"] == "passing"
+    assert http_check["Status"] == "passing"  # on the admin listener, not the app's port
     assert http_check["Interval"] == "500ms"
     assert http_check["ServiceID"] == service["ID"]
 
@@ -244,10 +284,12 @@ def test_the_registration_asks_consul_to_remove_a_crashed_instance() -> None:
         }
     )
     assert config.consul is not None
-    registration = Registration(config, config.consul, address="10.0.0.5", port=9001)
+    registration = Registration(
+        config, config.consul, address="10.0.0.5", port=9001, admin=("127.0.0.1", 9901)
+    )
     try:
         assert registration._check == {
-            "HTTP": "http://10.0.0.5:9001/mesh/health",
+            "HTTP": "http://127.0.0.1:9901/mesh/health",
             "Interval": "2000ms",
             "Timeout": "2000ms",
             "DeregisterCriticalServiceAfter": "90000ms",
@@ -279,7 +321,8 @@ async def test_outbound_calls_made_while_serving_inherit_the_callers_deadline() 
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    middleware = meshlib.ASGIMiddleware(app, config=load_config({}))
+    config = load_config({"MESH_UNIDENTIFIED_DEADLINE": "honour"})
+    middleware = meshlib.ASGIMiddleware(app, config=config)
     transport = httpx.ASGITransport(app=middleware)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         await client.get("/work", headers={"x-mesh-deadline-ms": "800"})

@@ -22,7 +22,8 @@ import pytest
 import meshlib
 from meshlib._config import load_config
 from meshlib.telemetry import prometheus_text, record_certificate_expiry
-from meshlib.telemetry._export import MetricsListener, otlp_metrics
+from meshlib.telemetry._admin import admin_listener, is_loopback, serve_admin
+from meshlib.telemetry._export import otlp_metrics
 from meshlib.telemetry._inbound import peer_service
 from meshlib.telemetry._metrics import REGISTRY, Registry
 from missing_tools import require_tool
@@ -299,22 +300,43 @@ def test_a_failing_telemetry_hook_never_fails_the_request(
     assert samples("http_client_request_duration_seconds_count") == 1  # recorded first
 
 
-def test_metrics_listener_serves_prometheus_text_for_pure_clients() -> None:
-    listener = MetricsListener("127.0.0.1", 0)
-    listener.start()
-    try:
-        with client(lambda r: httpx.Response(200)) as c:
-            c.get("http://weather/")
-            r = httpx.get(f"http://127.0.0.1:{listener.port}/metrics")
+def test_the_admin_listener_serves_metrics_status_and_health_for_pure_clients() -> None:
+    listener = serve_admin("127.0.0.1", 0)
+    with client(lambda r: httpx.Response(200)) as c:
+        c.get("http://weather/")
+        for path in ("/metrics", "/mesh/metrics"):
+            r = httpx.get(f"{listener.url}{path}")
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
             assert "http_client_request_duration_seconds_count" in r.text
-            assert httpx.get(f"http://127.0.0.1:{listener.port}/other").status_code == 404
-            status = httpx.get(f"http://127.0.0.1:{listener.port}/mesh/status").json()
-        endpoints = status["services"]["weather"]["endpoints"]
-        assert sorted(e["address"] for e in endpoints) == ["127.0.0.1:8001", "127.0.0.1:8002"]
-    finally:
-        listener.close()
+        assert httpx.get(f"{listener.url}/other").status_code == 404
+        assert httpx.get(f"{listener.url}/mesh/health").status_code == 200
+        # a forwarded header never makes a peer loopback, nor a loopback peer foreign
+        status = httpx.get(
+            f"{listener.url}/mesh/status", headers={"x-forwarded-for": "192.0.2.7"}
+        ).json()
+    endpoints = status["services"]["weather"]["endpoints"]
+    assert sorted(e["address"] for e in endpoints) == ["127.0.0.1:8001", "127.0.0.1:8002"]
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.255.0.9", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("fe80::1%lo", False),
+        ("::1:5ee:bad:c0de", False),
+        ("127.example.com", False),
+        ("::ffff:192.0.2.1", False),
+        ("10.0.0.1", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_loopback_is_decided_by_address_never_by_text(host: str | None, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
 
 
 def test_otlp_data_carries_the_same_numbers_with_semconv_names() -> None:
@@ -356,8 +378,11 @@ def test_server_metrics_of_a_wsgi_app_and_no_metrics_for_mesh_routes() -> None:
     with httpx.Client(transport=httpx.WSGITransport(app=mesh_app), base_url="http://x") as c:
         c.get("/hello")
         c.get("/nope")
-        c.get("/mesh/health")
-        text = c.get("/mesh/metrics").text
+        assert c.get("/mesh/health").status_code == 404  # admin routes: not on the app port
+        assert c.get("/mesh/metrics").status_code == 404
+    listener = admin_listener()
+    assert listener is not None  # the middleware opened it when it started
+    text = httpx.get(f"{listener.url}/mesh/metrics").text
     count = "http_server_request_duration_seconds_count"
     assert 'service_name="forecast"' in text
     assert 'service_version="v2"' in text

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -292,6 +293,14 @@ def _text(text: str) -> str:
     return text
 
 
+def _token(text: str) -> str:
+    """An ACL token: visible ASCII only (a UUID for Consul), so it is a valid header value
+    and no HTTP library ever raises an error that quotes it."""
+    if not all("!" <= c <= "~" for c in text):
+        raise ValueError("not visible ASCII")
+    return text
+
+
 def _exporters(text: str) -> tuple[str, ...]:
     """OpenTelemetry's exporter list: ``otlp``, ``console``, ``none``, comma-separated."""
     names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
@@ -309,6 +318,17 @@ def _metric_labels(text: str) -> frozenset[str]:
     if any(n not in (*METRIC_LABEL_OPTIONS, "none") for n in names):
         raise ValueError(text)
     return names - {"none"}
+
+
+def _unidentified_deadline(text: str) -> float:
+    """The shortest budget honoured from an unidentified caller: inf (``ignore``), 0
+    (``honour``) or a duration."""
+    word = text.strip().lower()
+    if word == "ignore":
+        return math.inf
+    if word in ("honour", "honor"):
+        return 0.0
+    return parse_duration(text)
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -735,12 +755,23 @@ VARIABLES: tuple[Variable, ...] = (
         _choice("off", "json"),
     ),
     Variable(
+        "MESH_ADMIN_ADDR",
+        "a server: `127.0.0.1:0` (a free loopback port, printed by `meshlib serve` and given "
+        "to Consul's check); a pure client: unset (none)",
+        "127.0.0.1:9901",
+        "host:port",
+        "The admin listener (plaintext HTTP, one per process): `/mesh/health`, "
+        "`/mesh/health/ready`, `/mesh/health/live`, `/mesh/metrics` (also `/metrics`) and "
+        "`/mesh/status` (loopback peers only). The app's own port never serves them. Bind it "
+        "beyond loopback only for a scraper or prober that cannot reach loopback.",
+        _listen_address,
+    ),
+    Variable(
         "MESH_METRICS_ADDR",
-        "unset (metrics only on `/mesh/metrics` of a served app)",
+        "unset",
         "127.0.0.1:9464",
         "host:port",
-        "Also serve the Prometheus metrics at `http://host:port/metrics` from a background "
-        "thread: for processes that only call services and serve no app.",
+        "Deprecated alias of `MESH_ADMIN_ADDR` (its listener now serves every admin route).",
         _listen_address,
     ),
     Variable(
@@ -890,6 +921,18 @@ VARIABLES: tuple[Variable, ...] = (
         _int_between(1, 1_000_000),
     ),
     Variable(
+        "MESH_UNIDENTIFIED_DEADLINE",
+        "ignore",
+        "1s",
+        "ignore, honour, or a duration such as 250ms, 2s, 1m (the shortest budget honoured)",
+        "What a server does with the `x-mesh-deadline-ms` of a caller without a verified mesh "
+        "identity (plaintext, or mTLS without a service identity): `ignore` it, `honour` it "
+        "as from a mesh caller, or honour it but never below this duration. With "
+        "`MESH_TLS=off` every caller is unidentified: set `honour` there to keep deadlines "
+        "propagating between plaintext services.",
+        _unidentified_deadline,
+    ),
+    Variable(
         "MESH_FAULT_DELAY",
         "unset (no delay)",
         "200ms",
@@ -946,9 +989,10 @@ VARIABLES: tuple[Variable, ...] = (
         "CONSUL_HTTP_TOKEN",
         "unset",
         "(an ACL token)",
-        "an ACL token",
-        "ACL token sent to Consul as `X-Consul-Token`. Never logged.",
-        _text,
+        "an ACL token of visible ASCII characters (no spaces)",
+        "ACL token sent to Consul as `X-Consul-Token`. Never logged, never shown in an "
+        "error message.",
+        _token,
         owner="consul",
         secret=True,
     ),
@@ -1150,7 +1194,8 @@ class MeshConfig:
     egress: Literal["allow", "deny"] = "allow"
     egress_allow: tuple[str, ...] = ()
     access_log: Literal["off", "json"] = "off"
-    metrics_addr: tuple[str, int] | None = None
+    #: the admin listener's address (None: unset, a server then takes 127.0.0.1:0)
+    admin_addr: tuple[str, int] | None = None
     metrics_labels: frozenset[str] = frozenset()
     rollout_prometheus_url: str = "http://127.0.0.1:9090"
     #: None: unset (OpenTelemetry's default applies); () : none
@@ -1160,6 +1205,8 @@ class MeshConfig:
     rate_limit: RateLimit | None = None
     rate_limit_per_source: RateLimit | None = None
     max_concurrent_requests: int | None = None
+    #: the shortest deadline budget honoured from an unidentified caller (inf: ignored)
+    unidentified_deadline: float = math.inf
     faults: Faults = field(default_factory=Faults)
     defaults: ServicePolicy = field(default_factory=ServicePolicy)
     #: override_key(service) -> that service's policy
@@ -1215,10 +1262,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
             try:
                 with open(token_file, encoding="utf-8") as fh:
                     token = fh.read().strip() or None
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
                 errors.append(
                     f"CONSUL_HTTP_TOKEN_FILE={token_file!r}: expected a readable file ({exc})"
                 )
+            if token is not None and not _valid_token(token):
+                errors.append(
+                    f"CONSUL_HTTP_TOKEN_FILE={token_file!r}: expected the file to hold "
+                    f"{_BY_NAME['CONSUL_HTTP_TOKEN'].expected} (surrounding whitespace is "
+                    "ignored)"
+                )
+                token = None
         verify = get("CONSUL_HTTP_SSL_VERIFY")
         consul = ConsulSettings(
             address=consul_addr,
@@ -1244,7 +1298,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
     service_name = get("MESH_SERVICE_NAME")
     if service_name is None and env.get("OTEL_SERVICE_NAME"):
         otel_name = env["OTEL_SERVICE_NAME"]
-        if _SERVICE_NAME.match(otel_name):
+        if _control_character(otel_name) is not None:
+            _parse(_BY_NAME["OTEL_SERVICE_NAME"], "OTEL_SERVICE_NAME", otel_name, errors)
+        elif _SERVICE_NAME.match(otel_name):
             service_name = otel_name
         else:
             errors.append(
@@ -1278,7 +1334,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         egress=get("MESH_EGRESS") or "allow",
         egress_allow=get("MESH_EGRESS_ALLOW") or (),
         access_log=get("MESH_ACCESS_LOG") or "off",
-        metrics_addr=get("MESH_METRICS_ADDR"),
+        admin_addr=_admin_addr(get, errors),
         metrics_labels=get("MESH_METRICS_LABELS") or frozenset(),
         rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL") or "http://127.0.0.1:9090",
         traces_exporter=get("OTEL_TRACES_EXPORTER"),
@@ -1287,6 +1343,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         rate_limit=get("MESH_RATE_LIMIT"),
         rate_limit_per_source=get("MESH_RATE_LIMIT_PER_SOURCE"),
         max_concurrent_requests=get("MESH_MAX_CONCURRENT_REQUESTS"),
+        unidentified_deadline=_or(get("MESH_UNIDENTIFIED_DEADLINE"), math.inf),
         faults=_faults(env, get, errors),
         defaults=defaults,
         overrides=MappingProxyType(overrides),
@@ -1305,6 +1362,22 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         raise ConfigError(errors)
     _report_unknown(env)
     return config
+
+
+def _admin_addr(get: Callable[[str], Any], errors: list[str]) -> tuple[str, int] | None:
+    """``MESH_ADMIN_ADDR``, or its deprecated alias ``MESH_METRICS_ADDR``."""
+    admin, metrics = get("MESH_ADMIN_ADDR"), get("MESH_METRICS_ADDR")
+    if admin is not None and metrics is not None and admin != metrics:
+        errors.append(
+            f"MESH_METRICS_ADDR={':'.join(map(str, metrics))!r}: expected it unset or equal to "
+            "MESH_ADMIN_ADDR (it is that variable's old name: one admin listener serves both)"
+        )
+    return admin if admin is not None else metrics  # type: ignore[no-any-return]
+
+
+def _or(value: Any, default: Any) -> Any:
+    """``value`` unless unset (None): for settings whose valid values include 0."""
+    return default if value is None else value
 
 
 def _faults(env: Mapping[str, str], get: Callable[[str], Any], errors: list[str]) -> Faults:
@@ -1331,6 +1404,14 @@ def _faults(env: Mapping[str, str], get: Callable[[str], Any], errors: list[str]
 
 
 def _parse(var: Variable, name: str, raw: str, errors: list[str]) -> Any:
+    control = _control_character(raw)
+    if control is not None:
+        # never the value: a control character is most often a secret's trailing newline
+        hint = " (a newline, as read from a file?)" if control in ("U+000A", "U+000D") else ""
+        errors.append(
+            f"{name}: contains the control character {control}{hint}; expected {var.expected}"
+        )
+        return None
     try:
         return var.parse(raw)
     except ValueError as exc:
@@ -1338,6 +1419,22 @@ def _parse(var: Variable, name: str, raw: str, errors: list[str]) -> Any:
         extra = f" ({exc})" if isinstance(exc, _Invalid) else ""
         errors.append(f"{name}={shown}: expected {var.expected}{extra}")
         return None
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character of ``text`` as ``U+000A``, or None."""
+    for char in text:
+        if unicodedata.category(char) == "Cc":
+            return f"U+{ord(char):04X}"
+    return None
+
+
+def _valid_token(text: str) -> bool:
+    try:
+        _token(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _policy(

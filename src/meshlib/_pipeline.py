@@ -8,7 +8,10 @@ decision lives here, once. The stages, outermost first, and why they sit where t
    other hosts pass through untouched and pay nothing further.
 2. **deadline** (``Call.__init__``): one budget for the whole logical request, capped by the
    deadline of the inbound request being served, so no retry or backoff can outlive it.
-   It is checked before every attempt and sent downstream with each.
+   It is checked before every attempt and sent downstream with each. An attempt cut short
+   by the *caller's* deadline (the inbound one) says nothing about the endpoint: it is no
+   failure for ejection or the breaker, and its time is only a lower bound of latency
+   (``Call.attempt_failed``), so a caller's short deadline cannot eject healthy upstreams.
 3. **breaker** (the first ``Call.start_attempt``, and ``Call.finish``): a per-service gate
    on *requests*: it admits a request before its first attempt and hears the request's
    final outcome, after retries. Failing instances are the business of retries and
@@ -82,6 +85,12 @@ WAIT: Final = -1.0
 MAX_HEDGES: Final = 1
 
 
+#: An attempt cut short by the inbound caller's deadline: no failure, not retried.
+_CUT_SHORT: Final = Outcome(failure=False, retryable=False, sent=True, reason="caller_deadline")
+#: How far before the deadline a timeout still counts as the deadline's (timer granularity).
+_CUT_SHORT_SLACK: Final = 0.005
+
+
 def request_options(request: httpx.Request) -> Mapping[str, Any]:
     """The per-request mesh options, validated (a typo raises ``ValueError`` at once)."""
     options = request.extensions.get(OPTIONS_KEY)
@@ -120,7 +129,7 @@ class CallInfo:
 class Attempt:
     """One try of a Call on one endpoint."""
 
-    __slots__ = ("span", "start", "state", "tls")
+    __slots__ = ("caller_bound", "span", "start", "state", "tls")
 
     def __init__(self, state: EndpointState, start: float, tls: bool, span: Any) -> None:
         self.state = state
@@ -129,6 +138,8 @@ class Attempt:
         self.tls = tls
         #: The attempt's span (telemetry's handle; None without tracing).
         self.span = span
+        #: Its timeout is the inbound caller's remaining deadline, shorter than MESH_TIMEOUT.
+        self.caller_bound = False
 
 
 class Call:
@@ -136,6 +147,7 @@ class Call:
 
     __slots__ = (
         "_admitted",
+        "_caller_deadline",
         "_hedges",
         "_in_flight",
         "_last_failed",
@@ -182,8 +194,10 @@ class Call:
             self.connect_timeout = route.target.connect_timeout
         deadline = Deadline.after(float(options.get("deadline", budget)), now)
         inbound = inbound_deadline.get()
+        #: the deadline is the inbound caller's, not this request's own
+        self._caller_deadline = False
         if inbound is not None and inbound.at < deadline.at:
-            deadline = inbound
+            deadline, self._caller_deadline = inbound, True
         self.deadline = deadline
         self.retries_left = int(options.get("retries", retries))
         self.may_resend = (
@@ -294,6 +308,7 @@ class Call:
         request.headers[DEADLINE_HEADER] = str(max(int(remaining * 1000), 1))
         span = self.telemetry.attempt_started(request, endpoint, self.info.attempts, reason)
         attempt = Attempt(state, state.started(), tls, span)
+        attempt.caller_bound = self._caller_deadline and timeout < self.service.policy.timeout
         self._in_flight.append(attempt)
         return attempt
 
@@ -312,6 +327,13 @@ class Call:
         Raises ``DeadlineExceeded`` (from ``exc``) when the deadline is what ended it.
         """
         outcome = classify_error(exc)
+        if (
+            attempt.caller_bound
+            and isinstance(exc, httpx.TimeoutException)
+            and self.deadline.remaining() <= _CUT_SHORT_SLACK
+        ):
+            # cut short by the caller's deadline: the endpoint was not given its time
+            outcome = _CUT_SHORT
         ejected = self._record(attempt, outcome)
         endpoint = attempt.state.endpoint
         self.info.endpoint = endpoint.address
@@ -321,7 +343,7 @@ class Call:
         if outcome.retryable and self._in_flight:
             return WAIT
         delay = self._retry_delay(outcome, None)
-        if delay is None and self.deadline.remaining() <= 0:
+        if delay is None and (outcome is _CUT_SHORT or self.deadline.remaining() <= 0):
             raise DeadlineExceeded(
                 f"service {self.service.name!r}: deadline passed during attempt "
                 f"{self.info.attempts} ({outcome.reason} on {self.info.endpoint})",
@@ -378,7 +400,8 @@ class Call:
         its racing attempts only that long): the error to raise; they count as a failure."""
         for attempt in list(self._in_flight):
             self.attempt_cancelled(attempt)
-        self._last_failed = True
+        if not self._caller_deadline:  # the caller's deadline is no failure of the service
+            self._last_failed = True
         return DeadlineExceeded(
             f"service {self.service.name!r}: deadline passed during attempt "
             f"{self.info.attempts} ({self.info.endpoint})",
@@ -415,6 +438,11 @@ class Call:
         service = self.service
         state = attempt.state
         self._in_flight.remove(attempt)
+        if outcome is _CUT_SHORT:  # a lower bound of latency, like a cancelled attempt
+            state.finished(
+                attempt.start, latency=time.monotonic() - attempt.start > state.ewma.cost()
+            )
+            return False
         # A failure's real duration feeds the latency estimate, as in Finagle and tower; a
         # dead endpoint that fails fast is removed by ejection, not by a latency penalty (a
         # penalty of the attempt timeout took ~80 s to decay, starving a restarted instance).

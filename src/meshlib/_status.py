@@ -3,9 +3,9 @@
 Envoy's admin ``/clusters`` and ``linkerd diagnostics endpoints`` answer the question an
 operator asks first when calls fail: which instances does this caller know, which did it
 eject, is the breaker open? meshlib keeps that state inside the application, so the
-application answers it: ``/mesh/status`` on a served app (loopback callers only, like
-Envoy's admin port, since it lists internal addresses), ``/mesh/status`` on the
-``MESH_METRICS_ADDR`` listener of a pure client, and ``meshlib status`` to read either.
+application answers it: ``/mesh/status`` on the process's admin listener
+(``MESH_ADMIN_ADDR``; loopback peers only, since it lists internal addresses), and
+``meshlib status`` reads it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from typing import Any
 
 from ._version import __version__
 
-__all__ = ["LOOPBACK", "render", "status_report"]
-
-#: Client addresses allowed to read ``/mesh/status`` on a served app.
-LOOPBACK = ("127.", "::1", "::ffff:127.")
+__all__ = ["render", "status_report"]
 
 
 def status_report() -> dict[str, Any]:

@@ -177,8 +177,8 @@ def _status(args: argparse.Namespace) -> int:
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "url",
-        help="a served app (http://127.0.0.1:8000) or a MESH_METRICS_ADDR listener; "
-        "/mesh/status is read from it",
+        help="a process's admin listener (MESH_ADMIN_ADDR, printed by `meshlib serve`, "
+        "e.g. http://127.0.0.1:9901); /mesh/status is read from it",
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
     parser.add_argument("--timeout", type=_seconds, default=5.0, help="default 5s")

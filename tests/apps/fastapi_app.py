@@ -51,3 +51,8 @@ async def peer(request: Request) -> dict[str, Any]:
 async def header(name: str, request: Request) -> dict[str, Any]:
     HANDLED["count"] += 1
     return {"value": request.headers.get(name)}
+
+
+@app.get("/client")
+async def client(request: Request) -> dict[str, Any]:
+    return {"host": request.client.host if request.client else None, "scheme": request.url.scheme}

@@ -52,3 +52,8 @@ def peer() -> dict[str, Any]:
 def header(name: str) -> dict[str, Any]:
     HANDLED["count"] += 1
     return {"value": request.headers.get(name)}
+
+
+@app.get("/client")
+def client() -> dict[str, Any]:
+    return {"host": request.remote_addr, "scheme": request.scheme}

@@ -309,10 +309,13 @@ class WeatherSystem:
             client.http.session.close()
 
 
-def ejected_forecasts(client: Client) -> int | None:
-    """How many forecast endpoints the gateway has ejected (from its /mesh/metrics)."""
+def ejected_forecasts(gateway: ServiceProcess | None) -> int | None:
+    """How many forecast endpoints the gateway has ejected (from its admin listener's
+    /mesh/metrics)."""
+    if gateway is None or not gateway.admin_url:
+        return None
     try:
-        text = client.get("http://gateway/mesh/metrics").text
+        text = httpx.get(f"{gateway.admin_url}/mesh/metrics", timeout=2).text
     except httpx.HTTPError:
         return None
     return sum(int(float(v)) for v in _EJECTED.findall(text))
@@ -340,7 +343,7 @@ def run(duration: float = 50.0, *, out: TextIO | None = None) -> int:
         system.start()
         client = Client(config=system.client_config())
         traffic = Traffic(client)
-        view.bind(traffic, system, lambda: ejected_forecasts(client))
+        view.bind(traffic, system, lambda: ejected_forecasts(system.gateway))
         traffic.start()
         view.event("traffic: GET http://gateway/forecast?city=... from 4 workers")
         _timeline(duration, system, client, receiver, view)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["ServiceProcess", "stop_all"]
 
-_ANNOUNCE = re.compile(rb"on https?://[^ ]*:(\d+) pid (\d+)")
+_ANNOUNCE = re.compile(rb"on https?://[^ ]*:(\d+) pid (\d+), admin on (http://[^ \n]*)")
 
 
 class ServiceProcess:
@@ -39,6 +39,8 @@ class ServiceProcess:
         self.env = env
         self.log = log
         self.port = port
+        #: the admin listener (/mesh/health, /mesh/metrics), once announced
+        self.admin_url = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0  # where this run's output starts in the log
 
@@ -77,10 +79,11 @@ class ServiceProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} exited:\n{self.tail()}")
             output = self.log.read_bytes()[self._offset :]
-            match = _ANNOUNCE.search(output) if self.port == 0 else None
+            match = _ANNOUNCE.search(output)
             if match is not None:
-                self.port = int(match.group(1))
-            if self.port and _listening(self.port):
+                self.port = self.port or int(match.group(1))
+                self.admin_url = match.group(3).decode()
+            if match is not None and _listening(self.port):
                 return self
             time.sleep(0.05)  # poll interval while the server starts
         raise RuntimeError(f"{self.label} did not start within {timeout:g} s:\n{self.tail()}")

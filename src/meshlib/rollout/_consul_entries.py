@@ -98,10 +98,12 @@ def read_resolver(api: ConsulAPI, service: str) -> Resolver:
 
 
 def instances(api: ConsulAPI, resolver: Resolver, subset: str) -> list[str]:
-    """The ``host:port`` of every instance ``subset`` selects, healthy or not.
+    """Where Prometheus scrapes each instance ``subset`` selects, healthy or not: ``host:port``.
 
     The subset's ``Filter`` is the same expression Consul's health endpoint filters with, so
-    these are the instances a client following the discovery chain reaches.
+    these are the instances a client following the discovery chain reaches. A meshlib server
+    serves its metrics on its admin listener, whose port it registers as ``Meta.admin-port``
+    (server/_registration.py); an instance without one is scraped on its service port.
     """
     params = {"filter": resolver.subsets[subset]} if resolver.subsets.get(subset) else {}
     path = f"/v1/health/service/{quote(resolver.service, safe='')}"
@@ -110,7 +112,8 @@ def instances(api: ConsulAPI, resolver: Resolver, subset: str) -> list[str]:
     for entry in body or ():
         service = entry.get("Service") or {}
         host = service.get("Address") or (entry.get("Node") or {}).get("Address") or ""
-        found.append(f"{host}:{service.get('Port')}")
+        port = (service.get("Meta") or {}).get("admin-port") or service.get("Port")
+        found.append(f"{host}:{port}")
     return sorted(found)
 
 

@@ -44,12 +44,15 @@ class ASGIMiddleware:
     """Join the mesh on the server side of an ASGI app.
 
     ``app.add_middleware(meshlib.ASGIMiddleware)`` for FastAPI/Starlette, or
-    ``meshlib.ASGIMiddleware(app)`` for any ASGI app. Adds ``/mesh/health`` and
-    ``/mesh/metrics``, refuses requests whose caller's deadline has passed (504), caps the
-    handler's outbound calls by the caller's deadline, applies the configured rate limits
-    (429), concurrency limit (503) and fault injection (``MESH_RATE_LIMIT*``,
-    ``MESH_MAX_CONCURRENT_REQUESTS``, ``MESH_FAULT_*``), and registers the instance in Consul
-    on startup and deregisters it (after draining) on shutdown.
+    ``meshlib.ASGIMiddleware(app)`` for any ASGI app. Serves ``/mesh/health``,
+    ``/mesh/metrics`` and ``/mesh/status`` on the admin listener (``MESH_ADMIN_ADDR``; the
+    app's port answers ``/mesh/...`` with 404), refuses requests whose caller's deadline has
+    passed (504), caps the handler's outbound calls by the caller's deadline, applies the
+    configured rate limits (429), concurrency limit (503) and fault injection
+    (``MESH_RATE_LIMIT*``, ``MESH_MAX_CONCURRENT_REQUESTS``, ``MESH_FAULT_*``), and
+    registers the instance in Consul on startup and deregisters it (after draining) on
+    shutdown.
+
 
     Keys it adds to the scope: ``meshlib.deadline`` (a ``Deadline`` or ``None``).
 
@@ -84,13 +87,10 @@ class ASGIMiddleware:
         instance = self.instance
         if instance.state == "starting":  # a server that does not run lifespan
             server = scope.get("server") or (None, None)
-            await anyio.to_thread.run_sync(
-                lambda: instance.start(address=server[0], port=server[1])
-            )
+            await anyio.to_thread.run_sync(lambda: self._start(server[0], server[1]))
         path: str = scope["path"]
-        if path.startswith(RESERVED_PREFIX):
-            client = (scope.get("client") or (None,))[0]
-            await _send_local(send, self.inbound.reserved(scope["method"], path, client))
+        if path.startswith(RESERVED_PREFIX):  # served on the admin listener only
+            await _send_local(send, self.inbound.not_here(path))
             return
         raw = scope["headers"]
         headers = joined_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
@@ -124,6 +124,11 @@ class ASGIMiddleware:
             inbound.finished()
             inbound_deadline.reset(token)
 
+    def _start(self, address: str | None = None, port: int | None = None) -> None:
+        """Open the admin listener, then start (and register) the instance."""
+        self.inbound.open_admin()
+        self.instance.start(address=address, port=port)
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         instance = self.instance
         received_any = False
@@ -138,7 +143,7 @@ class ASGIMiddleware:
 
         async def mesh_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
-                await anyio.to_thread.run_sync(instance.start)
+                await anyio.to_thread.run_sync(self._start)
             await send(message)
 
         try:
@@ -152,7 +157,7 @@ class ASGIMiddleware:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await anyio.to_thread.run_sync(self.instance.start)
+                await anyio.to_thread.run_sync(self._start)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await anyio.to_thread.run_sync(self.instance.stop)

@@ -2,16 +2,20 @@
 
 Before the application sees a request:
 
-1. **reserved routes** under ``/mesh/``: health (for Consul's check and for load
-   balancers), metrics and status (``_status.py``), answered by the mesh itself and
-   never limited, so an overloaded instance is not also marked dead;
+1. **reserved routes** under ``/mesh/``: 404 on the app's port. Health (for Consul's
+   check, probes and load balancers), metrics and status (``_status.py``) are answered by
+   ``reserved`` on the admin listener (``telemetry/_admin.py``, ``MESH_ADMIN_ADDR``), never
+   through the app's port, and never limited, so an overloaded instance is not also
+   marked dead;
 2. **authorization**: the caller's identity comes from its verified client certificate
    (``InboundRequest.peer``, set by the server, never from a header); the authorizer
    (local allow/deny lists, Consul intentions) may answer 403. First, so a denied caller
    costs no rate-limit token;
 3. **deadline**: a caller whose ``x-mesh-deadline-ms`` budget is already gone gets 504
    without the handler running (nobody is waiting for that answer any more); otherwise
-   the remaining budget caps the handler's own outbound calls;
+   the remaining budget caps the handler's own outbound calls. The header steers this
+   server's work, so it is trusted only from an identified mesh caller: from anyone else
+   it is ignored, honoured, or raised to a floor (``MESH_UNIDENTIFIED_DEADLINE``);
 4. **stages**: plug points, in order, for checks of the application's own; the first
    stage that answers ends the request before the handler;
 5. **rate limits** (``_limits``): the caller's bucket, then the process's → 429 with
@@ -38,16 +42,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from .. import __version__
 from .._logsafe import escaped
-from .._status import LOOPBACK, status_report
+from .._status import status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
 from ..security import Authorizer, SpiffeId
 from ..telemetry import prometheus_text
+from ..telemetry._admin import is_loopback, serve_admin, set_routes
 from ..telemetry._inbound import peer_service
 from ..telemetry._instruments import SERVER_FAULTS, SERVER_LOAD_SHED, SERVER_RATE_LIMITED
 from ._faults import FAULT_RESPONSE_HEADER, FaultDecision, FaultInjector
@@ -68,6 +75,9 @@ __all__ = [
 ]
 
 RESERVED_PREFIX = "/mesh/"
+#: Set by ``meshlib serve`` to the admin address it reserved: its serving processes share
+#: that port (``SO_REUSEPORT``).
+ADMIN_REUSE_PORT_ENV = "MESHLIB_ADMIN_REUSE_PORT"
 #: Marks a 503 the concurrency limit answered: the request was not handled at all.
 
 
@@ -146,9 +156,34 @@ class Inbound:
         self.limiter = RateLimiter(config.rate_limit, config.rate_limit_per_source)
         self.max_concurrent = config.max_concurrent_requests
         self.faults = FaultInjector(config)
+        self.unidentified_deadline = config.unidentified_deadline
+
+    def open_admin(self) -> str:
+        """Serve this server's admin routes (``reserved``) on the process's admin listener,
+        opening it if need be; returns its URL."""
+        set_routes(self.reserved)
+        host, port = self.instance.config.admin_addr or ("127.0.0.1", 0)
+        reuse = os.environ.get(ADMIN_REUSE_PORT_ENV) == f"{host}:{port}"
+        try:
+            return serve_admin(host, port, reuse_port=reuse).url
+        except OSError as exc:  # another worker of a server not run by `meshlib serve`
+            logger.warning(
+                "no admin listener in this process: cannot listen on %s:%d (MESH_ADMIN_ADDR): "
+                "%s; the app is served, /mesh/health and /mesh/metrics are not",
+                host,
+                port,
+                exc.strerror,
+            )
+            return ""
+
+    def not_here(self, path: str) -> LocalResponse:
+        """The app port's answer to ``/mesh/...``: those routes live on the admin listener."""
+        return json_response(
+            404, {"error": f"no route {path} here: mesh routes are on the admin listener"}
+        )
 
     def reserved(self, method: str, path: str, client: str | None = None) -> LocalResponse:
-        """Answer a request under ``/mesh/`` (``client``: the caller's IP address)."""
+        """Answer an admin request under ``/mesh/`` (``client``: the peer's IP address)."""
         instance = self.instance
         if path in ("/mesh/health", "/mesh/health/ready"):
             config = instance.config
@@ -165,7 +200,7 @@ class Inbound:
         if path == "/mesh/metrics":
             return _metrics(instance)
         if path == "/mesh/status":
-            if not client or not client.startswith(LOOPBACK):
+            if not is_loopback(client):
                 return json_response(
                     403, {"error": "/mesh/status lists internal addresses: loopback callers only"}
                 )
@@ -221,6 +256,9 @@ class Inbound:
                 )
                 return json_response(403, {"error": "forbidden", "detail": decision.reason})
         budget = parse_deadline_header(request.headers.get(DEADLINE_HEADER))
+        if budget is not None and request.peer is None:  # not a mesh caller's to set
+            floor = self.unidentified_deadline
+            budget = None if math.isinf(floor) else max(budget, floor)
         if budget is not None and budget <= 0:
             return _deadline_passed(
                 f"the caller's deadline ({DEADLINE_HEADER}: 0) had passed before the "

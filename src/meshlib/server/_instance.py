@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from .._config import MeshConfig
 from .._exceptions import ConfigError
+from ..telemetry._admin import admin_listener
 from ._registration import Registration
 
 __all__ = ["Instance"]
@@ -114,7 +115,11 @@ class Instance:
                 else:
                     registered_address = config.service_address or _routable(address)
                     self.registration = Registration(
-                        config, config.consul, address=registered_address, port=port
+                        config,
+                        config.consul,
+                        address=registered_address,
+                        port=port,
+                        admin=_admin_address(config),
                     )
             self._state = "ready"
             if self.registration is not None:
@@ -207,6 +212,16 @@ class Instance:
             instance = cls(config)
             _registry.append(instance)
             return instance
+
+
+def _admin_address(config: MeshConfig) -> tuple[str, int] | None:
+    """Where this process's admin listener is (or will be, under ``meshlib serve``)."""
+    listener = admin_listener()
+    if listener is not None:
+        return listener.host, listener.port
+    if config.admin_addr is not None and config.admin_addr[1]:
+        return config.admin_addr
+    return None
 
 
 def _routable(address: str | None) -> str:

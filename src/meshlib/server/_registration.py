@@ -4,8 +4,9 @@ Uses py-consul (its agent API covers registration with a check). The registratio
 what the rest of the mesh reads: the address and port actually served, ``Meta.version``
 (subsets and canaries select on it), tags, ``Connect: {Native: true}`` (a meshlib server
 speaks the mesh's mTLS itself, so Consul's own proxies may call it directly), and an HTTP
-check on ``/mesh/health`` with ``DeregisterCriticalServiceAfter`` so an instance that
-crashed without deregistering is removed by Consul itself.
+check on ``/mesh/health`` of the admin listener (plaintext, so it works under strict mTLS)
+with ``DeregisterCriticalServiceAfter`` so an instance that crashed without deregistering is
+removed by Consul itself.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Registration:
         *,
         address: str,
         port: int,
-        scheme: str = "http",
+        admin: tuple[str, int] | None = None,
     ) -> None:
         assert config.service_name is not None
         self.service = config.service_name
@@ -50,13 +51,17 @@ class Registration:
             "Timeout": _go_duration(min(config.health_interval, 5.0)),
             "DeregisterCriticalServiceAfter": _go_duration(config.deregister_after),
         }
-        if config.tls == "off":
-            self._check["HTTP"] = f"http://{check_host}:{port}/mesh/health"
-        else:
-            # Consul's checker has no mesh certificate, so a strict server would refuse its
-            # HTTP check: check the port. Draining still works, by deregistering first.
+        if admin is not None:
+            # the admin listener speaks plaintext whatever MESH_TLS says, so Consul's
+            # checker (which has no mesh certificate) can ask it under strict mTLS too
+            admin_host = admin[0] if admin[0] not in ("", "0.0.0.0", "::") else "127.0.0.1"
+            admin_host = f"[{admin_host}]" if ":" in admin_host else admin_host
+            self._check["HTTP"] = f"http://{admin_host}:{admin[1]}/mesh/health"
+        else:  # no admin listener known: at least check the port
             self._check["TCP"] = f"{check_host}:{port}"
         meta = {"meshlib": __version__, "mesh-tls": config.tls}
+        if admin is not None:  # where Prometheus (Consul service discovery) scrapes
+            meta["admin-port"] = str(admin[1])
         if config.service_version:
             meta["version"] = config.service_version
         self._meta = meta

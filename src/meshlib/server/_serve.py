@@ -1,8 +1,11 @@
 """``meshlib serve module:app``: run an app in the mesh, with a graceful drain.
 
 ASGI apps run under uvicorn, WSGI apps under gunicorn (gthread workers: keep-alive, threads).
-An app that does not wrap itself in the mesh middleware is wrapped, so ``/mesh/health``
-exists for Consul's check either way.
+An app that does not wrap itself in the mesh middleware is wrapped, so the admin routes
+(``/mesh/health`` for Consul's check, ``/mesh/metrics``, ``/mesh/status``) exist either
+way, on the admin listener (``MESH_ADMIN_ADDR``, ``127.0.0.1`` and a free port unless set),
+never on the app's port. Forwarded headers (``X-Forwarded-For``, ``Forwarded``) are never
+trusted: the caller is the TCP peer.
 
 The socket is bound here, before the server starts, so ``--port 0`` works (the port the
 kernel picked is the one registered and printed) and the port is known before the app is
@@ -41,6 +44,7 @@ from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts, security_for
 from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
+from ._inbound import ADMIN_REUSE_PORT_ENV
 from ._instance import Instance, share_drain_with_workers
 from ._wsgi import WSGIMiddleware
 
@@ -133,6 +137,7 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     if host not in ("0.0.0.0", "::", ""):
         os.environ.setdefault("MESH_SERVICE_ADDRESS", host)
     os.environ[_TARGET_ENV] = target
+    admin = _reserve_admin_port(load_config().admin_addr or ("127.0.0.1", 0))
     config = load_config()
     # the file's fault settings are checked (and announced) now: a framework may build
     # its middleware only on the first request
@@ -143,13 +148,45 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     scheme = "http" if config.tls == "off" else "https"
     print(
         f"meshlib serve: {config.service_name or target} ({kind}) on {scheme}://{shown}:{port} "
-        f"pid {os.getpid()}",
+        f"pid {os.getpid()}, admin on {admin}",
         file=sys.stderr,
         flush=True,
     )
     if kind == "asgi":
         return _run_uvicorn(app, sock, config, workers)
     return _run_gunicorn(sock, config, workers)
+
+
+def _reserve_admin_port(address: tuple[str, int]) -> str:
+    """Reserve the admin listener's port (port 0: pick one) for the serving processes.
+
+    The socket is bound but never listens, so it takes no connections: each process that
+    serves the app (the one uvicorn process, or every worker) binds the same port with
+    ``SO_REUSEPORT`` and the kernel spreads probes and scrapes among them, as it spreads
+    the app's connections. ``MESH_ADMIN_ADDR`` is set to the concrete address, so workers,
+    Consul's check and the printed line agree. Returns the listener's URL.
+    """
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(
+            f"cannot reserve the admin port {host}:{port} (MESH_ADMIN_ADDR): {exc.strerror}"
+        ) from exc
+    _RESERVED.append(sock)  # held for the life of the process
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    os.environ["MESH_ADMIN_ADDR"] = f"{shown}:{port}"
+    os.environ.pop("MESH_METRICS_ADDR", None)  # its deprecated alias, now folded in
+    os.environ[ADMIN_REUSE_PORT_ENV] = f"{host}:{port}"
+    return f"http://{shown}:{port}"
+
+
+_RESERVED: list[socket.socket] = []
 
 
 # --------------------------------------------------------------------------- uvicorn
@@ -163,6 +200,9 @@ def _run_uvicorn(app: Any, sock: socket.socket, config: MeshConfig, workers: int
         "timeout_graceful_shutdown": config.drain_timeout,
         "log_level": "warning",
         "access_log": False,
+        # the peer is the TCP peer: X-Forwarded-For from anyone never replaces it
+        "proxy_headers": False,
+        "forwarded_allow_ips": "",
     }
     tls = security_for(config).tls
     if tls is not None:
@@ -241,8 +281,17 @@ def _run_gunicorn(sock: socket.socket, config: MeshConfig, workers: int) -> int:
         signal.signal(signal.SIGTERM, drain_then_stop)
         signal.signal(signal.SIGINT, drain_then_stop)
 
+    def post_worker_init(worker: Any) -> None:
+        # each worker answers the admin routes itself, on the shared reserved port
+        app = worker.wsgi
+        middleware = app if isinstance(app, WSGIMiddleware) else getattr(app, "wsgi_app", None)
+        if isinstance(middleware, WSGIMiddleware):
+            middleware.start(address=address, port=port)
+
     options: dict[str, Any] = {
         "bind": [f"fd://{sock.fileno()}"],
+        "post_worker_init": post_worker_init,
+        "forwarded_allow_ips": "",  # never trust X-Forwarded-* (the peer is the TCP peer)
         "workers": workers,
         "worker_class": "gthread",
         "threads": 8,

@@ -32,12 +32,15 @@ __all__ = ["WSGIMiddleware"]
 class WSGIMiddleware:
     """Join the mesh on the server side of a WSGI app.
 
-    ``app.wsgi_app = meshlib.WSGIMiddleware(app.wsgi_app)`` for Flask. Adds ``/mesh/health``
-    and ``/mesh/metrics``, refuses requests whose caller's deadline has passed (504), caps
-    the handler's outbound calls by the caller's deadline, applies the configured rate
-    limits (429), concurrency limit (503) and fault injection (``MESH_RATE_LIMIT*``,
-    ``MESH_MAX_CONCURRENT_REQUESTS``, ``MESH_FAULT_*``), and registers the instance in
-    Consul (on the first request or ``start()``).
+    ``app.wsgi_app = meshlib.WSGIMiddleware(app.wsgi_app)`` for Flask. Serves
+    ``/mesh/health``, ``/mesh/metrics`` and ``/mesh/status`` on the admin listener
+    (``MESH_ADMIN_ADDR``; the app's port answers ``/mesh/...`` with 404), refuses requests
+    whose caller's deadline has passed (504), caps the handler's outbound calls by the
+    caller's deadline, applies the configured rate limits (429), concurrency limit (503) and
+    fault injection (``MESH_RATE_LIMIT*``, ``MESH_MAX_CONCURRENT_REQUESTS``,
+    ``MESH_FAULT_*``), and registers the instance in Consul (on the first request or
+    ``start()``).
+
 
     Raises:
         meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value, or
@@ -61,7 +64,9 @@ class WSGIMiddleware:
         self.inbound = Inbound(self.instance, stages, security.authorizer)
 
     def start(self, *, address: str | None = None, port: int | None = None) -> None:
-        """Become ready (and register with Consul) now rather than on the first request."""
+        """Become ready (open the admin listener, register with Consul) now rather than on
+        the first request."""
+        self.inbound.open_admin()
         self.instance.start(address=address, port=port)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -71,15 +76,14 @@ class WSGIMiddleware:
         instance = self.instance
         if instance.state == "starting":
             port = environ.get("SERVER_PORT")
-            instance.start(
+            self.start(
                 address=environ.get("SERVER_NAME"),
                 port=int(port) if port and str(port).isdigit() else None,
             )
         path: str = environ.get("PATH_INFO", "")
         method: str = environ.get("REQUEST_METHOD", "GET")
-        if path.startswith(RESERVED_PREFIX):
-            answer = self.inbound.reserved(method, path, environ.get("REMOTE_ADDR"))
-            return _local(start_response, answer)
+        if path.startswith(RESERVED_PREFIX):  # served on the admin listener only
+            return _local(start_response, self.inbound.not_here(path))
         # The server already joined a repeated header (gunicorn: with ",", as Envoy does).
         headers = {
             key[5:].replace("_", "-").lower(): value

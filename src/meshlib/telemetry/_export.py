@@ -4,27 +4,26 @@
   is), a daemon thread hands the registry's cumulative values to the SDK's OTLP metric
   exporter every ``OTEL_METRIC_EXPORT_INTERVAL`` milliseconds (60 s by default) and once
   more at exit. ``console`` prints them the same way. The request path is not involved.
-* **Prometheus listener** (``MESH_METRICS_ADDR=host:port``): a small HTTP server thread
-  answering ``GET /metrics`` with the text ``/mesh/metrics`` serves, for processes that
-  call services but serve no app of their own.
+* **the admin listener** (``MESH_ADMIN_ADDR=host:port``, ``_admin.py``) of a process that
+  calls services but serves no app of their own: ``/metrics`` and ``/mesh/metrics`` for
+  Prometheus, ``/mesh/status`` for ``meshlib status``. A server opens its own when it starts.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .._config import MeshConfig
 from .._version import __version__
+from ._admin import serve_admin
 from ._metrics import REGISTRY, Counter, Gauge, Histogram, Registry
 
-__all__ = ["MetricsListener", "otlp_metrics", "start_exporters"]
+__all__ = ["otlp_metrics", "start_exporters"]
 
 logger = logging.getLogger("meshlib.telemetry")
 
@@ -40,8 +39,10 @@ def start_exporters(config: MeshConfig) -> None:
     for name in exporters_for(config.metrics_exporter, "metrics"):
         if _start_push(name, config):
             _PUSHES.append((name, config))
-    if config.metrics_addr is not None:
-        MetricsListener(*config.metrics_addr).start()
+    # under `meshlib serve` the serving processes open it themselves (a pre-forking
+    # server's parent must not answer for its workers)
+    if config.admin_addr is not None and "MESHLIB_SERVE_TARGET" not in os.environ:
+        serve_admin(*config.admin_addr)
 
 
 def _start_push(name: str, config: MeshConfig) -> bool:
@@ -180,50 +181,3 @@ def otlp_metrics(registry: Registry, config: MeshConfig) -> Any:
 
 def _attributes(keys: tuple[str, ...], labels: tuple[str, ...]) -> dict[str, str]:
     return {key: value for key, value in zip(keys, labels, strict=True) if value != ""}
-
-
-class MetricsListener(threading.Thread):
-    """``GET /metrics`` on ``host:port``, answered with the process's Prometheus text, and
-    ``GET /mesh/status`` with what its mesh sees (``_status.py``)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(name="meshlib-metrics-listener", daemon=True)
-        self.server = ThreadingHTTPServer((host, port), _MetricsHandler)
-        self.server.daemon_threads = True
-
-    @property
-    def port(self) -> int:
-        """The port listened on (useful with port 0)."""
-        return int(self.server.server_address[1])
-
-    def run(self) -> None:
-        self.server.serve_forever()
-
-    def close(self) -> None:
-        """Stop listening."""
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _MetricsHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/mesh/status":  # the listener's address is the operator's choice
-            from .._status import status_report
-
-            body = json.dumps(status_report()).encode()
-            content_type = "application/json"
-        elif path in ("/metrics", "/mesh/metrics"):
-            body = REGISTRY.prometheus_text().encode()
-            content_type = "text/plain; version=0.0.4; charset=utf-8"
-        else:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # scrapes are not worth a log line each
