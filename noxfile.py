@@ -88,7 +88,7 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks against bare httpx (docs/performance.md); `-- --quick` only proves they run."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test]", "aiohttp")  # aiohttp: row 2b's yardstick
     env = _tools(session, "consul")
     session.run("python", "bench/perf.py", *session.posargs, env=env)
 

@@ -1,7 +1,9 @@
 """Client / AsyncClient: real httpx clients whose transport is the mesh.
 
 ``MeshTransport`` wraps an inner transport that does the I/O (by default one pooled
-``httpx.HTTPTransport`` for every endpoint). Hosts that are not mesh services pass
+``httpx.HTTPTransport`` for every endpoint; async, ``AsyncPoolTransport``, httpcore's
+connections under a free-list pool, because httpcore's own async pool caps throughput:
+see _async_pool.py). Hosts that are not mesh services pass
 straight through to it. For mesh services, the transport is a loop around a sans-IO
 ``Call`` (_pipeline.py), which holds every policy decision, so the sync and async
 transports below differ only in ``await``.
@@ -30,6 +32,7 @@ import httpx
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._async_pool import AsyncPoolTransport
 from ._config import MeshConfig, load_config
 from ._pipeline import MAX_HEDGES, WAIT, Attempt, Call, clone_request
 from ._runtime import Mesh, Pending
@@ -176,7 +179,12 @@ class MeshTransport(httpx.BaseTransport):
 
 
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
-    """The async twin of :class:`MeshTransport`; same arguments."""
+    """The async twin of :class:`MeshTransport`; same arguments.
+
+    The default inner transport is not ``httpx.AsyncHTTPTransport`` but meshlib's own pool
+    over httpcore's connections (about 3x the throughput with many requests in flight);
+    pass ``inner=httpx.AsyncHTTPTransport(...)`` to use httpx's.
+    """
 
     def __init__(
         self,
@@ -187,8 +195,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self.mesh = _runtime(config, mesh)
         setup_telemetry(self.mesh.config)
-        self._inner = httpx.AsyncHTTPTransport() if inner is None else inner
-        self._tls = _TlsPools(self.mesh, httpx.AsyncHTTPTransport, async_identity_check)
+        self._inner = AsyncPoolTransport() if inner is None else inner
+        self._tls = _TlsPools(self.mesh, AsyncPoolTransport, async_identity_check)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
@@ -538,7 +546,7 @@ _WORKERS = _Workers()
 # threads of its parent: it would hand hedged attempts to threads that are not there.
 os.register_at_fork(after_in_child=_WORKERS.reset)
 
-Pool = TypeVar("Pool", bound=httpx.HTTPTransport | httpx.AsyncHTTPTransport)
+Pool = TypeVar("Pool", bound=httpx.HTTPTransport | AsyncPoolTransport)
 
 
 class _TlsPools(Generic[Pool]):

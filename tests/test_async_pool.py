@@ -1,0 +1,126 @@
+"""The async inner transport (_async_pool.py) against real servers on loopback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+import tempfile
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+import meshlib
+from meshlib._async_pool import AsyncPoolTransport
+from meshlib.security import LocalCA, SpiffeId
+from meshlib.security._local_ca import issue_leaf
+from raw_http_server import RawServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_many_concurrent_requests_share_few_connections() -> None:
+    pool = AsyncPoolTransport(limits=httpx.Limits(max_connections=4))
+    with RawServer() as server:
+        async with httpx.AsyncClient(transport=pool) as client:
+            statuses: list[int] = []
+
+            async def one() -> None:
+                statuses.append((await client.get(f"{server.url}/")).status_code)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(200):
+                    tg.start_soon(one)
+            assert statuses == [200] * 200
+            assert server.connections <= 4
+            assert pool.connections <= 4
+            assert pool.idle == pool.connections
+
+
+async def test_a_request_cancelled_mid_body_leaves_no_connection_checked_out() -> None:
+    pool = AsyncPoolTransport()
+    with RawServer() as server:
+        async with httpx.AsyncClient(transport=pool) as client:
+            with anyio.move_on_after(0.2) as scope:
+                async with client.stream("GET", f"{server.url}/slow-body") as response:
+                    async for _ in response.aiter_bytes():
+                        pass
+            assert scope.cancelled_caught
+            assert pool.connections == 0  # closed, not given back half-read
+            assert pool.idle == 0
+            assert (await client.get(f"{server.url}/")).text == "ok"
+            assert pool.connections == 1
+
+
+async def test_a_server_closing_a_kept_alive_connection_costs_no_failed_get() -> None:
+    pool = AsyncPoolTransport()
+    with RawServer() as server:
+        async with httpx.AsyncClient(transport=pool) as client:
+            for _ in range(5):
+                # /once answers, then hangs up on the next request sent on that connection
+                assert (await client.get(f"{server.url}/once")).text == "ok"
+            assert server.connections == 5
+
+
+async def test_a_non_idempotent_request_on_a_stale_connection_is_not_replayed() -> None:
+    pool = AsyncPoolTransport()
+    with RawServer() as server:
+        async with httpx.AsyncClient(transport=pool) as client:
+            assert (await client.get(f"{server.url}/once")).text == "ok"
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post(f"{server.url}/", content=b"order")
+            assert server.connections == 1
+
+
+async def test_a_full_pool_raises_pool_timeout() -> None:
+    pool = AsyncPoolTransport(limits=httpx.Limits(max_connections=1))
+    with RawServer() as server:
+        async with httpx.AsyncClient(transport=pool) as client:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.get, f"{server.url}/hold")
+                with anyio.fail_after(10):
+                    while server.connections < 1:  # the held request took the one connection
+                        await anyio.sleep(0.01)
+                with pytest.raises(httpx.PoolTimeout):
+                    await client.get(f"{server.url}/", timeout=httpx.Timeout(5, pool=0.2))
+                server.release.set()
+            assert (await client.get(f"{server.url}/")).text == "ok"
+
+
+def _server_tls(ca_dir: Path, service: str) -> ssl.SSLContext:
+    ca = LocalCA(ca_dir)
+    signer, key, _ = ca.signer()
+    identity = SpiffeId(ca.load_info().trust_domain, service)
+    cert_pem, key_pem, _ = issue_leaf(signer, key, identity, dt.timedelta(hours=1))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=(ca_dir / "roots.pem").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "c.pem").write_bytes(cert_pem)
+        (Path(tmp) / "k.pem").write_bytes(key_pem)
+        ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
+    return ctx
+
+
+async def test_a_renewed_client_leaf_is_used_by_the_next_new_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_dir = tmp_path / "ca"
+    LocalCA(ca_dir).init("meshlib.test")
+    with RawServer(tls=_server_tls(ca_dir, "hello")) as server:
+        monkeypatch.setenv("MESH_TLS", "strict")
+        monkeypatch.setenv("MESH_TLS_DIR", str(ca_dir))
+        monkeypatch.setenv("MESH_SERVICE_NAME", "gateway")
+        monkeypatch.setenv("MESH_TLS_LEAF_TTL", "3s")  # renewed after 2 s
+        monkeypatch.setenv("MESH_STATIC_SERVICES", f"hello=127.0.0.1:{server.port}")
+        async with meshlib.AsyncClient() as client:
+            assert (await client.get("http://hello/")).text == "ok"
+            with anyio.fail_after(20):
+                while len(server.client_serials) < 2:
+                    assert (await client.get("http://hello/")).text == "ok"
+                    await anyio.sleep(0.05)
+    first, second = server.client_serials[:2]
+    assert first is not None
+    assert second is not None
+    assert first != second  # the second connection presented the renewed leaf
