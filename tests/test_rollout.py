@@ -792,7 +792,8 @@ def test_each_checks_success_rate_is_within_two_points_of_the_callers(
     compared = []
     for check in checks:
         m = check["metrics"]
-        assert m["end"] - m["start"] == pytest.approx(2.0, abs=0.05)  # the whole window
+        # the whole window, give or take the one scrape a loaded machine may run late
+        assert m["end"] - m["start"] == pytest.approx(2.0, abs=SCRAPE + 0.05)
         rate, seen = caller.success_rate(m["start"], m["end"])
         compared.append((m["success_rate"], round(rate, 2), m["requests"], seen))
     assert all(abs(ours - theirs) <= 2 for ours, theirs, _, _ in compared), compared
