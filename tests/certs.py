@@ -56,6 +56,19 @@ def context_for(cert_pem: bytes, key_pem: bytes, roots_pem: str) -> ssl.SSLConte
     """A client SSL context presenting ``cert_pem`` and trusting ``roots_pem``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
+    return _presenting(ctx, cert_pem, key_pem, roots_pem)
+
+
+def server_context_for(cert_pem: bytes, key_pem: bytes, roots_pem: str) -> ssl.SSLContext:
+    """A server SSL context presenting ``cert_pem``, requiring clients of ``roots_pem``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return _presenting(ctx, cert_pem, key_pem, roots_pem)
+
+
+def _presenting(
+    ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, roots_pem: str
+) -> ssl.SSLContext:
     ctx.load_verify_locations(cadata=roots_pem)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "c.pem").write_bytes(cert_pem)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-import tempfile
 from pathlib import Path
 
 import anyio
@@ -12,6 +11,7 @@ import httpx
 import pytest
 
 import meshlib
+from certs import server_context_for
 from meshlib._async_pool import AsyncPoolTransport
 from meshlib.security import LocalCA, SpiffeId
 from meshlib.security._local_ca import issue_leaf
@@ -93,14 +93,7 @@ def _server_tls(ca_dir: Path, service: str) -> ssl.SSLContext:
     signer, key, _ = ca.signer()
     identity = SpiffeId(ca.load_info().trust_domain, service)
     cert_pem, key_pem, _ = issue_leaf(signer, key, identity, dt.timedelta(hours=1))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=(ca_dir / "roots.pem").read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "c.pem").write_bytes(cert_pem)
-        (Path(tmp) / "k.pem").write_bytes(key_pem)
-        ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
-    return ctx
+    return server_context_for(cert_pem, key_pem, (ca_dir / "roots.pem").read_text())
 
 
 async def test_a_renewed_client_leaf_is_used_by_the_next_new_connection(

@@ -13,7 +13,6 @@ import ssl
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -85,14 +84,7 @@ def client_context(
     cert_pem, key_pem, _ = issue_leaf(
         signer, key, identity, dt.timedelta(hours=1), not_before=start
     )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(cadata=(ca_dir / "roots.pem").read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "c.pem").write_bytes(cert_pem)
-        (Path(tmp) / "k.pem").write_bytes(key_pem)
-        ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
-    return ctx
+    return context_for(cert_pem, key_pem, (ca_dir / "roots.pem").read_text())
 
 
 # ----------------------------------------------------------------------------- both directions
