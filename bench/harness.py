@@ -104,6 +104,10 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+#: the 1-minute load average above which a row's verdict is "noisy" (2 cores)
+QUIET_LOAD = 1.5
+
+
 @dataclass
 class Line:
     """One line of a results table."""
@@ -113,11 +117,21 @@ class Line:
     result: str
     goal: str
     met: bool | None  # None: no goal, or not measurable yet
+    #: the higher 1-minute load average of the machine before and after the row ran
+    load: float | None = None
 
     @property
     def verdict(self) -> str:
-        """``ok``, ``MISSED`` or ``-``."""
-        return "-" if self.met is None else ("ok" if self.met else "MISSED")
+        """``ok``, ``MISSED``, ``-``, or ``noisy`` for a goal measured on a busy machine.
+
+        A ratio from a machine whose load average was above ``QUIET_LOAD`` while the row ran
+        says more about the other work than about meshlib: it is not counted as met.
+        """
+        if self.met is None:
+            return "-"
+        if self.load is not None and self.load > QUIET_LOAD:
+            return f"noisy (load {self.load:.1f})"
+        return "ok" if self.met else "MISSED"
 
 
 def print_table(

@@ -11,6 +11,7 @@ never in test assertions.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +61,11 @@ def main() -> None:
     raw: dict[str, Any] = {"mode": "quick" if args.quick else "full", "pinning": pinning}
     for key in args.rows.split(","):
         started = time.monotonic()
+        load_before = os.getloadavg()[0]
         got, figures = _row(key.strip())(args.quick)
+        load = max(load_before, os.getloadavg()[0])
+        for line in got:
+            line.load = load
         # a row's mesh runtime (watches) and TLS material (renewal) stop with it
         _runtime.reset()
         security.reset()
@@ -68,6 +73,7 @@ def main() -> None:
         raw.update(figures)
         print(f"row {key}: {time.monotonic() - started:.0f} s", flush=True)
     print_table("meshlib benchmark: ratios from one run", lines)
+    print(f"load average after: {os.getloadavg()}")
     write_json(args.json, raw, lines)
 
 
