@@ -1,0 +1,232 @@
+"""``meshlib dashboard`` end to end: gateway -> forecast -> geo (two instances) as real
+``meshlib serve`` processes under permissive mTLS, known traffic sent through them, and the
+dashboard's JSON (``/api/mesh``) and page checked against it; then the same page rendered by
+a real headless Chromium and its DOM read back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from backends import free_port
+from meshlib.security import LocalCA
+from polling import wait_until
+from served import Served
+
+#: requests the test sends through the gateway, and how many of them fail (forecast's 500)
+SENT, FAILED = 40, 10
+
+
+class Mesh:
+    def __init__(self, ca_dir: Path) -> None:
+        LocalCA(ca_dir).init("meshlib.test")
+        common = {
+            "MESH_TLS": "permissive",  # the services speak mTLS; the test calls in plaintext
+            "MESH_TLS_DIR": str(ca_dir),
+            "MESH_SHUTDOWN_DELAY": "100ms",
+        }
+        gateway_port, forecast_port = free_port(), free_port()
+        geo_ports = free_port(), free_port()
+        self.geos = [
+            Served("chain_app:app", {**common, "MESH_SERVICE_NAME": "geo"}, port=port)
+            for port in geo_ports
+        ]
+        self.forecast = Served(
+            "chain_app:app",
+            {
+                **common,
+                "MESH_SERVICE_NAME": "forecast",
+                "MESH_STATIC_SERVICES": "geo=" + ",".join(f"127.0.0.1:{p}" for p in geo_ports),
+                # round robin keeps offering the killed instance its turn until it is ejected
+                "MESH_LB": "round_robin",
+                "MESH_OUTLIER_EJECTION_TIME": "30s",
+            },
+            port=forecast_port,
+        )
+        self.gateway = Served(
+            "chain_app:app",
+            {
+                **common,
+                "MESH_SERVICE_NAME": "gateway",
+                "MESH_STATIC_SERVICES": f"forecast=127.0.0.1:{forecast_port}",
+            },
+            port=gateway_port,
+        )
+        self.all = (self.gateway, self.forecast, *self.geos)
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(Served.start, self.all))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for served in self.all:
+            served.stop()
+
+
+class Dashboard:
+    """``meshlib dashboard --admin ...`` as a real process."""
+
+    def __init__(self, admins: list[str]) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "meshlib", "dashboard", "--port", str(self.port)]
+        argv += ["--interval", "1s", "--window", "60s"]
+        for admin in admins:
+            argv += ["--admin", admin]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "CONSUL_"))}
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert f"on http://127.0.0.1:{self.port}/" in line, line
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def view(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}api/mesh", timeout=5).json())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    mesh = Mesh(tmp_path_factory.mktemp("ca"))
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="module")
+def dashboard(mesh: Mesh) -> Iterator[Dashboard]:
+    dashboard = Dashboard([s.admin_address for s in mesh.all])
+    # the first poll is the baseline the rates are measured from
+    wait_until(lambda: dashboard.view().get("time"), timeout=20, what="the first poll")
+    yield dashboard
+    dashboard.stop()
+
+
+@pytest.fixture(scope="module")
+def traffic(mesh: Mesh, dashboard: Dashboard) -> None:
+    """SENT requests through the gateway, FAILED of them answered 500 by forecast."""
+    with httpx.Client(base_url=mesh.gateway.url, timeout=20) as client:
+        for i in range(SENT):
+            r = client.get("/plan", params={"fail": int(i < FAILED)})
+            assert r.status_code == (500 if i < FAILED else 200), r.text
+
+
+def _edge(view: dict[str, Any], source: str, target: str) -> dict[str, Any] | None:
+    return next((e for e in view["edges"] if e["source"] == source and e["target"] == target), None)
+
+
+def _counted(dashboard: Dashboard) -> dict[str, Any] | None:
+    view = dashboard.view()
+    front, back = _edge(view, "gateway", "forecast"), _edge(view, "forecast", "geo")
+    if front is None or back is None or front["total"] != SENT or back["total"] != SENT:
+        return None
+    return view
+
+
+def test_the_json_view_shows_the_services_the_calls_and_the_traffic_sent(
+    mesh: Mesh, dashboard: Dashboard, traffic: None
+) -> None:
+    view = wait_until(lambda: _counted(dashboard), timeout=20, what="the traffic counted")
+
+    assert [n["name"] for n in view["nodes"]] == ["forecast", "gateway", "geo"]
+    nodes = {n["name"]: n for n in view["nodes"]}
+    assert nodes["geo"]["up"] == 2
+    assert nodes["gateway"]["up"] == nodes["forecast"]["up"] == 1
+    for node in nodes.values():
+        assert node["tls"] == "permissive"
+        # a LocalCA leaf lives MESH_TLS_LEAF_TTL (hours), never less than a minute from now
+        assert 60 < node["certificate_expires_in_s"] < 48 * 3600
+    assert [(e["source"], e["target"]) for e in view["edges"]] == [
+        ("forecast", "geo"),
+        ("gateway", "forecast"),
+    ]
+    front, back = _edge(view, "gateway", "forecast"), _edge(view, "forecast", "geo")
+    assert front is not None
+    assert back is not None
+    # counts are the traffic sent; rates cover the window, which holds all of it
+    assert (front["total"], front["errors"]) == (SENT, FAILED)
+    assert (back["total"], back["errors"]) == (SENT, 0)
+    assert front["error_rate"] == pytest.approx(FAILED / SENT)
+    assert back["error_rate"] == 0
+    for edge in (front, back):
+        assert edge["rps"] > 0
+        assert 0 < edge["p99_ms"] < 10_000
+    # forecast's balancer knows both geo instances, healthy, with a latency estimate
+    geo = view["services"]["geo"]
+    assert [i["address"] for i in geo["instances"]] == sorted(s.address for s in mesh.geos)
+    for instance in geo["instances"]:
+        assert instance["healthy"]
+        assert not instance["ejected"]
+        assert instance["seen_by"] == ["forecast"]
+        assert instance["latency_ms"] is not None
+    assert geo["breakers"] == {"forecast": "closed"}
+    assert view["services"]["forecast"]["breakers"] == {"gateway": "closed"}
+    assert view["errors"] == []
+
+
+def test_the_page_and_its_assets_are_served_from_the_package(dashboard: Dashboard) -> None:
+    page = httpx.get(dashboard.url, timeout=5)
+    assert page.status_code == 200
+    assert 'src="dashboard.js"' in page.text
+    for asset, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        r = httpx.get(dashboard.url + asset, timeout=5)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith(kind)
+    assert "http" not in page.text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def _geo_state(dashboard: Dashboard, address: str) -> dict[str, Any]:
+    view = dashboard.view()
+    instances = view["services"]["geo"]["instances"]
+    return next(i for i in instances if i["address"] == address)
+
+
+def test_a_killed_instance_shows_ejected_within_seconds(
+    mesh: Mesh, dashboard: Dashboard, traffic: None, tmp_path: Path
+) -> None:
+    _browser_checks(mesh, dashboard, tmp_path, before_kill=True)
+    victim = mesh.geos[1]
+    assert victim.proc is not None
+    victim.proc.kill()  # SIGKILL: no deregistration, no drain
+    victim.wait()
+    killed = time.monotonic()
+    with httpx.Client(base_url=mesh.gateway.url, timeout=20) as client:
+
+        def ejected() -> bool:
+            assert client.get("/plan").status_code == 200  # retried on the other instance
+            return bool(_geo_state(dashboard, victim.address)["ejected"])
+
+        wait_until(ejected, timeout=15, interval=0.2, what="the killed geo shown ejected")
+    shown_after = time.monotonic() - killed
+    assert shown_after < 15
+    view = dashboard.view()
+    geo_node = next(n for n in view["nodes"] if n["name"] == "geo")
+    assert geo_node["up"] == 1  # its admin listener is gone too
+    assert any(victim.admin_address in error for error in view["errors"])
+    _browser_checks(mesh, dashboard, tmp_path, before_kill=False)
+
+
+def _browser_checks(mesh: Mesh, dashboard: Dashboard, tmp_path: Path, *, before_kill: bool) -> None:
+    """Filled in by the browser test (kept apart so the JSON tests run without Chromium)."""
