@@ -48,10 +48,11 @@ _ROLLOUTS = "meshlib/rollouts/"
 class _Read:
     """What one admin listener answered in one poll."""
 
-    __slots__ = ("error", "health", "samples", "status", "url")
+    __slots__ = ("error", "health", "samples", "service", "status", "url")
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.service = ""
         self.health: dict[str, Any] | None = None
         self.status: dict[str, Any] | None = None
         self.samples: Samples | None = None
@@ -80,6 +81,9 @@ class Collector:
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="meshlib-dashboard")
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {"nodes": [], "edges": [], "services": {}}
+        #: listener URL -> the service it answered for: a process that stops answering
+        #: still shows, down, under its service
+        self._names: dict[str, str] = {}
 
     def close(self) -> None:
         """Stop the readers and close the connections."""
@@ -96,6 +100,10 @@ class Collector:
         now = time.time()
         urls = self.targets()
         reads = list(self._pool.map(self._read, urls))
+        for read in reads:
+            if read.health and read.health.get("service"):
+                self._names[read.url] = str(read.health["service"])
+            read.service = self._names.get(read.url, "")
         errors = [f"{r.url}: {r.error}" for r in reads if r.error]
         view: dict[str, Any] = {
             "time": now,
@@ -200,7 +208,7 @@ def _services(
     services: dict[str, Any] = {}
     for read in reads:
         health = read.health or {}
-        name = str(health.get("service") or "")
+        name = read.service
         status = read.status or {}
         inbound = status.get("inbound") or {}
         if name:

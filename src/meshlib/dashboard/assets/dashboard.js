@@ -36,10 +36,10 @@ function layout(nodes, edges) {
   }
   const where = new Map();
   for (const [d, names] of columns) {
-    names.forEach((name, i) => where.set(name, { x: 90 + d * 260, y: 60 + i * 110 }));
+    names.forEach((name, i) => where.set(name, { x: 110 + d * 320, y: 60 + i * 110 }));
   }
   const rows = Math.max(1, ...[...columns.values()].map((c) => c.length));
-  return { where, height: 40 + rows * 110, width: 180 + (columns.size) * 260 };
+  return { where, height: 40 + rows * 110, width: 220 + columns.size * 320 };
 }
 
 function drawGraph(data) {
@@ -65,7 +65,7 @@ function drawGraph(data) {
       "data-rps": e.rps, "data-error-rate": e.error_rate, "data-p99-ms": e.p99_ms,
       "data-total": e.total, "data-errors": e.errors,
     });
-    g.append(el("svg:path", { d: `M ${a.x + 75} ${a.y} L ${b.x - 75} ${b.y}`,
+    g.append(el("svg:path", { d: `M ${a.x + 95} ${a.y} L ${b.x - 95} ${b.y}`,
       "marker-end": "url(#arrow)" }));
     const mx = (a.x + b.x) / 2, my = (a.y + b.y) / 2;
     g.append(el("svg:text", { x: mx, y: my - 22, "text-anchor": "middle", class: "rps" },
@@ -83,7 +83,7 @@ function drawGraph(data) {
     const down = n.processes.length > 0 && n.up < n.processes.length;
     const g = el("svg:g", { class: down ? "node down" : "node", "data-name": n.name,
       "data-up": n.up, "data-processes": n.processes.length });
-    g.append(el("svg:rect", { x: p.x - 75, y: p.y - 24, width: 150, height: 48, rx: 8 }));
+    g.append(el("svg:rect", { x: p.x - 95, y: p.y - 24, width: 190, height: 48, rx: 8 }));
     g.append(el("svg:text", { x: p.x, y: p.y - 2, "text-anchor": "middle" }, n.name));
     const sub = n.processes.length ? `${n.up}/${n.processes.length} up` : "not scraped";
     g.append(el("svg:text", { x: p.x, y: p.y + 16, "text-anchor": "middle", class: "meta" },
