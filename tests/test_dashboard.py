@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
@@ -21,13 +22,53 @@ import httpx
 import pytest
 
 from backends import free_port
+from consul_agent import ConsulAgent
+from meshlib._config import load_config
+from meshlib.rollout import ConsulAPI, Measurement, RolloutState, Settings
+from meshlib.rollout._state import StateStore
 from meshlib.security import LocalCA
 from missing_tools import require_tool
 from polling import wait_until
+from prometheus_server import Prometheus
 from served import Served
 
 #: requests the test sends through the gateway, and how many of them fail (forecast's 500)
 SENT, FAILED = 40, 10
+
+
+def test_edges_from_two_scrapes_count_rates_errors_a_reset_and_p99_as_promql_does() -> None:
+    from meshlib.dashboard._edges import edges
+    from meshlib.dashboard._exposition import parse
+
+    def scrape(ok: int, failed: int, buckets: tuple[int, int, int]) -> str:
+        metric, edge = (
+            "http_client_request_duration_seconds",
+            'service_name="a",service_peer_name="b"',
+        )
+        lines = [
+            f'x_count{{{edge},http_response_status_code="200"}} 1',  # another metric: ignored
+            f'{metric}_count{{{edge},http_response_status_code="200"}} {ok}',
+            f'{metric}_count{{{edge},http_response_status_code="503"}} {failed}',
+            f"{metric}_count{{{edge}}} 0",  # transport errors carry no status code
+        ]
+        for le, count in zip(("0.1", "0.5", "+Inf"), buckets, strict=True):
+            lines.append(f'{metric}_bucket{{{edge},le="{le}"}} {count}')
+        return "# HELP ignored\n" + "\n".join(lines) + "\n"
+
+    older = {"http://p": parse(scrape(100, 10, (100, 110, 110)))}
+    newer = {"http://p": parse(scrape(180, 30, (150, 210, 210)))}
+    (row,) = edges(newer, older, 10.0)
+    assert (row["source"], row["target"], row["total"], row["errors"]) == ("a", "b", 210, 30)
+    assert row["rps"] == 10.0  # (80 + 20) / 10 s
+    assert row["error_rate"] == 0.2
+    # 100 new observations: rank 99 lies in (0.1, 0.5], which holds 50 of them, 50 below it
+    assert row["p99_ms"] == pytest.approx((0.1 + 0.4 * (99 - 50) / 50) * 1000)
+    # the process restarted: its counters went down, their new values are the increase
+    (reset,) = edges({"http://p": parse(scrape(5, 5, (10, 10, 10)))}, newer, 10.0)
+    assert (reset["rps"], reset["error_rate"]) == (1.0, 0.5)
+    # the first scrape has no rates yet, only counts
+    (first,) = edges(newer, None, 0.0)
+    assert (first["rps"], first["error_rate"], first["total"]) == (None, None, 210)
 
 
 class Mesh:
@@ -66,6 +107,8 @@ class Mesh:
             port=gateway_port,
         )
         self.all = (self.gateway, self.forecast, *self.geos)
+        #: requests the tests sent through the gateway, and how many forecast failed
+        self.sent = self.failed = 0
         try:
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(Served.start, self.all))
@@ -81,13 +124,18 @@ class Mesh:
 class Dashboard:
     """``meshlib dashboard --admin ...`` as a real process."""
 
-    def __init__(self, admins: list[str]) -> None:
+    def __init__(
+        self, admins: list[str], *, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         argv = [sys.executable, "-m", "meshlib", "dashboard", "--port", str(self.port)]
-        argv += ["--interval", "1s", "--window", "60s"]
+        argv += ["--interval", "1s", "--window", "60s", *args]
         for admin in admins:
             argv += ["--admin", admin]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "CONSUL_"))}
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "CONSUL_"))},
+            **(env or {}),
+        }
         self.proc = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -130,10 +178,16 @@ def dashboard(mesh: Mesh) -> Iterator[Dashboard]:
 @pytest.fixture(scope="module")
 def traffic(mesh: Mesh, dashboard: Dashboard) -> None:
     """SENT requests through the gateway, FAILED of them answered 500 by forecast."""
+    _send(mesh, SENT, FAILED)
+
+
+def _send(mesh: Mesh, requests: int, failing: int) -> None:
     with httpx.Client(base_url=mesh.gateway.url, timeout=20) as client:
-        for i in range(SENT):
-            r = client.get("/plan", params={"fail": int(i < FAILED)})
-            assert r.status_code == (500 if i < FAILED else 200), r.text
+        for i in range(requests):
+            r = client.get("/plan", params={"fail": int(i < failing)})
+            assert r.status_code == (500 if i < failing else 200), r.text
+            mesh.sent += 1
+            mesh.failed += i < failing
 
 
 def _edge(view: dict[str, Any], source: str, target: str) -> dict[str, Any] | None:
@@ -200,6 +254,103 @@ def test_the_page_and_its_assets_are_served_from_the_package(dashboard: Dashboar
     assert "http" not in page.text.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
+def test_with_prometheus_the_edges_come_from_its_queries_and_the_processes_from_its_targets(
+    mesh: Mesh, traffic: None, tmp_path: Path
+) -> None:
+    targets = {"gateway": mesh.gateway, "forecast": mesh.forecast, "geo-1": mesh.geos[0]}
+    targets["geo-2"] = mesh.geos[1]
+    prometheus = Prometheus(
+        tmp_path, {job: s.admin_address for job, s in targets.items()}, "/mesh/metrics"
+    )
+    dashboard = Dashboard([], args=("--prometheus", prometheus.url))
+    try:
+        # rates need two scrapes of each series before the traffic below
+        wait_until(
+            lambda: len(prometheus.query("http_client_request_duration_seconds_count")) >= 3,
+            timeout=30,
+            what="Prometheus to scrape the edges",
+        )
+        _send(mesh, 20, 5)
+
+        def measured() -> dict[str, Any] | None:
+            view = dashboard.view()
+            front, back = _edge(view, "gateway", "forecast"), _edge(view, "forecast", "geo")
+            if view.get("source") != "prometheus" or not front or not back:
+                return None
+            return view if front["error_rate"] and back["rps"] else None
+
+        view = wait_until(measured, timeout=30, interval=0.5, what="Prometheus's edges")
+        front, back = _edge(view, "gateway", "forecast"), _edge(view, "forecast", "geo")
+        assert front is not None
+        assert back is not None
+        assert front["error_rate"] == pytest.approx(0.25, abs=0.05)  # 5 of 20 failed
+        assert back["error_rate"] == 0
+        assert front["rps"] > 0
+        assert back["rps"] > 0
+        assert front["p99_ms"] > 0
+        nodes = {n["name"]: n for n in view["nodes"]}
+        assert {p["admin"] for p in nodes["geo"]["processes"]} == {s.admin_url for s in mesh.geos}
+        assert nodes["gateway"]["up"] == nodes["forecast"]["up"] == 1
+    finally:
+        dashboard.stop()
+        prometheus.stop()
+
+
+def test_with_consul_it_finds_registered_admin_ports_and_shows_rollouts(
+    mesh: Mesh, consul: ConsulAgent
+) -> None:
+    service = f"dash-{uuid.uuid4().hex[:8]}"
+    geo = mesh.geos[0]
+    registration = {
+        "ID": f"{service}-1",
+        "Name": service,
+        "Address": "127.0.0.1",
+        "Port": geo.port,
+        "Meta": {"admin-port": str(geo.admin_port)},
+    }
+    httpx.put(f"{consul.url}/v1/agent/service/register", json=registration).raise_for_status()
+    api = ConsulAPI(load_config({"CONSUL_HTTP_ADDR": consul.http_addr}).consul)  # type: ignore[arg-type]
+    store = StateStore(api, service)
+    settings = Settings(mode="canary", canary="v2", stable="v1", canary_version="v2")
+    state = RolloutState(
+        service=service,
+        settings=settings,
+        weight=30,
+        step=3,
+        failed_checks=1,
+        last=Measurement(requests=120, success_rate=99.5, p99=0.042),
+        verdict="pass",
+        updated=time.time(),
+    )
+    assert store.save(state, 0)
+    dashboard = Dashboard([], env={"CONSUL_HTTP_ADDR": consul.http_addr})
+    try:
+
+        def shown() -> dict[str, Any] | None:
+            view = dashboard.view()
+            ours = [r for r in view.get("rollouts", []) if r["service"] == service]
+            return view if ours and any(n["name"] == "geo" for n in view["nodes"]) else None
+
+        view = wait_until(shown, timeout=20, interval=0.5, what="Consul's instances, rollout")
+        geo_node = next(n for n in view["nodes"] if n["name"] == "geo")
+        assert geo.admin_url in {p["admin"] for p in geo_node["processes"]}
+        (rollout,) = [r for r in view["rollouts"] if r["service"] == service]
+        assert (rollout["phase"], rollout["weight"], rollout["stable"], rollout["canary"]) == (
+            "progressing",
+            30,
+            "v1",
+            "v2",
+        )
+        assert (rollout["step"], rollout["failed_checks"], rollout["verdict"]) == (3, 1, "pass")
+        assert rollout["metrics"]["requests"] == 120
+        assert rollout["metrics"]["p99_seconds"] == pytest.approx(0.042)
+    finally:
+        dashboard.stop()
+        store.delete()
+        api.close()
+        httpx.put(f"{consul.url}/v1/agent/service/deregister/{service}-1").raise_for_status()
+
+
 def _geo_state(dashboard: Dashboard, address: str) -> dict[str, Any]:
     view = dashboard.view()
     instances = view["services"]["geo"]["instances"]
@@ -223,6 +374,7 @@ def test_a_killed_instance_shows_ejected_within_seconds_in_the_json_and_the_brow
 
         wait_until(ejected, timeout=15, interval=0.2, what="the killed geo shown ejected")
     shown_after = time.monotonic() - killed
+    print(f"the killed geo showed ejected on the dashboard {shown_after:.1f} s after SIGKILL")
     assert shown_after < 15
     view = dashboard.view()
     geo_node = next(n for n in view["nodes"] if n["name"] == "geo")
@@ -303,13 +455,17 @@ def _browser_checks(mesh: Mesh, dashboard: Dashboard, tmp_path: Path, *, before_
         return
     chromium = Chromium(require_tool("chromium"), tmp_path / "profile")
     if before_kill:
-        dom = _rendered(chromium, dashboard.url, lambda d: len(d.edges) == 2)
+        dom = _rendered(
+            chromium,
+            dashboard.url,
+            lambda d: d.edges.get(("gateway", "forecast"), {}).get("data-total") == str(mesh.sent),
+        )
         assert set(dom.nodes) == {"gateway", "forecast", "geo"}
         assert dom.nodes["geo"]["data-up"] == "2"
         front, back = dom.edges[("gateway", "forecast")], dom.edges[("forecast", "geo")]
-        assert (front["data-total"], front["data-errors"]) == (str(SENT), str(FAILED))
-        assert (back["data-total"], back["data-errors"]) == (str(SENT), "0")
-        assert float(front["data-error-rate"]) == pytest.approx(FAILED / SENT)
+        assert (front["data-total"], front["data-errors"]) == (str(mesh.sent), str(mesh.failed))
+        assert (back["data-total"], back["data-errors"]) == (str(mesh.sent), "0")
+        assert float(front["data-error-rate"]) > 0.05
         assert "failing" in front["class"].split()  # 25% errors: drawn red
         assert "failing" not in back["class"].split()
         assert {s.address for s in mesh.geos} <= set(dom.instances)
