@@ -461,6 +461,8 @@ def _browser_checks(mesh: Mesh, dashboard: Dashboard, tmp_path: Path, *, before_
             lambda d: d.edges.get(("gateway", "forecast"), {}).get("data-total") == str(mesh.sent),
         )
         assert set(dom.nodes) == {"gateway", "forecast", "geo"}
+        # within one page load the script fetched and redrew more than once: live, no reload
+        assert dom.polls >= 2, dom.polls
         assert dom.nodes["geo"]["data-up"] == "2"
         front, back = dom.edges[("gateway", "forecast")], dom.edges[("forecast", "geo")]
         assert (front["data-total"], front["data-errors"]) == (str(mesh.sent), str(mesh.failed))
