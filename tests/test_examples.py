@@ -284,6 +284,8 @@ def test_meshlib_demo_installs_from_the_wheel_and_runs_in_an_empty_directory(
             return names if {"gateway", "forecast", "geo"} <= names else set()
 
         wait_until(served, timeout=60, interval=0.5, what="the demo's services on the dashboard")
+        for asset in ("", "dashboard.js", "dashboard.css"):  # the page ships in the wheel
+            assert httpx.get(url + asset, timeout=5).status_code == 200, asset
         assert demo.wait(180) == 0, "".join(lines)
     finally:
         if demo.poll() is None:
