@@ -20,13 +20,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+import meshlib._demo as meshlib_demo
 import otlp_receiver
 from consul_agent import ConsulFactory
 from meshlib._demo._processes import ServiceProcess, stop_all
 from otlp_receiver import OtlpReceiver, Received
 from polling import wait_until
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 #: the module-scoped OTLP receiver fixture of tests/otlp_receiver.py, for this module
 otlp = otlp_receiver.otlp_receiver
 
@@ -207,6 +209,95 @@ def test_meshlib_demo_runs_the_weather_mesh_with_no_failed_request() -> None:
     summary = re.search(r"^summary: (\d+) requests in [\d.]+ s, (\d+) failed$", out, re.M)
     assert summary is not None, out
     assert int(summary.group(1)) > 50
+    assert summary.group(2) == "0"
+    assert "every process the demo started has been stopped" in out
+
+
+def test_the_demo_ships_the_fastapi_example_unchanged() -> None:
+    """``meshlib demo`` runs the copy inside the package; it is the example users read."""
+    shipped = Path(meshlib_demo.__file__).parent / "weather"
+    example = EXAMPLES / "fastapi_weather"
+    names = sorted(p.name for p in example.glob("*.py"))
+    assert names == ["forecast.py", "gateway.py", "geo.py"]
+    assert sorted(p.name for p in shipped.glob("*.py")) == names
+    for name in names:
+        assert (shipped / name).read_text() == (example / name).read_text(), name
+
+
+def test_meshlib_demo_installs_from_the_wheel_and_runs_in_an_empty_directory(
+    tmp_path: Path,
+) -> None:
+    """A wheel built from this checkout, installed with its demo extra into a fresh venv, runs
+    the demo from an empty directory with no failed request, and serves the dashboard while
+    it runs."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        timeout=600,
+    )
+    (wheel,) = wheels.glob("meshlib-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[demo]"],
+        check=True,
+        timeout=900,
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MESH_", "CONSUL_", "OTEL_", "PYTHON", "VIRTUAL_ENV"))
+    }
+    demo = subprocess.Popen(
+        [str(venv / "bin" / "meshlib"), "demo", "--duration", "10s"],
+        cwd=empty,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert demo.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(demo.stdout or ()), daemon=True)
+    reader.start()
+    try:
+
+        def announced() -> str | None:
+            for line in lines:
+                if m := re.search(r"open (http://\S+)", line):
+                    return m.group(1)
+            if demo.poll() is not None:
+                pytest.fail(f"the demo exited ({demo.returncode}): {''.join(lines)}")
+            return None
+
+        url = wait_until(announced, timeout=60, what="the dashboard's URL")
+
+        def served() -> set[str]:
+            try:
+                view = httpx.get(f"{url}api/mesh", timeout=5).json()
+            except httpx.HTTPError:
+                return set()
+            names = {n["name"] for n in view.get("nodes", [])}
+            return names if {"gateway", "forecast", "geo"} <= names else set()
+
+        wait_until(served, timeout=60, interval=0.5, what="the demo's services on the dashboard")
+        for asset in ("", "dashboard.js", "dashboard.css"):  # the page ships in the wheel
+            assert httpx.get(url + asset, timeout=5).status_code == 200, asset
+        assert demo.wait(180) == 0, "".join(lines)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        reader.join(10)
+        demo.stdout.close()
+    out = "".join(lines)
+    assert str(venv) in (venv / "bin" / "meshlib").read_text()  # the venv's own meshlib
+    summary = re.search(r"^summary: (\d+) requests in [\d.]+ s, (\d+) failed$", out, re.M)
+    assert summary is not None, out
+    assert int(summary.group(1)) > 20
     assert summary.group(2) == "0"
     assert "every process the demo started has been stopped" in out
 

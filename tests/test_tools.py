@@ -100,3 +100,25 @@ def test_a_missing_tool_fails_the_run_when_tools_are_required(tmp_path: Path) ->
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "skipped for a missing tool: test_needs_amtool.py::test_needs_amtool" in result.stdout
+
+
+def test_chromium_is_a_debian_package_route_with_its_own_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tools import missing_tool_hint
+
+    hint = missing_tool_hint("chromium")
+    assert hint.startswith("missing tool: chromium")
+    assert "apt-get install chromium" in hint
+    assert "MESH_TEST_CHROMIUM" in hint
+    broken = tmp_path / "chromium"
+    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("MESH_TEST_CHROMIUM", str(broken))
+    with pytest.raises(ToolUnavailable, match=r"MESH_TEST_CHROMIUM=.* is not a working chromium"):
+        find_tool("chromium")
+    # none on PATH, and not allowed to install: the reason names the package
+    monkeypatch.delenv("MESH_TEST_CHROMIUM")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ToolUnavailable, match="cannot install Debian's chromium"):
+        find_tool("chromium", build_missing=False)

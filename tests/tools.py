@@ -1,4 +1,5 @@
-"""Find or build the programs the test suite runs as real parts: Consul, Prometheus, Alertmanager.
+"""Find or build the programs the test suite runs as real parts: Consul, Prometheus, Alertmanager
+(built with Go), and Chromium (Debian's package).
 
 No binary is ever committed, and a fresh machine has none of them, so one function,
 ``find_tool(name)``, finds or provides each, in this order:
@@ -26,6 +27,12 @@ A first build takes minutes and says so: what it builds, how long it usually tak
 kind of machine, and a progress line (modules downloaded, packages compiled) every
 ``PROGRESS_EVERY`` seconds instead of minutes of silence.
 
+Chromium is no Go module: it is Debian's ``chromium`` package (``DEBIAN_TOOLS``). It is found
+as ``$MESH_TEST_CHROMIUM`` or on ``PATH``; else, on a Debian machine where the tests run as
+root with ``apt-get`` (a CI runner, a container), ``apt-get install -y chromium`` is run once,
+said as a first-run step with its usual duration, like a first build; else the browser test
+skips with a ``missing tool:`` line naming the package.
+
 Run as a script it prints the path of each named tool (all of them by default), building
 what is missing::
 
@@ -50,6 +57,7 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
+    "DEBIAN_TOOLS",
     "TOOLS",
     "Project",
     "ToolUnavailable",
@@ -134,6 +142,9 @@ TOOLS: dict[str, Project] = {
     binary: project for project in (CONSUL, PROMETHEUS, ALERTMANAGER) for binary in project.binaries
 }
 
+#: tools that come from a Debian package (not built): binary -> package
+DEBIAN_TOOLS: dict[str, str] = {"chromium": "chromium"}
+
 #: versions of a ``consul`` found on PATH that are accepted as they are
 CONSUL_SUPPORTED = ((1, 20), (1, 22))
 
@@ -159,6 +170,11 @@ def cache_dir() -> Path:
 
 def missing_tool_hint(name: str) -> str:
     """One line for a test that cannot run without ``name``: how to get it."""
+    if name in DEBIAN_TOOLS:
+        return (
+            f"missing tool: {name} (Debian's {DEBIAN_TOOLS[name]} package) - run "
+            f"`apt-get install {DEBIAN_TOOLS[name]}` as root, or set MESH_TEST_{name.upper()}"
+        )
     project = TOOLS[name]
     debian = f", or `apt-get install {project.debian}`" if project.debian else ""
     return (
@@ -172,8 +188,10 @@ def find_tool(name: str, *, build_missing: bool = True, log: bool = True) -> str
 
     Raises ``ToolUnavailable`` with a message that says what was tried and how to fix it.
     """
-    project = TOOLS[name]
     variable = f"MESH_TEST_{name.upper()}"
+    if name in DEBIAN_TOOLS:
+        return _debian_tool(name, variable, install_missing=build_missing, log=log)
+    project = TOOLS[name]
     explicit = os.environ.get(variable)
     if explicit:
         if _version_output(explicit) is None:
@@ -199,6 +217,47 @@ def find_tool(name: str, *, build_missing: bool = True, log: bool = True) -> str
             f"no {name} binary: {variable} is unset, none on PATH, none at {cached}"
         )
     return str(build(project, log=log) / name)
+
+
+def _debian_tool(name: str, variable: str, *, install_missing: bool, log: bool) -> str:
+    """``name`` from ``$MESH_TEST_<NAME>``, ``PATH``, or an ``apt-get install`` of its package."""
+    explicit = os.environ.get(variable)
+    if explicit:
+        if _version_output(explicit) is None:
+            raise ToolUnavailable(f"{variable}={explicit!r} is not a working {name} binary")
+        return explicit
+    on_path = shutil.which(name)
+    if on_path and _version_output(on_path) is not None:
+        return on_path
+    package = DEBIAN_TOOLS[name]
+    apt_get = shutil.which("apt-get")
+    if not install_missing or apt_get is None or os.geteuid() != 0:
+        why = "no apt-get" if apt_get is None else "not root" if os.geteuid() else "not asked"
+        raise ToolUnavailable(
+            f"no {name}: {variable} is unset and none is on PATH; cannot install Debian's "
+            f"{package} here ({why})"
+        )
+    command = [apt_get, "install", "-y", "--no-install-recommends", package]
+    if log:
+        _say(
+            f"first-run step: {name} is not installed; running `{' '.join(command[1:])}` "
+            "(Debian's package, once per machine; about 1-3 minutes)"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # stale package lists: refresh them once and try again
+        if log:
+            _say("apt-get install failed; running `apt-get update` and trying once more")
+        subprocess.run([apt_get, "update"], env=env, capture_output=True, check=False)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    found = shutil.which(name)
+    if done.returncode != 0 or found is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ToolUnavailable(f"`apt-get install {package}` failed: {tail[0]}")
+    if log:
+        _say(f"installed {package} in {_minutes(started)}: {found}")
+    return found
 
 
 def build(project: Project, *, log: bool = True) -> Path:
@@ -467,7 +526,7 @@ def _say(message: str) -> None:
 def main(argv: list[str]) -> int:
     """Print the path of each named tool (default: all); exit 1 with the reason if one fails."""
     names = argv or list(TOOLS)
-    unknown = [name for name in names if name not in TOOLS]
+    unknown = [name for name in names if name not in TOOLS and name not in DEBIAN_TOOLS]
     if unknown:
         print(f"tools: unknown {', '.join(unknown)}; known: {', '.join(TOOLS)}", file=sys.stderr)
         return 2

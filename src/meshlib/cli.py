@@ -1,4 +1,4 @@
-"""The ``meshlib`` command: serve, ca, rollout, status, top, demo and config."""
+"""The ``meshlib`` command: serve, ca, rollout, status, top, dashboard, demo and config."""
 
 from __future__ import annotations
 
@@ -351,6 +351,77 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--json", action="store_true", help="one JSON object per event/line")
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    """The mesh as a live web page: the service graph, instances, TLS and rollouts."""
+    import threading
+
+    from . import dashboard
+    from .rollout import ConsulAPI
+
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"meshlib dashboard: {line}", file=sys.stderr)
+        return 1
+    consul = ConsulAPI(config.consul) if config.consul is not None else None
+    if args.admin:
+        targets = dashboard.static_targets(args.admin)
+    elif args.prometheus:
+        targets = dashboard.prometheus_targets(args.prometheus)
+    elif consul is not None:
+        targets = dashboard.consul_targets(consul)
+    else:
+        print(
+            "meshlib dashboard: nothing to show: give --admin HOST:PORT (each process's "
+            "admin listener), --prometheus URL, or set CONSUL_HTTP_ADDR",
+            file=sys.stderr,
+        )
+        return 1
+    collector = dashboard.Collector(
+        targets, prometheus=args.prometheus, consul=consul, window=args.window
+    )
+    try:
+        server = dashboard.DashboardServer(collector, args.host, args.port, args.interval)
+    except OSError as exc:
+        print(
+            f"meshlib dashboard: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+        )
+        return 1
+    server.start()
+    print(f"meshlib dashboard on {server.url} (Ctrl-C stops it)", flush=True)
+    try:
+        threading.Event().wait()  # until Ctrl-C
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        if consul is not None:
+            consul.close()
+    return 0
+
+
+def _dashboard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    parser.add_argument("--port", type=int, default=9900, help="port (default 9900; 0: any)")
+    parser.add_argument(
+        "--admin",
+        action="append",
+        metavar="HOST:PORT",
+        help="an admin listener to read (repeat; default: Prometheus's targets or Consul's "
+        "registered Meta.admin-port)",
+    )
+    parser.add_argument(
+        "--prometheus", help="Prometheus base URL: edges from its queries, as `meshlib top`"
+    )
+    parser.add_argument(
+        "--interval", type=_seconds, default=2.0, help="seconds between polls (default 2s)"
+    )
+    parser.add_argument(
+        "--window", type=_seconds, default=30.0, help="range of rates and p99 (default 30s)"
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     """The weather system on loopback, with the mesh at work (about a minute)."""
     from ._demo import run
@@ -414,6 +485,11 @@ _COMMANDS: tuple[tuple[str, str, Handler], ...] = (
         _top,
     ),
     (
+        "dashboard",
+        "the mesh as a live web page: service graph, instances, TLS, rollouts",
+        _dashboard,
+    ),
+    (
         "demo",
         "run the weather system on loopback and show the mesh at work",
         _demo,
@@ -437,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
             _top_arguments(sub)
         if name == "status":
             _status_arguments(sub)
+        if name == "dashboard":
+            _dashboard_arguments(sub)
         if name == "serve":
             _serve_arguments(sub)
         elif name == "ca":
@@ -457,7 +535,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``meshlib`` command; returns the exit status."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and getattr(args, "handler", None) in (_serve, _ca, _demo, _status, _rollout):
+    if rest and getattr(args, "handler", None) in (
+        _serve,
+        _ca,
+        _demo,
+        _status,
+        _rollout,
+        _dashboard,
+    ):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:

@@ -1,6 +1,8 @@
 """``meshlib demo``: the FastAPI weather system on loopback, and the mesh at work.
 
-It starts examples/fastapi_weather as real ``meshlib serve`` processes (geo, two instances
+It starts the FastAPI weather example (shipped in the package as ``_demo/weather/``, a copy of
+examples/fastapi_weather kept equal by tests/test_examples.py, so the demo runs from an
+installed wheel in any directory) as real ``meshlib serve`` processes (geo, two instances
 of forecast v1, gateway) with strict mTLS from a local CA made in a temporary directory and
 static discovery (or the Consul agent at ``CONSUL_HTTP_ADDR``), drives traffic through the
 gateway from this process (a mesh client itself), and shows what happens:
@@ -12,6 +14,8 @@ gateway from this process (a mesh client itself), and shows what happens:
    Consul: _consul_split.py), then promoted;
 5. the span tree of one request across the three services.
 
+While it runs, ``meshlib dashboard`` serves the mesh as a web page on a loopback port (its
+URL is printed first): the kill, the ejection, the recovery and the canary show there live.
 It ends by itself, stops every process it started (by PID), and prints a summary.
 """
 
@@ -35,7 +39,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from .. import _runtime
+from .. import _runtime, dashboard
 from .._config import ConsulSettings, MeshConfig, load_config
 from ..client import Client
 from ..security import reset as reset_security
@@ -46,8 +50,8 @@ from ._view import View
 
 __all__ = ["EXAMPLE", "run"]
 
-#: The example the demo runs (a source checkout has it; ``nox -s demo`` runs from one).
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "fastapi_weather"
+#: The services the demo runs: examples/fastapi_weather, shipped inside the package.
+EXAMPLE = Path(__file__).resolve().parent / "weather"
 CITIES = ("Oslo", "Bergen", "London", "Paris", "Nairobi", "Tokyo", "Lima", "Sydney")
 WORKERS = 4
 #: Pause of each worker between two requests: about 30 requests per second in all.
@@ -326,8 +330,7 @@ def run(duration: float = 50.0, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     if not (EXAMPLE / "gateway.py").exists():
         print(
-            f"meshlib demo: the example is not at {EXAMPLE}; run it from a source checkout "
-            "of meshlib (`nox -s demo`)",
+            f"meshlib demo: its services are missing from {EXAMPLE}: reinstall meshlib[demo]",
             file=sys.stderr,
         )
         return 1
@@ -337,6 +340,7 @@ def run(duration: float = 50.0, *, out: TextIO | None = None) -> int:
     receiver = TraceReceiver()
     system = WeatherSystem(workdir, receiver.endpoint, consul)
     traffic: Traffic | None = None
+    board = _dashboard(system, view)
     try:
         where = f"Consul at {consul}" if consul else "static discovery, local CA"
         view.event(f"starting geo, forecast v1 x2, gateway ({where}, strict mTLS)")
@@ -355,6 +359,8 @@ def run(duration: float = 50.0, *, out: TextIO | None = None) -> int:
     finally:
         if traffic is not None:
             traffic.stop()
+        if board is not None:
+            board.close()
         system.stop()
         receiver.close()
         _runtime.reset()
@@ -364,6 +370,24 @@ def run(duration: float = 50.0, *, out: TextIO | None = None) -> int:
         return 1
     view.summary()
     return 0 if traffic.failures == 0 and traffic.requests > 0 else 1
+
+
+def _dashboard(system: WeatherSystem, view: View) -> dashboard.DashboardServer | None:
+    """``meshlib dashboard`` over the demo's processes (their admin listeners, read each poll:
+    a restarted instance's new listener shows at once); None if no port could be had."""
+
+    def targets() -> list[str]:
+        return [p.admin_url for p in system.started if p.admin_url]
+
+    try:
+        server = dashboard.DashboardServer(
+            dashboard.Collector(targets, window=10.0), "127.0.0.1", 0, interval=1.0
+        )
+    except OSError as exc:
+        view.event(f"dashboard: not served ({exc})")
+        return None
+    view.event(f"dashboard: open {server.url} to watch the mesh (live while the demo runs)")
+    return server.start()
 
 
 def _timeline(

@@ -211,6 +211,7 @@ class Inbound:
         """The inbound traffic controls in force (for ``/mesh/status``)."""
         limiter, faults = self.limiter, self.faults.current()
         return {
+            "tls": self.instance.config.tls,
             "in_flight": self.instance.in_flight,
             "rate_limit": None if limiter.overall is None else limiter.overall.text,
             "rate_limit_per_source": (
