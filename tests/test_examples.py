@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-import meshlib._demo as meshlib_demo
 import otlp_receiver
 from consul_agent import ConsulFactory
 from meshlib._demo._processes import ServiceProcess, stop_all
@@ -211,17 +210,6 @@ def test_meshlib_demo_runs_the_weather_mesh_with_no_failed_request() -> None:
     assert int(summary.group(1)) > 50
     assert summary.group(2) == "0"
     assert "every process the demo started has been stopped" in out
-
-
-def test_the_demo_ships_the_fastapi_example_unchanged() -> None:
-    """``meshlib demo`` runs the copy inside the package; it is the example users read."""
-    shipped = Path(meshlib_demo.__file__).parent / "weather"
-    example = EXAMPLES / "fastapi_weather"
-    names = sorted(p.name for p in example.glob("*.py"))
-    assert names == ["forecast.py", "gateway.py", "geo.py"]
-    assert sorted(p.name for p in shipped.glob("*.py")) == names
-    for name in names:
-        assert (shipped / name).read_text() == (example / name).read_text(), name
 
 
 def test_meshlib_demo_installs_from_the_wheel_and_runs_in_an_empty_directory(

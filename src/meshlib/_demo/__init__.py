@@ -1,11 +1,11 @@
 """``meshlib demo``: the FastAPI weather system on loopback, and the mesh at work.
 
-It starts the FastAPI weather example (shipped in the package as ``_demo/weather/``, a copy of
-examples/fastapi_weather kept equal by tests/test_examples.py, so the demo runs from an
-installed wheel in any directory) as real ``meshlib serve`` processes (geo, two instances
-of forecast v1, gateway) with strict mTLS from a local CA made in a temporary directory and
-static discovery (or the Consul agent at ``CONSUL_HTTP_ADDR``), drives traffic through the
-gateway from this process (a mesh client itself), and shows what happens:
+It starts the FastAPI weather example (examples/fastapi_weather, which the wheel carries as
+``_demo/weather/`` so the demo runs from an installed wheel in any directory) as real
+``meshlib serve`` processes (geo, two instances of forecast v1, gateway) with strict mTLS
+from a local CA made in a temporary directory and static discovery (or the Consul agent at
+``CONSUL_HTTP_ADDR``), drives traffic through the gateway from this process (a mesh client
+itself), and shows what happens:
 
 1. requests spread over the forecast instances;
 2. one instance is killed (SIGKILL) and ejected, with no failed request;
@@ -50,8 +50,19 @@ from ._view import View
 
 __all__ = ["EXAMPLE", "run"]
 
-#: The services the demo runs: examples/fastapi_weather, shipped inside the package.
-EXAMPLE = Path(__file__).resolve().parent / "weather"
+#: The services the demo runs: examples/fastapi_weather, inside the package when installed from
+#: a wheel, else where it stands in a source checkout (an editable install).
+EXAMPLE = next(
+    (
+        directory
+        for directory in (
+            Path(__file__).resolve().parent / "weather",
+            Path(__file__).resolve().parents[3] / "examples" / "fastapi_weather",
+        )
+        if (directory / "gateway.py").exists()
+    ),
+    Path(__file__).resolve().parent / "weather",
+)
 CITIES = ("Oslo", "Bergen", "London", "Paris", "Nairobi", "Tokyo", "Lima", "Sydney")
 WORKERS = 4
 #: Pause of each worker between two requests: about 30 requests per second in all.
