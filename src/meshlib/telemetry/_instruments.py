@@ -34,6 +34,7 @@ from ._names import (
     SERVICE_PEER_NAME,
     SERVICE_VERSION,
     URL_PATH,
+    URL_SCHEME,
 )
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ CLIENT_DURATION = REGISTRY.histogram(
     HTTP_CLIENT_REQUEST_DURATION,
     "s",
     "Duration of logical outbound requests (all attempts and backoff), by source and "
-    "destination service.",
+    "destination service; server.address and server.port are the URL's (the service name "
+    "for mesh calls), never an endpoint's.",
     (
         SERVICE_NAME,
         SERVICE_PEER_NAME,
@@ -68,12 +70,15 @@ CLIENT_DURATION = REGISTRY.histogram(
         HTTP_REQUEST_METHOD,
         HTTP_RESPONSE_STATUS_CODE,
         ERROR_TYPE,
+        SERVER_ADDRESS,
+        SERVER_PORT,
     ),
 )
 SERVER_DURATION = REGISTRY.histogram(
     HTTP_SERVER_REQUEST_DURATION,
     "s",
-    "Duration of inbound requests, by this service, its version and the caller's verified service.",
+    "Duration of inbound requests, by this service, its version, the caller's verified "
+    "service and the matched route template (none for unmatched requests).",
     (
         SERVICE_NAME,
         SERVICE_VERSION,
@@ -81,6 +86,8 @@ SERVER_DURATION = REGISTRY.histogram(
         HTTP_REQUEST_METHOD,
         HTTP_RESPONSE_STATUS_CODE,
         ERROR_TYPE,
+        HTTP_ROUTE,
+        URL_SCHEME,
     ),
 )
 SERVER_RATE_LIMITED = REGISTRY.counter(
