@@ -106,7 +106,8 @@ def test_drain_goes_unready_and_finishes_requests_in_flight(
         lambda: (
             httpx.get(f"{served.admin_url}/mesh/metrics").text.count("in_flight{")
             and (
-                'in_flight{service="hello"} 1' in httpx.get(f"{served.admin_url}/mesh/metrics").text
+                'in_flight{service_name="hello"} 1'
+                in httpx.get(f"{served.admin_url}/mesh/metrics").text
             )
         ),
         what="the slow request in flight",

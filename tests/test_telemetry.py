@@ -259,6 +259,61 @@ def test_service_name_is_on_the_otlp_resource_only() -> None:
     assert point.attributes["server.port"] == "80"
 
 
+def test_counters_exist_at_zero_before_their_first_event() -> None:
+    with client(lambda r: httpx.Response(200)) as c:
+        c.get("http://weather/")
+        text = prometheus_text()
+    # (the source label is the process's service name: whichever test configured it last)
+    for name in (
+        "meshlib_client_retry_budget_exhausted_total",
+        "meshlib_client_breaker_refused_total",
+        "meshlib_client_ejections_total",
+    ):
+        assert re.search(rf'^{name}{{[^}}]*service_peer_name="weather"}} 0$', text, re.M), name
+    for reason in ("connect", "503", "hedge"):
+        retries = rf'service_peer_name="weather",meshlib_retry_reason="{reason}"}} 0$'
+        assert re.search(rf"^meshlib_client_retries_total{{[^}}]*{retries}", text, re.M)
+
+    api = fastapi.FastAPI()
+    meshlib.ASGIMiddleware(api, config=load_config({"MESH_SERVICE_NAME": "geo"}))
+    text = prometheus_text()  # a server that has not answered anything yet
+    assert 'meshlib_server_load_shed_total{service_name="geo"} 0\n' in text
+    assert 'meshlib_server_faults_total{service_name="geo",meshlib_fault_kind="abort"} 0\n' in text
+    limited = 'meshlib_server_rate_limited_total{service_name="geo",meshlib_limit_scope="source"} 0'
+    assert limited in text
+
+
+def test_a_build_info_metric_names_meshlib_and_python() -> None:
+    import platform
+
+    line = next(
+        line for line in prometheus_text().splitlines() if line.startswith("meshlib_build_info{")
+    )
+    assert f'meshlib_version="{meshlib.__version__}"' in line
+    assert f'process_runtime_version="{platform.python_version()}"' in line
+    assert line.endswith("} 1")
+
+
+def test_readiness_and_in_flight_are_labelled_service_name_and_exported_over_otlp() -> None:
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    config = load_config({"MESH_SERVICE_NAME": "forecast"})
+    mesh_app = meshlib.WSGIMiddleware(app, config=config)  # type: ignore[arg-type]
+    with httpx.Client(transport=httpx.WSGITransport(app=mesh_app), base_url="http://x") as c:
+        assert c.get("/").status_code == 200
+    text = prometheus_text()
+    assert 'meshlib_ready{service_name="forecast"} 1\n' in text
+    assert 'meshlib_inbound_requests_in_flight{service_name="forecast"} 0\n' in text
+    data = otlp_metrics(REGISTRY, config)
+    metrics = {m.name: m for m in data.resource_metrics[0].scope_metrics[0].metrics}
+    (ready,) = metrics["meshlib.ready"].data.data_points
+    assert ready.value == 1
+    assert "meshlib.inbound.requests.in_flight" in metrics
+    assert "meshlib.build.info" in metrics
+
+
 class _SyncASGI(httpx.BaseTransport):
     """httpx's ASGITransport driven from sync code (one event loop per request)."""
 

@@ -205,6 +205,7 @@ class InboundCall:
 def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
     """``handler`` (the middleware's HTTP path) with inbound telemetry around it."""
     setup(config)
+    STATE.serving = True
 
     async def traced(scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -240,6 +241,7 @@ def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
 def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
     """``handler`` (the middleware's request path) with inbound telemetry around it."""
     setup(config)
+    STATE.serving = True
 
     def traced(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
