@@ -1,4 +1,5 @@
-"""A real ``prometheus`` for the tests: scrapes given targets every second.
+"""A real ``prometheus`` for the tests: scrapes given targets every second, and evaluates
+given rule files every second, sending their alerts to an Alertmanager when one is given.
 
 The binary comes from ``tools.find_tool`` (PATH, the cache, or a Go build on first use).
 """
@@ -26,6 +27,8 @@ class Prometheus:
         metrics_path: str,
         *,
         scrape_interval: str = "1s",
+        rule_files: tuple[Path, ...] = (),
+        alertmanager: str | None = None,
     ) -> None:
         binary = require_tool("prometheus")
         self.port = free_port()
@@ -36,9 +39,18 @@ class Prometheus:
             f"    static_configs:\n      - targets: ['{address}']"
             for job, address in targets.items()
         )
+        rules = "".join(f"  - {path}\n" for path in rule_files)
+        alerting = (
+            "alerting:\n  alertmanagers:\n    - static_configs:\n"
+            f"        - targets: ['{alertmanager}']\n"
+            if alertmanager
+            else ""
+        )
         config.write_text(
             f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: 1s\n"
-            f"scrape_configs:\n{jobs}\n"
+            + (f"rule_files:\n{rules}" if rules else "")
+            + alerting
+            + f"scrape_configs:\n{jobs}\n"
         )
         self.proc = subprocess.Popen(
             [
@@ -47,6 +59,8 @@ class Prometheus:
                 f"--storage.tsdb.path={directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 "--log.level=warn",
+                # firing alerts are re-sent to Alertmanager every second, not every minute
+                "--rules.alert.resend-delay=1s",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -6,6 +6,7 @@ and on what the servers themselves counted.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -131,6 +132,48 @@ def test_other_hosts_pass_through_untouched(
 
 
 # ----------------------------------------------------------------------------- failures
+
+
+def test_each_ejection_and_readmission_is_one_log_line(
+    backends: BackendFactory, env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshlib.resilience")
+    good, bad = backends.many(2)
+    bad.set_mode(status=500)
+    # a service name of its own: the process's event log is rate-limited per service
+    env.setenv("MESH_STATIC_SERVICES", static_env("ejecting", [good, bad]))
+    env.setenv("MESH_LB", "round_robin")
+    env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "2")
+    env.setenv("MESH_OUTLIER_EJECTION_TIME", "1s")
+
+    def events(name: str) -> list[dict[str, object]]:
+        return [
+            r.meshlib_event  # type: ignore[attr-defined]
+            for r in caplog.records
+            if getattr(r, "meshlib_event", {}).get("event") == name
+        ]
+
+    with meshlib.Client() as client:
+        wait_until(
+            lambda: client.get("http://ejecting/").status_code and events("endpoint.ejected"),
+            timeout=15,
+            what="an ejection line",
+        )
+        bad.set_mode(status=None)  # it recovers; once its ejection is over it is used again
+        wait_until(
+            lambda: client.get("http://ejecting/").status_code and events("endpoint.readmitted"),
+            timeout=15,
+            what="a readmission line",
+        )
+    ejected = events("endpoint.ejected")
+    assert len(ejected) == 1  # one line per ejection, not one per failed attempt
+    assert ejected[0]["endpoint"] == bad.address
+    assert ejected[0]["service"] == "ejecting"
+    assert ejected[0]["last_error"] == "500"
+    readmitted = events("endpoint.readmitted")
+    assert len(readmitted) == 1
+    assert readmitted[0]["endpoint"] == bad.address
+    assert readmitted[0]["first_attempt"] == "succeeded"
 
 
 @pytest.mark.parametrize("lb", ["round_robin", "p2c_ewma"])

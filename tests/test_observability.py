@@ -434,7 +434,7 @@ def test_alert_rules_pass_promtool() -> None:
         [require_tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_alert_rules_fire_on_the_series_they_are_written_for() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -19,6 +20,7 @@ from meshlib.discovery import Endpoint, Snapshot
 from meshlib.resilience._breaker import Breaker
 from meshlib.resilience._budget import RetryBudget
 from meshlib.resilience._deadline import Deadline, parse_deadline_header
+from meshlib.resilience._events import EventLog
 from meshlib.resilience._outlier import OutlierDetector
 from meshlib.resilience._retry import (
     backoff,
@@ -141,6 +143,52 @@ def test_breaker_listeners_see_transitions_and_cannot_break_requests() -> None:
     for _ in range(3):
         breaker.record(True)
     assert seen == [("weather", "closed", "open")]
+
+
+def test_every_breaker_transition_is_one_structured_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshlib.resilience")
+    # a service name of its own: the process's event log is rate-limited per service
+    breaker = Breaker("transitions-geo", failures=2, reset_timeout=0.0, probes=1)
+    breaker.record(True)
+    breaker.record(True)  # closed -> open
+    assert breaker.allow() is None  # open -> half-open
+    breaker.record(True, probe=True)  # half-open -> open
+    assert breaker.allow() is None  # open -> half-open
+    breaker.record(False, probe=True)  # half-open -> closed
+    events = [r.meshlib_event for r in caplog.records if hasattr(r, "meshlib_event")]
+    assert [(e["event"], e["previous"]) for e in events] == [
+        ("breaker.open", "closed"),
+        ("breaker.half_open", "open"),
+        ("breaker.open", "half-open"),
+        ("breaker.half_open", "open"),
+        ("breaker.closed", "half-open"),
+    ]
+    assert all(e["service"] == "transitions-geo" for e in events)
+    opened = caplog.records[0]
+    assert opened.levelno == logging.WARNING
+    assert opened.getMessage().startswith(
+        "circuit breaker for 'transitions-geo' opened (2 consecutive requests failed)"
+    )
+    assert "event=breaker.open service=transitions-geo previous=closed" in opened.getMessage()
+
+
+def test_event_lines_are_rate_limited_per_event_and_service_and_count_what_was_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="test.events")
+    now = [0.0]
+    log = EventLog(logging.getLogger("test.events"), burst=3, window=60, clock=lambda: now[0])
+    written = [log.emit(logging.WARNING, "breaker.open", "geo", "opened") for _ in range(5)]
+    assert written == [True, True, True, False, False]
+    assert log.emit(logging.WARNING, "breaker.open", "forecast", "opened")  # its own limit
+    now[0] = 61.0
+    assert log.emit(logging.WARNING, "breaker.open", "geo", "opened")
+    last = caplog.records[-1]
+    assert last.meshlib_event["suppressed"] == 2  # type: ignore[attr-defined]
+    assert last.getMessage() == "opened (event=breaker.open service=geo suppressed=2)"
+    assert len(caplog.records) == 5
 
 
 def test_breaker_state_can_live_in_pybreaker_storage() -> None:

@@ -37,7 +37,7 @@ def test_apps_behind_the_middleware_serve_normally_and_admin_routes_only_on_the_
     assert httpx.get(f"{served.admin_url}/mesh/health/live").status_code == 200
     metrics = httpx.get(f"{served.admin_url}/mesh/metrics")
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert 'meshlib_ready{service="hello"} 1' in metrics.text
+    assert 'meshlib_ready{service_name="hello"} 1' in metrics.text
     assert httpx.get(f"{served.admin_url}/metrics").text.startswith("# HELP")
     assert httpx.get(f"{served.admin_url}/mesh/status").json()["services"] == {}
     assert httpx.get(f"{served.admin_url}/mesh/nothing").status_code == 404
@@ -57,7 +57,7 @@ def test_several_workers_share_the_one_admin_port(serve: ServedFactory, target: 
         with httpx.Client(base_url=served.admin_url) as admin:
             assert admin.get("/mesh/health").json()["status"] == "ready"
     text = httpx.get(f"{served.admin_url}/mesh/metrics").text
-    assert 'meshlib_ready{service="hello"} 1' in text
+    assert 'meshlib_ready{service_name="hello"} 1' in text
     assert httpx.get(f"{served.url}/mesh/metrics").status_code == 404
 
 
@@ -106,7 +106,8 @@ def test_drain_goes_unready_and_finishes_requests_in_flight(
         lambda: (
             httpx.get(f"{served.admin_url}/mesh/metrics").text.count("in_flight{")
             and (
-                'in_flight{service="hello"} 1' in httpx.get(f"{served.admin_url}/mesh/metrics").text
+                'in_flight{service_name="hello"} 1'
+                in httpx.get(f"{served.admin_url}/mesh/metrics").text
             )
         ),
         what="the slow request in flight",

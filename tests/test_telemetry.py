@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import fastapi
 import httpx
 import pytest
 
@@ -166,9 +167,151 @@ def test_server_route_label_is_the_flask_or_fastapi_route_template() -> None:
 
     routes = "meshlib_server_route_duration_seconds_count"
     assert samples(routes, http_route="/forecast/<city>", http_response_status_code="200") == 3
-    assert samples(routes, http_route="/unrouted/x", http_response_status_code="404") == 1
+    assert "/unrouted/x" not in prometheus_text()  # unmatched: never a slot of its own
     assert samples(routes, http_route="/geo/{city}", http_response_status_code="200") == 2
     assert "oslo" not in prometheus_text()
+
+
+@pytest.mark.usefixtures("opt_in_labels")
+def test_unmatched_paths_never_take_a_route_slot() -> None:
+    api = fastapi.FastAPI()
+
+    @api.get("/geo/{city}")
+    def geo(city: str) -> str:
+        return city
+
+    env = {"MESH_SERVICE_NAME": "geo", "MESH_METRICS_LABELS": "path"}
+    asgi = meshlib.ASGIMiddleware(api, config=load_config(env))
+    with httpx.Client(transport=_SyncASGI(asgi), base_url="http://x") as c:
+        for i in range(520):  # more junk than the 500 slots
+            assert c.get(f"/wp-admin/{i}.php").status_code == 404
+        assert c.get("/geo/oslo").status_code == 200
+    routes = "meshlib_server_route_duration_seconds_count"
+    assert samples(routes, http_route="/geo/{city}") == 1  # got its slot
+    assert samples(routes, http_route="_OTHER") == 0
+    assert "wp-admin" not in prometheus_text()
+
+
+def test_server_duration_has_route_scheme_and_error_type_by_default() -> None:
+    api = fastapi.FastAPI()
+
+    @api.get("/geo/{city}")
+    def geo(city: str) -> str:
+        return city
+
+    asgi = meshlib.ASGIMiddleware(api, config=load_config({"MESH_SERVICE_NAME": "geo"}))
+    with httpx.Client(transport=_SyncASGI(asgi), base_url="http://x") as c:
+        assert c.get("/geo/oslo").status_code == 200
+        assert c.get("/nowhere").status_code == 404
+    count = "http_server_request_duration_seconds_count"
+    assert samples(count, http_route="/geo/{city}", url_scheme="http") == 1
+    (unmatched,) = [
+        line for line in prometheus_text().splitlines() if line.startswith(count) and "404" in line
+    ]
+    assert "http_route" not in unmatched  # no route matched: no route label, not the path
+    assert 'url_scheme="http"' in unmatched
+    assert "/nowhere" not in prometheus_text()
+
+
+def test_an_injected_500_carries_error_type_on_the_server_metric() -> None:
+    api = fastapi.FastAPI()
+
+    @api.get("/")
+    def root() -> str:
+        return "ok"
+
+    env = {"MESH_SERVICE_NAME": "geo", "MESH_FAULT_ABORT_STATUS": "500"}
+    asgi = meshlib.ASGIMiddleware(api, config=load_config(env))
+    with httpx.Client(transport=_SyncASGI(asgi), base_url="http://x") as c:
+        assert c.get("/").status_code == 500
+    count = "http_server_request_duration_seconds_count"
+    assert samples(count, http_response_status_code="500", error_type="500") == 1
+
+
+def test_client_duration_has_server_address_port_and_error_type_on_failures() -> None:
+    with client(lambda r: httpx.Response(200 if r.url.path == "/ok" else 404)) as c:
+        c.get("http://weather/ok")
+        c.get("http://weather:8080/missing")
+    count = "http_client_request_duration_seconds_count"
+    ok = samples(count, server_address="weather", server_port="80", http_response_status_code="200")
+    assert ok == 1
+    assert samples(count, server_address="weather", server_port="8080", error_type="404") == 1
+    ok_line = next(
+        line
+        for line in prometheus_text().splitlines()
+        if line.startswith(count) and 'status_code="200"' in line
+    )
+    assert "error_type" not in ok_line  # success: no error.type
+
+
+def test_service_name_is_on_the_otlp_resource_only() -> None:
+    with client(lambda r: httpx.Response(200)) as c:
+        c.get("http://weather/")
+    data = otlp_metrics(REGISTRY, load_config({"MESH_SERVICE_NAME": "gateway"}))
+    (resource,) = data.resource_metrics
+    assert resource.resource.attributes["service.name"] == "gateway"
+    for metric in resource.scope_metrics[0].metrics:
+        for point in metric.data.data_points:
+            assert "service.name" not in point.attributes, metric.name
+    metrics = {m.name: m for m in resource.scope_metrics[0].metrics}
+    (point,) = metrics["http.client.request.duration"].data.data_points
+    assert point.attributes["server.address"] == "weather"
+    assert point.attributes["server.port"] == "80"
+
+
+def test_counters_exist_at_zero_before_their_first_event() -> None:
+    with client(lambda r: httpx.Response(200)) as c:
+        c.get("http://weather/")
+        text = prometheus_text()
+    # (the source label is the process's service name: whichever test configured it last)
+    for name in (
+        "meshlib_client_retry_budget_exhausted_total",
+        "meshlib_client_breaker_refused_total",
+        "meshlib_client_ejections_total",
+    ):
+        assert re.search(rf'^{name}{{[^}}]*service_peer_name="weather"}} 0$', text, re.M), name
+    for reason in ("connect", "503", "hedge"):
+        retries = rf'service_peer_name="weather",meshlib_retry_reason="{reason}"}} 0$'
+        assert re.search(rf"^meshlib_client_retries_total{{[^}}]*{retries}", text, re.M)
+
+    api = fastapi.FastAPI()
+    meshlib.ASGIMiddleware(api, config=load_config({"MESH_SERVICE_NAME": "geo"}))
+    text = prometheus_text()  # a server that has not answered anything yet
+    assert 'meshlib_server_load_shed_total{service_name="geo"} 0\n' in text
+    assert 'meshlib_server_faults_total{service_name="geo",meshlib_fault_kind="abort"} 0\n' in text
+    limited = 'meshlib_server_rate_limited_total{service_name="geo",meshlib_limit_scope="source"} 0'
+    assert limited in text
+
+
+def test_a_build_info_metric_names_meshlib_and_python() -> None:
+    import platform
+
+    line = next(
+        line for line in prometheus_text().splitlines() if line.startswith("meshlib_build_info{")
+    )
+    assert f'meshlib_version="{meshlib.__version__}"' in line
+    assert f'process_runtime_version="{platform.python_version()}"' in line
+    assert line.endswith("} 1")
+
+
+def test_readiness_and_in_flight_are_labelled_service_name_and_exported_over_otlp() -> None:
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    config = load_config({"MESH_SERVICE_NAME": "forecast"})
+    mesh_app = meshlib.WSGIMiddleware(app, config=config)  # type: ignore[arg-type]
+    with httpx.Client(transport=httpx.WSGITransport(app=mesh_app), base_url="http://x") as c:
+        assert c.get("/").status_code == 200
+    text = prometheus_text()
+    assert 'meshlib_ready{service_name="forecast"} 1\n' in text
+    assert 'meshlib_inbound_requests_in_flight{service_name="forecast"} 0\n' in text
+    data = otlp_metrics(REGISTRY, config)
+    metrics = {m.name: m for m in data.resource_metrics[0].scope_metrics[0].metrics}
+    (ready,) = metrics["meshlib.ready"].data.data_points
+    assert ready.value == 1
+    assert "meshlib.inbound.requests.in_flight" in metrics
+    assert "meshlib.build.info" in metrics
 
 
 class _SyncASGI(httpx.BaseTransport):

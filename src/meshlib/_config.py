@@ -783,8 +783,8 @@ VARIABLES: tuple[Variable, ...] = (
         "small: `endpoint` adds `meshlib_client_attempt_duration_seconds` per endpoint "
         "address; `path` adds `meshlib_client_path_duration_seconds` by URL path and "
         "`meshlib_server_route_duration_seconds` by route (the framework's route template, "
-        "else the path). Each label keeps at most 500 distinct values per process; more "
-        "become `_OTHER`.",
+        "else the path; an unmatched 404 takes no slot). Each label keeps at most 500 "
+        "distinct values per process; more become `_OTHER`.",
         _metric_labels,
     ),
     Variable(

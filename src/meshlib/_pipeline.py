@@ -43,6 +43,7 @@ between deadline and balance; their hooks arrive with those features.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -57,6 +58,7 @@ from ._service import ServiceState
 from ._urls import with_endpoint
 from .balance import EndpointState
 from .resilience._deadline import DEADLINE_HEADER, Deadline, inbound_deadline
+from .resilience._events import EVENTS
 from .resilience._retry import (
     IDEMPOTENT_METHODS,
     OVERLOADED,
@@ -449,8 +451,15 @@ class Call:
         state.finished(attempt.start)
         self._last_failed = outcome.failure
         now = time.monotonic()
+        if state.ejected_at:
+            lasted = service.outlier.readmitted(state, now)
+            if lasted is not None:
+                _log_readmission(service, state, lasted, outcome)
         if outcome.failure:
-            return service.outlier.failure(state, now, service.endpoints)
+            ejected = service.outlier.failure(state, now, service.endpoints)
+            if ejected:
+                _log_ejection(service, state, now, outcome)
+            return ejected
         service.outlier.success(state, now)
         return False
 
@@ -536,3 +545,39 @@ def _has_request(exc: httpx.TransportError) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _log_ejection(
+    service: ServiceState, state: EndpointState, now: float, outcome: Outcome
+) -> None:
+    address = state.endpoint.address
+    seconds = state.ejected_until - now
+    EVENTS.emit(
+        logging.WARNING,
+        "endpoint.ejected",
+        service.name,
+        f"endpoint {address} of {service.name!r} ejected for {seconds:.3g}s after "
+        f"{service.outlier.consecutive_errors} consecutive failed attempts "
+        f"(last: {outcome.reason})",
+        endpoint=address,
+        ejection_s=seconds,
+        ejections=state.ejections,
+        last_error=outcome.reason,
+    )
+
+
+def _log_readmission(
+    service: ServiceState, state: EndpointState, lasted: float, outcome: Outcome
+) -> None:
+    address = state.endpoint.address
+    result = "failed" if outcome.failure else "succeeded"
+    EVENTS.emit(
+        logging.INFO,
+        "endpoint.readmitted",
+        service.name,
+        f"endpoint {address} of {service.name!r} readmitted after {lasted:.3g}s ejected; "
+        f"its first attempt {result}",
+        endpoint=address,
+        ejection_s=lasted,
+        first_attempt=result,
+    )

@@ -60,6 +60,7 @@ class EndpointState:
     __slots__ = (
         "_lock",
         "consecutive_errors",
+        "ejected_at",
         "ejected_until",
         "ejections",
         "endpoint",
@@ -78,6 +79,8 @@ class EndpointState:
         #: outlier detection (resilience/_outlier.py owns these)
         self.consecutive_errors = 0
         self.ejected_until = 0.0
+        #: when the current ejection began (0.0: not ejected, or its end already reported)
+        self.ejected_at = 0.0
         self.ejections = 0
         self.outlier_decay_at = 0.0
         self._lock = threading.Lock()

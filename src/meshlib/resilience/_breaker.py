@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 
 import pybreaker
 
+from ._events import EVENTS
+
 __all__ = ["Breaker", "BreakerListener"]
 
 CLOSED = pybreaker.STATE_CLOSED
@@ -138,8 +140,46 @@ class Breaker:
         return max(self.reset_timeout - self._open_for(), 0.0)
 
     def _notify(self, old: str, new: str) -> None:
+        self._log(old, new)
         for listener in self.listeners:
             try:
                 listener(self.service, old, new)
             except Exception:  # a failing listener must never fail a request
                 logger.exception("breaker listener failed")
+
+    def _log(self, old: str, new: str) -> None:
+        """One line per transition (rate-limited): what changed and what happens next."""
+        name = self.service
+        if new == OPEN:
+            why = (
+                "a half-open probe failed"
+                if old == HALF_OPEN
+                else f"{self.failures} consecutive requests failed"
+            )
+            EVENTS.emit(
+                logging.WARNING,
+                "breaker.open",
+                name,
+                f"circuit breaker for {name!r} opened ({why}): requests fail fast for "
+                f"{self.reset_timeout:g}s, then up to {self.probes} probe(s)",
+                previous=old,
+                reset_timeout_s=self.reset_timeout,
+            )
+        elif new == HALF_OPEN:
+            EVENTS.emit(
+                logging.INFO,
+                "breaker.half_open",
+                name,
+                f"circuit breaker for {name!r} half-open: letting up to {self.probes} "
+                "probe(s) through",
+                previous=old,
+                probes=self.probes,
+            )
+        else:
+            EVENTS.emit(
+                logging.INFO,
+                "breaker.closed",
+                name,
+                f"circuit breaker for {name!r} closed: a probe succeeded, requests flow again",
+                previous=old,
+            )

@@ -9,7 +9,8 @@ be), so a bad deploy cannot eject the whole set. The ejection multiplier decays 
 per ejection period of good behaviour.
 
 State lives on each ``EndpointState``; the detector is stateless apart from its settings,
-so swapping settings is swapping the detector.
+so swapping settings is swapping the detector. An ejection ends by time alone; the first
+attempt after it learns of the readmission (``readmitted``), so the pipeline can log it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ class OutlierDetector:
             state.ejections -= 1
             state.outlier_decay_at = now + self.ejection_time
 
+    @staticmethod
+    def readmitted(state: EndpointState, now: float) -> float | None:
+        """If ``state`` was ejected and its ejection is over, the seconds it lasted (once per
+        ejection: the first attempt after it reports the readmission); else None."""
+        if not state.ejected_at or now < state.ejected_until:
+            return None
+        lasted = state.ejected_until - state.ejected_at
+        state.ejected_at = 0.0
+        return lasted
+
     def failure(self, state: EndpointState, now: float, endpoints: Sequence[EndpointState]) -> bool:
         """An attempt on ``state`` failed; returns True if that ejected it."""
         state.consecutive_errors += 1
@@ -53,6 +64,7 @@ class OutlierDetector:
             return False
         state.ejections = min(state.ejections + 1, _MAX_MULTIPLIER)
         state.ejected_until = now + self.ejection_time * state.ejections
+        state.ejected_at = now
         state.outlier_decay_at = state.ejected_until + self.ejection_time
         state.consecutive_errors = 0
         state.ewma = PeakEwma()  # readmitted, it is measured afresh, not judged by the past

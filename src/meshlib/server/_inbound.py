@@ -349,14 +349,6 @@ def _aborted(fault: FaultDecision) -> LocalResponse:
 
 
 def _metrics(instance: Instance) -> LocalResponse:
-    service = (instance.config.service_name or "").replace('"', "")
-    lines = [
-        "# HELP meshlib_inbound_requests_in_flight Requests this instance is handling.",
-        "# TYPE meshlib_inbound_requests_in_flight gauge",
-        f'meshlib_inbound_requests_in_flight{{service="{service}"}} {instance.in_flight}',
-        "# HELP meshlib_ready 1 while this instance is ready to receive traffic.",
-        "# TYPE meshlib_ready gauge",
-        f'meshlib_ready{{service="{service}"}} {1 if instance.ready else 0}',
-    ]
-    body = ("\n".join(lines) + "\n" + prometheus_text()).encode()
+    # meshlib_ready and meshlib_inbound_requests_in_flight are in the registry (_instance.py)
+    body = prometheus_text().encode()
     return LocalResponse(200, (("content-type", "text/plain; version=0.0.4; charset=utf-8"),), body)

@@ -15,11 +15,14 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from .._config import MeshConfig
 from .._exceptions import ConfigError
 from ..telemetry._admin import admin_listener
+from ..telemetry._metrics import REGISTRY
+from ..telemetry._names import SERVICE_NAME
 from ._registration import Registration
 
 __all__ = ["Instance"]
@@ -251,3 +254,40 @@ def reset() -> None:
     """Forget every instance (for tests)."""
     with _registry_lock:
         _registry.clear()
+
+
+def _live() -> dict[str, list[Instance]]:
+    by_service: dict[str, list[Instance]] = {}
+    with _registry_lock:
+        for instance in _registry:
+            if instance._state != "stopped":
+                by_service.setdefault(instance.config.service_name or "", []).append(instance)
+    return by_service
+
+
+def _readiness() -> Iterator[tuple[tuple[str, ...], float]]:
+    for service, instances in _live().items():
+        yield (service,), 1.0 if any(i.ready for i in instances) else 0.0
+
+
+def _in_flight() -> Iterator[tuple[tuple[str, ...], float]]:
+    for service, instances in _live().items():
+        yield (service,), float(sum(i.in_flight for i in instances))
+
+
+# Registered here, by the owner of the instances: exported like every other metric
+# (Prometheus text and OTLP), labelled service_name like the rest.
+REGISTRY.gauge(
+    "meshlib.ready",
+    "1",
+    "1 while this instance is ready to receive traffic (0 while starting or draining).",
+    (SERVICE_NAME,),
+    _readiness,
+)
+REGISTRY.gauge(
+    "meshlib.inbound.requests.in_flight",
+    "1",
+    "Requests this instance is handling.",
+    (SERVICE_NAME,),
+    _in_flight,
+)

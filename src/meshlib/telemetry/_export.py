@@ -22,6 +22,7 @@ from .._config import MeshConfig
 from .._version import __version__
 from ._admin import serve_admin
 from ._metrics import REGISTRY, Counter, Gauge, Histogram, Registry
+from ._names import SERVICE_NAME
 
 __all__ = ["otlp_metrics", "start_exporters"]
 
@@ -180,4 +181,9 @@ def otlp_metrics(registry: Registry, config: MeshConfig) -> Any:
 
 
 def _attributes(keys: tuple[str, ...], labels: tuple[str, ...]) -> dict[str, str]:
-    return {key: value for key, value in zip(keys, labels, strict=True) if value != ""}
+    # service.name is the resource's (it names the process); a data point does not repeat it
+    return {
+        key: value
+        for key, value in zip(keys, labels, strict=True)
+        if value != "" and key != SERVICE_NAME
+    }

@@ -82,12 +82,15 @@ def peer_service(peer: object) -> str:
 class InboundCall:
     """One inbound request: started before the mesh's stages, finished after the app."""
 
-    __slots__ = ("_method", "_path", "_span", "_start", "_token", "status")
+    __slots__ = ("_method", "_path", "_scheme", "_span", "_start", "_token", "status")
 
-    def __init__(self, method: str, path: str, carrier: dict[str, str]) -> None:
+    def __init__(
+        self, method: str, path: str, carrier: dict[str, str], scheme: str = "http"
+    ) -> None:
         self._start = time.perf_counter()
         self._method = method
         self._path = path
+        self._scheme = scheme
         self._span: trace.Span | None = None
         self._token: object = None
         self.status: int | None = None
@@ -135,6 +138,8 @@ class InboundCall:
             error_type = type(error).__name__ if error is not None and status is None else ""
             if status is None:
                 status = 500
+            # error.type on every failed request (a 5xx for a server), injected faults too
+            failure = error_type or (str(status) if status >= 500 else "")
             caller = peer_service(peer)
             SERVER_DURATION.record(
                 duration,
@@ -144,10 +149,14 @@ class InboundCall:
                     caller,
                     method_label(self._method),
                     str(status),
-                    error_type,
+                    failure,
+                    route or "",
+                    self._scheme,
                 ),
             )
-            if STATE.path_label:
+            if STATE.path_label and (route or status != 404):
+                # an unmatched request (a 404 without a route template) never takes one of
+                # the capped slots: scanners' junk paths would fill them
                 SERVER_ROUTE_DURATION.record(
                     duration,
                     (
@@ -196,6 +205,7 @@ class InboundCall:
 def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
     """``handler`` (the middleware's HTTP path) with inbound telemetry around it."""
     setup(config)
+    STATE.serving = True
 
     async def traced(scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -207,7 +217,7 @@ def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
             for name, value in scope["headers"]
             if name in _CARRIED
         }
-        call = InboundCall(scope["method"], path, carrier)
+        call = InboundCall(scope["method"], path, carrier, scope.get("scheme", "http"))
 
         async def measured_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -231,6 +241,7 @@ def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
 def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
     """``handler`` (the middleware's request path) with inbound telemetry around it."""
     setup(config)
+    STATE.serving = True
 
     def traced(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
@@ -241,7 +252,12 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
             value = environ.get(key)
             if value:
                 carrier[name] = value
-        call = InboundCall(environ.get("REQUEST_METHOD", "GET"), path, carrier)
+        call = InboundCall(
+            environ.get("REQUEST_METHOD", "GET"),
+            path,
+            carrier,
+            environ.get("wsgi.url_scheme", "http"),
+        )
 
         route: list[str | None] = [None]
 

@@ -8,6 +8,7 @@ end carry unbounded labels (endpoint addresses, URL paths): they are recorded on
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from opentelemetry.semconv.metrics.http_metrics import (
     HTTP_SERVER_REQUEST_DURATION,
 )
 
+from .._version import __version__
 from ._metrics import REGISTRY, Labels
 from ._names import (
     BREAKER_STATE,
@@ -34,12 +36,14 @@ from ._names import (
     SERVICE_PEER_NAME,
     SERVICE_VERSION,
     URL_PATH,
+    URL_SCHEME,
 )
 
 if TYPE_CHECKING:
     from .._service import ServiceState
 
 __all__ = [
+    "BUILD_INFO",
     "CERTIFICATE_EXPIRY",
     "CLIENT_ATTEMPT_DURATION",
     "CLIENT_DURATION",
@@ -47,6 +51,7 @@ __all__ = [
     "CLIENT_PATH_DURATION",
     "CLIENT_RETRIES",
     "CLIENT_RETRY_BUDGET_EXHAUSTED",
+    "RETRY_REASONS",
     "SERVER_DURATION",
     "SERVER_FAULTS",
     "SERVER_LOAD_SHED",
@@ -56,11 +61,61 @@ __all__ = [
 
 _EDGE = (SERVICE_NAME, SERVICE_PEER_NAME)
 
+#: every value of meshlib.retry.reason (resilience/_retry.py and hedging)
+RETRY_REASONS = (
+    "connect",
+    "reset",
+    "timeout",
+    "pool",
+    "429",
+    "502",
+    "503",
+    "504",
+    "overloaded",
+    "hedge",
+)
+
+
+# Baselines: the counters' series that exist at zero before their first event -- per
+# destination once this process has called it, per service once it serves.
+
+
+def _edges() -> Iterator[Labels]:
+    for source, state in _services():
+        yield source, state.name
+
+
+def _edge_reasons() -> Iterator[Labels]:
+    for edge in _edges():
+        for reason in RETRY_REASONS:
+            yield (*edge, reason)
+
+
+def _served() -> Iterator[Labels]:
+    from ._state import STATE  # imported late: no cycle
+
+    if STATE.serving:
+        yield (STATE.source,)
+
+
+def _served_faults() -> Iterator[Labels]:
+    for (service,) in _served():
+        yield service, "delay"
+        yield service, "abort"
+
+
+def _served_limits() -> Iterator[Labels]:
+    for (service,) in _served():
+        yield service, "", "global"
+        yield service, "", "source"
+
+
 CLIENT_DURATION = REGISTRY.histogram(
     HTTP_CLIENT_REQUEST_DURATION,
     "s",
     "Duration of logical outbound requests (all attempts and backoff), by source and "
-    "destination service.",
+    "destination service; server.address and server.port are the URL's (the service name "
+    "for mesh calls), never an endpoint's.",
     (
         SERVICE_NAME,
         SERVICE_PEER_NAME,
@@ -68,12 +123,15 @@ CLIENT_DURATION = REGISTRY.histogram(
         HTTP_REQUEST_METHOD,
         HTTP_RESPONSE_STATUS_CODE,
         ERROR_TYPE,
+        SERVER_ADDRESS,
+        SERVER_PORT,
     ),
 )
 SERVER_DURATION = REGISTRY.histogram(
     HTTP_SERVER_REQUEST_DURATION,
     "s",
-    "Duration of inbound requests, by this service, its version and the caller's verified service.",
+    "Duration of inbound requests, by this service, its version, the caller's verified "
+    "service and the matched route template (none for unmatched requests).",
     (
         SERVICE_NAME,
         SERVICE_VERSION,
@@ -81,6 +139,8 @@ SERVER_DURATION = REGISTRY.histogram(
         HTTP_REQUEST_METHOD,
         HTTP_RESPONSE_STATUS_CODE,
         ERROR_TYPE,
+        HTTP_ROUTE,
+        URL_SCHEME,
     ),
 )
 SERVER_RATE_LIMITED = REGISTRY.counter(
@@ -89,42 +149,49 @@ SERVER_RATE_LIMITED = REGISTRY.counter(
     "Inbound requests refused with 429 by a rate limit, by this service, the caller's "
     "verified service ('' without one) and the limit (global or source).",
     (SERVICE_NAME, SERVICE_PEER_NAME, LIMIT_SCOPE),
+    _served_limits,
 )
 SERVER_LOAD_SHED = REGISTRY.counter(
     "meshlib.server.load_shed",
     "1",
     "Inbound requests shed with 503 by MESH_MAX_CONCURRENT_REQUESTS before the handler ran.",
     (SERVICE_NAME,),
+    _served,
 )
 SERVER_FAULTS = REGISTRY.counter(
     "meshlib.server.faults",
     "1",
     "Faults injected into inbound requests (MESH_FAULT_*), by kind (delay or abort).",
     (SERVICE_NAME, FAULT_KIND),
+    _served_faults,
 )
 CLIENT_RETRIES = REGISTRY.counter(
     "meshlib.client.retries",
     "1",
     "Retries made, by destination and reason.",
     (*_EDGE, RETRY_REASON),
+    _edge_reasons,
 )
 CLIENT_RETRY_BUDGET_EXHAUSTED = REGISTRY.counter(
     "meshlib.client.retry_budget.exhausted",
     "1",
     "Retries not made because the destination's retry budget was spent.",
     _EDGE,
+    _edges,
 )
 CLIENT_BREAKER_REFUSED = REGISTRY.counter(
     "meshlib.client.breaker.refused",
     "1",
     "Requests failed fast by an open circuit breaker.",
     _EDGE,
+    _edges,
 )
 CLIENT_EJECTIONS = REGISTRY.counter(
     "meshlib.client.ejections",
     "1",
     "Endpoints ejected from load balancing by outlier detection.",
     _EDGE,
+    _edges,
 )
 
 
@@ -201,6 +268,21 @@ CERTIFICATE_EXPIRY = REGISTRY.gauge(
     "When this process's current mesh certificate expires, as a Unix timestamp in seconds.",
     (SERVICE_NAME,),
     _certificates,
+)
+
+
+def _build_info() -> Iterator[tuple[Labels, float]]:
+    from ._state import STATE  # imported late: no cycle
+
+    yield (STATE.source, __version__, platform.python_version()), 1.0
+
+
+BUILD_INFO = REGISTRY.gauge(
+    "meshlib.build.info",
+    "1",
+    "Always 1; its labels say which meshlib and Python this process runs.",
+    (SERVICE_NAME, "meshlib.version", "process.runtime.version"),
+    _build_info,
 )
 
 

@@ -74,11 +74,23 @@ class _Metric:
 
 
 class Counter(_Metric):
-    """A monotonic count per label tuple."""
+    """A monotonic count per label tuple.
 
-    def __init__(self, name: str, unit: str, description: str, keys: Sequence[str]) -> None:
+    ``baseline`` (read when collected) names the series that exist at zero before their
+    first event, so ``rate()`` sees the first burst and a dashboard panel is not empty.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        unit: str,
+        description: str,
+        keys: Sequence[str],
+        baseline: Callable[[], Iterable[Labels]] | None = None,
+    ) -> None:
         super().__init__(name, unit, description, keys)
         self.prometheus += "_total"
+        self.baseline = baseline
         self._values: dict[Labels, float] = {}
 
     def add(self, labels: Labels, amount: float = 1) -> None:
@@ -87,9 +99,13 @@ class Counter(_Metric):
             self._values[labels] = self._values.get(labels, 0) + amount
 
     def collect(self) -> list[tuple[Labels, float]]:
-        """A consistent copy of every series."""
+        """A consistent copy of every series, the baseline's at zero until counted."""
         with self._lock:
-            return list(self._values.items())
+            values = dict(self._values)
+        if self.baseline is not None:
+            for labels in self.baseline():
+                values.setdefault(labels, 0.0)
+        return list(values.items())
 
 
 class Gauge(_Metric):
@@ -183,9 +199,16 @@ class Registry:
         #: when the cumulative counts started (OTLP's start_time_unix_nano)
         self.started_ns = time.time_ns()
 
-    def counter(self, name: str, unit: str, description: str, keys: Sequence[str]) -> Counter:
-        """Define a counter."""
-        metric = Counter(name, unit, description, keys)
+    def counter(
+        self,
+        name: str,
+        unit: str,
+        description: str,
+        keys: Sequence[str],
+        baseline: Callable[[], Iterable[Labels]] | None = None,
+    ) -> Counter:
+        """Define a counter (``baseline``: the series present at zero from the start)."""
+        metric = Counter(name, unit, description, keys, baseline)
         self.metrics.append(metric)
         return metric
 

@@ -21,7 +21,7 @@ from opentelemetry.semconv.attributes.http_attributes import (
 )
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
-from opentelemetry.semconv.attributes.url_attributes import URL_PATH
+from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
 
 __all__ = [
     "ATTEMPT_CANCELLED",
@@ -46,6 +46,7 @@ __all__ = [
     "SERVICE_PEER_NAME",
     "SERVICE_VERSION",
     "URL_PATH",
+    "URL_SCHEME",
     "BoundedLabel",
     "method_label",
     "prometheus_name",

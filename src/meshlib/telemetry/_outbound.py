@@ -77,7 +77,17 @@ _PATHS = BoundedLabel()
 class OutboundTelemetry:
     """The telemetry of one logical request to ``service``."""
 
-    __slots__ = ("_carry", "_method", "_path", "_service", "_span", "_start", "_version")
+    __slots__ = (
+        "_address",
+        "_carry",
+        "_method",
+        "_path",
+        "_port",
+        "_service",
+        "_span",
+        "_start",
+        "_version",
+    )
 
     def __init__(self, service: str, request: httpx.Request) -> None:
         self._start = time.perf_counter()
@@ -87,6 +97,9 @@ class OutboundTelemetry:
         self._span: trace.Span | None = None
         self._carry = False
         self._path = request.url.path if STATE.path_label else ""
+        url = request.url
+        self._address = url.host
+        self._port = str(url.port or (443 if url.scheme == "https" else 80))
         try:
             tracer = STATE.tracer()
             if tracer is None:
@@ -227,7 +240,10 @@ class OutboundTelemetry:
                     self._version,
                     method_label(self._method),
                     "" if status is None else str(status),
-                    error_type,
+                    # error.type on every failed request: a 4xx or 5xx for a client
+                    error_type or (str(status) if status is not None and status >= 400 else ""),
+                    self._address,
+                    self._port,
                 ),
             )
             if self._path:

@@ -54,6 +54,8 @@ class TelemetryState:
         #: opt-in unbounded metric labels (MESH_METRICS_LABELS): "endpoint", "path"
         self.endpoint_label = False
         self.path_label = False
+        #: this process serves inbound requests (the server counters start at zero)
+        self.serving = False
         self._next_check = 0.0
         self._tracer: trace.Tracer | None = None
         self._lock = threading.Lock()
