@@ -32,7 +32,9 @@ decision lives here, once. The stages, outermost first, and why they sit where t
 6. **attempt** (the transport): per-attempt timeout, ``Host`` kept as the service name,
    the request sent on the pooled inner transport.
 7. **outlier ejection** (after each attempt): per-endpoint consecutive failures eject the
-   endpoint from balance for a growing time.
+   endpoint from balance for a growing time; a refused connection ejects it at once, for
+   a short time (nothing listens there). A failure never lowers an endpoint's latency
+   estimate below the service's costliest, so failing fast never attracts traffic.
 
 **telemetry** wraps the whole Call (``telemetry/_outbound.py``): it is created first, so
 its duration and span cover every attempt and backoff, hears of each attempt as it starts
@@ -60,6 +62,7 @@ from .resilience._deadline import DEADLINE_HEADER, Deadline, inbound_deadline
 from .resilience._retry import (
     IDEMPOTENT_METHODS,
     OVERLOADED,
+    REFUSED,
     Outcome,
     backoff,
     classify_error,
@@ -443,14 +446,21 @@ class Call:
                 attempt.start, latency=time.monotonic() - attempt.start > state.ewma.cost()
             )
             return False
-        # A failure's real duration feeds the latency estimate, as in Finagle and tower; a
-        # dead endpoint that fails fast is removed by ejection, not by a latency penalty (a
-        # penalty of the attempt timeout took ~80 s to decay, starving a restarted instance).
-        state.finished(attempt.start)
         self._last_failed = outcome.failure
-        now = time.monotonic()
+        if outcome is REFUSED:  # nothing listens: no latency at all, ejected at once
+            state.finished(attempt.start, latency=False)
+            return service.outlier.refused(state, time.monotonic())
         if outcome.failure:
+            # A failure is never cheaper than the costliest endpoint of the service: a
+            # fast failure must not draw p2c_ewma's traffic. That floor is no fixed penalty
+            # (the attempt timeout as one took ~80 s to decay, starving a restarted
+            # instance): it decays as the service's own latencies do.
+            now = time.monotonic()
+            floor = max((s.ewma.cost(now) for s in service.endpoints), default=0.0)
+            state.finished(attempt.start, floor=floor)
             return service.outlier.failure(state, now, service.endpoints)
+        state.finished(attempt.start)
+        now = time.monotonic()
         service.outlier.success(state, now)
         return False
 
