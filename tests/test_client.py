@@ -119,6 +119,20 @@ def test_service_consul_names_are_mesh_services_too(
             client.get("http://ghost.service.consul/whoami")
 
 
+def test_an_unknown_service_name_says_where_meshlib_looked(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("a")
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    with meshlib.Client() as client, pytest.raises(meshlib.NoHealthyEndpoints) as caught:
+        client.get("http://wether/whoami")  # a typo, and no such DNS name
+    assert str(caught.value) == (
+        "'wether' is not a mesh service (MESH_STATIC_SERVICES lists weather) and DNS does "
+        "not know it either: check the name, or register the service"
+    )
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)  # the DNS error, kept
+
+
 def test_other_hosts_pass_through_untouched(
     backends: BackendFactory, env: pytest.MonkeyPatch
 ) -> None:

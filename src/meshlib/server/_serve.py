@@ -42,6 +42,7 @@ from typing import Any
 from .._config import MeshConfig, load_config
 from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts, security_for
+from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog
 from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
 from ._inbound import ADMIN_REUSE_PORT_ENV
@@ -53,6 +54,7 @@ __all__ = ["ServeError", "asgi_factory", "load_app", "serve"]
 _TARGET_ENV = "MESHLIB_SERVE_TARGET"
 
 logger = logging.getLogger("meshlib.tls")
+_REFUSALS = RefusalLog(logger)
 
 
 class ServeError(Exception):
@@ -368,9 +370,25 @@ class _SniffingContext:
                 raise OSError(errno.ECONNRESET, f"TLS connection refused: {exc}") from None
             return wrapped
         if self._tls.mode == "strict":
-            sock.close()
+            _REFUSALS.refused("plaintext at a MESH_TLS=strict port", _peername(sock))
+            _answer_and_close(sock)
             raise OSError(errno.ECONNRESET, "plaintext connection refused (MESH_TLS=strict)")
         return sock
+
+
+def _answer_and_close(sock: socket.socket) -> None:
+    """Tell a plaintext caller why, then close without a reset: the request's bytes are
+    read first (closing with unread data sends RST, which can beat the answer)."""
+    try:
+        sock.settimeout(1.0)
+        sock.recv(65536)
+        sock.sendall(PLAINTEXT_REFUSAL)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)  # until the caller closes (or the timeout)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def _peername(sock: socket.socket) -> object:
