@@ -35,11 +35,13 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from .._config import MeshConfig, load_config
+from .._exceptions import ConfigError
 from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts, security_for
 from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog
@@ -58,7 +60,15 @@ _REFUSALS = RefusalLog(logger)
 
 
 class ServeError(Exception):
-    """``meshlib serve`` cannot run the target; the message is one line for the user."""
+    """``meshlib serve`` cannot run the target; the message is one line for the user.
+
+    ``detail`` is what to show above that line: the traceback of the user's own code
+    when importing their app raised.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def load_app(target: str) -> Any:
@@ -74,9 +84,13 @@ def load_app(target: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise ServeError(f"cannot import {module_name!r}: no such module") from exc
-        raise ServeError(f"importing {module_name!r} failed: {exc}") from exc
+        raise ServeError(f"importing {module_name!r} failed: {exc}", _user_traceback(exc)) from exc
+    except ConfigError:
+        raise  # the mesh's configuration, not the app, is what failed: its own one line
     except Exception as exc:
-        raise ServeError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise ServeError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}", _user_traceback(exc)
+        ) from exc
     app = module
     for part in attribute.split("."):
         try:
@@ -86,6 +100,17 @@ def load_app(target: str) -> Any:
     if not callable(app):
         raise ServeError(f"{target!r} is a {type(app).__name__}, not an ASGI or WSGI application")
     return app
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` from the first frame outside importlib and meshlib: the
+    user's own file and line, as Python would show them."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = (str(Path(__file__).resolve().parent.parent), "<frozen importlib", "importlib")
+    keep = [f for f in frames if not any(part in f.filename for part in mine)]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(keep)]
+    lines.extend(traceback.format_exception_only(type(exc), exc))
+    return "".join(lines)
 
 
 def is_asgi(app: Any) -> bool:
@@ -144,6 +169,9 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     # the file's fault settings are checked (and announced) now: a framework may build
     # its middleware only on the first request
     FaultInjector(config, follow_consul=False)
+    # TLS material is loaded before the app is imported and the address announced: a
+    # missing CA is the same one line for ASGI and WSGI, and nothing says "https" first.
+    security_for(config)
     app = meshed(load_app(target), config)
     kind = "asgi" if is_asgi(app) else "wsgi"
     shown = f"[{host}]" if ":" in host else host
