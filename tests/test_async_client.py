@@ -61,6 +61,23 @@ async def test_async_p2c_ewma_avoids_a_slow_instance(
     assert counts["b2"] < 0.1 * 200, counts
 
 
+async def test_async_a_refused_connection_ejects_the_instance_at_once(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    """anyio reports a refused connection as "All connection attempts failed": it is still
+    news, and the killed instance leaves the rotation at once."""
+    servers = backends.many(2)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
+    async with meshlib.AsyncClient() as client:
+        warm = [(await client.get("http://weather/whoami")).text for _ in range(40)]
+        assert set(warm) == {"b0", "b1"}, Counter(warm)
+        servers[0].kill()
+        after = [await client.get("http://weather/whoami") for _ in range(50)]
+    assert all(r.text == "b1" for r in after)
+    attempts = [r.extensions["meshlib"].attempts for r in after]
+    assert attempts.count(2) <= 2, attempts
+
+
 async def test_async_killed_instance_loses_no_gets_and_is_readmitted(
     backends: BackendFactory, env: pytest.MonkeyPatch
 ) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +16,7 @@ import pytest
 import meshlib
 from backends import free_port
 from meshlib._config import load_config
+from meshlib.security import LocalCA
 from served import ServedFactory
 
 PLANNED = ["serve", "ca", "rollout", "status", "top", "demo"]
@@ -70,7 +75,21 @@ def test_top_without_a_reachable_prometheus_says_so_in_one_line() -> None:
 
 
 def test_status_shows_each_destination_its_endpoints_and_ejections(serve: ServedFactory) -> None:
-    port, dead = free_port(), free_port()  # nothing listens on the dead port
+    port = free_port()
+    # the dead endpoint hangs up on every connection (a refused one is out for only a
+    # second, too short to be seen here)
+    dead_socket = socket.create_server(("127.0.0.1", 0))
+    dead = dead_socket.getsockname()[1]
+
+    def hang_up() -> None:
+        while True:
+            try:
+                connection, _ = dead_socket.accept()
+            except OSError:
+                return
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
     forecast = serve(
         "chain_app:app",
         {"MESH_SERVICE_NAME": "forecast", "MESH_STATIC_SERVICES": f"geo=127.0.0.1:{port}"},
@@ -97,6 +116,7 @@ def test_status_shows_each_destination_its_endpoints_and_ejections(serve: Served
     assert rows[forecast.address].endswith(" ok")
     assert " ejected " in rows[f"127.0.0.1:{dead}"]
 
+    dead_socket.close()
     result = run("status", "--json", forecast.admin_url)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -104,6 +124,26 @@ def test_status_shows_each_destination_its_endpoints_and_ejections(serve: Served
     assert endpoint["address"] == forecast.address
     assert endpoint["ejected_for_s"] == 0
     assert endpoint["latency_ms"] > 0
+
+
+def test_status_takes_host_port_of_a_strict_server_without_its_tls_settings(
+    serve: ServedFactory, tmp_path: Path
+) -> None:
+    LocalCA(tmp_path / "ca").init("meshlib.test")
+    served = serve(
+        "fastapi_app:app",
+        {"MESH_TLS": "strict", "MESH_TLS_DIR": str(tmp_path / "ca"), "MESH_SERVICE_NAME": "hello"},
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "CONSUL_"))}
+    result = run("status", "--json", served.admin_address, env=clean)  # no scheme, no MESH_TLS
+    assert result.returncode == 0, result.stderr
+    assert "services" in json.loads(result.stdout)
+
+    result = run("status", served.address, env=clean)  # the app's port, by mistake
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"meshlib status: {served.address} does not serve /mesh/status")
+    assert "MESH_ADMIN_ADDR" in result.stderr
 
 
 def test_status_is_for_loopback_peers_only_decided_by_address_not_text() -> None:

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import httpx
@@ -119,6 +120,20 @@ def test_service_consul_names_are_mesh_services_too(
             client.get("http://ghost.service.consul/whoami")
 
 
+def test_an_unknown_service_name_says_where_meshlib_looked(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("a")
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    with meshlib.Client() as client, pytest.raises(meshlib.NoHealthyEndpoints) as caught:
+        client.get("http://wether/whoami")  # a typo, and no such DNS name
+    assert str(caught.value) == (
+        "'wether' is not a mesh service (MESH_STATIC_SERVICES lists weather) and DNS does "
+        "not know it either: check the name, or register the service"
+    )
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)  # the DNS error, kept
+
+
 def test_other_hosts_pass_through_untouched(
     backends: BackendFactory, env: pytest.MonkeyPatch
 ) -> None:
@@ -221,6 +236,63 @@ def test_killed_instance_loses_no_gets_is_ejected_and_readmitted(
         stop.set()
         thread.join(30)
     assert failures == []
+
+
+@pytest.mark.parametrize("lb", ["p2c_ewma", "least_request", "round_robin", "random", "ring_hash"])
+def test_a_killed_instance_leaves_the_rotation_at_once_and_a_restarted_one_returns_within_2s(
+    backends: BackendFactory, env: pytest.MonkeyPatch, lb: str
+) -> None:
+    """A refused connection is news: of the 50 requests after a kill -9 at most 2 make their
+    first attempt on the dead instance (whatever the policy), and once it listens again on
+    its port it serves within 2 s and gets its share back."""
+    servers = backends.many(2)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
+    env.setenv("MESH_LB", lb)
+    if lb == "ring_hash":
+        env.setenv("MESH_LB_HASH_ON", "header:x-user")
+    sent = iter(range(1_000_000))
+
+    def get(client: meshlib.Client) -> httpx.Response:
+        return client.get("http://weather/whoami", headers={"x-user": f"u{next(sent)}"})
+
+    with meshlib.Client() as client:
+        warm = [get(client).text for _ in range(40)]
+        assert set(warm) == {"b0", "b1"}, Counter(warm)
+        victim = servers[0]
+        victim.kill()
+        after = [get(client) for _ in range(50)]
+        assert all(r.status_code == 200 and r.text == "b1" for r in after)
+        first_on_dead = [r.extensions["meshlib"].attempts for r in after].count(2)
+        assert first_on_dead <= 2, [r.extensions["meshlib"].attempts for r in after]
+
+        victim.start()
+        ready = time.monotonic()
+        back: list[str] = []
+        while victim.name not in back:
+            back.append(get(client).text)
+            assert time.monotonic() - ready < 2.0, f"not back within 2 s: {Counter(back)}"
+        # Its share, under a little concurrency: p2c_ewma spreads by load, and sequential
+        # requests to two idle instances all go to whichever measured faster last.
+        with ThreadPoolExecutor(4) as pool:
+            shares = Counter(pool.map(lambda _: get(client).text, range(200)))
+        assert shares[victim.name] >= 40, shares
+
+
+def test_failing_fast_never_makes_an_instance_look_cheap_to_p2c_ewma(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    """An instance answering 503 in a millisecond is no faster to p2c_ewma than a healthy
+    one taking 20 ms: it gets no more than its share of first attempts (before, all)."""
+    failing, healthy = backends.many(2)
+    failing.set_mode(status=503)
+    healthy.set_mode(delay_ms=20)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [failing, healthy]))
+    env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "1000")  # ejection is not what is tested
+    with meshlib.Client() as client:
+        for _ in range(100):
+            client.get("http://weather/whoami")
+    first_on_failing = failing.stats()["GET"]
+    assert first_on_failing <= 70, (first_on_failing, healthy.stats()["GET"])
 
 
 def cutting(backends: BackendFactory, env: pytest.MonkeyPatch) -> tuple[Backend, Backend]:

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+import httpx
 import pytest
 
 import meshlib
@@ -200,7 +201,19 @@ def test_unknown_single_label_hosts_are_not_the_meshs(
     with meshlib.Client() as client:
         with pytest.raises(meshlib.NoHealthyEndpoints, match="not registered"):
             client.get(f"http://{unique('ghost')}.service.consul/")
-        # a plain name Consul does not know is left to DNS (and fails there, not in the mesh)
-        with pytest.raises(Exception) as info:  # noqa: PT011
+        # a plain name Consul does not know is left to DNS; when DNS fails too, the error
+        # says where the mesh looked, with DNS's own error as its cause
+        with pytest.raises(meshlib.NoHealthyEndpoints) as info:
             client.get(f"http://{unique('ghost')}/", timeout=2)
-        assert not isinstance(info.value, meshlib.MeshError)
+        assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+def test_a_name_consul_does_not_know_says_so_instead_of_a_dns_error(
+    consul: ConsulAgent, env: pytest.MonkeyPatch
+) -> None:
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    name = unique("nosuch")
+    with meshlib.Client() as client, pytest.raises(meshlib.NoHealthyEndpoints) as caught:
+        client.get(f"http://{name}/whoami")
+    assert f"{name!r} is not a mesh service (Consul at " in str(caught.value)
+    assert f"has no service {name!r}) and DNS does not know it either" in str(caught.value)

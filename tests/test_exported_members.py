@@ -19,6 +19,7 @@ PUBLIC = [
     "MeshTransport",
     "NoHealthyEndpoints",
     "SpiffeId",
+    "UntrustedCertificate",
     "WSGIMiddleware",
     "__version__",
     "peer_identity",

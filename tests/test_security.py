@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import socket
 import ssl
 import stat
 import subprocess
@@ -108,8 +109,66 @@ def test_a_plaintext_client_is_refused_by_a_strict_server_before_the_handler(
     serve: ServedFactory, ca_dir: Path, target: str
 ) -> None:
     served = serve(target, server_env(ca_dir))
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{served.url}/hello", timeout=5)
+    response = httpx.get(f"{served.url}/hello", timeout=5)  # curl or a plain client: it says why
+    assert response.status_code == 400
+    assert response.headers["x-mesh-tls-required"] == "strict"
+    assert "requires mutual TLS (MESH_TLS=strict)" in response.text
+    assert handled(served, ca_dir) == 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_plaintext_probes_at_a_strict_port_log_one_line_with_the_peer_and_no_traceback(
+    serve: ServedFactory, ca_dir: Path, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir))
+    for _ in range(10):  # a TCP check: connect, say nothing, hang up
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as probe:
+            probe.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            probe.recv(4096)
+        assert httpx.get(f"{served.url}/health", timeout=5).status_code == 400
+    assert handled(served, ca_dir) == 0  # an mTLS request: every refusal is behind it
+    output = served.output.decode(errors="replace")
+    refusals = [line for line in output.splitlines() if "refused a connection" in line]
+    assert len(refusals) == 1, output
+    assert "127.0.0.1" in refusals[0]
+    assert "plaintext at a MESH_TLS=strict port" in refusals[0]
+    assert "Traceback" not in output, output
+    assert "Socket error" not in output, output
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_plaintext_mesh_client_is_told_the_server_requires_mtls(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir))
+    monkeypatch.setenv("MESH_STATIC_SERVICES", f"hello=127.0.0.1:{served.port}")
+    with meshlib.Client() as client, pytest.raises(meshlib.MeshRequestError) as caught:
+        client.get("http://hello/hello")
+    message = str(caught.value)
+    assert f"service 'hello' at 127.0.0.1:{served.port} requires mTLS" in message
+    assert "MESH_TLS=strict" in message
+    assert "MESH_TLS_DIR" in message
+    assert handled(served, ca_dir) == 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_mesh_client_from_another_ca_is_told_which_ca_it_trusts(
+    serve: ServedFactory,
+    ca_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    target: str,
+) -> None:
+    served = serve(target, server_env(ca_dir))
+    rogue = tmp_path / "rogue"
+    LocalCA(rogue).init(TRUST_DOMAIN)
+    as_client(monkeypatch, rogue, "gateway", f"hello=127.0.0.1:{served.port}")
+    with meshlib.Client() as client, pytest.raises(meshlib.UntrustedCertificate) as caught:
+        client.get("http://hello/hello")
+    message = str(caught.value)
+    assert "is not from the mesh's CA" in message
+    assert f"MESH_TLS_DIR={rogue}" in message
+    assert isinstance(caught.value, httpx.ConnectError)  # existing handling keeps working
     assert handled(served, ca_dir) == 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -157,6 +159,54 @@ def test_serve_stops_on_a_bad_environment_value_with_one_line() -> None:
         "meshlib serve: MESH_DRAIN_TIMEOUT='forever': expected a duration such as 250ms, 2s, "
         "1m or a number of seconds"
     )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_missing_ca_is_one_line_for_asgi_and_wsgi_before_any_address_is_announced(
+    target: str,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshlib", "serve", target, "--port", "0"],
+        cwd=APPS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            **os.environ,
+            "MESH_TLS": "strict",
+            "MESH_SERVICE_NAME": "hello",
+            "MESH_TLS_DIR": "/nonexistent",
+        },
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "meshlib serve: MESH_TLS='strict': expected a CA in MESH_TLS_DIR='/nonexistent' "
+        "(no CA in /nonexistent: run `meshlib ca init` (or set MESH_TLS_DIR))"
+    )
+
+
+def test_an_error_importing_the_users_app_shows_their_own_traceback(tmp_path: Path) -> None:
+    (tmp_path / "broken2.py").write_text('def build():\n    return {}["x"]\n\n\napp = build()\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "meshlib", "serve", "broken2:app", "--port", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert f'File "{tmp_path / "broken2.py"}", line 5, in <module>' in result.stderr
+    assert f'File "{tmp_path / "broken2.py"}", line 2, in build' in result.stderr
+    assert "importlib" not in result.stderr  # only the user's frames
+    assert "meshlib/" not in result.stderr
+    assert lines[-2:] == [
+        "KeyError: 'x'",
+        "meshlib serve: importing 'broken2' failed: KeyError: 'x'",
+    ]
 
 
 # ----------------------------------------------------------------------------- with Consul

@@ -17,6 +17,7 @@ from ._exceptions import (
     MeshError,
     MeshRequestError,
     NoHealthyEndpoints,
+    UntrustedCertificate,
 )
 from ._peer import peer_identity
 from ._version import __version__
@@ -39,6 +40,7 @@ __all__ = [
     "MeshTransport",
     "NoHealthyEndpoints",
     "SpiffeId",
+    "UntrustedCertificate",
     "WSGIMiddleware",
     "__version__",
     "peer_identity",

@@ -8,6 +8,8 @@ The tree::
         ├── NoHealthyEndpoints        discovery knows no healthy instance of the service
         ├── CircuitOpen               the service's breaker is open: failing fast
         ├── IdentityMismatch          the server's certificate is not the service's identity
+        ├── UntrustedCertificate      the TLS handshake failed: the two sides trust different
+        │                             CAs (also httpx.ConnectError)
         ├── EgressDenied              the host is outside the mesh and egress does not allow it
         └── DeadlineExceeded          the whole request's deadline passed
                                       (also httpx.TimeoutException)
@@ -37,6 +39,7 @@ __all__ = [
     "MeshError",
     "MeshRequestError",
     "NoHealthyEndpoints",
+    "UntrustedCertificate",
 ]
 
 
@@ -86,6 +89,16 @@ class IdentityMismatch(MeshRequestError):
 
     Raised before any byte of the request is written, so the attempt is retried on another
     endpoint like a connect failure.
+    """
+
+
+class UntrustedCertificate(MeshRequestError, httpx.ConnectError):
+    """The mTLS handshake with an endpoint failed on trust: its certificate is not from the
+    CA this process trusts, or it refused this process's certificate for that reason.
+
+    The message names where this process's trust comes from (``MESH_TLS_DIR`` or Consul's
+    Connect CA). Nothing was sent, so the attempt is retried on another endpoint like a
+    connect failure.
     """
 
 

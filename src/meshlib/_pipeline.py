@@ -32,7 +32,9 @@ decision lives here, once. The stages, outermost first, and why they sit where t
 6. **attempt** (the transport): per-attempt timeout, ``Host`` kept as the service name,
    the request sent on the pooled inner transport.
 7. **outlier ejection** (after each attempt): per-endpoint consecutive failures eject the
-   endpoint from balance for a growing time.
+   endpoint from balance for a growing time; a refused connection ejects it at once, for
+   a short time (nothing listens there). A failure never lowers an endpoint's latency
+   estimate below the service's costliest, so failing fast never attracts traffic.
 
 **telemetry** wraps the whole Call (``telemetry/_outbound.py``): it is created first, so
 its duration and span cover every attempt and backoff, hears of each attempt as it starts
@@ -62,6 +64,7 @@ from .resilience._events import EVENTS
 from .resilience._retry import (
     IDEMPOTENT_METHODS,
     OVERLOADED,
+    REFUSED,
     Outcome,
     backoff,
     classify_error,
@@ -445,23 +448,30 @@ class Call:
                 attempt.start, latency=time.monotonic() - attempt.start > state.ewma.cost()
             )
             return False
-        # A failure's real duration feeds the latency estimate, as in Finagle and tower; a
-        # dead endpoint that fails fast is removed by ejection, not by a latency penalty (a
-        # penalty of the attempt timeout took ~80 s to decay, starving a restarted instance).
-        state.finished(attempt.start)
         self._last_failed = outcome.failure
         now = time.monotonic()
         if state.ejected_at:
             lasted = service.outlier.readmitted(state, now)
             if lasted is not None:
                 _log_readmission(service, state, lasted, outcome)
-        if outcome.failure:
+        if outcome is REFUSED:  # nothing listens: no latency at all, ejected at once
+            state.finished(attempt.start, latency=False)
+            ejected = service.outlier.refused(state, now)
+        elif outcome.failure:
+            # A failure is never cheaper than the costliest endpoint of the service: a
+            # fast failure must not draw p2c_ewma's traffic. That floor is no fixed penalty
+            # (the attempt timeout as one took ~80 s to decay, starving a restarted
+            # instance): it decays as the service's own latencies do.
+            floor = max((s.ewma.cost(now) for s in service.endpoints), default=0.0)
+            state.finished(attempt.start, floor=floor)
             ejected = service.outlier.failure(state, now, service.endpoints)
-            if ejected:
-                _log_ejection(service, state, now, outcome)
-            return ejected
-        service.outlier.success(state, now)
-        return False
+        else:
+            state.finished(attempt.start)
+            service.outlier.success(state, now)
+            return False
+        if ejected:
+            _log_ejection(service, state, now, outcome)
+        return ejected
 
     def _retry_delay(self, outcome: Outcome, retry_after: float | None) -> float | None:
         if not outcome.retryable or self.retries_left <= 0:

@@ -17,6 +17,7 @@ clients it creates.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -123,6 +124,27 @@ class Mesh:
             f"service {pending.service!r}: discovery did not answer within "
             f"{self.config.discovery_timeout:g}s (is Consul reachable?)",
             service=pending.service,
+        )
+
+    def unknown_service(self, host: str, exc: Exception) -> Exception:
+        """``exc`` (a pass-through request to ``host`` failed to connect) as the error to
+        raise: ``NoHealthyEndpoints`` saying where meshlib looked when ``host`` could have
+        been a service name and DNS did not know it either, else ``exc`` itself."""
+        name = _service_name(host)
+        if name is None or not _is_dns_failure(exc):
+            return exc
+        config = self.config
+        if config.discovery == "consul" and config.consul is not None:
+            looked = f"Consul at {config.consul.address} has no service {name!r}"
+        else:
+            known = ", ".join(sorted(config.static_services)) or "no service"
+            looked = f"MESH_STATIC_SERVICES lists {known}"
+            if config.config_file:
+                looked += f" and MESH_CONFIG_FILE={config.config_file} none named {name!r}"
+        return NoHealthyEndpoints(
+            f"{name!r} is not a mesh service ({looked}) and DNS does not know it either: "
+            f"check the name, or register the service",
+            service=name,
         )
 
     def wait_timeout(self) -> float:
@@ -348,6 +370,17 @@ def _service_name(host: str) -> str | None:
     if "." in host or ":" in host or host == "localhost":
         return None  # a DNS name, an IPv4 or IPv6 literal, or this host
     return host
+
+
+def _is_dns_failure(exc: BaseException) -> bool:
+    cause: BaseException | None = exc
+    for _ in range(8):  # httpcore and anyio wrap the resolver's error once or twice
+        if cause is None:
+            return False
+        if isinstance(cause, socket.gaierror):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 _registry: list[Mesh] = []

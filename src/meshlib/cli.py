@@ -32,6 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"meshlib serve: {line}", file=sys.stderr)
     except ServeError as exc:
+        if exc.detail:
+            print(exc.detail, end="", file=sys.stderr)
         print(f"meshlib serve: {exc}", file=sys.stderr)
     return 1
 
@@ -150,7 +152,9 @@ def _status(args: argparse.Namespace) -> int:
 
     from ._status import render
 
-    url = httpx.URL(args.url)
+    # host:port alone is the admin listener's address as MESH_ADMIN_ADDR and `meshlib serve`
+    # print it: plaintext, whatever MESH_TLS says
+    url = httpx.URL(args.url if "://" in args.url else f"http://{args.url}")
     if url.path in ("", "/"):
         url = url.copy_with(path="/mesh/status")
     verify: ssl.SSLContext | bool = True
@@ -162,6 +166,16 @@ def _status(args: argparse.Namespace) -> int:
         verify = tls.client if tls is not None else True
     try:
         response = httpx.get(url, timeout=args.timeout, verify=verify)
+        if response.status_code in (400, 404) and (
+            "x-mesh-tls-required" in response.headers or url.path.startswith("/mesh/")
+        ):
+            print(
+                f"meshlib status: {url.netloc.decode()} does not serve {url.path} (HTTP "
+                f"{response.status_code}): is it the app's port? /mesh/status is on the "
+                "admin listener, MESH_ADMIN_ADDR ('admin on …' in `meshlib serve`'s first line)",
+                file=sys.stderr,
+            )
+            return 1
         response.raise_for_status()
         report = response.json()
     except (httpx.HTTPError, ValueError) as exc:
@@ -178,7 +192,7 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "url",
         help="a process's admin listener (MESH_ADMIN_ADDR, printed by `meshlib serve`, "
-        "e.g. http://127.0.0.1:9901); /mesh/status is read from it",
+        "e.g. 127.0.0.1:9901 or http://127.0.0.1:9901); /mesh/status is read from it",
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
     parser.add_argument("--timeout", type=_seconds, default=5.0, help="default 5s")

@@ -34,8 +34,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._async_pool import AsyncPoolTransport
 from ._config import MeshConfig, load_config
+from ._exceptions import MeshRequestError, UntrustedCertificate
 from ._pipeline import MAX_HEDGES, WAIT, Attempt, Call, clone_request
 from ._runtime import Mesh, Pending
+from .security._refusals import TLS_REQUIRED_HEADER, tls_required_message
 from .security._verify import async_identity_check, identity_check
 from .telemetry import setup as setup_telemetry
 
@@ -70,8 +72,8 @@ class MeshTransport(httpx.BaseTransport):
     ) -> None:
         self.mesh = _runtime(config, mesh)
         setup_telemetry(self.mesh.config)
-        self._inner = httpx.HTTPTransport() if inner is None else inner
-        self._tls = _TlsPools(self.mesh, httpx.HTTPTransport, identity_check)
+        self._inner = _Plaintext(httpx.HTTPTransport() if inner is None else inner)
+        self._tls = _TlsPools(self.mesh, _trust_checked(self.mesh, _Trust), identity_check)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
@@ -81,7 +83,13 @@ class MeshTransport(httpx.BaseTransport):
             service = self.mesh.resolve(service)
         if service is None:
             self.mesh.security.egress.check(request.url.host)
-            return self._inner.handle_request(request)
+            try:
+                return self._inner.handle_request(request)
+            except httpx.ConnectError as exc:
+                error = self.mesh.unknown_service(request.url.host, exc)
+                if error is exc:
+                    raise
+                raise error from exc
         service, route = self.mesh.route(service, request)
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
@@ -91,7 +99,7 @@ class MeshTransport(httpx.BaseTransport):
         try:
             while True:
                 attempt = call.start_attempt(request)
-                inner = self._inner
+                inner: httpx.BaseTransport = self._inner
                 if attempt.tls:
                     inner = self._pool(request, service.name)
                 try:
@@ -195,8 +203,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self.mesh = _runtime(config, mesh)
         setup_telemetry(self.mesh.config)
-        self._inner = AsyncPoolTransport() if inner is None else inner
-        self._tls = _TlsPools(self.mesh, AsyncPoolTransport, async_identity_check)
+        self._inner = _AsyncPlaintext(AsyncPoolTransport() if inner is None else inner)
+        self._tls = _TlsPools(
+            self.mesh, _trust_checked(self.mesh, _AsyncTrust), async_identity_check
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
@@ -208,7 +218,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             service = self.mesh.resolve(service)
         if service is None:
             self.mesh.security.egress.check(request.url.host)
-            return await self._inner.handle_async_request(request)
+            try:
+                return await self._inner.handle_async_request(request)
+            except httpx.ConnectError as exc:
+                error = self.mesh.unknown_service(request.url.host, exc)
+                if error is exc:
+                    raise
+                raise error from exc
         service, route = self.mesh.route(service, request)
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
@@ -218,7 +234,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         try:
             while True:
                 attempt = call.start_attempt(request)
-                inner = self._inner
+                inner: httpx.AsyncBaseTransport = self._inner
                 if attempt.tls:
                     inner = await self._pool(request, service.name)
                 try:
@@ -546,7 +562,7 @@ _WORKERS = _Workers()
 # threads of its parent: it would hand hedged attempts to threads that are not there.
 os.register_at_fork(after_in_child=_WORKERS.reset)
 
-Pool = TypeVar("Pool", bound=httpx.HTTPTransport | AsyncPoolTransport)
+Pool = TypeVar("Pool", bound="_Trust | _AsyncTrust")
 
 
 class _TlsPools(Generic[Pool]):
@@ -711,3 +727,123 @@ class AsyncClient(httpx.AsyncClient):
         if not stream:
             request.extensions[READ_BODY] = True
         return await super().send(request, stream=stream, **kwargs)
+
+
+def _tls_required(request: httpx.Request) -> MeshRequestError:
+    service = request.headers.get("host", request.url.host)
+    return MeshRequestError(
+        tls_required_message(service, request.url.netloc.decode()),
+        service=service,
+        request=request,
+    )
+
+
+class _Plaintext(httpx.BaseTransport):
+    """The plaintext inner transport, telling of a strict server's refusal.
+
+    The refusal becomes an error that says what to do (``security/_refusals.py``), not a
+    400 or a bare disconnect.
+    """
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if response.status_code == 400 and TLS_REQUIRED_HEADER in response.headers:
+            response.close()
+            raise _tls_required(request)
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _AsyncPlaintext(httpx.AsyncBaseTransport):
+    """The async twin of ``_Plaintext``."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if response.status_code == 400 and TLS_REQUIRED_HEADER in response.headers:
+            await response.aclose()
+            raise _tls_required(request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _trust_source(config: MeshConfig) -> str:
+    if config.tls_ca == "consul":
+        return "Consul's Connect CA (MESH_TLS_CA=consul)"
+    return f"the local CA in MESH_TLS_DIR={config.tls_dir}"
+
+
+def _untrusted(exc: httpx.ConnectError, request: httpx.Request, source: str) -> Exception:
+    """``exc`` as ``UntrustedCertificate`` when a CA mismatch failed the handshake."""
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None or isinstance(cause, ssl.SSLError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, ssl.SSLError):
+        return exc
+    service = request.headers.get("host", request.url.host)
+    where = request.url.netloc.decode()
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        message = (
+            f"the certificate of {where} (service {service!r}) is not from the mesh's CA this "
+            f"process trusts, {source}: {cause.verify_message}; run both sides from one CA"
+        )
+    elif cause.reason in {"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"}:
+        message = (
+            f"{where} (service {service!r}) refused this process's certificate "
+            f"({cause.reason}): it trusts another CA than {source}; run both sides from one CA"
+        )
+    else:
+        return exc
+    error = UntrustedCertificate(message, service=service, request=request)
+    error.__cause__ = exc
+    return error
+
+
+def _trust_checked(mesh: Mesh, wrapper: Callable[[Any, str], Pool]) -> Callable[..., Pool]:
+    source = _trust_source(mesh.config)
+    return lambda **options: wrapper(options, source)
+
+
+class _Trust(httpx.BaseTransport):
+    """A mesh-TLS pool whose handshake failures on trust say which CA to fix."""
+
+    def __init__(self, options: dict[str, Any], source: str) -> None:
+        self.inner = httpx.HTTPTransport(**options)
+        self._source = source
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return self.inner.handle_request(request)
+        except httpx.ConnectError as exc:
+            raise _untrusted(exc, request, self._source)  # noqa: B904 - its cause is set
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _AsyncTrust(httpx.AsyncBaseTransport):
+    """The async twin of ``_Trust``."""
+
+    def __init__(self, options: dict[str, Any], source: str) -> None:
+        self.inner = AsyncPoolTransport(**options)
+        self._source = source
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.inner.handle_async_request(request)
+        except httpx.ConnectError as exc:
+            raise _untrusted(exc, request, self._source)  # noqa: B904 - its cause is set
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

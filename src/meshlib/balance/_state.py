@@ -67,6 +67,7 @@ class EndpointState:
         "ewma",
         "in_flight",
         "outlier_decay_at",
+        "refusals",
         "weight",
     )
 
@@ -83,6 +84,8 @@ class EndpointState:
         self.ejected_at = 0.0
         self.ejections = 0
         self.outlier_decay_at = 0.0
+        #: refused connections since the last success (each ejects for longer)
+        self.refusals = 0
         self._lock = threading.Lock()
 
     def rebind(self, endpoint: Endpoint) -> None:
@@ -96,13 +99,14 @@ class EndpointState:
             self.in_flight += 1
         return time.monotonic()
 
-    def finished(self, start: float, *, latency: bool = True) -> None:
-        """Count a request done; if ``latency``, feed its duration to the latency estimate."""
+    def finished(self, start: float, *, latency: bool = True, floor: float = 0.0) -> None:
+        """Count a request done; if ``latency``, feed its duration to the latency estimate,
+        or ``floor`` when that is more (a failed attempt must not look cheap)."""
         now = time.monotonic()
         with self._lock:
             self.in_flight -= 1
             if latency:
-                self.ewma.observe(now - start, now)
+                self.ewma.observe(max(now - start, floor), now)
 
     def load(self, now: float) -> float:
         """Peak-EWMA load: latency estimate x (in flight + 1), Finagle's formula.

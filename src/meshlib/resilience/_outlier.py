@@ -8,6 +8,15 @@ an endpoint is ejected for ``ejection_time`` x the number of times it has been e
 be), so a bad deploy cannot eject the whole set. The ejection multiplier decays by one
 per ejection period of good behaviour.
 
+A refused connection is news, not a count: nothing listens there (the process died, or has
+not started yet), so ``refused`` ejects the endpoint at once, whatever the share already
+out, for ``REFUSED_EJECTION`` x the refusals in a row, capped at ``REFUSED_EJECTION_MAX``.
+Short, because a restarted instance must get its share back within a second or two: when
+the time is up, the next attempt there is the probe (retried elsewhere if it is refused
+again, so no request fails), and a success clears the count. Counting five refusals first
+sent the first attempt of every request to a killed instance of two until it was ejected;
+a fixed latency penalty instead starved the restarted instance for ~80 s.
+
 State lives on each ``EndpointState``; the detector is stateless apart from its settings,
 so swapping settings is swapping the detector. An ejection ends by time alone; the first
 attempt after it learns of the readmission (``readmitted``), so the pipeline can log it.
@@ -23,6 +32,9 @@ from ..balance._state import EndpointState, PeakEwma
 __all__ = ["OutlierDetector"]
 
 _MAX_MULTIPLIER = 10
+#: Ejection after one refused connection; doubled after a second in a row, at most the max.
+REFUSED_EJECTION = 0.5
+REFUSED_EJECTION_MAX = 1.0
 
 
 class OutlierDetector:
@@ -39,6 +51,8 @@ class OutlierDetector:
         """An attempt on ``state`` went well."""
         if state.consecutive_errors:
             state.consecutive_errors = 0
+        if state.refusals:
+            state.refusals = 0
         if state.ejections and now >= state.outlier_decay_at:
             state.ejections -= 1
             state.outlier_decay_at = now + self.ejection_time
@@ -68,4 +82,18 @@ class OutlierDetector:
         state.outlier_decay_at = state.ejected_until + self.ejection_time
         state.consecutive_errors = 0
         state.ewma = PeakEwma()  # readmitted, it is measured afresh, not judged by the past
+        return True
+
+    def refused(self, state: EndpointState, now: float) -> bool:
+        """A connection to ``state`` was refused: eject it now, briefly; returns True.
+
+        Not bound by ``max_ejection``: the cap protects endpoints that answer (a bad deploy
+        must not empty the set), and one that refuses connections answers nothing. Panic
+        mode still uses every endpoint when too few remain.
+        """
+        state.refusals += 1
+        state.ejected_until = now + min(REFUSED_EJECTION * state.refusals, REFUSED_EJECTION_MAX)
+        state.ejected_at = now
+        state.consecutive_errors = 0
+        state.ewma = PeakEwma()  # readmitted, it is measured afresh (and probed first)
         return True

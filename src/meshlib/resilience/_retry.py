@@ -13,6 +13,9 @@ Retries are only safe when the request can be replayed without harm:
   instances would pile their load onto the rest), and its ``Retry-After`` -- how long *it*
   needs -- does not delay the try elsewhere.
 
+A refused connection (``REFUSED``) is a connect failure with news in it: nothing listens
+at that address, so the outlier stage ejects the endpoint at once instead of counting.
+
 Backoff is exponential with full jitter (AWS's analysis: it spreads retries best); a
 ``Retry-After`` from the server replaces it when present. Written here rather than with
 tenacity because this runs per attempt on the request path, where a precomputed loop costs
@@ -34,6 +37,7 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "OVERLOADED",
     "OVERLOADED_HEADER",
+    "REFUSED",
     "RETRYABLE_STATUS",
     "Outcome",
     "backoff",
@@ -61,6 +65,8 @@ class Outcome(NamedTuple):
     reason: str
 
 
+#: A connection refused: nothing listens there (the process died or has not started).
+REFUSED: Final = Outcome(failure=True, retryable=True, sent=False, reason="connect")
 _SUCCESS = Outcome(failure=False, retryable=False, sent=True, reason="")
 #: A request shed by a meshlib server before its handler ran.
 OVERLOADED = Outcome(failure=False, retryable=True, sent=False, reason="overloaded")
@@ -82,6 +88,8 @@ def classify_response(response: httpx.Response) -> Outcome:
 
 def classify_error(exc: httpx.TransportError) -> Outcome:
     """Classify an attempt that failed without a response."""
+    if isinstance(exc, httpx.ConnectError) and _refused(exc):
+        return REFUSED
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return Outcome(failure=True, retryable=True, sent=False, reason="connect")
     if isinstance(exc, IdentityMismatch):
@@ -97,6 +105,19 @@ def classify_error(exc: httpx.TransportError) -> Outcome:
         return Outcome(failure=True, retryable=True, sent=True, reason="reset")
     # UnsupportedProtocol, ProxyError, LocalProtocolError and the like: our side's fault.
     return Outcome(failure=False, retryable=False, sent=True, reason=type(exc).__name__)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a ``ConnectionRefusedError`` is among the causes of ``exc`` (httpcore wraps
+    it once or twice; anyio puts it under "All connection attempts failed")."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a bounded walk: cause chains can loop
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def backoff(retry: int, base: float, cap: float, rng: random.Random | None = None) -> float:

@@ -35,13 +35,16 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from .._config import MeshConfig, load_config
+from .._exceptions import ConfigError
 from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts, security_for
+from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog
 from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
 from ._inbound import ADMIN_REUSE_PORT_ENV
@@ -53,10 +56,19 @@ __all__ = ["ServeError", "asgi_factory", "load_app", "serve"]
 _TARGET_ENV = "MESHLIB_SERVE_TARGET"
 
 logger = logging.getLogger("meshlib.tls")
+_REFUSALS = RefusalLog(logger)
 
 
 class ServeError(Exception):
-    """``meshlib serve`` cannot run the target; the message is one line for the user."""
+    """``meshlib serve`` cannot run the target; the message is one line for the user.
+
+    ``detail`` is what to show above that line: the traceback of the user's own code
+    when importing their app raised.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def load_app(target: str) -> Any:
@@ -72,9 +84,13 @@ def load_app(target: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise ServeError(f"cannot import {module_name!r}: no such module") from exc
-        raise ServeError(f"importing {module_name!r} failed: {exc}") from exc
+        raise ServeError(f"importing {module_name!r} failed: {exc}", _user_traceback(exc)) from exc
+    except ConfigError:
+        raise  # the mesh's configuration, not the app, is what failed: its own one line
     except Exception as exc:
-        raise ServeError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise ServeError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}", _user_traceback(exc)
+        ) from exc
     app = module
     for part in attribute.split("."):
         try:
@@ -84,6 +100,17 @@ def load_app(target: str) -> Any:
     if not callable(app):
         raise ServeError(f"{target!r} is a {type(app).__name__}, not an ASGI or WSGI application")
     return app
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` from the first frame outside importlib and meshlib: the
+    user's own file and line, as Python would show them."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = (str(Path(__file__).resolve().parent.parent), "<frozen importlib", "importlib")
+    keep = [f for f in frames if not any(part in f.filename for part in mine)]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(keep)]
+    lines.extend(traceback.format_exception_only(type(exc), exc))
+    return "".join(lines)
 
 
 def is_asgi(app: Any) -> bool:
@@ -142,6 +169,9 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     # the file's fault settings are checked (and announced) now: a framework may build
     # its middleware only on the first request
     FaultInjector(config, follow_consul=False)
+    # TLS material is loaded before the app is imported and the address announced: a
+    # missing CA is the same one line for ASGI and WSGI, and nothing says "https" first.
+    security_for(config)
     app = meshed(load_app(target), config)
     kind = "asgi" if is_asgi(app) else "wsgi"
     shown = f"[{host}]" if ":" in host else host
@@ -368,9 +398,25 @@ class _SniffingContext:
                 raise OSError(errno.ECONNRESET, f"TLS connection refused: {exc}") from None
             return wrapped
         if self._tls.mode == "strict":
-            sock.close()
+            _REFUSALS.refused("plaintext at a MESH_TLS=strict port", _peername(sock))
+            _answer_and_close(sock)
             raise OSError(errno.ECONNRESET, "plaintext connection refused (MESH_TLS=strict)")
         return sock
+
+
+def _answer_and_close(sock: socket.socket) -> None:
+    """Tell a plaintext caller why, then close without a reset: the request's bytes are
+    read first (closing with unread data sends RST, which can beat the answer)."""
+    try:
+        sock.settimeout(1.0)
+        sock.recv(65536)
+        sock.sendall(PLAINTEXT_REFUSAL)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)  # until the caller closes (or the timeout)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def _peername(sock: socket.socket) -> object:

@@ -31,12 +31,14 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts
+from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog
 
 __all__ = ["mesh_protocol"]
 
 logger = logging.getLogger("meshlib.tls")
 
 _TLS_RECORD = 0x16
+_REFUSALS = RefusalLog(logger)
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
 
@@ -106,7 +108,11 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
                 _feed(tls, data)
                 return
             if strict:
-                logger.debug("refused a plaintext connection (MESH_TLS=strict)")
+                _REFUSALS.refused(
+                    "plaintext at a MESH_TLS=strict port", raw.get_extra_info("peername")
+                )
+                self._mesh_refused = True
+                raw.write(PLAINTEXT_REFUSAL)  # says why; a bare close said nothing
                 raw.close()
                 return
             self.connection_made(raw)
