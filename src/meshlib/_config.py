@@ -537,6 +537,17 @@ VARIABLES: tuple[Variable, ...] = (
         per_service=True,
     ),
     Variable(
+        "MESH_SPLIT_HASH_ON",
+        "unset (each request split at random)",
+        "cookie:session",
+        "'header:<name>' or 'cookie:<name>'",
+        "Makes the service's splits sticky: a request carrying this header or cookie takes "
+        "the split its value hashes to, the same in every process, so one user stays on one "
+        "version while all users follow the weights. Requests without it split at random.",
+        _hash_on,
+        per_service=True,
+    ),
+    Variable(
         "MESH_TIMEOUT",
         "5s",
         "800ms",
@@ -1108,6 +1119,8 @@ class ServicePolicy:
 
     lb: LbPolicy = "p2c_ewma"
     hash_on: HashOn | None = None
+    #: what a split hashes to stay sticky per user (None: random per request)
+    split_hash_on: HashOn | None = None
     timeout: float = 5.0
     deadline: float = 15.0
     retries: int = 2
@@ -1131,6 +1144,7 @@ _POLICY_FIELDS: Mapping[str, str] = MappingProxyType(
     {
         "MESH_LB": "lb",
         "MESH_LB_HASH_ON": "hash_on",
+        "MESH_SPLIT_HASH_ON": "split_hash_on",
         "MESH_TIMEOUT": "timeout",
         "MESH_DEADLINE": "deadline",
         "MESH_RETRIES": "retries",

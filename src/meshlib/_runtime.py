@@ -32,6 +32,7 @@ from .routing import Chain, Decision, Target, compile_filter
 from .routing._consul import CompiledChain
 from .routing._filter import EndpointView, Predicate
 from .routing._local import LocalConfigFile
+from .routing._sticky import request_key
 from .routing._upstream import UpstreamConfig, parse_upstream_config
 from .security import security_for
 
@@ -237,7 +238,10 @@ class Mesh:
         if chain is None:
             return state, None
         url = request.url
-        decision = chain.decide(request.method, url.path, request.headers, dict(url.params))
+        sticky_key = request_key(state.policy.split_hash_on, request.headers)
+        decision = chain.decide(
+            request.method, url.path, request.headers, dict(url.params), sticky_key=sticky_key
+        )
         target = decision.target
         if not target.subset and target.service == state.name and not target.datacenter:
             if state.endpoints or not target.failover:
