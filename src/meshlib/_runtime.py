@@ -32,6 +32,7 @@ from .routing import Chain, Decision, Target, compile_filter
 from .routing._consul import CompiledChain
 from .routing._filter import EndpointView, Predicate
 from .routing._local import LocalConfigFile
+from .routing._propagate import carry
 from .routing._sticky import request_key
 from .routing._upstream import UpstreamConfig, parse_upstream_config
 from .security import security_for
@@ -200,7 +201,11 @@ class Mesh:
 
         ``CircuitOpen`` when Consul's ``Limits.MaxConcurrentRequests`` for the destination
         is reached (routing/_upstream.py).
+
+        First the marks of the inbound request being served (``MESH_PROPAGATE_HEADERS``,
+        routing/_propagate.py) go on the request, so this hop's router sees them too.
         """
+        carry(request)
         chosen, decision = self._route(state, request)
         if self._capped:
             cap = self._upstream.max_concurrent(chosen.name)
