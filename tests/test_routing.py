@@ -69,6 +69,21 @@ def test_a_weighted_split_sends_each_subset_its_share() -> None:
     assert counts["v1"] + counts["v2"] == 10_000
 
 
+def test_a_sticky_key_takes_one_split_always_and_the_keys_follow_the_weights() -> None:
+    """The local file's chain splits by the key's hash, as Consul's compiled chain does."""
+    c = chain(RESOLVER, SPLITTER)
+    rng = random.Random(7)
+    subsets = {
+        user: {
+            c.decide("GET", "/", {}, {}, rng=rng, sticky_key=user).target.subset for _ in range(5)
+        }
+        for user in (f"user-{i}" for i in range(2000))
+    }
+    assert all(len(seen) == 1 for seen in subsets.values())
+    share = sum(seen == {"v2"} for seen in subsets.values()) / 2000
+    assert abs(share - 0.10) <= 0.02
+
+
 def test_a_header_pins_a_request_to_a_subset() -> None:
     c = chain(RESOLVER, SPLITTER, ROUTER)
     rng = random.Random(3)

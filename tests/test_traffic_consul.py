@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -28,9 +31,11 @@ from polling import wait_until
 class Fleet:
     """A service in Consul with v1 instances b0, b1 and a v2 instance b2, and its entries."""
 
-    def __init__(self, agent: ConsulAgent, servers: list[Backend], ids: list[str]) -> None:
+    def __init__(
+        self, agent: ConsulAgent, servers: list[Backend], ids: list[str], name: str = ""
+    ) -> None:
         self.agent = agent
-        self.name = unique("forecast")
+        self.name = name or unique("forecast")
         self.kinds: list[str] = []
         for server, version in zip(servers, ["v1", "v1", "v2"], strict=True):
             register(
@@ -107,6 +112,63 @@ def test_a_10_percent_split_in_consul_sends_10_percent_over_10000_requests(fleet
     share = counts["v2"] / 10_000
     print(f"\nv2 share at a 10% weight written to Consul: {share:.2%} of 10,000 requests")
     assert abs(share - 0.10) <= 0.02
+
+
+_STICKY_CLIENT = """
+import json, sys
+import meshlib
+service, users, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+version = {"b0": "v1", "b1": "v1", "b2": "v2"}
+seen = {}
+with meshlib.Client() as client:
+    for _ in range(rounds):
+        for user in range(users):
+            name = client.get(f"http://{service}/whoami", headers={"x-user": f"u{user}"}).text
+            seen.setdefault(f"u{user}", set()).add(version[name])
+print(json.dumps({user: sorted(versions) for user, versions in seen.items()}))
+"""
+
+
+def test_a_sticky_20_percent_split_keeps_every_user_on_one_version_across_processes(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    """MESH_SPLIT_HASH_ON: 1,000 users x 20 requests from each of two client processes."""
+    # A fixed name: the split of a user depends on the service name (the hash's salt), so
+    # the share below is the same on every run (about 20% +- 1.3 points for a random name).
+    fleet = Fleet(consul, backends.many(3), registered, name="sticky-forecast")
+    try:
+        fleet.split(80, 20)
+        child_env = {
+            **os.environ,
+            "CONSUL_HTTP_ADDR": consul.http_addr,
+            "MESH_SPLIT_HASH_ON": "header:x-user",
+        }
+        clients = [
+            subprocess.Popen(
+                [sys.executable, "-c", _STICKY_CLIENT, fleet.name, "1000", "20"],
+                env=child_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
+        results = []
+        for proc in clients:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err.decode(errors="replace")
+            results.append(json.loads(out))
+    finally:
+        fleet.remove()
+    first, second = results
+    assert len(first) == len(second) == 1000
+    assert all(len(versions) == 1 for versions in first.values()), "a user saw two versions"
+    assert first == second, "a user was on different versions in the two processes"
+    share = sum(versions == ["v2"] for versions in first.values()) / 1000
+    print(f"\nsticky 20% split: {share:.1%} of 1,000 users on v2, each on one version")
+    assert abs(share - 0.20) <= 0.02
 
 
 def test_a_weight_change_in_consul_reaches_the_client_within_a_second(fleet: Fleet) -> None:

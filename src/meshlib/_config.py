@@ -331,6 +331,19 @@ def _unidentified_deadline(text: str) -> float:
     return parse_duration(text)
 
 
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host"}
+)
+
+
+def _header_names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    for name in names:
+        if not _HEADER_NAME.match(name) or name in _HOP_BY_HOP:
+            raise _Invalid(f"{name!r} is not a header name meshlib may carry")
+    return names
+
+
 def _listen_address(text: str) -> tuple[str, int]:
     return _host_port(text)
 
@@ -533,6 +546,17 @@ VARIABLES: tuple[Variable, ...] = (
         "header:x-user-id",
         "'header:<name>' or 'cookie:<name>'",
         "What `ring_hash` hashes to pick an endpoint, so one user sticks to one instance.",
+        _hash_on,
+        per_service=True,
+    ),
+    Variable(
+        "MESH_SPLIT_HASH_ON",
+        "unset (each request split at random)",
+        "cookie:session",
+        "'header:<name>' or 'cookie:<name>'",
+        "Makes the service's splits sticky: a request carrying this header or cookie takes "
+        "the split its value hashes to, the same in every process, so one user stays on one "
+        "version while all users follow the weights. Requests without it split at random.",
         _hash_on,
         per_service=True,
     ),
@@ -921,6 +945,27 @@ VARIABLES: tuple[Variable, ...] = (
         _int_between(1, 1_000_000),
     ),
     Variable(
+        "MESH_PROPAGATE_HEADERS",
+        "none",
+        "x-debug,baggage",
+        "header names separated by commas",
+        "Headers carried from the request a process is serving onto every mesh call it makes "
+        "while serving it (unless the call sets them itself), so a router rule on them (a "
+        "debug or canary pin) holds on every hop. Taken only from an identified mesh caller "
+        "unless `MESH_PROPAGATE_UNIDENTIFIED=honour`; never sent to hosts outside the mesh.",
+        _header_names,
+    ),
+    Variable(
+        "MESH_PROPAGATE_UNIDENTIFIED",
+        "ignore",
+        "honour",
+        "one of ignore, honour",
+        "Whether `MESH_PROPAGATE_HEADERS` are carried on from a caller without a verified "
+        "mesh identity. `ignore`: an edge's own code sets them on its outbound calls; "
+        "`honour`: for plaintext meshes (`MESH_TLS=off`) behind an edge that strips them.",
+        _choice("ignore", "honour"),
+    ),
+    Variable(
         "MESH_UNIDENTIFIED_DEADLINE",
         "ignore",
         "1s",
@@ -1108,6 +1153,8 @@ class ServicePolicy:
 
     lb: LbPolicy = "p2c_ewma"
     hash_on: HashOn | None = None
+    #: what a split hashes to stay sticky per user (None: random per request)
+    split_hash_on: HashOn | None = None
     timeout: float = 5.0
     deadline: float = 15.0
     retries: int = 2
@@ -1131,6 +1178,7 @@ _POLICY_FIELDS: Mapping[str, str] = MappingProxyType(
     {
         "MESH_LB": "lb",
         "MESH_LB_HASH_ON": "hash_on",
+        "MESH_SPLIT_HASH_ON": "split_hash_on",
         "MESH_TIMEOUT": "timeout",
         "MESH_DEADLINE": "deadline",
         "MESH_RETRIES": "retries",
@@ -1207,6 +1255,9 @@ class MeshConfig:
     max_concurrent_requests: int | None = None
     #: the shortest deadline budget honoured from an unidentified caller (inf: ignored)
     unidentified_deadline: float = math.inf
+    #: headers carried from the inbound request onto its outbound mesh calls
+    propagate_headers: tuple[str, ...] = ()
+    propagate_unidentified: Literal["ignore", "honour"] = "ignore"
     faults: Faults = field(default_factory=Faults)
     defaults: ServicePolicy = field(default_factory=ServicePolicy)
     #: override_key(service) -> that service's policy
@@ -1344,6 +1395,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         rate_limit_per_source=get("MESH_RATE_LIMIT_PER_SOURCE"),
         max_concurrent_requests=get("MESH_MAX_CONCURRENT_REQUESTS"),
         unidentified_deadline=_or(get("MESH_UNIDENTIFIED_DEADLINE"), math.inf),
+        propagate_headers=get("MESH_PROPAGATE_HEADERS") or (),
+        propagate_unidentified=get("MESH_PROPAGATE_UNIDENTIFIED") or "ignore",
         faults=_faults(env, get, errors),
         defaults=defaults,
         overrides=MappingProxyType(overrides),

@@ -50,7 +50,6 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from http.cookies import CookieError, SimpleCookie
 from typing import Any, Final
 
 import httpx
@@ -72,6 +71,7 @@ from .resilience._retry import (
     parse_retry_after,
 )
 from .routing import Decision
+from .routing._sticky import request_key
 from .telemetry._outbound import OutboundTelemetry
 
 __all__ = ["WAIT", "Attempt", "Call", "CallInfo", "clone_request", "request_options"]
@@ -533,20 +533,7 @@ def _attempt_timeout(original: Any, timeout: float) -> dict[str, float | None]:
 
 
 def _hash_key(service: ServiceState, request: httpx.Request) -> str | None:
-    hash_on = service.policy.hash_on
-    if hash_on is None:
-        return None
-    if hash_on.source == "header":
-        value: str | None = request.headers.get(hash_on.name)
-        return value
-    cookie_header = request.headers.get("cookie")
-    if not cookie_header:
-        return None
-    try:
-        morsel = SimpleCookie(cookie_header).get(hash_on.name)
-    except CookieError:
-        return None
-    return morsel.value if morsel is not None else None
+    return request_key(service.policy.hash_on, request.headers)
 
 
 def _has_request(exc: httpx.TransportError) -> bool:

@@ -33,6 +33,8 @@ from .routing import Chain, Decision, Target, compile_filter
 from .routing._consul import CompiledChain
 from .routing._filter import EndpointView, Predicate
 from .routing._local import LocalConfigFile
+from .routing._propagate import carry
+from .routing._sticky import request_key
 from .routing._upstream import UpstreamConfig, parse_upstream_config
 from .security import security_for
 
@@ -221,7 +223,11 @@ class Mesh:
 
         ``CircuitOpen`` when Consul's ``Limits.MaxConcurrentRequests`` for the destination
         is reached (routing/_upstream.py).
+
+        First the marks of the inbound request being served (``MESH_PROPAGATE_HEADERS``,
+        routing/_propagate.py) go on the request, so this hop's router sees them too.
         """
+        carry(request)
         chosen, decision = self._route(state, request)
         if self._capped:
             cap = self._upstream.max_concurrent(chosen.name)
@@ -259,7 +265,10 @@ class Mesh:
         if chain is None:
             return state, None
         url = request.url
-        decision = chain.decide(request.method, url.path, request.headers, dict(url.params))
+        sticky_key = request_key(state.policy.split_hash_on, request.headers)
+        decision = chain.decide(
+            request.method, url.path, request.headers, dict(url.params), sticky_key=sticky_key
+        )
         target = decision.target
         if not target.subset and target.service == state.name and not target.datacenter:
             if state.endpoints or not target.failover:

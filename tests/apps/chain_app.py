@@ -19,6 +19,7 @@ import meshlib
 app = FastAPI()
 app.add_middleware(meshlib.ASGIMiddleware)
 SERVICE = os.environ.get("MESH_SERVICE_NAME", "?")
+VERSION = os.environ.get("MESH_SERVICE_VERSION", "")
 client = meshlib.AsyncClient()
 SEEN: set[str] = set()
 
@@ -31,14 +32,20 @@ def _trace_id() -> str:
 @app.get("/plan")
 async def plan(token: str = "", fail: int = 0) -> Any:
     r = await client.get("http://forecast/forecast", params={"token": token, "fail": fail})
-    return JSONResponse({"via": "gateway", "trace_id": _trace_id(), **r.json()}, r.status_code)
+    body = {"via": "gateway", "trace_id": _trace_id(), "gateway_version": VERSION, **r.json()}
+    return JSONResponse(body, r.status_code)
 
 
 @app.get("/forecast")
 async def forecast(token: str = "", fail: int = 0) -> Any:
     r = await client.get("http://geo/geo", params={"token": token})
     info = r.extensions["meshlib"]
-    body = {"forecast": "sunny", "geo": r.json(), "geo_attempts": info.attempts}
+    body = {
+        "forecast": "sunny",
+        "forecast_version": VERSION,
+        "geo": r.json(),
+        "geo_attempts": info.attempts,
+    }
     return JSONResponse(body, 500 if fail else 200)
 
 
@@ -47,4 +54,4 @@ async def geo(token: str = "") -> Any:
     if token and token not in SEEN:
         SEEN.add(token)
         return JSONResponse({"error": "warming up"}, 503)
-    return {"lat": 59.9, "lon": 10.7}
+    return {"lat": 59.9, "lon": 10.7, "geo_version": VERSION}

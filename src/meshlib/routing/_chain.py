@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ._sticky import key_point
+
 __all__ = [
     "Chain",
     "Decision",
@@ -209,8 +211,13 @@ class Chain:
         headers: Mapping[str, str],
         query: Mapping[str, str],
         rng: random.Random | None = None,
+        sticky_key: str | None = None,
     ) -> Decision:
-        """Route, split and resolve one request."""
+        """Route, split and resolve one request.
+
+        With a ``sticky_key`` a split is picked by the key's hash (routing/_sticky.py), so
+        one key always takes one split; without, at random.
+        """
         destination = Destination()
         for route in self.routes:
             if route.match.fits(method, path, headers, query):
@@ -219,7 +226,7 @@ class Chain:
         service = destination.service or self.service
         subset = destination.subset
         if not subset:
-            service, subset = self._split(service, rng or random)
+            service, subset = self._split(service, rng or random, sticky_key)
         return Decision(
             self.target(service, subset),
             destination.request_timeout,
@@ -227,13 +234,14 @@ class Chain:
             destination.retry_on_status,
         )
 
-    def _split(self, service: str, rng: Any) -> tuple[str, str]:
+    def _split(self, service: str, rng: Any, sticky_key: str | None) -> tuple[str, str]:
         """Follow splitters from ``service`` (``rng``: random.Random or the module)."""
         for _ in range(8):  # a splitter may send to another service's splitter; no cycles
             splits = self.splits.get(service)
             if not splits:
                 return service, ""
-            pick = rng.uniform(0, 100)
+            # weights add up to 100 (Consul's rule, checked in _entries.py)
+            pick = rng.uniform(0, 100) if sticky_key is None else key_point(service, sticky_key)
             chosen = splits[-1]
             for split in splits:
                 pick -= split.weight

@@ -26,6 +26,7 @@ from typing import Any
 
 from ._chain import Decision, Destination, RouteMatch, Target
 from ._entries import _route, _seconds
+from ._sticky import key_point
 
 __all__ = ["CompiledChain", "compile_chain"]
 
@@ -39,6 +40,8 @@ class _Resolver:
 class _Splitter:
     #: (cumulative weight, next node); the last cumulative weight is the total
     splits: tuple[tuple[float, _Node], ...]
+    #: the service whose splitter this is (salts sticky keys, routing/_sticky.py)
+    service: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +80,13 @@ class CompiledChain:
         headers: Mapping[str, str],
         query: Mapping[str, str],
         rng: random.Random | None = None,
+        sticky_key: str | None = None,
     ) -> Decision:
-        """Route, split and resolve one request by walking the graph from its start."""
+        """Route, split and resolve one request by walking the graph from its start.
+
+        With a ``sticky_key`` a splitter picks by the key's hash (routing/_sticky.py), so
+        one key always takes one split; without, at random.
+        """
         node = self.start
         destination: Destination | None = None
         while True:
@@ -92,7 +100,11 @@ class CompiledChain:
                     destination.retry_on_status,
                 )
             if isinstance(node, _Splitter):
-                pick = (rng or random).uniform(0, node.splits[-1][0])
+                total = node.splits[-1][0]
+                if sticky_key is None:
+                    pick = (rng or random).uniform(0, total)
+                else:
+                    pick = key_point(node.service, sticky_key) / 100 * total
                 node = next((n for upto, n in node.splits if pick < upto), node.splits[-1][1])
                 continue
             router = node
@@ -145,7 +157,9 @@ def compile_chain(body: Any) -> CompiledChain | None:
                     splits.append((total, next_node))
             if not splits or total <= 0:
                 raise ValueError(f"Nodes[{name!r}]: a splitter without weights")
-            node = _Splitter(tuple(splits))
+            # Consul names a splitter node "splitter:<service>.<namespace>.<partition>.<dc>"
+            owner = name.removeprefix("splitter:").split(".", 1)[0]
+            node = _Splitter(tuple(splits), owner)
         elif kind == "router":
             routes = []
             for i, route in enumerate(_list(raw.get("Routes"), f"Nodes[{name!r}].Routes")):

@@ -18,6 +18,7 @@ import anyio
 
 from .._config import MeshConfig, load_config
 from ..resilience._deadline import inbound_deadline
+from ..routing._propagate import inbound_marks
 from ..security import security_for
 from ..telemetry import asgi as telemetry_around
 from ._faults import FAULT_RESPONSE_HEADER
@@ -109,6 +110,7 @@ class ASGIMiddleware:
         # admitted: it holds a concurrency slot until `finished`, whatever happens below
         scope["meshlib.deadline"] = verdict.deadline
         token = inbound_deadline.set(verdict.deadline)
+        marks_token = inbound_marks.set(verdict.marks)
         try:
             fault = verdict.fault
             if fault is not None:
@@ -123,6 +125,7 @@ class ASGIMiddleware:
         finally:
             inbound.finished()
             inbound_deadline.reset(token)
+            inbound_marks.reset(marks_token)
 
     def _start(self, address: str | None = None, port: int | None = None) -> None:
         """Open the admin listener, then start (and register) the instance."""

@@ -52,6 +52,7 @@ from .._logsafe import escaped
 from .._status import status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
+from ..routing._propagate import Marks, marks_of
 from ..security import Authorizer, SpiffeId
 from ..telemetry import prometheus_text
 from ..telemetry._admin import is_loopback, serve_admin, set_routes
@@ -109,6 +110,8 @@ class Admitted(NamedTuple):
 
     deadline: Deadline | None
     fault: FaultDecision | None = None
+    #: headers to carry onto the handler's mesh calls (routing/_propagate.py)
+    marks: Marks = ()
 
 
 def joined_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -157,6 +160,8 @@ class Inbound:
         self.max_concurrent = config.max_concurrent_requests
         self.faults = FaultInjector(config)
         self.unidentified_deadline = config.unidentified_deadline
+        self.propagate_headers = config.propagate_headers
+        self.propagate_unidentified = config.propagate_unidentified == "honour"
 
     def open_admin(self) -> str:
         """Serve this server's admin routes (``reserved``) on the process's admin listener,
@@ -288,9 +293,15 @@ class Inbound:
                 (("retry-after", "1"), (OVERLOADED_HEADER, "true")),
             )
         deadline = None if budget is None else Deadline.after(budget)
+        # Steering headers: carried on only from a mesh caller (or as configured)
+        marks = marks_of(
+            self.propagate_headers,
+            request.headers,
+            request.peer is not None or self.propagate_unidentified,
+        )
         fault = self.faults.decide(request.headers)
         if fault is None:
-            return Admitted(deadline)
+            return Admitted(deadline, None, marks)
         if fault.delay:
             SERVER_FAULTS.add((self.service, "delay"))
             if deadline is not None:  # nobody waits longer than the caller's deadline
@@ -300,7 +311,7 @@ class Inbound:
             if not fault.delay:
                 self.instance.request_finished()
                 return _aborted(fault)
-        return Admitted(deadline, fault)
+        return Admitted(deadline, fault, marks)
 
     def after_delay(self, admitted: Admitted) -> LocalResponse | None:
         """After an injected delay: the abort or 504 to send instead of running the app."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._config import MeshConfig, load_config
 from ..resilience._deadline import inbound_deadline
+from ..routing._propagate import inbound_marks
 from ..security import NoServiceIdentity, SpiffeId, TlsContexts, security_for
 from ..telemetry import wsgi as telemetry_around
 from ..telemetry._inbound import OnClose
@@ -105,6 +106,7 @@ class WSGIMiddleware:
         # admitted: it holds a concurrency slot until `finished` (on close of the body)
         environ["meshlib.deadline"] = verdict.deadline
         token = inbound_deadline.set(verdict.deadline)
+        marks_token = inbound_marks.set(verdict.marks)
         try:
             fault = verdict.fault
             if fault is not None:
@@ -120,6 +122,7 @@ class WSGIMiddleware:
             raise
         finally:
             inbound_deadline.reset(token)
+            inbound_marks.reset(marks_token)
         return OnClose(result, inbound.finished)
 
     def __getattr__(self, name: str) -> Any:
