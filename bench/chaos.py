@@ -335,7 +335,12 @@ def certificates_rotated(quick: bool) -> Line:
     directory = Path(tempfile.mkdtemp(prefix="meshlib-chaos-ca-"))
     ca = LocalCA(directory)
     ca.init("meshlib.chaos")
-    tls = {"MESH_TLS": "strict", "MESH_TLS_DIR": str(directory), "MESH_TLS_LEAF_TTL": "3s"}
+    tls = {
+        "MESH_TLS": "strict",
+        "MESH_TLS_CA": "local",
+        "MESH_TLS_DIR": str(directory),
+        "MESH_TLS_LEAF_TTL": "3s",
+    }
     instances: list[Any] = []
     try:
         for _ in range(2):

@@ -179,7 +179,7 @@ def measure(quick: bool) -> dict[str, Any]:
     started: list[Any] = []
     try:
         certs = _certificates(directory)
-        strict = {"MESH_TLS": "strict", "MESH_TLS_DIR": str(ca_dir)}
+        strict = {"MESH_TLS": "strict", "MESH_TLS_CA": "local", "MESH_TLS_DIR": str(ca_dir)}
         started.append(_serve({**strict, "MESH_SERVICE_NAME": "app"}))
         started.append(_serve({"MESH_SERVICE_NAME": "plainapp"}))
         mesh_app, plain_app = started

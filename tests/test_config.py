@@ -69,7 +69,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_ROLLOUT_PROMETHEUS_URL": ("prometheus:9090", "an http:// or https:// URL"),
     "OTEL_TRACES_EXPORTER": ("jaeger", "exporters separated by commas: otlp, console or none"),
     "OTEL_METRICS_EXPORTER": ("otlp,prometheus", "exporters separated by commas"),
-    "MESH_TLS_CA": ("vault", "one of local, consul"),
+    "MESH_TLS_CA": ("vault", "one of signer, consul, local"),
     "MESH_TLS_LEAF_TTL": ("a while", "a duration"),
     "MESH_DATACENTER": ("eu west", "a datacenter name"),
     "MESH_ALLOWED_CALLERS": ("gateway,Bad Name", "'Bad Name' is not a service name"),
@@ -99,7 +99,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "OTEL_SERVICE_NAME": ("My Service", "a service name"),
 }
 #: Variables that accept any value (so cannot be given a bad one).
-ANY_VALUE = {"MESH_TLS_DIR"}
+ANY_VALUE = {"MESH_TLS_DIR", "MESH_TLS_SIGNER"}
 
 #: CONSUL_* variables are read only when there is a Consul to talk to.
 BASE_ENV = {"CONSUL_HTTP_ADDR": "127.0.0.1:8500"}
@@ -283,7 +283,7 @@ def test_mesh_tls_needs_a_service_name_and_consul_ca_needs_consul() -> None:
         load_config({"MESH_TLS": "strict"})
     with pytest.raises(meshlib.ConfigError, match="expected CONSUL_HTTP_ADDR to be set"):
         load_config({"MESH_TLS_CA": "consul"})
-    assert load_config({"MESH_TLS": "strict", "MESH_SERVICE_NAME": "geo"}).tls_ca == "local"
+    assert load_config({"MESH_TLS": "strict", "MESH_SERVICE_NAME": "geo"}).tls_ca == "signer"
 
 
 def test_consul_token_file_is_read(tmp_path: Path) -> None:

@@ -274,7 +274,12 @@ def test_over_mtls_the_hedge_proves_the_right_identity_on_its_own_connection(
     LocalCA(ca_dir).init("meshlib.test")
     served = serve(
         "fastapi_app:app",
-        {"MESH_TLS": "strict", "MESH_TLS_DIR": str(ca_dir), "MESH_SERVICE_NAME": "hello"},
+        {
+            "MESH_TLS": "strict",
+            "MESH_TLS_CA": "local",
+            "MESH_TLS_DIR": str(ca_dir),
+            "MESH_SERVICE_NAME": "hello",
+        },
     )
     # The first endpoint accepts TCP connections and never answers a TLS handshake.
     with socket.socket() as mute:
@@ -282,6 +287,7 @@ def test_over_mtls_the_hedge_proves_the_right_identity_on_its_own_connection(
         mute.listen(8)
         mute_port = mute.getsockname()[1]
         env.setenv("MESH_TLS", "strict")
+        env.setenv("MESH_TLS_CA", "local")
         env.setenv("MESH_TLS_DIR", str(ca_dir))
         env.setenv("MESH_SERVICE_NAME", "gateway")
         env.setenv("MESH_STATIC_SERVICES", f"hello=127.0.0.1:{mute_port},127.0.0.1:{served.port}")

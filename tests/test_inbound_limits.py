@@ -304,6 +304,7 @@ def test_each_calling_service_has_its_own_rate_limit_by_its_mtls_identity(
         target,
         {
             "MESH_TLS": "strict",
+            "MESH_TLS_CA": "local",
             "MESH_TLS_DIR": str(ca_dir),
             "MESH_SERVICE_NAME": "hello",
             "MESH_RATE_LIMIT_PER_SOURCE": "1/m:burst=3",

@@ -185,6 +185,7 @@ def test_the_callers_verified_identity_labels_server_metrics_and_spans(
     LocalCA(ca_dir).init("meshlib.test")
     tls = {
         "MESH_TLS": "permissive",  # the test itself calls forecast in plaintext
+        "MESH_TLS_CA": "local",
         "MESH_TLS_DIR": str(ca_dir),
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "50",

@@ -45,6 +45,7 @@ def server_env(
 ) -> dict[str, str]:
     return {
         "MESH_TLS": mode,
+        "MESH_TLS_CA": "local",
         "MESH_TLS_DIR": str(ca_dir),
         "MESH_SERVICE_NAME": name,
         **extra,
@@ -55,6 +56,7 @@ def as_client(
     monkeypatch: pytest.MonkeyPatch, ca_dir: Path, name: str, services: str, mode: str = "strict"
 ) -> None:
     monkeypatch.setenv("MESH_TLS", mode)
+    monkeypatch.setenv("MESH_TLS_CA", "local")
     monkeypatch.setenv("MESH_TLS_DIR", str(ca_dir))
     monkeypatch.setenv("MESH_SERVICE_NAME", name)
     monkeypatch.setenv("MESH_STATIC_SERVICES", services)
@@ -534,6 +536,7 @@ def test_mesh_tls_without_a_ca_stops_start_up_with_one_line(
 ) -> None:
     monkeypatch.setenv("MESH_TLS", "strict")
     monkeypatch.setenv("MESH_SERVICE_NAME", "geo")
+    monkeypatch.setenv("MESH_TLS_CA", "local")
     monkeypatch.setenv("MESH_TLS_DIR", str(tmp_path / "none"))
     with pytest.raises(meshlib.ConfigError, match="expected a CA in MESH_TLS_DIR") as info:
         meshlib.Client()

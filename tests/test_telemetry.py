@@ -543,6 +543,7 @@ def test_the_current_mesh_certificate_expiry_is_published(
         {
             "MESH_SERVICE_NAME": "gateway",
             "MESH_TLS": "strict",
+            "MESH_TLS_CA": "local",
             "MESH_TLS_DIR": str(tmp_path),
             "MESH_TLS_LEAF_TTL": "1h",
         }

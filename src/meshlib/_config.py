@@ -831,19 +831,33 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "MESH_TLS_CA",
-        "`consul` with Consul discovery, else `local`",
-        "local",
-        "one of local, consul",
-        "Where certificates come from: the local CA in `MESH_TLS_DIR` (`meshlib ca init`), "
-        "or Consul Connect's CA.",
-        _choice("local", "consul"),
+        "`consul` with Consul discovery, else `signer`",
+        "signer",
+        "one of signer, consul, local",
+        "Where certificates come from: `signer` asks the local CA's signer (`meshlib ca serve`) "
+        "at `MESH_TLS_SIGNER` for a leaf for this service only, so the process never holds a "
+        "key that can sign; `consul` is Consul Connect's CA; `local` (development only) signs "
+        "in process with the root key read from `MESH_TLS_DIR`, so every process could mint "
+        "any identity.",
+        _choice("signer", "consul", "local"),
     ),
     Variable(
         "MESH_TLS_DIR",
         "`~/.local/share/meshlib/ca`",
         "/etc/meshlib/ca",
         "a directory path",
-        "The local CA's directory (`meshlib ca init` creates it; keys are mode 0600).",
+        "The local CA's directory (`meshlib ca init` creates it; keys are mode 0600). Read by "
+        "`meshlib ca serve`, and by services only with `MESH_TLS_CA=local`.",
+        _text,
+    ),
+    Variable(
+        "MESH_TLS_SIGNER",
+        "`/run/meshlib/signer.sock`",
+        "/run/meshlib/signer.sock",
+        "a Unix socket path",
+        "The Unix socket of the signer (`meshlib ca serve`) that issues this service's leaf "
+        "with `MESH_TLS_CA=signer`; it gives a process only the service names its user is "
+        "entitled to in the signer's policy file.",
         _text,
     ),
     Variable(
@@ -851,8 +865,8 @@ VARIABLES: tuple[Variable, ...] = (
         "8h",
         "1h",
         "a duration such as 250ms, 2s, 1m or a number of seconds",
-        "Lifetime of the leaf certificate the process issues itself from the local CA; it is "
-        "renewed after two thirds of it.",
+        "Lifetime of the leaf certificate the process asks the local CA's signer for (at most "
+        "the signer's `--leaf-ttl`); it is renewed after two thirds of it.",
         _duration,
     ),
     Variable(
@@ -1231,8 +1245,9 @@ class MeshConfig:
     deregister_after: float = 60.0
     shutdown_delay: float = 1.0
     drain_timeout: float = 20.0
-    tls_ca: Literal["local", "consul"] = "local"
+    tls_ca: Literal["signer", "consul", "local"] = "signer"
     tls_dir: str = "~/.local/share/meshlib/ca"
+    tls_signer: str = "/run/meshlib/signer.sock"
     tls_leaf_ttl: float = 8 * 3600.0
     datacenter: str = "dc1"
     allowed_callers: frozenset[str] | None = None
@@ -1374,8 +1389,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         deregister_after=get("MESH_DEREGISTER_AFTER") or 60.0,
         shutdown_delay=get("MESH_SHUTDOWN_DELAY") or 1.0,
         drain_timeout=get("MESH_DRAIN_TIMEOUT") or 20.0,
-        tls_ca=get("MESH_TLS_CA") or ("consul" if discovery == "consul" else "local"),
+        tls_ca=get("MESH_TLS_CA") or ("consul" if discovery == "consul" else "signer"),
         tls_dir=get("MESH_TLS_DIR") or "~/.local/share/meshlib/ca",
+        tls_signer=get("MESH_TLS_SIGNER") or "/run/meshlib/signer.sock",
         tls_leaf_ttl=get("MESH_TLS_LEAF_TTL") or 8 * 3600.0,
         datacenter=get("MESH_DATACENTER") or "dc1",
         allowed_callers=get("MESH_ALLOWED_CALLERS"),
@@ -1409,7 +1425,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
     if not errors and config.tls_ca == "consul" and config.consul is None:
         errors.append(
             f"MESH_TLS_CA={env.get('MESH_TLS_CA')!r}: expected CONSUL_HTTP_ADDR to be set as "
-            "well (Consul's CA is reached through the local agent), or MESH_TLS_CA=local"
+            "well (Consul's CA is reached through the local agent), or MESH_TLS_CA=signer"
         )
     if errors:
         raise ConfigError(errors)

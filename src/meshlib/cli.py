@@ -13,6 +13,7 @@ from ._exceptions import ConfigError
 
 if TYPE_CHECKING:
     from . import rollout
+    from .security import LocalCA
 
 __all__ = ["main"]
 
@@ -57,6 +58,8 @@ def _ca(args: argparse.Namespace) -> int:
 
     directory = Path(args.dir or os.environ.get("MESH_TLS_DIR") or "~/.local/share/meshlib/ca")
     ca = LocalCA(directory.expanduser())
+    if args.action == "serve":
+        return _ca_serve(ca, args)
     try:
         if args.action == "init":
             ca.init(args.trust_domain)
@@ -85,12 +88,52 @@ def _ca(args: argparse.Namespace) -> int:
             f"root ({role}): {cert.subject.rfc4514_string()}  serial {cert.serial_number:x}  "
             f"expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({left.days} days)"
         )
-    print("leaves:       issued by each process for itself, lifetime MESH_TLS_LEAF_TTL")
+    print("leaves:       issued by `meshlib ca serve` to each service, lifetime MESH_TLS_LEAF_TTL")
+    return 0
+
+
+def _ca_serve(ca: LocalCA, args: argparse.Namespace) -> int:
+    """Run the signer: leaves for the services the policy file entitles each user to."""
+    import os
+    import signal
+    import threading
+
+    from .security._signer import SignerPolicy, SignerServer
+
+    if not args.policy:
+        print(
+            "meshlib ca serve: expected --policy FILE (user service ... per line)", file=sys.stderr
+        )
+        return 2
+    socket_path = args.socket or os.environ.get("MESH_TLS_SIGNER") or "/run/meshlib/signer.sock"
+    try:
+        policy = SignerPolicy.load(args.policy)
+        ca.check_private()
+        server = SignerServer(ca, policy, socket_path, max_ttl=args.leaf_ttl)
+    except (OSError, ValueError) as exc:
+        print(f"meshlib ca serve: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    print(
+        f"meshlib ca: signing for {server.trust_domain} on {socket_path} pid {os.getpid()}",
+        flush=True,
+    )
+    stop.wait()
+    server.close()
     return 0
 
 
 def _ca_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("init", "show", "rotate"), help="what to do")
+    parser.add_argument("action", choices=("init", "show", "rotate", "serve"), help="what to do")
+    parser.add_argument(
+        "--socket", help="serve: the signer's Unix socket (default: MESH_TLS_SIGNER)"
+    )
+    parser.add_argument(
+        "--policy", help="serve: file of `user service [service ...]` lines (who may hold what)"
+    )
     parser.add_argument("--dir", help="the CA directory (default: MESH_TLS_DIR)")
     parser.add_argument(
         "--trust-domain", default="meshlib.local", help="trust domain for init (meshlib.local)"
@@ -108,7 +151,8 @@ def _ca_arguments(parser: argparse.ArgumentParser) -> None:
         "--leaf-ttl",
         type=_seconds,
         default=8 * 3600.0,
-        help="rotate --drop-old: the longest leaf lifetime in use (8h)",
+        help="rotate --drop-old: the longest leaf lifetime in use; serve: the longest it "
+        "grants (8h)",
     )
 
 

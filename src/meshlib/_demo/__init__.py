@@ -150,6 +150,7 @@ class WeatherSystem:
 
             LocalCA(workdir / "ca").init("meshlib.demo")
             common["MESH_TLS_DIR"] = str(workdir / "ca")
+            common["MESH_TLS_CA"] = "local"  # a throwaway demo CA: signing in process is fine
             common["MESH_DISCOVERY"] = "static"
         self.common = common
         self.geo = self._process("geo", "geo:app", {"MESH_SERVICE_NAME": "geo"})

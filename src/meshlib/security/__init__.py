@@ -18,7 +18,8 @@ from ._contexts import TlsContexts
 from ._egress import EgressPolicy
 from ._intentions import ChainAuthorizer, ConsulAuthorizer
 from ._local_ca import LocalCA, UnsafeCADirectory
-from ._material import LocalSource, MaterialSource, TlsMaterial
+from ._material import LocalSource, MaterialSource, SignerSource, TlsMaterial
+from ._signer import SignerError
 from ._spiffe import NoServiceIdentity, SpiffeId, from_peercert
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("meshlib.authz")
+tls_logger = logging.getLogger("meshlib.tls")
 
 
 class Security:
@@ -98,6 +100,20 @@ def _source(config: MeshConfig) -> MaterialSource:
 
         assert config.consul is not None
         return ConsulSource(config.consul, config.service_name)
+    if config.tls_ca == "signer":
+        try:
+            return SignerSource(
+                config.tls_signer, config.service_name, config.datacenter, config.tls_leaf_ttl
+            )
+        except SignerError as exc:
+            raise ConfigError(
+                f"MESH_TLS_SIGNER={config.tls_signer!r}: expected a `meshlib ca serve` signer "
+                f"that gives this process a leaf for {config.service_name!r} ({exc})"
+            ) from None
+    tls_logger.warning(
+        "MESH_TLS_CA=local: this process signs its own leaf with the CA's root key, so it "
+        "could sign any identity (development only; use MESH_TLS_CA=signer)"
+    )
     ca = LocalCA(Path(config.tls_dir).expanduser())
     try:
         info = ca.load_info()

@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._spiffe import SpiffeId
 
-__all__ = ["CaInfo", "LocalCA", "UnsafeCADirectory", "issue_leaf"]
+__all__ = ["CaInfo", "LocalCA", "UnsafeCADirectory", "issue_leaf", "sign_leaf"]
 
 ROOT_TTL = dt.timedelta(days=3650)
 _SKEW = dt.timedelta(minutes=1)
@@ -215,8 +215,24 @@ def issue_leaf(
     *,
     not_before: dt.datetime | None = None,
 ) -> tuple[bytes, bytes, dt.datetime]:
-    """A leaf for ``identity``: (certificate PEM, key PEM, expiry)."""
+    """A leaf for ``identity`` and a new key: (certificate PEM, key PEM, expiry)."""
     key = ec.generate_private_key(ec.SECP256R1())
+    cert_pem, end = sign_leaf(
+        signer, signer_key, identity, key.public_key(), ttl, not_before=not_before
+    )
+    return cert_pem, _key_pem(key), end
+
+
+def sign_leaf(
+    signer: x509.Certificate,
+    signer_key: ec.EllipticCurvePrivateKey,
+    identity: SpiffeId,
+    public_key: ec.EllipticCurvePublicKey,
+    ttl: dt.timedelta,
+    *,
+    not_before: dt.datetime | None = None,
+) -> tuple[bytes, dt.datetime]:
+    """A leaf for ``identity`` certifying ``public_key``: (certificate PEM, expiry)."""
     if not_before is None:
         now = dt.datetime.now(_UTC)
         start, end = now - _SKEW, now + ttl  # valid a little early, for clock skew
@@ -226,7 +242,7 @@ def issue_leaf(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.service)]))
         .issuer_name(signer.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -261,7 +277,7 @@ def issue_leaf(
         )
         .sign(signer_key, hashes.SHA256())
     )
-    return _pem(cert), _key_pem(key), end
+    return _pem(cert), end
 
 
 def _new_root(trust_domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
