@@ -430,6 +430,37 @@ def test_every_dashboard_query_is_valid_promql(prometheus: Prometheus) -> None:
         prometheus.query(concrete)  # asserts Prometheus accepted it
 
 
+def test_the_node_graph_panel_draws_services_and_their_calls(
+    chain: Chain, prometheus: Prometheus
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in dashboard["panels"] if p["type"] == "nodeGraph"]
+    queries = {
+        t["refId"]: t["expr"].replace("$__rate_interval", "1m").replace("$service", ".*")
+        for t in panel["targets"]
+    }
+    for _ in range(5):
+        httpx.get(f"{chain.gateway.url}/plan", timeout=20)
+
+    def ids(ref: str) -> set[str]:
+        return {r["metric"].get("id", "") for r in prometheus.query(queries[ref])}
+
+    wait_until(
+        lambda: {"gateway->forecast", "forecast->geo"} <= ids("edges"),
+        timeout=30,
+        what="the calls as edges",
+    )
+    assert {"gateway", "forecast", "geo"} <= ids("nodes")
+    edge = next(
+        r for r in prometheus.query(queries["edges"]) if r["metric"]["id"] == "gateway->forecast"
+    )
+    # the fields the panel's transformations rename to the node graph's source and target
+    assert (edge["metric"]["service_name"], edge["metric"]["service_peer_name"]) == (
+        "gateway",
+        "forecast",
+    )
+
+
 def test_alert_rules_pass_promtool() -> None:
     result = subprocess.run(
         [require_tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True
