@@ -239,6 +239,10 @@ def _run_uvicorn(app: Any, sock: socket.socket, config: MeshConfig, workers: int
         from ._tls_uvicorn import mesh_protocol
 
         common["http"] = mesh_protocol(tls)
+    else:
+        from ._http_guard import GuardedH11Protocol
+
+        common["http"] = GuardedH11Protocol  # h11 with limits: see _http_guard.py
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
@@ -323,7 +327,8 @@ def _run_gunicorn(sock: socket.socket, config: MeshConfig, workers: int) -> int:
         "post_worker_init": post_worker_init,
         "forwarded_allow_ips": "",  # never trust X-Forwarded-* (the peer is the TCP peer)
         "workers": workers,
-        "worker_class": "gthread",
+        # gthread, with a deadline on reading a request's headers (_gunicorn_worker.py)
+        "worker_class": "meshlib.server._gunicorn_worker.GuardedThreadWorker",
         "threads": 8,
         "graceful_timeout": max(1, math.ceil(config.drain_timeout)),  # gunicorn wants an int
         "keepalive": 5,

@@ -27,11 +27,10 @@ from asyncio import sslproto
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
 from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts
 from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog
+from ._http_guard import HEADER_TIMEOUT, GuardedH11Protocol
 
 __all__ = ["mesh_protocol"]
 
@@ -54,7 +53,7 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with the mesh's TLS in front."""
     strict = contexts.mode == "strict"
 
-    class MeshHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    class MeshHTTPProtocol(GuardedH11Protocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._mesh_app: Any = getattr(self, "app")  # noqa: B009 - untyped in uvicorn
@@ -65,7 +64,9 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             if self._mesh_raw is None and not self._mesh_http:
                 self._mesh_raw = transport  # type: ignore[assignment]
-                return  # wait for the first byte
+                # wait for the first byte, but not forever (a connection that never speaks)
+                self.loop.call_later(HEADER_TIMEOUT, self._mesh_first_byte_timeout)
+                return
             ssl_object = transport.get_extra_info("ssl_object")
             try:
                 peer = contexts.caller(ssl_object.getpeercert()) if ssl_object else None
@@ -79,7 +80,7 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
                 transport.close()
                 return
             self.app = _with_peer(self._mesh_app, peer)
-            super().connection_made(transport)
+            super().connection_made(transport)  # type: ignore[arg-type]
 
         def data_received(self, data: bytes) -> None:
             if self._mesh_refused:
@@ -117,6 +118,10 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
                 return
             self.connection_made(raw)
             super().data_received(data)
+
+        def _mesh_first_byte_timeout(self) -> None:
+            if not self._mesh_http and self._mesh_raw is not None:
+                self._mesh_raw.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if (
