@@ -451,16 +451,20 @@ class Call:
         state.finished(attempt.start)
         self._last_failed = outcome.failure
         now = time.monotonic()
-        if state.ejected_at:
-            lasted = service.outlier.readmitted(state, now)
-            if lasted is not None:
-                _log_readmission(service, state, lasted, outcome)
         if outcome.failure:
+            if state.ejected_at:  # its ejection ran out, and this first attempt failed
+                lasted = service.outlier.readmitted(state, now)
+                if lasted is not None:
+                    _log_readmission(service, state, lasted, outcome)
             ejected = service.outlier.failure(state, now, service.endpoints)
             if ejected:
                 _log_ejection(service, state, now, outcome)
             return ejected
-        service.outlier.success(state, now)
+        service.outlier.success(state, now)  # ends an ejection early, if any
+        if state.ejected_at:
+            lasted = service.outlier.readmitted(state, now)
+            if lasted is not None:
+                _log_readmission(service, state, lasted, outcome)
         return False
 
     def _retry_delay(self, outcome: Outcome, retry_after: float | None) -> float | None:

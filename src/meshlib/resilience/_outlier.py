@@ -36,7 +36,13 @@ class OutlierDetector:
         self.max_ejection = max_ejection
 
     def success(self, state: EndpointState, now: float) -> None:
-        """An attempt on ``state`` went well."""
+        """An attempt on ``state`` went well.
+
+        An ejected endpoint that answered well (balance used it anyway: panic mode, too few
+        left) is back: its ejection ends now rather than when its time is up.
+        """
+        if state.ejected_until > now:
+            state.ejected_until = now
         if state.consecutive_errors:
             state.consecutive_errors = 0
         if state.ejections and now >= state.outlier_decay_at:
