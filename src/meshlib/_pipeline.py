@@ -460,7 +460,7 @@ class Call:
             if ejected:
                 _log_ejection(service, state, now, outcome)
             return ejected
-        service.outlier.success(state, now)  # ends an ejection early, if any
+        service.outlier.success(state, now, attempt.start)  # may end an ejection early
         if state.ejected_at:
             lasted = service.outlier.readmitted(state, now)
             if lasted is not None:
