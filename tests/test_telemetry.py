@@ -457,6 +457,29 @@ def test_inbound_access_log_lines_mark_injected_faults(
     assert [(line["status"], bool(line["fault"])) for line in lines] == [(200, False), (500, True)]
 
 
+def test_access_log_lines_can_go_to_a_file_of_their_own(tmp_path: pathlib.Path) -> None:
+    parent = logging.getLogger("meshlib.access")
+    kept = list(parent.handlers)  # an earlier test's handler: this one installs its own
+    for handler in kept:
+        parent.removeHandler(handler)
+    path = tmp_path / "access.jsonl"
+    try:
+        with client(
+            lambda r: httpx.Response(200), MESH_ACCESS_LOG="json", MESH_ACCESS_LOG_FILE=str(path)
+        ) as c:
+            c.get("http://weather/to-the-file")
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(line["direction"], line["path"]) for line in lines] == [
+            ("outbound", "/to-the-file")
+        ]
+    finally:
+        for handler in list(parent.handlers):
+            parent.removeHandler(handler)
+            handler.close()
+        for handler in kept:
+            parent.addHandler(handler)
+
+
 def test_a_failing_telemetry_hook_never_fails_the_request(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
