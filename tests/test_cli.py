@@ -110,9 +110,11 @@ def test_status_shows_each_destination_its_endpoints_and_ejections(serve: Served
     result = run("status", gateway.admin_url)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:5] == ["forecast", "breaker", "closed", "lb", "round_robin"]
-    assert lines[0].endswith("1/2 usable")
-    rows = {line.split()[0]: line for line in lines[2:]}
+    assert lines[0] == "inbound: 0 in flight"  # a serving process: its inbound side first
+    first = next(i for i, line in enumerate(lines) if line.startswith("forecast "))
+    assert lines[first].split()[:5] == ["forecast", "breaker", "closed", "lb", "round_robin"]
+    assert lines[first].endswith("1/2 usable")
+    rows = {line.split()[0]: line for line in lines[first + 2 :]}
     assert rows[forecast.address].endswith(" ok")
     assert " ejected " in rows[f"127.0.0.1:{dead}"]
 
@@ -144,6 +146,20 @@ def test_status_takes_host_port_of_a_strict_server_without_its_tls_settings(
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"meshlib status: {served.address} does not serve /mesh/status")
     assert "MESH_ADMIN_ADDR" in result.stderr
+
+
+def test_status_of_an_instance_with_fault_injection_says_so_first(serve: ServedFactory) -> None:
+    faulty = serve(
+        "chain_app:app",
+        {"MESH_SERVICE_NAME": "geo", "MESH_FAULT_ABORT_STATUS": "500"},
+    )
+    result = run("status", faulty.admin_url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("FAULT INJECTION ON: ")
+    assert "500" in lines[0]
+    assert "from the environment" in lines[0]
+    assert lines[-1] == "(this process has not called any mesh service yet)"
 
 
 def test_status_is_for_loopback_peers_only_decided_by_address_not_text() -> None:

@@ -191,6 +191,29 @@ def test_each_ejection_and_readmission_is_one_log_line(
     assert readmitted[0]["first_attempt"] == "succeeded"
 
 
+def test_an_ejected_endpoint_that_answers_well_again_is_readmitted_at_once(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    from meshlib._status import render, status_report
+
+    only = backends("only")
+    only.set_mode(status=500)
+    env.setenv("MESH_STATIC_SERVICES", static_env("lonely", [only]))
+    env.setenv("MESH_OUTLIER_CONSECUTIVE_ERRORS", "2")
+    env.setenv("MESH_OUTLIER_EJECTION_TIME", "60s")
+    with meshlib.Client() as client:
+        for _ in range(2):
+            assert client.get("http://lonely/whoami").status_code == 500
+        (endpoint,) = status_report()["services"]["lonely"]["endpoints"]
+        assert endpoint["ejected_for_s"] > 50  # ejected; still used (panic mode: no other)
+        only.set_mode(status=None)
+        assert client.get("http://lonely/whoami").status_code == 200
+        report = status_report()
+    (endpoint,) = report["services"]["lonely"]["endpoints"]
+    assert endpoint["ejected_for_s"] == 0  # it answered well: not "ejected 59.9s" any more
+    assert "1/1 usable" in render(report)
+
+
 @pytest.mark.parametrize("lb", ["round_robin", "p2c_ewma"])
 def test_killed_instance_loses_no_gets_is_ejected_and_readmitted(
     backends: BackendFactory, env: pytest.MonkeyPatch, lb: str

@@ -63,6 +63,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_SHUTDOWN_DELAY": ("-1", "a duration"),
     "MESH_DRAIN_TIMEOUT": ("forever", "a duration"),
     "MESH_ACCESS_LOG": ("yes", "one of off, json"),
+    "MESH_ACCESS_LOG_FILE": ("/no/such/dir/access.jsonl", "in an existing directory"),
     "MESH_METRICS_LABELS": ("endpoint,url", "labels separated by commas: endpoint, path or none"),
     "MESH_METRICS_ADDR": ("9464", "host:port ('9464' has no port)"),
     "MESH_ADMIN_ADDR": ("localhost", "host:port ('localhost' has no port)"),

@@ -416,9 +416,68 @@ def test_access_log_line_is_json_without_query_strings(caplog: pytest.LogCapture
     assert line["destination"] == "weather"
     assert line["status"] == 201
     assert line["attempts"] == 1
+    assert line["path"] == "/v1/forecast"  # the path, never the query string
     assert re.fullmatch(r"127\.0\.0\.1:800[12]", line["endpoint"])
     assert "s3cret" not in records[0].getMessage()
     assert records[0].access == line  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_inbound_access_log_lines_mark_injected_faults(
+    caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    env = {
+        "MESH_SERVICE_NAME": "geo",
+        "MESH_ACCESS_LOG": "json",
+        "MESH_FAULT_ABORT_STATUS": "500",
+        "MESH_FAULT_HEADER": "x-chaos=on",
+    }
+    transport: httpx.BaseTransport
+    if kind == "asgi":
+        api = fastapi.FastAPI()
+        api.get("/")(lambda: "ok")
+        transport = _SyncASGI(meshlib.ASGIMiddleware(api, config=load_config(env)))
+    else:
+
+        def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        wsgi = meshlib.WSGIMiddleware(app, config=load_config(env))  # type: ignore[arg-type]
+        transport = httpx.WSGITransport(app=wsgi)
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    logging.getLogger("meshlib.access").addHandler(caplog.handler)
+    try:
+        with httpx.Client(transport=transport, base_url="http://x") as c:
+            assert c.get("/").status_code == 200
+            assert c.get("/", headers={"x-chaos": "on"}).status_code == 500
+    finally:
+        logging.getLogger("meshlib.access").removeHandler(caplog.handler)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("inbound")]
+    assert [(line["status"], bool(line["fault"])) for line in lines] == [(200, False), (500, True)]
+
+
+def test_access_log_lines_can_go_to_a_file_of_their_own(tmp_path: pathlib.Path) -> None:
+    parent = logging.getLogger("meshlib.access")
+    kept = list(parent.handlers)  # an earlier test's handler: this one installs its own
+    for handler in kept:
+        parent.removeHandler(handler)
+    path = tmp_path / "access.jsonl"
+    try:
+        with client(
+            lambda r: httpx.Response(200), MESH_ACCESS_LOG="json", MESH_ACCESS_LOG_FILE=str(path)
+        ) as c:
+            c.get("http://weather/to-the-file")
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(line["direction"], line["path"]) for line in lines] == [
+            ("outbound", "/to-the-file")
+        ]
+    finally:
+        for handler in list(parent.handlers):
+            parent.removeHandler(handler)
+            handler.close()
+        for handler in kept:
+            parent.addHandler(handler)
 
 
 def test_a_failing_telemetry_hook_never_fails_the_request(

@@ -283,6 +283,16 @@ def _existing_file(text: str) -> str:
     return text
 
 
+def _log_destination(text: str) -> str:
+    """``stderr``, ``stdout``, or a file to append to (its directory must exist)."""
+    if text in ("stderr", "stdout"):
+        return text
+    directory = os.path.dirname(os.path.abspath(text))
+    if not text.strip() or not os.path.isdir(directory) or os.path.isdir(text):
+        raise ValueError(text)
+    return text
+
+
 def _host_name(text: str) -> str:
     if not _HOST.match(text.strip()) or text.strip().startswith("["):
         raise ValueError(text)
@@ -779,6 +789,16 @@ VARIABLES: tuple[Variable, ...] = (
         _choice("off", "json"),
     ),
     Variable(
+        "MESH_ACCESS_LOG_FILE",
+        "stderr",
+        "access.jsonl",
+        "stderr, stdout, or the path of a file in an existing directory",
+        "Where `MESH_ACCESS_LOG=json` lines go when the app gave `meshlib.access` no handler: "
+        "`stdout` keeps them apart from server logs and tracebacks (on stderr); a path "
+        "appends them to that file.",
+        _log_destination,
+    ),
+    Variable(
         "MESH_ADMIN_ADDR",
         "a server: `127.0.0.1:0` (a free loopback port, printed by `meshlib serve` and given "
         "to Consul's check); a pure client: unset (none)",
@@ -1257,6 +1277,7 @@ class MeshConfig:
     egress: Literal["allow", "deny"] = "allow"
     egress_allow: tuple[str, ...] = ()
     access_log: Literal["off", "json"] = "off"
+    access_log_file: str = "stderr"
     #: the admin listener's address (None: unset, a server then takes 127.0.0.1:0)
     admin_addr: tuple[str, int] | None = None
     metrics_labels: frozenset[str] = frozenset()
@@ -1401,6 +1422,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         egress=get("MESH_EGRESS") or "allow",
         egress_allow=get("MESH_EGRESS_ALLOW") or (),
         access_log=get("MESH_ACCESS_LOG") or "off",
+        access_log_file=get("MESH_ACCESS_LOG_FILE") or "stderr",
         admin_addr=_admin_addr(get, errors),
         metrics_labels=get("MESH_METRICS_LABELS") or frozenset(),
         rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL") or "http://127.0.0.1:9090",

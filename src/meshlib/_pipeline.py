@@ -450,28 +450,32 @@ class Call:
             return False
         self._last_failed = outcome.failure
         now = time.monotonic()
+        if outcome.failure:
+            if state.ejected_at:  # its ejection ran out, and this first attempt failed
+                lasted = service.outlier.readmitted(state, now)
+                if lasted is not None:
+                    _log_readmission(service, state, lasted, outcome)
+            if outcome is REFUSED:  # nothing listens: no latency at all, ejected at once
+                state.finished(attempt.start, latency=False)
+                ejected = service.outlier.refused(state, now)
+            else:
+                # A failure is never cheaper than the costliest endpoint of the service: a
+                # fast failure must not draw p2c_ewma's traffic. That floor is no fixed
+                # penalty (the attempt timeout as one took ~80 s to decay, starving a
+                # restarted instance): it decays as the service's own latencies do.
+                floor = max((s.ewma.cost(now) for s in service.endpoints), default=0.0)
+                state.finished(attempt.start, floor=floor)
+                ejected = service.outlier.failure(state, now, service.endpoints)
+            if ejected:
+                _log_ejection(service, state, now, outcome)
+            return ejected
+        state.finished(attempt.start)
+        service.outlier.success(state, now, attempt.start)  # may end an ejection early
         if state.ejected_at:
             lasted = service.outlier.readmitted(state, now)
             if lasted is not None:
                 _log_readmission(service, state, lasted, outcome)
-        if outcome is REFUSED:  # nothing listens: no latency at all, ejected at once
-            state.finished(attempt.start, latency=False)
-            ejected = service.outlier.refused(state, now)
-        elif outcome.failure:
-            # A failure is never cheaper than the costliest endpoint of the service: a
-            # fast failure must not draw p2c_ewma's traffic. That floor is no fixed penalty
-            # (the attempt timeout as one took ~80 s to decay, starving a restarted
-            # instance): it decays as the service's own latencies do.
-            floor = max((s.ewma.cost(now) for s in service.endpoints), default=0.0)
-            state.finished(attempt.start, floor=floor)
-            ejected = service.outlier.failure(state, now, service.endpoints)
-        else:
-            state.finished(attempt.start)
-            service.outlier.success(state, now)
-            return False
-        if ejected:
-            _log_ejection(service, state, now, outcome)
-        return ejected
+        return False
 
     def _retry_delay(self, outcome: Outcome, retry_after: float | None) -> float | None:
         if not outcome.retryable or self.retries_left <= 0:

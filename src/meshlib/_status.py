@@ -57,9 +57,10 @@ def status_report() -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     """``status_report()`` as a terminal table: one block per service."""
     services: dict[str, Any] = report.get("services") or {}
+    lines = _inbound(report.get("inbound"))
     if not services:
-        return "(this process has not called any mesh service yet)\n"
-    lines: list[str] = []
+        lines.append("(this process has not called any mesh service yet)")
+        return "\n".join(lines) + "\n"
     for name, service in services.items():
         endpoints = service.get("endpoints") or []
         ejected = sum(1 for e in endpoints if e.get("ejected_for_s") or not e.get("healthy", True))
@@ -82,3 +83,26 @@ def render(report: dict[str, Any]) -> str:
                 f"{e.get('weight', 1):>6} {e.get('in_flight', 0):>9} {shown:>10}  {state}"
             )
     return "\n".join(lines) + "\n"
+
+
+def _inbound(inbound: Any) -> list[str]:
+    """The inbound controls of a serving process: fault injection first, it is never normal."""
+    if not isinstance(inbound, dict):
+        return []
+    lines = []
+    if inbound.get("faults"):
+        lines.append(f"FAULT INJECTION ON: {inbound['faults']} (from {inbound.get('faults_from')})")
+    limits = [
+        f"{name} {inbound[key]}"
+        for name, key in (
+            ("rate limit", "rate_limit"),
+            ("per source", "rate_limit_per_source"),
+            ("max concurrent", "max_concurrent_requests"),
+        )
+        if inbound.get(key)
+    ]
+    lines.append(
+        f"inbound: {inbound.get('in_flight', 0)} in flight"
+        + (f"; {', '.join(limits)}" if limits else "")
+    )
+    return [*lines, ""]

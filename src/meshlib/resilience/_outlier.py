@@ -47,8 +47,15 @@ class OutlierDetector:
         self.ejection_time = ejection_time
         self.max_ejection = max_ejection
 
-    def success(self, state: EndpointState, now: float) -> None:
-        """An attempt on ``state`` went well."""
+    def success(self, state: EndpointState, now: float, started: float = 0.0) -> None:
+        """An attempt on ``state`` (sent at ``started``) went well.
+
+        An ejected endpoint that answered well an attempt sent to it *while* ejected
+        (balance used it anyway: panic mode, too few left) is back: its ejection ends now
+        rather than when its time is up. An attempt sent before the ejection proves nothing.
+        """
+        if state.ejected_until > now and started >= state.ejected_at > 0:
+            state.ejected_until = now
         if state.consecutive_errors:
             state.consecutive_errors = 0
         if state.refusals:

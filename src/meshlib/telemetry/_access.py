@@ -5,8 +5,9 @@ Through the standard ``logging`` module, on the loggers ``meshlib.access.inbound
 default, as in Envoy and Linkerd: a line per request is a cost and a volume to opt into).
 The record's message is the JSON line; the same fields are on the record as
 ``record.access`` for structured handlers. When ``meshlib.access`` has no handler of its
-own, meshlib adds one writing the bare line to stderr (and stops propagation, so the line
-is not written twice); an application that configured handlers there keeps them.
+own, meshlib adds one writing the bare line to stderr, stdout or a file
+(``MESH_ACCESS_LOG_FILE``), and stops propagation, so the line is not written twice; an
+application that configured handlers there keeps them.
 
 No secrets: no headers, no query strings, no request or response bodies -- method, path,
 services, status, timing, attempts and trace ids only.
@@ -27,11 +28,18 @@ OUTBOUND = logging.getLogger("meshlib.access.outbound")
 _PARENT = logging.getLogger("meshlib.access")
 
 
-def install_handler() -> None:
-    """Give ``meshlib.access`` a stderr handler and INFO level unless it has a handler."""
+def install_handler(destination: str = "stderr") -> None:
+    """Give ``meshlib.access`` a handler writing to ``destination`` (``stderr``, ``stdout``
+    or a file path, ``MESH_ACCESS_LOG_FILE``) and INFO level, unless it has a handler."""
     if _PARENT.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler
+    if destination == "stdout":
+        handler = logging.StreamHandler(sys.stdout)
+    elif destination == "stderr":
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.FileHandler(destination, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     _PARENT.addHandler(handler)
     _PARENT.propagate = False

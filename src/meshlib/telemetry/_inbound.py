@@ -63,6 +63,9 @@ _RESERVED = "/mesh/"
 #: routes (or paths, where the framework gives no template) for MESH_METRICS_LABELS=path
 _ROUTES = BoundedLabel()
 _CARRIED = {b"traceparent": "traceparent", b"tracestate": "tracestate"}
+#: marks a response whose request got an injected fault (server/_faults.py sets it)
+_FAULT_HEADER_TEXT = "x-mesh-fault"
+_FAULT_HEADER = _FAULT_HEADER_TEXT.encode()
 
 
 def peer_service(peer: object) -> str:
@@ -82,7 +85,7 @@ def peer_service(peer: object) -> str:
 class InboundCall:
     """One inbound request: started before the mesh's stages, finished after the app."""
 
-    __slots__ = ("_method", "_path", "_scheme", "_span", "_start", "_token", "status")
+    __slots__ = ("_method", "_path", "_scheme", "_span", "_start", "_token", "fault", "status")
 
     def __init__(
         self, method: str, path: str, carrier: dict[str, str], scheme: str = "http"
@@ -91,6 +94,8 @@ class InboundCall:
         self._method = method
         self._path = path
         self._scheme = scheme
+        #: the x-mesh-fault marker when fault injection delayed or aborted this request
+        self.fault: str | None = None
         self._span: trace.Span | None = None
         self._token: object = None
         self.status: int | None = None
@@ -195,6 +200,7 @@ class InboundCall:
                         "path": self._path,
                         "status": status,
                         "error": error_type or None,
+                        "fault": self.fault,
                         "duration": round(duration, 6),
                     },
                 )
@@ -222,6 +228,9 @@ def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
         async def measured_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 call.status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == _FAULT_HEADER:
+                        call.fault = value.decode("latin-1")
             await send(message)
 
         error: BaseException | None = None
@@ -264,6 +273,9 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
         def measured_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
             with contextlib.suppress(ValueError):
                 call.status = int(status.split(" ", 1)[0])
+            for name, value in headers:
+                if name.lower() == _FAULT_HEADER_TEXT:
+                    call.fault = value
             route[0] = _wsgi_route(environ)  # for the span's name, and route metrics
             if exc_info is None:  # PEP 3333: the third argument is optional
                 return start_response(status, headers)

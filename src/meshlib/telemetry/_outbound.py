@@ -96,7 +96,8 @@ class OutboundTelemetry:
         self._version = ""
         self._span: trace.Span | None = None
         self._carry = False
-        self._path = request.url.path if STATE.path_label else ""
+        # the path: for the opt-in path metric, and for the access log line
+        self._path = request.url.path if STATE.path_label or STATE.access_log else ""
         url = request.url
         self._address = url.host
         self._port = str(url.port or (443 if url.scheme == "https" else 80))
@@ -246,7 +247,7 @@ class OutboundTelemetry:
                     self._port,
                 ),
             )
-            if self._path:
+            if STATE.path_label and self._path:
                 CLIENT_PATH_DURATION.record(
                     duration,
                     (
@@ -308,6 +309,7 @@ class OutboundTelemetry:
                 "source": STATE.source,
                 "destination": self._service,
                 "method": self._method,
+                "path": self._path,
                 "status": status,
                 "error": error_type or None,
                 "duration": round(duration, 6),

@@ -104,7 +104,7 @@ def setup(config: MeshConfig) -> None:
         if STATE.access_log:
             from ._access import install_handler
 
-            install_handler()
+            install_handler(config.access_log_file)
         if install:
             _install_tracing(config)
             from ._export import start_exporters
