@@ -104,6 +104,7 @@ async def test_a_renewed_client_leaf_is_used_by_the_next_new_connection(
     with RawServer(tls=_server_tls(ca_dir, "hello")) as server:
         monkeypatch.setenv("MESH_TLS", "strict")
         monkeypatch.setenv("MESH_TLS_DIR", str(ca_dir))
+        monkeypatch.setenv("MESH_TLS_CA", "local")  # signs in process, as the test's own CA
         monkeypatch.setenv("MESH_SERVICE_NAME", "gateway")
         monkeypatch.setenv("MESH_TLS_LEAF_TTL", "3s")  # renewed after 2 s
         monkeypatch.setenv("MESH_STATIC_SERVICES", f"hello=127.0.0.1:{server.port}")
