@@ -578,3 +578,26 @@ def test_the_documented_kubernetes_scrape_config_passes_promtool(tmp_path: Path)
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("with_consul", [False, True], ids=["static", "consul"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_sigterm_shuts_down_quietly_and_registration_is_logged_once_each_way(
+    serve: ServedFactory, consul: ConsulAgent, target: str, with_consul: bool
+) -> None:
+    name = unique("quiet")
+    env = {"MESH_SERVICE_NAME": name}
+    if with_consul:
+        env["CONSUL_HTTP_ADDR"] = consul.http_addr
+    served = serve(target, env)
+    assert httpx.get(f"{served.url}/hello").status_code == 200
+    if with_consul:
+        wait_until(lambda: consul.get(f"/v1/catalog/service/{name}"), what="the registration")
+    served.terminate()
+    served.wait(30)
+    output = served.output.decode(errors="replace")
+    assert "Traceback" not in output, output
+    assert "Bad file descriptor" not in output, output
+    if with_consul:
+        assert output.count(f"registered {name}") - output.count(f"deregistered {name}") == 1
+        assert output.count(f"deregistered {name}") == 1, output

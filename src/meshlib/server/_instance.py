@@ -178,9 +178,10 @@ class Instance:
             self._stopping.set()
             if _shared_drain is not None:
                 _shared_drain.value = True
-        logger.info(
-            "%s draining: %d request(s) in flight", self.config.service_name, self.in_flight
-        )
+        if self.registration is None or self.registration.owned_here:
+            logger.info(
+                "%s draining: %d request(s) in flight", self.config.service_name, self.in_flight
+            )
         if self.registration is not None:
             self.registration.deregister()
 
