@@ -15,6 +15,7 @@ import pytest
 
 import meshlib
 from backends import free_port
+from consul_agent import ConsulAgent
 from meshlib._config import load_config
 from meshlib.security import LocalCA
 from served import ServedFactory
@@ -65,6 +66,65 @@ def test_config_subcommand_prints_the_effective_configuration() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "static:     weather = 127.0.0.1:8001*2, [::1]:8002" in result.stdout
+
+
+def test_config_prints_the_effective_settings_as_a_table_with_overrides_in_columns() -> None:
+    result = run("config", env={"MESH_TIMEOUT": "2s", "MESH_CONFIG_FILE": "", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert "ServicePolicy(" not in result.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line}
+    assert rows["setting"] == ["default"]
+    assert rows["timeout"] == ["2"]
+    assert rows["lb"] == ["p2c_ewma"]
+
+
+def test_config_check_fails_on_a_missing_ca_and_an_unreachable_consul(tmp_path: Path) -> None:
+    result = run(
+        "config",
+        "--check",
+        env={
+            "MESH_TLS": "strict",
+            "MESH_TLS_CA": "local",
+            "MESH_SERVICE_NAME": "hello",
+            "MESH_TLS_DIR": str(tmp_path / "nonexistent"),
+            "CONSUL_HTTP_ADDR": f"http://127.0.0.1:{free_port()}",
+            "PATH": "",
+        },
+    )
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    (tls,) = [line for line in lines if line.startswith("FAIL  tls")]
+    assert f"MESH_TLS_DIR='{tmp_path / 'nonexistent'}'" in tls
+    (consul,) = [line for line in lines if line.startswith("FAIL  consul ")]
+    assert "cannot reach" in consul
+    assert "CONSUL_HTTP_ADDR" in consul
+
+
+def test_config_check_passes_with_the_ca_and_a_reachable_consul(
+    consul: ConsulAgent, tmp_path: Path
+) -> None:
+    LocalCA(tmp_path / "ca").init("meshlib.test")
+    result = run(
+        "config",
+        "--check",
+        env={
+            "MESH_TLS": "strict",
+            "MESH_TLS_CA": "local",
+            "MESH_SERVICE_NAME": "hello",
+            "MESH_TLS_DIR": str(tmp_path / "ca"),
+            "CONSUL_HTTP_ADDR": consul.http_addr,
+            "PATH": "",
+        },
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert [line.split()[:2] for line in checks] == [
+        ["ok", "tls"],
+        ["ok", "consul"],
+        ["ok", "consul"],
+    ], checks
+    assert "spiffe://meshlib.test/ns/default/dc/dc1/svc/hello" in checks[0]
+    assert "ACLs are disabled" in checks[2]
 
 
 def test_top_without_a_reachable_prometheus_says_so_in_one_line() -> None:

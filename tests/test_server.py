@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -16,6 +17,8 @@ import meshlib
 from consul_agent import ConsulAgent, ConsulFactory, unique
 from meshlib._config import load_config
 from meshlib.resilience._deadline import Deadline, inbound_deadline
+from meshlib.security import LocalCA
+from missing_tools import require_tool
 from polling import wait_until
 from served import APPS, ServedFactory
 
@@ -501,3 +504,101 @@ def test_an_unreachable_consul_at_start_up_is_retried_while_the_app_serves(
     )
     assert served.output.count(b"could not register") == 1
     assert b"Traceback" not in served.output
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_readiness_waits_for_the_registration_and_ends_with_the_drain_liveness_does_not(
+    serve: ServedFactory, consul_factory: ConsulFactory, tmp_path: Path, target: str
+) -> None:
+    """/mesh/health/ready (the orchestrator's probe): ready only when registered and the
+    certificates are loaded, not ready while draining; /mesh/health/live stays 200."""
+    LocalCA(tmp_path / "ca").init("meshlib.test")
+    agent = consul_factory()
+    agent.stop()  # down when the app starts: it serves, but is not registered
+    name = unique("ready")
+    served = serve(
+        target,
+        {
+            "CONSUL_HTTP_ADDR": agent.http_addr,
+            "MESH_SERVICE_NAME": name,
+            "MESH_TLS": "strict",
+            "MESH_TLS_CA": "local",
+            "MESH_TLS_DIR": str(tmp_path / "ca"),
+            "MESH_SHUTDOWN_DELAY": "2s",
+        },
+    )
+    ready = httpx.get(f"{served.admin_url}/mesh/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["registered"] is False
+    assert ready.json()["certificates"] == "loaded"
+    assert httpx.get(f"{served.admin_url}/mesh/health/live").status_code == 200
+    agent.restart()
+    wait_until(
+        lambda: httpx.get(f"{served.admin_url}/mesh/health/ready").status_code == 200,
+        timeout=20,
+        what="ready once registered",
+    )
+    served.terminate()
+    wait_until(
+        lambda: httpx.get(f"{served.admin_url}/mesh/health/ready").status_code == 503,
+        what="not ready while draining",
+    )
+    assert httpx.get(f"{served.admin_url}/mesh/health/live").status_code == 200
+    served.wait(30)
+
+
+OPERATIONS = Path(__file__).parent.parent / "docs" / "operations.md"
+
+
+def _yaml_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```yaml\n(.*?)```", markdown, flags=re.S)
+
+
+def test_the_kubernetes_pod_spec_probes_the_admin_port_and_its_grace_covers_the_drain() -> None:
+    (pod,) = [block for block in _yaml_blocks(OPERATIONS.read_text()) if "kind: Pod" in block]
+    assert "readinessProbe:\n        httpGet: {path: /mesh/health/ready, port: admin}" in pod
+    assert "livenessProbe:\n        httpGet: {path: /mesh/health/live, port: admin}" in pod
+    assert '{name: MESH_ADMIN_ADDR, value: "0.0.0.0:9901"}' in pod
+    assert "{name: admin, containerPort: 9901}" in pod
+    env = dict(re.findall(r"\{name: (MESH_\w+), value: \"?([^}\"]+)\"?\}", pod))
+    config = load_config(env)
+    grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", pod).group(1))  # type: ignore[union-attr]
+    assert grace > config.shutdown_delay + config.drain_timeout
+
+
+def test_the_documented_kubernetes_scrape_config_passes_promtool(tmp_path: Path) -> None:
+    (scrape,) = [
+        block for block in _yaml_blocks(OPERATIONS.read_text()) if "kubernetes_sd_configs" in block
+    ]
+    (tmp_path / "prometheus.yml").write_text(scrape)
+    result = subprocess.run(
+        [require_tool("promtool"), "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("with_consul", [False, True], ids=["static", "consul"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_sigterm_shuts_down_quietly_and_registration_is_logged_once_each_way(
+    serve: ServedFactory, consul: ConsulAgent, target: str, with_consul: bool
+) -> None:
+    name = unique("quiet")
+    env = {"MESH_SERVICE_NAME": name}
+    if with_consul:
+        env["CONSUL_HTTP_ADDR"] = consul.http_addr
+    served = serve(target, env)
+    assert httpx.get(f"{served.url}/hello").status_code == 200
+    if with_consul:
+        wait_until(lambda: consul.get(f"/v1/catalog/service/{name}"), what="the registration")
+    served.terminate()
+    served.wait(30)
+    output = served.output.decode(errors="replace")
+    assert "Traceback" not in output, output
+    assert "Bad file descriptor" not in output, output
+    if with_consul:
+        assert output.count(f"registered {name}") - output.count(f"deregistered {name}") == 1
+        assert output.count(f"deregistered {name}") == 1, output

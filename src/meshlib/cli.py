@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from ._check import run_checks, settings_table
 from ._config import load_config, parse_duration
 from ._exceptions import ConfigError
 
@@ -509,10 +510,15 @@ def _config(args: argparse.Namespace) -> int:
         )
         print(f"static:     {name} = {addresses}")
     print(f"tls:        {config.tls}")
-    print(f"defaults:   {config.defaults}")
-    for key, policy in sorted(config.overrides.items()):
-        print(f"override:   {key}: {policy}")
-    return 0
+    print()
+    sys.stdout.write(settings_table(config))
+    if not args.check:
+        return 0
+    print()
+    checks = run_checks(config)
+    for check in checks:
+        print(check)
+    return 0 if all(check.ok for check in checks) else 1
 
 
 _COMMANDS: tuple[tuple[str, str, Handler], ...] = (
@@ -579,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
             _ca_arguments(sub)
         elif name == "rollout":
             _rollout_arguments(sub)
+        elif name == "config":
+            sub.add_argument(
+                "--check",
+                action="store_true",
+                help="also check the TLS material, Consul's reachability and the ACL token",
+            )
         elif name == "demo":
             sub.add_argument(
                 "--duration",

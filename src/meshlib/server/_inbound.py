@@ -40,6 +40,7 @@ never read different values of one header.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
@@ -48,12 +49,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from .. import __version__
+from .._config import MeshConfig
 from .._logsafe import escaped
 from .._status import status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
 from ..routing._propagate import Marks, marks_of
-from ..security import Authorizer, SpiffeId
+from ..security import Authorizer, SpiffeId, security_for
 from ..telemetry import prometheus_text
 from ..telemetry._admin import is_loopback, serve_admin, set_routes
 from ..telemetry._inbound import peer_service
@@ -192,14 +194,23 @@ class Inbound:
         instance = self.instance
         if path in ("/mesh/health", "/mesh/health/ready"):
             config = instance.config
-            payload = {
+            payload: dict[str, object] = {
                 "status": instance.state,
                 "service": config.service_name,
                 "version": config.service_version,
                 "in_flight": instance.in_flight,
                 "meshlib": __version__,
             }
-            return json_response(200 if instance.ready else 503, payload)
+            ready = instance.ready
+            if path == "/mesh/health/ready":
+                # The orchestrator's readiness: serving, *and* listed in discovery, *and*
+                # able to prove its identity. /mesh/health (Consul's own check) cannot ask
+                # for registration: Consul runs it to decide whether the listing is healthy.
+                certificates = _certificates(config)
+                payload["registered"] = instance.registered
+                payload["certificates"] = certificates
+                ready = ready and instance.registered and certificates in ("loaded", "off")
+            return json_response(200 if ready else 503, payload)
         if path == "/mesh/health/live":
             return json_response(200, {"status": "alive"})
         if path == "/mesh/metrics":
@@ -363,3 +374,13 @@ def _metrics(instance: Instance) -> LocalResponse:
     # meshlib_ready and meshlib_inbound_requests_in_flight are in the registry (_instance.py)
     body = prometheus_text().encode()
     return LocalResponse(200, (("content-type", "text/plain; version=0.0.4; charset=utf-8"),), body)
+
+
+def _certificates(config: MeshConfig) -> str:
+    """``off`` (no mesh TLS), ``loaded`` (a leaf valid now) or ``expired``."""
+    if config.tls == "off":
+        return "off"
+    tls = security_for(config).tls
+    if tls is None:
+        return "off"
+    return "loaded" if tls.material.not_after > dt.datetime.now(dt.UTC) else "expired"

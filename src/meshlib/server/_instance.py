@@ -52,6 +52,7 @@ class Instance:
         self._start_lock = threading.Lock()
         self._stopping = threading.Event()
         self._register_failed = False
+        self._registered = False
 
     # ---------------------------------------------------------------- requests
 
@@ -89,6 +90,15 @@ class Instance:
         if self._state == "ready" and _shared_drain is not None and _shared_drain.value:
             return "draining"
         return self._state
+
+    @property
+    def registered(self) -> bool:
+        """Whether discovery lists this instance: registered in Consul (until the drain),
+        or nothing to register (static discovery)."""
+        registered = self._registered or (
+            _shared_registered is not None and bool(_shared_registered.value)
+        )  # a worker of a pre-forking server reads its parent's registration
+        return self.registration is None or (registered and self.state == "ready")
 
     @property
     def ready(self) -> bool:
@@ -149,6 +159,9 @@ class Instance:
                     _REGISTER_RETRY,
                 )
             return False
+        self._registered = True
+        if _shared_registered is not None:
+            _shared_registered.value = True
         if self._register_failed:
             logger.info("registered %s in Consul after all", self.config.service_name)
         return True
@@ -168,9 +181,10 @@ class Instance:
             self._stopping.set()
             if _shared_drain is not None:
                 _shared_drain.value = True
-        logger.info(
-            "%s draining: %d request(s) in flight", self.config.service_name, self.in_flight
-        )
+        if self.registration is None or self.registration.owned_here:
+            logger.info(
+                "%s draining: %d request(s) in flight", self.config.service_name, self.in_flight
+            )
         if self.registration is not None:
             self.registration.deregister()
 
@@ -237,13 +251,15 @@ def _routable(address: str | None) -> str:
 #: Set in a pre-forking server's parent before its workers start; shared memory, so the
 #: workers' health checks see the parent's drain.
 _shared_drain: Any = None
+_shared_registered: Any = None
 
 
 def share_drain_with_workers() -> None:
     """Call in the parent of a pre-forking server (gunicorn) before workers are forked."""
-    global _shared_drain
+    global _shared_drain, _shared_registered
     if _shared_drain is None:
         _shared_drain = multiprocessing.RawValue(ctypes.c_bool, False)
+        _shared_registered = multiprocessing.RawValue(ctypes.c_bool, False)
 
 
 _registry: list[Instance] = []

@@ -12,6 +12,7 @@ removed by Consul itself.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,9 +68,14 @@ class Registration:
         self._meta = meta
         self._tags = list(config.service_tags)
         self._client = _client(settings)
+        #: the process that registers and deregisters: a pre-forking server's workers
+        #: inherit this object and must leave both to their parent (once each, not per worker)
+        self._owner = os.getpid()
 
     def register(self) -> None:
         """Register (idempotent: the same ID replaces the previous registration)."""
+        if os.getpid() != self._owner:
+            return
         self._client.agent.service.register(
             self.service,
             service_id=self.service_id,
@@ -84,12 +90,19 @@ class Registration:
 
     def deregister(self) -> None:
         """Remove the registration; errors are logged, never raised (we are shutting down)."""
+        if os.getpid() != self._owner:
+            return
         try:
             self._client.agent.service.deregister(self.service_id)
         except Exception as exc:
             logger.warning("could not deregister %s from Consul: %s", self.service_id, exc)
         else:
             logger.info("deregistered %s from Consul", self.service_id)
+
+    @property
+    def owned_here(self) -> bool:
+        """Whether this process registered (not a worker that inherited the object)."""
+        return os.getpid() == self._owner
 
     def close(self) -> None:
         """Release the HTTP session."""

@@ -158,6 +158,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> int:
     """Run ``target`` in the mesh until SIGTERM/SIGINT; returns the exit status."""
+    _log_lifecycle()
     sock = _bind(host, port)
     port = sock.getsockname()[1]
     os.environ.setdefault("MESH_SERVICE_PORT", str(port))
@@ -185,6 +186,23 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     if kind == "asgi":
         return _run_uvicorn(app, sock, config, workers)
     return _run_gunicorn(sock, config, workers)
+
+
+def _log_lifecycle() -> None:
+    """Show the instance's lifecycle (registered, draining, deregistered: once each) on
+    stderr at INFO, unless the app configured logging for ``meshlib.server`` itself.
+
+    Without a handler Python shows warnings only, so a registration went unseen.
+    """
+    lifecycle = logging.getLogger("meshlib.server")
+    if lifecycle.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("meshlib serve: %(message)s"))
+    lifecycle.addHandler(handler)
+    lifecycle.propagate = False
+    if lifecycle.level == logging.NOTSET or lifecycle.level > logging.INFO:
+        lifecycle.setLevel(logging.INFO)
 
 
 def _reserve_admin_port(address: tuple[str, int]) -> str:
@@ -323,7 +341,10 @@ def _run_gunicorn(sock: socket.socket, config: MeshConfig, workers: int) -> int:
             middleware.start(address=address, port=port)
 
     options: dict[str, Any] = {
-        "bind": [f"fd://{sock.fileno()}"],
+        # gunicorn wraps the fd in a socket object of its own and closes it at shutdown:
+        # ours must let go of it, or its close at exit closed whatever reused the number
+        # (the Consul connection that deregistered: two "Bad file descriptor" tracebacks)
+        "bind": [f"fd://{sock.detach()}"],
         "post_worker_init": post_worker_init,
         "forwarded_allow_ips": "",  # never trust X-Forwarded-* (the peer is the TCP peer)
         "workers": workers,
