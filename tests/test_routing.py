@@ -166,3 +166,40 @@ def test_malformed_entries_are_refused_naming_the_entry_and_field(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         compile_entries(entries)
+
+
+def test_a_resolver_load_balancer_gives_ring_hash_and_a_key_from_its_hash_policies() -> None:
+    resolver = {
+        **RESOLVER,
+        "LoadBalancer": {
+            "Policy": "maglev",
+            "HashPolicies": [
+                {"Field": "header", "FieldValue": "X-User"},
+                {"Field": "cookie", "FieldValue": "session", "Terminal": True},
+                {"Field": "query_parameter", "FieldValue": "region"},
+            ],
+        },
+    }
+    c = chain(resolver)
+    balancer = decide(c).target.load_balancer
+    assert balancer.policy == "ring_hash"
+    both = balancer.key({"x-user": "ada", "cookie": "session=s1"}, {"region": "eu"})
+    assert both == balancer.key({"x-user": "ada", "cookie": "session=s1"}, {"region": "us"})
+    assert both != balancer.key({"x-user": "bob", "cookie": "session=s1"}, {})
+    assert balancer.key({}, {"region": "eu"}) is not None  # the terminal one found nothing
+    assert balancer.key({}, {}) is None
+
+
+@pytest.mark.parametrize(
+    ("load_balancer", "problem"),
+    [
+        ({"Policy": "fastest"}, "Policy 'fastest' is not one of"),
+        ({"HashPolicies": [{"Field": "body"}]}, "Field must be one of"),
+        ({"HashPolicies": {"Field": "header"}}, "HashPolicies is not a list"),
+    ],
+)
+def test_a_malformed_load_balancer_is_refused_naming_the_field(
+    load_balancer: Any, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        chain({**RESOLVER, "LoadBalancer": load_balancer})

@@ -609,3 +609,59 @@ def test_consul_splits_and_failover_reach_other_services_from_the_first_request(
     finally:
         for entry in reversed(entries):
             consul.delete(f"/v1/config/{entry['Kind']}/{entry['Name']}")
+
+
+def test_a_resolver_ring_hash_on_a_header_keeps_keys_and_moves_few_when_one_of_5_goes(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    """service-resolver LoadBalancer: ring_hash with a header HashPolicy, 5 -> 4 instances."""
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    name = unique("cache")
+    servers = backends.many(5)
+    for server in servers:
+        register(consul, name, f"{name}-{server.name}", server.port, ids=registered)
+    for entry in (
+        {"Kind": "service-defaults", "Protocol": "http"},
+        {
+            "Kind": "service-resolver",
+            "LoadBalancer": {
+                "Policy": "ring_hash",
+                "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}],
+            },
+        },
+    ):
+        assert consul.put("/v1/config", {**entry, "Name": name}) is True
+    keys = [f"user-{i}" for i in range(1000)]
+    try:
+        with meshlib.Client() as client:
+
+            def owners() -> dict[str, str]:
+                url = f"http://{name}/whoami"
+                return {k: client.get(url, headers={"x-user": k}).text for k in keys}
+
+            before = owners()
+            assert owners() == before, "a key changed instance with nothing changed"
+            assert len(set(before.values())) == 5
+            gone = servers[4].name
+            consul.put(f"/v1/agent/service/deregister/{name}-{gone}")
+            registered.remove(f"{name}-{gone}")
+            wait_until(
+                lambda: gone not in {client.get(f"http://{name}/whoami").text for _ in range(20)},
+                what="the removed instance to leave the client's set",
+            )
+            after = owners()
+    finally:
+        for kind in ("service-resolver", "service-defaults"):
+            consul.delete(f"/v1/config/{kind}/{name}")
+    moved = sum(before[k] != after[k] for k in keys) / len(keys)
+    on_gone = sum(before[k] == gone for k in keys) / len(keys)
+    print(
+        f"\nring hash 5 -> 4 instances: {moved:.1%} of 1,000 keys moved "
+        f"({on_gone:.1%} had been on the removed one)"
+    )
+    assert gone not in after.values()
+    assert moved == on_gone, "only the removed instance's keys may move"
+    assert moved <= 0.25

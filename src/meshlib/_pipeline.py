@@ -215,7 +215,13 @@ class Call:
         self._hedges = 0
         #: attempts started and not yet ended (two at most while a hedge races)
         self._in_flight: list[Attempt] = []
-        self.hash_key = _hash_key(service, request) if policy.lb == "ring_hash" else None
+        self.hash_key = (
+            None
+            if policy.lb != "ring_hash"
+            else route.hash_key
+            if route is not None and route.hash_key is not None
+            else _hash_key(service, request)
+        )
         self._tried: list[str] = []
         self._original_url = request.url
         self._original_timeout = request.extensions.get("timeout")

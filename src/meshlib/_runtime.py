@@ -16,6 +16,7 @@ clients it creates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any, NamedTuple
@@ -207,6 +208,8 @@ class Mesh:
         """
         carry(request)
         chosen, decision = self._route(state, request)
+        if decision is not None and decision.target.load_balancer is not None:
+            decision = self._balance_as_resolved(chosen, decision, request)
         if self._capped:
             cap = self._upstream.max_concurrent(chosen.name)
             # Counted from the balancer's per-endpoint in-flight counters: no extra state,
@@ -220,6 +223,26 @@ class Mesh:
                     request=request,
                 )
         return chosen, decision
+
+    def _balance_as_resolved(
+        self, chosen: ServiceState, decision: Decision, request: httpx.Request
+    ) -> Decision:
+        """Apply the resolver's ``LoadBalancer`` (routing/_load_balancer.py) to ``chosen``.
+
+        Its policy replaces ``chosen``'s balancer once, when it first differs (a new
+        balancer, as for any policy change); its hash policies give the request's key.
+        """
+        balancer = decision.target.load_balancer
+        assert balancer is not None
+        if balancer.policy and chosen.policy.lb != balancer.policy:
+            with self._lock:
+                if chosen.policy.lb != balancer.policy:
+                    lb: Any = balancer.policy
+                    chosen.apply_policy(dataclasses.replace(chosen.policy, lb=lb))
+        if not balancer.hash_policies:
+            return decision
+        key = balancer.key(request.headers, dict(request.url.params))
+        return dataclasses.replace(decision, hash_key=key)
 
     def _route(
         self, state: ServiceState, request: httpx.Request

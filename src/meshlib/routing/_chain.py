@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ._load_balancer import LoadBalancer
 from ._sticky import key_point
 
 __all__ = [
@@ -57,6 +58,8 @@ class Target:
     connect_timeout: float | None = None
     #: where to go, in order, when this target has no healthy instance
     failover: tuple[Target, ...] = ()
+    #: the resolver's LoadBalancer (None: meshlib's own MESH_LB)
+    load_balancer: LoadBalancer | None = None
 
     @property
     def key(self) -> str:
@@ -183,6 +186,7 @@ class Resolver:
         default_factory=lambda: MappingProxyType({})
     )
     connect_timeout: float | None = None
+    load_balancer: LoadBalancer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +197,8 @@ class Decision:
     request_timeout: float | None = None
     num_retries: int | None = None
     retry_on_status: frozenset[int] = frozenset()
+    #: the key of the resolver's HashPolicies (routing/_load_balancer.py), if any
+    hash_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +282,7 @@ class Chain:
             datacenter,
             resolver.connect_timeout,
             failover,
+            resolver.load_balancer,
         )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from ._chain import Decision, Destination, RouteMatch, Target
 from ._entries import _route, _seconds
+from ._load_balancer import parse_load_balancer
 from ._sticky import key_point
 
 __all__ = ["CompiledChain", "compile_chain"]
@@ -185,6 +186,7 @@ def compile_chain(body: Any) -> CompiledChain | None:
 
 
 def _resolver(name: str, raw: Mapping[str, Any], targets: Mapping[str, Target]) -> _Resolver:
+    balancer = parse_load_balancer(raw.get("LoadBalancer"), f"Nodes[{name!r}].LoadBalancer")
     where = f"Nodes[{name!r}].Resolver"
     resolver = _obj(raw.get("Resolver"), where)
     primary = _known(resolver.get("Target"), f"{where}.Target", targets)
@@ -201,6 +203,7 @@ def _resolver(name: str, raw: Mapping[str, Any], targets: Mapping[str, Target]) 
             primary.datacenter,
             primary.connect_timeout,
             others,
+            balancer,
         )
     )
 

@@ -27,6 +27,7 @@ from ._chain import (
     Split,
 )
 from ._filter import compile_filter
+from ._load_balancer import parse_load_balancer
 
 __all__ = ["compile_entries"]
 
@@ -221,4 +222,5 @@ def _resolver(entry: Mapping[str, Any], where: str) -> Resolver:
         failover_datacenters=MappingProxyType(datacenters),
         failover_services=MappingProxyType(services),
         connect_timeout=_seconds(entry.get("ConnectTimeout"), f"{where} ConnectTimeout"),
+        load_balancer=parse_load_balancer(entry.get("LoadBalancer"), f"{where} LoadBalancer"),
     )
