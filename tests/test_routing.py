@@ -6,6 +6,7 @@ import random
 from collections import Counter
 from typing import Any
 
+import httpx
 import pytest
 
 from meshlib.routing import Chain, compile_entries
@@ -203,3 +204,18 @@ def test_a_malformed_load_balancer_is_refused_naming_the_field(
 ) -> None:
     with pytest.raises(ValueError, match=problem):
         chain({**RESOLVER, "LoadBalancer": load_balancer})
+
+
+def test_a_prefix_rewrite_needs_a_path_match_and_replaces_an_exact_path_whole() -> None:
+    with pytest.raises(ValueError, match="PrefixRewrite needs a PathPrefix or PathExact"):
+        chain({**ROUTER, "Routes": [{"Destination": {"PrefixRewrite": "/v2"}}]})
+    exact = {
+        **ROUTER,
+        "Routes": [
+            {"Match": {"HTTP": {"PathExact": "/old"}}, "Destination": {"PrefixRewrite": "/new"}}
+        ],
+    }
+    edits = decide(chain(exact), path="/old").edits
+    request = httpx.Request("GET", "http://forecast/old?q=1")
+    edits.apply_request(request)
+    assert str(request.url) == "http://forecast/new?q=1"

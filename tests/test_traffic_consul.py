@@ -665,3 +665,41 @@ def test_a_resolver_ring_hash_on_a_header_keeps_keys_and_moves_few_when_one_of_5
     assert gone not in after.values()
     assert moved == on_gone, "only the removed instance's keys may move"
     assert moved <= 0.25
+
+
+def test_a_consul_route_rewrites_the_prefix_and_edits_request_and_response_headers(
+    fleet: Fleet,
+) -> None:
+    fleet.write(
+        {
+            "Kind": "service-router",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/api/"}},
+                    "Destination": {
+                        "PrefixRewrite": "/",
+                        "RequestHeaders": {
+                            "Add": {"x-tag": "mesh"},
+                            "Set": {"x-env": "prod"},
+                            "Remove": ["x-secret"],
+                        },
+                        "ResponseHeaders": {"Set": {"x-routed": "api"}},
+                    },
+                }
+            ],
+        }
+    )
+    with meshlib.Client() as client:
+        r = client.get(
+            fleet.url("/api/echo"),
+            headers={"x-tag": "caller", "x-env": "dev", "x-secret": "s"},
+        )
+        plain = client.get(fleet.url("/echo"), headers={"x-secret": "s"})
+    assert r.status_code == 200, r.text  # /api/echo reached the backend as /echo
+    seen = r.json()["headers"]
+    assert seen["x-tag"] == "caller,mesh"
+    assert seen["x-env"] == "prod"
+    assert "x-secret" not in seen
+    assert r.headers["x-routed"] == "api"
+    assert plain.json()["headers"]["x-secret"] == "s"  # another route: no edits
+    assert "x-routed" not in plain.headers

@@ -148,6 +148,7 @@ class Call:
     __slots__ = (
         "_admitted",
         "_caller_deadline",
+        "_edits",
         "_hedges",
         "_in_flight",
         "_last_failed",
@@ -231,6 +232,7 @@ class Call:
         #: whether the last attempt failed (None before any attempt ended)
         self._last_failed: bool | None = None
         self.tls_mode = tls_mode
+        self._edits = None if route is None else route.edits
         service.budget.record_request(now)
 
     # ---------------------------------------------------------------- attempts
@@ -425,6 +427,8 @@ class Call:
         request.extensions = self._original_extensions
         if response is not None:
             response.extensions[OPTIONS_KEY] = self.info
+            if self._edits is not None:  # the route's ResponseHeaders
+                self._edits.apply_response(response)
         if self._admitted is not None:  # the breaker hears the request's final outcome
             breaker = self.service.breaker
             if self._last_failed is None:

@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._load_balancer import LoadBalancer
+from ._rewrite import RouteEdits
 from ._sticky import key_point
 
 __all__ = [
@@ -149,6 +150,8 @@ class Destination:
     request_timeout: float | None = None
     num_retries: int | None = None
     retry_on_status: frozenset[int] = frozenset()
+    #: PrefixRewrite, RequestHeaders, ResponseHeaders (None: no edits)
+    edits: RouteEdits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +202,8 @@ class Decision:
     retry_on_status: frozenset[int] = frozenset()
     #: the key of the resolver's HashPolicies (routing/_load_balancer.py), if any
     hash_key: str | None = None
+    #: the route's path and header edits (routing/_rewrite.py)
+    edits: RouteEdits | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,7 @@ class Chain:
             destination.request_timeout,
             destination.num_retries,
             destination.retry_on_status,
+            edits=destination.edits,
         )
 
     def _split(self, service: str, rng: Any, sticky_key: str | None) -> tuple[str, str]:

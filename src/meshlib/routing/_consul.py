@@ -99,6 +99,7 @@ class CompiledChain:
                     destination.request_timeout,
                     destination.num_retries,
                     destination.retry_on_status,
+                    edits=destination.edits,
                 )
             if isinstance(node, _Splitter):
                 total = node.splits[-1][0]

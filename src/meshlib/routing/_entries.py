@@ -28,6 +28,7 @@ from ._chain import (
 )
 from ._filter import compile_filter
 from ._load_balancer import parse_load_balancer
+from ._rewrite import RouteEdits, parse_header_edits
 
 __all__ = ["compile_entries"]
 
@@ -156,6 +157,15 @@ def _route(route: Any, where: str) -> Route:
     retries = destination.get("NumRetries")
     if retries is not None and not (isinstance(retries, int) and 0 <= retries <= 10):
         raise ValueError(f"{where}: NumRetries must be a whole number from 0 to 10")
+    rewrite = _text(destination.get("PrefixRewrite"), f"{where} PrefixRewrite")
+    matched = match.path_prefix if match.path_prefix is not None else match.path_exact
+    if rewrite is not None and matched is None:
+        raise ValueError(f"{where}: PrefixRewrite needs a PathPrefix or PathExact match")
+    edits = RouteEdits(
+        None if rewrite is None or matched is None else (matched, rewrite),
+        parse_header_edits(destination.get("RequestHeaders"), f"{where} RequestHeaders"),
+        parse_header_edits(destination.get("ResponseHeaders"), f"{where} ResponseHeaders"),
+    )
     return Route(
         match,
         Destination(
@@ -164,6 +174,7 @@ def _route(route: Any, where: str) -> Route:
             request_timeout=_seconds(destination.get("RequestTimeout"), f"{where} RequestTimeout"),
             num_retries=retries,
             retry_on_status=frozenset(codes),
+            edits=None if edits == RouteEdits() else edits,
         ),
     )
 
