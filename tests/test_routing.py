@@ -219,3 +219,14 @@ def test_a_prefix_rewrite_needs_a_path_match_and_replaces_an_exact_path_whole() 
     request = httpx.Request("GET", "http://forecast/old?q=1")
     edits.apply_request(request)
     assert str(request.url) == "http://forecast/new?q=1"
+
+
+def test_retry_on_conditions_are_read_and_unknown_ones_refused() -> None:
+    def route(destination: dict[str, Any]) -> dict[str, Any]:
+        return {**ROUTER, "Routes": [{"Destination": destination}]}
+
+    decision = decide(chain(route({"RetryOn": ["reset"], "RetryOnConnectFailure": True})))
+    assert decision.retry_on == {"reset", "connect-failure"}
+    assert decide(chain(route({"NumRetries": 1}))).retry_on is None
+    with pytest.raises(ValueError, match="RetryOn 'sometimes' is not one of"):
+        chain(route({"RetryOn": ["sometimes"]}))

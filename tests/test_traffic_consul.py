@@ -703,3 +703,31 @@ def test_a_consul_route_rewrites_the_prefix_and_edits_request_and_response_heade
     assert r.headers["x-routed"] == "api"
     assert plain.json()["headers"]["x-secret"] == "s"  # another route: no edits
     assert "x-routed" not in plain.headers
+
+
+def test_a_consul_routes_retry_on_replaces_meshlibs_own_retry_conditions(fleet: Fleet) -> None:
+    """RetryOn ["5xx"] retries a 500 (meshlib alone does not); ["retriable-4xx"] leaves a 503."""
+    fleet.write(
+        {
+            "Kind": "service-router",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/status/500"}},
+                    "Destination": {"NumRetries": 2, "RetryOn": ["5xx"]},
+                },
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/status/503"}},
+                    "Destination": {"NumRetries": 2, "RetryOn": ["retriable-4xx"]},
+                },
+            ],
+        }
+    )
+    with meshlib.Client() as client:
+        five_hundred = client.get(fleet.url("/status/500"))
+        unavailable = client.get(fleet.url("/status/503"))
+        default = client.get(fleet.url("/status/502"))  # no route: meshlib's own rules
+    assert five_hundred.status_code == 500
+    assert five_hundred.extensions["meshlib"].attempts == 3
+    assert unavailable.status_code == 503
+    assert unavailable.extensions["meshlib"].attempts == 1
+    assert default.extensions["meshlib"].attempts == 3

@@ -64,6 +64,7 @@ from .resilience._retry import (
     classify_error,
     classify_response,
     parse_retry_after,
+    retryable_by_route,
 )
 from .routing import Decision
 from .routing._sticky import request_key
@@ -164,6 +165,7 @@ class Call:
         "may_resend",
         "replayable",
         "retries_left",
+        "retry_on",
         "retry_on_status",
         "service",
         "telemetry",
@@ -186,12 +188,15 @@ class Call:
         budget = policy.deadline
         retries = policy.retries
         self.retry_on_status: frozenset[int] = frozenset()
+        #: the route's RetryOn conditions (None: meshlib's own rules)
+        self.retry_on: frozenset[str] | None = None
         #: the resolver's ConnectTimeout for the chosen target (None: MESH_TIMEOUT's)
         self.connect_timeout: float | None = None
         if route is not None:  # the matching route's own settings (traffic management)
             budget = route.request_timeout or budget
             retries = policy.retries if route.num_retries is None else route.num_retries
             self.retry_on_status = route.retry_on_status
+            self.retry_on = route.retry_on
             self.connect_timeout = route.target.connect_timeout
         deadline = Deadline.after(float(options.get("deadline", budget)), now)
         inbound = inbound_deadline.get()
@@ -335,6 +340,8 @@ class Call:
         Raises ``DeadlineExceeded`` (from ``exc``) when the deadline is what ended it.
         """
         outcome = classify_error(exc)
+        if self.retry_on is not None and outcome.retryable:
+            outcome = outcome._replace(retryable=retryable_by_route(self.retry_on, outcome, None))
         if (
             attempt.caller_bound
             and isinstance(exc, httpx.TimeoutException)
@@ -365,6 +372,9 @@ class Call:
         to hand this response to the caller, or ``WAIT`` when the response may be retried and
         another attempt is still in flight."""
         outcome = classify_response(response)
+        if self.retry_on is not None:
+            status = response.status_code
+            outcome = outcome._replace(retryable=retryable_by_route(self.retry_on, outcome, status))
         if response.status_code in self.retry_on_status and not outcome.retryable:
             outcome = outcome._replace(retryable=True)  # the route retries this status too
         ejected = self._record(attempt, outcome)

@@ -45,6 +45,22 @@ __all__ = [
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
+#: The ``RetryOn`` conditions Consul accepts (Envoy's ``retry_on``)
+RETRY_ON = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -152,6 +168,8 @@ class Destination:
     retry_on_status: frozenset[int] = frozenset()
     #: PrefixRewrite, RequestHeaders, ResponseHeaders (None: no edits)
     edits: RouteEdits | None = None
+    #: RetryOn conditions, with "connect-failure" for RetryOnConnectFailure (None: unset)
+    retry_on: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +222,8 @@ class Decision:
     hash_key: str | None = None
     #: the route's path and header edits (routing/_rewrite.py)
     edits: RouteEdits | None = None
+    #: the route's retry conditions (None: meshlib's own, see resilience/_retry.py)
+    retry_on: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +264,7 @@ class Chain:
             destination.num_retries,
             destination.retry_on_status,
             edits=destination.edits,
+            retry_on=destination.retry_on,
         )
 
     def _split(self, service: str, rng: Any, sticky_key: str | None) -> tuple[str, str]:

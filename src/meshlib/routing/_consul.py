@@ -100,6 +100,7 @@ class CompiledChain:
                     destination.num_retries,
                     destination.retry_on_status,
                     edits=destination.edits,
+                    retry_on=destination.retry_on,
                 )
             if isinstance(node, _Splitter):
                 total = node.splits[-1][0]

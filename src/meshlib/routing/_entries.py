@@ -17,6 +17,7 @@ from typing import Any
 
 from .._config import parse_duration
 from ._chain import (
+    RETRY_ON,
     Chain,
     Destination,
     HeaderMatch,
@@ -157,6 +158,14 @@ def _route(route: Any, where: str) -> Route:
     retries = destination.get("NumRetries")
     if retries is not None and not (isinstance(retries, int) and 0 <= retries <= 10):
         raise ValueError(f"{where}: NumRetries must be a whole number from 0 to 10")
+    retry_on = _list(destination, "RetryOn", where)
+    unknown = [c for c in retry_on if c not in RETRY_ON]
+    if unknown:
+        raise ValueError(f"{where}: RetryOn {unknown[0]!r} is not one of {', '.join(RETRY_ON)}")
+    on_connect = destination.get("RetryOnConnectFailure")
+    if on_connect is not None and not isinstance(on_connect, bool):
+        raise ValueError(f"{where}: RetryOnConnectFailure must be true or false")
+    conditions = frozenset(retry_on) | ({"connect-failure"} if on_connect else set())
     rewrite = _text(destination.get("PrefixRewrite"), f"{where} PrefixRewrite")
     matched = match.path_prefix if match.path_prefix is not None else match.path_exact
     if rewrite is not None and matched is None:
@@ -175,6 +184,7 @@ def _route(route: Any, where: str) -> Route:
             num_retries=retries,
             retry_on_status=frozenset(codes),
             edits=None if edits == RouteEdits() else edits,
+            retry_on=conditions or None,
         ),
     )
 
