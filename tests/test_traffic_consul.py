@@ -731,3 +731,38 @@ def test_a_consul_routes_retry_on_replaces_meshlibs_own_retry_conditions(fleet: 
     assert unavailable.status_code == 503
     assert unavailable.extensions["meshlib"].attempts == 1
     assert default.extensions["meshlib"].attempts == 3
+
+
+def test_a_consul_splits_request_and_response_headers_go_with_the_chosen_split(
+    fleet: Fleet,
+) -> None:
+    fleet.write(
+        {
+            "Kind": "service-splitter",
+            "Splits": [
+                {
+                    "Weight": 50,
+                    "ServiceSubset": "v1",
+                    "RequestHeaders": {"Set": {"x-split": "v1"}},
+                    "ResponseHeaders": {"Set": {"x-served-by": "v1"}},
+                },
+                {
+                    "Weight": 50,
+                    "ServiceSubset": "v2",
+                    "RequestHeaders": {"Set": {"x-split": "v2"}},
+                    "ResponseHeaders": {"Set": {"x-served-by": "v2"}},
+                },
+            ],
+        }
+    )
+    version = {"b0": "v1", "b1": "v1", "b2": "v2"}
+    with meshlib.Client() as client:
+        answers = [client.get(fleet.url("/echo")) for _ in range(40)]
+    seen = Counter()
+    for r in answers:
+        body = r.json()
+        split = version[body["instance"]]
+        assert body["headers"]["x-split"] == split
+        assert r.headers["x-served-by"] == split
+        seen[split] += 1
+    assert set(seen) == {"v1", "v2"}

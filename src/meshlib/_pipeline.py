@@ -67,6 +67,7 @@ from .resilience._retry import (
     retryable_by_route,
 )
 from .routing import Decision
+from .routing._rewrite import RouteEdits
 from .routing._sticky import request_key
 from .telemetry._outbound import OutboundTelemetry
 
@@ -237,7 +238,11 @@ class Call:
         #: whether the last attempt failed (None before any attempt ended)
         self._last_failed: bool | None = None
         self.tls_mode = tls_mode
-        self._edits = None if route is None else route.edits
+        self._edits: tuple[RouteEdits, ...] = (
+            ()
+            if route is None
+            else tuple(e for e in (route.split_edits, route.edits) if e is not None)
+        )
         service.budget.record_request(now)
 
     # ---------------------------------------------------------------- attempts
@@ -437,8 +442,8 @@ class Call:
         request.extensions = self._original_extensions
         if response is not None:
             response.extensions[OPTIONS_KEY] = self.info
-            if self._edits is not None:  # the route's ResponseHeaders
-                self._edits.apply_response(response)
+            for edits in self._edits:  # the split's ResponseHeaders, then the route's
+                edits.apply_response(response)
         if self._admitted is not None:  # the breaker hears the request's final outcome
             breaker = self.service.breaker
             if self._last_failed is None:

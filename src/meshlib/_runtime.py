@@ -210,8 +210,11 @@ class Mesh:
         chosen, decision = self._route(state, request)
         if decision is not None and decision.target.load_balancer is not None:
             decision = self._balance_as_resolved(chosen, decision, request)
-        if decision is not None and decision.edits is not None:
-            decision.edits.apply_request(request)  # PrefixRewrite, RequestHeaders
+        if decision is not None:  # the split's RequestHeaders, then the route's edits
+            if decision.split_edits is not None:
+                decision.split_edits.apply_request(request)
+            if decision.edits is not None:
+                decision.edits.apply_request(request)
         if self._capped:
             cap = self._upstream.max_concurrent(chosen.name)
             # Counted from the balancer's per-endpoint in-flight counters: no extra state,

@@ -187,6 +187,8 @@ class Split:
     weight: float
     service: str
     subset: str = ""
+    #: the split's RequestHeaders / ResponseHeaders (None: no edits)
+    edits: RouteEdits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,8 @@ class Decision:
     edits: RouteEdits | None = None
     #: the route's retry conditions (None: meshlib's own, see resilience/_retry.py)
     retry_on: frozenset[str] | None = None
+    #: the chosen split's header edits, applied before the route's (Envoy's order)
+    split_edits: RouteEdits | None = None
 
 
 @dataclass(frozen=True)
@@ -256,8 +260,9 @@ class Chain:
                 break
         service = destination.service or self.service
         subset = destination.subset
+        split_edits = None
         if not subset:
-            service, subset = self._split(service, rng or random, sticky_key)
+            service, subset, split_edits = self._split(service, rng or random, sticky_key)
         return Decision(
             self.target(service, subset),
             destination.request_timeout,
@@ -265,14 +270,17 @@ class Chain:
             destination.retry_on_status,
             edits=destination.edits,
             retry_on=destination.retry_on,
+            split_edits=split_edits,
         )
 
-    def _split(self, service: str, rng: Any, sticky_key: str | None) -> tuple[str, str]:
+    def _split(
+        self, service: str, rng: Any, sticky_key: str | None
+    ) -> tuple[str, str, RouteEdits | None]:
         """Follow splitters from ``service`` (``rng``: random.Random or the module)."""
         for _ in range(8):  # a splitter may send to another service's splitter; no cycles
             splits = self.splits.get(service)
             if not splits:
-                return service, ""
+                return service, "", None
             # weights add up to 100 (Consul's rule, checked in _entries.py)
             pick = rng.uniform(0, 100) if sticky_key is None else key_point(service, sticky_key)
             chosen = splits[-1]
@@ -282,9 +290,9 @@ class Chain:
                     chosen = split
                     break
             if chosen.subset or chosen.service == service:
-                return chosen.service, chosen.subset
+                return chosen.service, chosen.subset, chosen.edits
             service = chosen.service
-        return service, ""
+        return service, "", None
 
     def target(self, service: str, subset: str = "", datacenter: str = "") -> Target:
         """The target for ``service``/``subset``, after the resolver's redirect and default."""

@@ -197,7 +197,16 @@ def _splits(name: str, raw: list[Any], where: str) -> tuple[Split, ...]:
             raise ValueError(f"{where} Splits[{i}]: Weight must be a number from 0 to 100")
         service = _text(split.get("Service"), f"{where} Splits[{i}].Service") or name
         subset = _text(split.get("ServiceSubset"), f"{where} Splits[{i}].ServiceSubset") or ""
-        result.append(Split(float(weight), service, subset))
+        edits = RouteEdits(
+            None,
+            parse_header_edits(split.get("RequestHeaders"), f"{where} Splits[{i}].RequestHeaders"),
+            parse_header_edits(
+                split.get("ResponseHeaders"), f"{where} Splits[{i}].ResponseHeaders"
+            ),
+        )
+        result.append(
+            Split(float(weight), service, subset, None if edits == RouteEdits() else edits)
+        )
     total = sum(s.weight for s in result)
     if result and abs(total - 100) > 0.01:
         raise ValueError(f"{where}: the weights add up to {total:g}, not 100")
