@@ -65,7 +65,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typing(session: nox.Session) -> None:
     """mypy --strict on src/."""
-    session.install("-e", ".[server]", "mypy")
+    session.install("-e", ".[server]", "mypy", "pytest")  # pytest: meshlib.testing.plugin
     session.run("mypy")
 
 

@@ -48,3 +48,15 @@ def test_public_classes_and_functions_have_docstrings() -> None:
         member = getattr(meshlib, name)
         if callable(member):
             assert member.__doc__, f"meshlib.{name} has no docstring"
+
+
+def test_meshlib_testing_exports_exactly_its_api() -> None:
+    import meshlib.testing
+
+    assert meshlib.testing.__all__ == [
+        "Answer",
+        "FakeMesh",
+        "FakeService",
+        "Received",
+        "pinned_peer",
+    ]

@@ -6,6 +6,7 @@ import random
 from collections import Counter
 from typing import Any
 
+import httpx
 import pytest
 
 from meshlib.routing import Chain, compile_entries
@@ -166,3 +167,66 @@ def test_malformed_entries_are_refused_naming_the_entry_and_field(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         compile_entries(entries)
+
+
+def test_a_resolver_load_balancer_gives_ring_hash_and_a_key_from_its_hash_policies() -> None:
+    resolver = {
+        **RESOLVER,
+        "LoadBalancer": {
+            "Policy": "maglev",
+            "HashPolicies": [
+                {"Field": "header", "FieldValue": "X-User"},
+                {"Field": "cookie", "FieldValue": "session", "Terminal": True},
+                {"Field": "query_parameter", "FieldValue": "region"},
+            ],
+        },
+    }
+    c = chain(resolver)
+    balancer = decide(c).target.load_balancer
+    assert balancer.policy == "ring_hash"
+    both = balancer.key({"x-user": "ada", "cookie": "session=s1"}, {"region": "eu"})
+    assert both == balancer.key({"x-user": "ada", "cookie": "session=s1"}, {"region": "us"})
+    assert both != balancer.key({"x-user": "bob", "cookie": "session=s1"}, {})
+    assert balancer.key({}, {"region": "eu"}) is not None  # the terminal one found nothing
+    assert balancer.key({}, {}) is None
+
+
+@pytest.mark.parametrize(
+    ("load_balancer", "problem"),
+    [
+        ({"Policy": "fastest"}, "Policy 'fastest' is not one of"),
+        ({"HashPolicies": [{"Field": "body"}]}, "Field must be one of"),
+        ({"HashPolicies": {"Field": "header"}}, "HashPolicies is not a list"),
+    ],
+)
+def test_a_malformed_load_balancer_is_refused_naming_the_field(
+    load_balancer: Any, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        chain({**RESOLVER, "LoadBalancer": load_balancer})
+
+
+def test_a_prefix_rewrite_needs_a_path_match_and_replaces_an_exact_path_whole() -> None:
+    with pytest.raises(ValueError, match="PrefixRewrite needs a PathPrefix or PathExact"):
+        chain({**ROUTER, "Routes": [{"Destination": {"PrefixRewrite": "/v2"}}]})
+    exact = {
+        **ROUTER,
+        "Routes": [
+            {"Match": {"HTTP": {"PathExact": "/old"}}, "Destination": {"PrefixRewrite": "/new"}}
+        ],
+    }
+    edits = decide(chain(exact), path="/old").edits
+    request = httpx.Request("GET", "http://forecast/old?q=1")
+    edits.apply_request(request)
+    assert str(request.url) == "http://forecast/new?q=1"
+
+
+def test_retry_on_conditions_are_read_and_unknown_ones_refused() -> None:
+    def route(destination: dict[str, Any]) -> dict[str, Any]:
+        return {**ROUTER, "Routes": [{"Destination": destination}]}
+
+    decision = decide(chain(route({"RetryOn": ["reset"], "RetryOnConnectFailure": True})))
+    assert decision.retry_on == {"reset", "connect-failure"}
+    assert decide(chain(route({"NumRetries": 1}))).retry_on is None
+    with pytest.raises(ValueError, match="RetryOn 'sometimes' is not one of"):
+        chain(route({"RetryOn": ["sometimes"]}))

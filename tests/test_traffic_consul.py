@@ -609,3 +609,160 @@ def test_consul_splits_and_failover_reach_other_services_from_the_first_request(
     finally:
         for entry in reversed(entries):
             consul.delete(f"/v1/config/{entry['Kind']}/{entry['Name']}")
+
+
+def test_a_resolver_ring_hash_on_a_header_keeps_keys_and_moves_few_when_one_of_5_goes(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    """service-resolver LoadBalancer: ring_hash with a header HashPolicy, 5 -> 4 instances."""
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    name = unique("cache")
+    servers = backends.many(5)
+    for server in servers:
+        register(consul, name, f"{name}-{server.name}", server.port, ids=registered)
+    for entry in (
+        {"Kind": "service-defaults", "Protocol": "http"},
+        {
+            "Kind": "service-resolver",
+            "LoadBalancer": {
+                "Policy": "ring_hash",
+                "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}],
+            },
+        },
+    ):
+        assert consul.put("/v1/config", {**entry, "Name": name}) is True
+    keys = [f"user-{i}" for i in range(1000)]
+    try:
+        with meshlib.Client() as client:
+
+            def owners() -> dict[str, str]:
+                url = f"http://{name}/whoami"
+                return {k: client.get(url, headers={"x-user": k}).text for k in keys}
+
+            before = owners()
+            assert owners() == before, "a key changed instance with nothing changed"
+            assert len(set(before.values())) == 5
+            gone = servers[4].name
+            consul.put(f"/v1/agent/service/deregister/{name}-{gone}")
+            registered.remove(f"{name}-{gone}")
+            wait_until(
+                lambda: gone not in {client.get(f"http://{name}/whoami").text for _ in range(20)},
+                what="the removed instance to leave the client's set",
+            )
+            after = owners()
+    finally:
+        for kind in ("service-resolver", "service-defaults"):
+            consul.delete(f"/v1/config/{kind}/{name}")
+    moved = sum(before[k] != after[k] for k in keys) / len(keys)
+    on_gone = sum(before[k] == gone for k in keys) / len(keys)
+    print(
+        f"\nring hash 5 -> 4 instances: {moved:.1%} of 1,000 keys moved "
+        f"({on_gone:.1%} had been on the removed one)"
+    )
+    assert gone not in after.values()
+    assert moved == on_gone, "only the removed instance's keys may move"
+    assert moved <= 0.25
+
+
+def test_a_consul_route_rewrites_the_prefix_and_edits_request_and_response_headers(
+    fleet: Fleet,
+) -> None:
+    fleet.write(
+        {
+            "Kind": "service-router",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/api/"}},
+                    "Destination": {
+                        "PrefixRewrite": "/",
+                        "RequestHeaders": {
+                            "Add": {"x-tag": "mesh"},
+                            "Set": {"x-env": "prod"},
+                            "Remove": ["x-secret"],
+                        },
+                        "ResponseHeaders": {"Set": {"x-routed": "api"}},
+                    },
+                }
+            ],
+        }
+    )
+    with meshlib.Client() as client:
+        r = client.get(
+            fleet.url("/api/echo"),
+            headers={"x-tag": "caller", "x-env": "dev", "x-secret": "s"},
+        )
+        plain = client.get(fleet.url("/echo"), headers={"x-secret": "s"})
+    assert r.status_code == 200, r.text  # /api/echo reached the backend as /echo
+    seen = r.json()["headers"]
+    assert seen["x-tag"] == "caller,mesh"
+    assert seen["x-env"] == "prod"
+    assert "x-secret" not in seen
+    assert r.headers["x-routed"] == "api"
+    assert plain.json()["headers"]["x-secret"] == "s"  # another route: no edits
+    assert "x-routed" not in plain.headers
+
+
+def test_a_consul_routes_retry_on_replaces_meshlibs_own_retry_conditions(fleet: Fleet) -> None:
+    """RetryOn ["5xx"] retries a 500 (meshlib alone does not); ["retriable-4xx"] leaves a 503."""
+    fleet.write(
+        {
+            "Kind": "service-router",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/status/500"}},
+                    "Destination": {"NumRetries": 2, "RetryOn": ["5xx"]},
+                },
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/status/503"}},
+                    "Destination": {"NumRetries": 2, "RetryOn": ["retriable-4xx"]},
+                },
+            ],
+        }
+    )
+    with meshlib.Client() as client:
+        five_hundred = client.get(fleet.url("/status/500"))
+        unavailable = client.get(fleet.url("/status/503"))
+        default = client.get(fleet.url("/status/502"))  # no route: meshlib's own rules
+    assert five_hundred.status_code == 500
+    assert five_hundred.extensions["meshlib"].attempts == 3
+    assert unavailable.status_code == 503
+    assert unavailable.extensions["meshlib"].attempts == 1
+    assert default.extensions["meshlib"].attempts == 3
+
+
+def test_a_consul_splits_request_and_response_headers_go_with_the_chosen_split(
+    fleet: Fleet,
+) -> None:
+    fleet.write(
+        {
+            "Kind": "service-splitter",
+            "Splits": [
+                {
+                    "Weight": 50,
+                    "ServiceSubset": "v1",
+                    "RequestHeaders": {"Set": {"x-split": "v1"}},
+                    "ResponseHeaders": {"Set": {"x-served-by": "v1"}},
+                },
+                {
+                    "Weight": 50,
+                    "ServiceSubset": "v2",
+                    "RequestHeaders": {"Set": {"x-split": "v2"}},
+                    "ResponseHeaders": {"Set": {"x-served-by": "v2"}},
+                },
+            ],
+        }
+    )
+    version = {"b0": "v1", "b1": "v1", "b2": "v2"}
+    with meshlib.Client() as client:
+        answers = [client.get(fleet.url("/echo")) for _ in range(40)]
+    seen = Counter()
+    for r in answers:
+        body = r.json()
+        split = version[body["instance"]]
+        assert body["headers"]["x-split"] == split
+        assert r.headers["x-served-by"] == split
+        seen[split] += 1
+    assert set(seen) == {"v1", "v2"}

@@ -69,8 +69,10 @@ from .resilience._retry import (
     classify_error,
     classify_response,
     parse_retry_after,
+    retryable_by_route,
 )
 from .routing import Decision
+from .routing._rewrite import RouteEdits
 from .routing._sticky import request_key
 from .telemetry._outbound import OutboundTelemetry
 
@@ -153,6 +155,7 @@ class Call:
     __slots__ = (
         "_admitted",
         "_caller_deadline",
+        "_edits",
         "_hedges",
         "_in_flight",
         "_last_failed",
@@ -168,6 +171,7 @@ class Call:
         "may_resend",
         "replayable",
         "retries_left",
+        "retry_on",
         "retry_on_status",
         "service",
         "telemetry",
@@ -190,12 +194,15 @@ class Call:
         budget = policy.deadline
         retries = policy.retries
         self.retry_on_status: frozenset[int] = frozenset()
+        #: the route's RetryOn conditions (None: meshlib's own rules)
+        self.retry_on: frozenset[str] | None = None
         #: the resolver's ConnectTimeout for the chosen target (None: MESH_TIMEOUT's)
         self.connect_timeout: float | None = None
         if route is not None:  # the matching route's own settings (traffic management)
             budget = route.request_timeout or budget
             retries = policy.retries if route.num_retries is None else route.num_retries
             self.retry_on_status = route.retry_on_status
+            self.retry_on = route.retry_on
             self.connect_timeout = route.target.connect_timeout
         deadline = Deadline.after(float(options.get("deadline", budget)), now)
         inbound = inbound_deadline.get()
@@ -220,7 +227,13 @@ class Call:
         self._hedges = 0
         #: attempts started and not yet ended (two at most while a hedge races)
         self._in_flight: list[Attempt] = []
-        self.hash_key = _hash_key(service, request) if policy.lb == "ring_hash" else None
+        self.hash_key = (
+            None
+            if policy.lb != "ring_hash"
+            else route.hash_key
+            if route is not None and route.hash_key is not None
+            else _hash_key(service, request)
+        )
         self._tried: list[str] = []
         self._original_url = request.url
         self._original_timeout = request.extensions.get("timeout")
@@ -230,6 +243,11 @@ class Call:
         #: whether the last attempt failed (None before any attempt ended)
         self._last_failed: bool | None = None
         self.tls_mode = tls_mode
+        self._edits: tuple[RouteEdits, ...] = (
+            ()
+            if route is None
+            else tuple(e for e in (route.split_edits, route.edits) if e is not None)
+        )
         service.budget.record_request(now)
 
     # ---------------------------------------------------------------- attempts
@@ -332,6 +350,8 @@ class Call:
         Raises ``DeadlineExceeded`` (from ``exc``) when the deadline is what ended it.
         """
         outcome = classify_error(exc)
+        if self.retry_on is not None and outcome.retryable:
+            outcome = outcome._replace(retryable=retryable_by_route(self.retry_on, outcome, None))
         if (
             attempt.caller_bound
             and isinstance(exc, httpx.TimeoutException)
@@ -362,6 +382,9 @@ class Call:
         to hand this response to the caller, or ``WAIT`` when the response may be retried and
         another attempt is still in flight."""
         outcome = classify_response(response)
+        if self.retry_on is not None:
+            status = response.status_code
+            outcome = outcome._replace(retryable=retryable_by_route(self.retry_on, outcome, status))
         if response.status_code in self.retry_on_status and not outcome.retryable:
             outcome = outcome._replace(retryable=True)  # the route retries this status too
         ejected = self._record(attempt, outcome)
@@ -424,6 +447,8 @@ class Call:
         request.extensions = self._original_extensions
         if response is not None:
             response.extensions[OPTIONS_KEY] = self.info
+            for edits in self._edits:  # the split's ResponseHeaders, then the route's
+                edits.apply_response(response)
         if self._admitted is not None:  # the breaker hears the request's final outcome
             breaker = self.service.breaker
             if self._last_failed is None:

@@ -16,6 +16,7 @@ clients it creates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -229,6 +230,13 @@ class Mesh:
         """
         carry(request)
         chosen, decision = self._route(state, request)
+        if decision is not None and decision.target.load_balancer is not None:
+            decision = self._balance_as_resolved(chosen, decision, request)
+        if decision is not None:  # the split's RequestHeaders, then the route's edits
+            if decision.split_edits is not None:
+                decision.split_edits.apply_request(request)
+            if decision.edits is not None:
+                decision.edits.apply_request(request)
         if self._capped:
             cap = self._upstream.max_concurrent(chosen.name)
             # Counted from the balancer's per-endpoint in-flight counters: no extra state,
@@ -242,6 +250,26 @@ class Mesh:
                     request=request,
                 )
         return chosen, decision
+
+    def _balance_as_resolved(
+        self, chosen: ServiceState, decision: Decision, request: httpx.Request
+    ) -> Decision:
+        """Apply the resolver's ``LoadBalancer`` (routing/_load_balancer.py) to ``chosen``.
+
+        Its policy replaces ``chosen``'s balancer once, when it first differs (a new
+        balancer, as for any policy change); its hash policies give the request's key.
+        """
+        balancer = decision.target.load_balancer
+        assert balancer is not None
+        if balancer.policy and chosen.policy.lb != balancer.policy:
+            with self._lock:
+                if chosen.policy.lb != balancer.policy:
+                    lb: Any = balancer.policy
+                    chosen.apply_policy(dataclasses.replace(chosen.policy, lb=lb))
+        if not balancer.hash_policies:
+            return decision
+        key = balancer.key(request.headers, dict(request.url.params))
+        return dataclasses.replace(decision, hash_key=key)
 
     def _route(
         self, state: ServiceState, request: httpx.Request

@@ -86,6 +86,32 @@ def classify_response(response: httpx.Response) -> Outcome:
     )
 
 
+def retryable_by_route(conditions: frozenset[str], outcome: Outcome, status: int | None) -> bool:
+    """Whether a route's Consul ``RetryOn`` conditions (Envoy's ``retry_on``) retry this.
+
+    They replace meshlib's own rules for the route: ``5xx`` (any 5xx, no response at all,
+    connect failures), ``gateway-error`` (502, 503, 504), ``reset`` (the connection broke
+    or timed out after sending), ``connect-failure`` (also ``RetryOnConnectFailure``),
+    ``retriable-4xx`` (409). Outcomes where nothing reached the server through no fault of
+    its own (meshlib's pool full, a meshlib server shedding load) stay retryable. The
+    gRPC conditions, ``refused-stream`` and ``envoy-ratelimited`` never occur on meshlib's
+    HTTP/1.1 calls and retry nothing.
+    """
+    if outcome.reason in ("pool", "overloaded"):
+        return True
+    if status is None:
+        if outcome.reason in ("connect", "identity"):
+            return "connect-failure" in conditions or "5xx" in conditions
+        if outcome.reason in ("reset", "timeout"):
+            return "reset" in conditions or "5xx" in conditions
+        return False
+    if status >= 500 and "5xx" in conditions:
+        return True
+    if status in RETRYABLE_STATUS and "gateway-error" in conditions:
+        return True
+    return status == 409 and "retriable-4xx" in conditions
+
+
 def classify_error(exc: httpx.TransportError) -> Outcome:
     """Classify an attempt that failed without a response."""
     if isinstance(exc, httpx.ConnectError) and _refused(exc):

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ._load_balancer import LoadBalancer
+from ._rewrite import RouteEdits
 from ._sticky import key_point
 
 __all__ = [
@@ -43,6 +45,22 @@ __all__ = [
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
+#: The ``RetryOn`` conditions Consul accepts (Envoy's ``retry_on``)
+RETRY_ON = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -57,6 +75,8 @@ class Target:
     connect_timeout: float | None = None
     #: where to go, in order, when this target has no healthy instance
     failover: tuple[Target, ...] = ()
+    #: the resolver's LoadBalancer (None: meshlib's own MESH_LB)
+    load_balancer: LoadBalancer | None = None
 
     @property
     def key(self) -> str:
@@ -146,6 +166,10 @@ class Destination:
     request_timeout: float | None = None
     num_retries: int | None = None
     retry_on_status: frozenset[int] = frozenset()
+    #: PrefixRewrite, RequestHeaders, ResponseHeaders (None: no edits)
+    edits: RouteEdits | None = None
+    #: RetryOn conditions, with "connect-failure" for RetryOnConnectFailure (None: unset)
+    retry_on: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +187,8 @@ class Split:
     weight: float
     service: str
     subset: str = ""
+    #: the split's RequestHeaders / ResponseHeaders (None: no edits)
+    edits: RouteEdits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +209,7 @@ class Resolver:
         default_factory=lambda: MappingProxyType({})
     )
     connect_timeout: float | None = None
+    load_balancer: LoadBalancer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +220,14 @@ class Decision:
     request_timeout: float | None = None
     num_retries: int | None = None
     retry_on_status: frozenset[int] = frozenset()
+    #: the key of the resolver's HashPolicies (routing/_load_balancer.py), if any
+    hash_key: str | None = None
+    #: the route's path and header edits (routing/_rewrite.py)
+    edits: RouteEdits | None = None
+    #: the route's retry conditions (None: meshlib's own, see resilience/_retry.py)
+    retry_on: frozenset[str] | None = None
+    #: the chosen split's header edits, applied before the route's (Envoy's order)
+    split_edits: RouteEdits | None = None
 
 
 @dataclass(frozen=True)
@@ -225,21 +260,27 @@ class Chain:
                 break
         service = destination.service or self.service
         subset = destination.subset
+        split_edits = None
         if not subset:
-            service, subset = self._split(service, rng or random, sticky_key)
+            service, subset, split_edits = self._split(service, rng or random, sticky_key)
         return Decision(
             self.target(service, subset),
             destination.request_timeout,
             destination.num_retries,
             destination.retry_on_status,
+            edits=destination.edits,
+            retry_on=destination.retry_on,
+            split_edits=split_edits,
         )
 
-    def _split(self, service: str, rng: Any, sticky_key: str | None) -> tuple[str, str]:
+    def _split(
+        self, service: str, rng: Any, sticky_key: str | None
+    ) -> tuple[str, str, RouteEdits | None]:
         """Follow splitters from ``service`` (``rng``: random.Random or the module)."""
         for _ in range(8):  # a splitter may send to another service's splitter; no cycles
             splits = self.splits.get(service)
             if not splits:
-                return service, ""
+                return service, "", None
             # weights add up to 100 (Consul's rule, checked in _entries.py)
             pick = rng.uniform(0, 100) if sticky_key is None else key_point(service, sticky_key)
             chosen = splits[-1]
@@ -249,9 +290,9 @@ class Chain:
                     chosen = split
                     break
             if chosen.subset or chosen.service == service:
-                return chosen.service, chosen.subset
+                return chosen.service, chosen.subset, chosen.edits
             service = chosen.service
-        return service, ""
+        return service, "", None
 
     def target(self, service: str, subset: str = "", datacenter: str = "") -> Target:
         """The target for ``service``/``subset``, after the resolver's redirect and default."""
@@ -276,6 +317,7 @@ class Chain:
             datacenter,
             resolver.connect_timeout,
             failover,
+            resolver.load_balancer,
         )
 
 

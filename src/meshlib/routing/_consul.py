@@ -26,6 +26,8 @@ from typing import Any
 
 from ._chain import Decision, Destination, RouteMatch, Target
 from ._entries import _route, _seconds
+from ._load_balancer import parse_load_balancer
+from ._rewrite import RouteEdits, parse_header_edits
 from ._sticky import key_point
 
 __all__ = ["CompiledChain", "compile_chain"]
@@ -38,8 +40,9 @@ class _Resolver:
 
 @dataclass(frozen=True, slots=True)
 class _Splitter:
-    #: (cumulative weight, next node); the last cumulative weight is the total
-    splits: tuple[tuple[float, _Node], ...]
+    #: (cumulative weight, next node, the split's header edits); the last cumulative
+    #: weight is the total
+    splits: tuple[tuple[float, _Node, RouteEdits | None], ...]
     #: the service whose splitter this is (salts sticky keys, routing/_sticky.py)
     service: str = ""
 
@@ -68,7 +71,7 @@ class CompiledChain:
             if isinstance(node, _Resolver):
                 found += [node.target, *node.target.failover]
             elif isinstance(node, _Splitter):
-                todo += [n for _, n in node.splits]
+                todo += [n for _, n, _ in node.splits]
             else:
                 todo += [n for _, _, n in node.routes]
         return found
@@ -89,15 +92,19 @@ class CompiledChain:
         """
         node = self.start
         destination: Destination | None = None
+        split_edits: RouteEdits | None = None
         while True:
             if isinstance(node, _Resolver):
                 if destination is None:
-                    return Decision(node.target)
+                    return Decision(node.target, split_edits=split_edits)
                 return Decision(
                     node.target,
                     destination.request_timeout,
                     destination.num_retries,
                     destination.retry_on_status,
+                    edits=destination.edits,
+                    retry_on=destination.retry_on,
+                    split_edits=split_edits,
                 )
             if isinstance(node, _Splitter):
                 total = node.splits[-1][0]
@@ -105,7 +112,8 @@ class CompiledChain:
                     pick = (rng or random).uniform(0, total)
                 else:
                     pick = key_point(node.service, sticky_key) / 100 * total
-                node = next((n for upto, n in node.splits if pick < upto), node.splits[-1][1])
+                chosen = next((s for s in node.splits if pick < s[0]), node.splits[-1])
+                node, split_edits = chosen[1], chosen[2]
                 continue
             router = node
             # Consul always ends a router with a catch-all route; fall back to it anyway.
@@ -144,7 +152,7 @@ def compile_chain(body: Any) -> CompiledChain | None:
         if kind == "resolver":
             node = _resolver(name, raw, plain)
         elif kind == "splitter":
-            splits: list[tuple[float, _Node]] = []
+            splits: list[tuple[float, _Node, RouteEdits | None]] = []
             total = 0.0
             for i, split in enumerate(_list(raw.get("Splits"), f"Nodes[{name!r}].Splits")):
                 split = _obj(split, f"Nodes[{name!r}].Splits[{i}]")
@@ -152,9 +160,15 @@ def compile_chain(body: Any) -> CompiledChain | None:
                 if not isinstance(weight, int | float) or not 0 <= weight <= 100:
                     raise ValueError(f"Nodes[{name!r}].Splits[{i}].Weight: {weight!r}")
                 next_node = build(split.get("NextNode"), f"{name} split {i}", inner)
+                split_def = _obj(split.get("Definition"), f"Nodes[{name!r}].Splits[{i}]")
+                edits = RouteEdits(
+                    None,
+                    parse_header_edits(split_def.get("RequestHeaders"), "RequestHeaders"),
+                    parse_header_edits(split_def.get("ResponseHeaders"), "ResponseHeaders"),
+                )
                 if weight:  # a share of 0 is never chosen, not even by rounding
                     total += float(weight)
-                    splits.append((total, next_node))
+                    splits.append((total, next_node, None if edits == RouteEdits() else edits))
             if not splits or total <= 0:
                 raise ValueError(f"Nodes[{name!r}]: a splitter without weights")
             # Consul names a splitter node "splitter:<service>.<namespace>.<partition>.<dc>"
@@ -185,6 +199,7 @@ def compile_chain(body: Any) -> CompiledChain | None:
 
 
 def _resolver(name: str, raw: Mapping[str, Any], targets: Mapping[str, Target]) -> _Resolver:
+    balancer = parse_load_balancer(raw.get("LoadBalancer"), f"Nodes[{name!r}].LoadBalancer")
     where = f"Nodes[{name!r}].Resolver"
     resolver = _obj(raw.get("Resolver"), where)
     primary = _known(resolver.get("Target"), f"{where}.Target", targets)
@@ -201,6 +216,7 @@ def _resolver(name: str, raw: Mapping[str, Any], targets: Mapping[str, Target]) 
             primary.datacenter,
             primary.connect_timeout,
             others,
+            balancer,
         )
     )
 

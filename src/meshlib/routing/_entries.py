@@ -17,6 +17,7 @@ from typing import Any
 
 from .._config import parse_duration
 from ._chain import (
+    RETRY_ON,
     Chain,
     Destination,
     HeaderMatch,
@@ -27,6 +28,8 @@ from ._chain import (
     Split,
 )
 from ._filter import compile_filter
+from ._load_balancer import parse_load_balancer
+from ._rewrite import RouteEdits, parse_header_edits
 
 __all__ = ["compile_entries"]
 
@@ -155,6 +158,23 @@ def _route(route: Any, where: str) -> Route:
     retries = destination.get("NumRetries")
     if retries is not None and not (isinstance(retries, int) and 0 <= retries <= 10):
         raise ValueError(f"{where}: NumRetries must be a whole number from 0 to 10")
+    retry_on = _list(destination, "RetryOn", where)
+    unknown = [c for c in retry_on if c not in RETRY_ON]
+    if unknown:
+        raise ValueError(f"{where}: RetryOn {unknown[0]!r} is not one of {', '.join(RETRY_ON)}")
+    on_connect = destination.get("RetryOnConnectFailure")
+    if on_connect is not None and not isinstance(on_connect, bool):
+        raise ValueError(f"{where}: RetryOnConnectFailure must be true or false")
+    conditions = frozenset(retry_on) | ({"connect-failure"} if on_connect else set())
+    rewrite = _text(destination.get("PrefixRewrite"), f"{where} PrefixRewrite")
+    matched = match.path_prefix if match.path_prefix is not None else match.path_exact
+    if rewrite is not None and matched is None:
+        raise ValueError(f"{where}: PrefixRewrite needs a PathPrefix or PathExact match")
+    edits = RouteEdits(
+        None if rewrite is None or matched is None else (matched, rewrite),
+        parse_header_edits(destination.get("RequestHeaders"), f"{where} RequestHeaders"),
+        parse_header_edits(destination.get("ResponseHeaders"), f"{where} ResponseHeaders"),
+    )
     return Route(
         match,
         Destination(
@@ -163,6 +183,8 @@ def _route(route: Any, where: str) -> Route:
             request_timeout=_seconds(destination.get("RequestTimeout"), f"{where} RequestTimeout"),
             num_retries=retries,
             retry_on_status=frozenset(codes),
+            edits=None if edits == RouteEdits() else edits,
+            retry_on=conditions or None,
         ),
     )
 
@@ -175,7 +197,16 @@ def _splits(name: str, raw: list[Any], where: str) -> tuple[Split, ...]:
             raise ValueError(f"{where} Splits[{i}]: Weight must be a number from 0 to 100")
         service = _text(split.get("Service"), f"{where} Splits[{i}].Service") or name
         subset = _text(split.get("ServiceSubset"), f"{where} Splits[{i}].ServiceSubset") or ""
-        result.append(Split(float(weight), service, subset))
+        edits = RouteEdits(
+            None,
+            parse_header_edits(split.get("RequestHeaders"), f"{where} Splits[{i}].RequestHeaders"),
+            parse_header_edits(
+                split.get("ResponseHeaders"), f"{where} Splits[{i}].ResponseHeaders"
+            ),
+        )
+        result.append(
+            Split(float(weight), service, subset, None if edits == RouteEdits() else edits)
+        )
     total = sum(s.weight for s in result)
     if result and abs(total - 100) > 0.01:
         raise ValueError(f"{where}: the weights add up to {total:g}, not 100")
@@ -221,4 +252,5 @@ def _resolver(entry: Mapping[str, Any], where: str) -> Resolver:
         failover_datacenters=MappingProxyType(datacenters),
         failover_services=MappingProxyType(services),
         connect_timeout=_seconds(entry.get("ConnectTimeout"), f"{where} ConnectTimeout"),
+        load_balancer=parse_load_balancer(entry.get("LoadBalancer"), f"{where} LoadBalancer"),
     )
