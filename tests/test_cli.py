@@ -194,7 +194,12 @@ def test_status_takes_host_port_of_a_strict_server_without_its_tls_settings(
     LocalCA(tmp_path / "ca").init("meshlib.test")
     served = serve(
         "fastapi_app:app",
-        {"MESH_TLS": "strict", "MESH_TLS_DIR": str(tmp_path / "ca"), "MESH_SERVICE_NAME": "hello"},
+        {
+            "MESH_TLS": "strict",
+            "MESH_TLS_DIR": str(tmp_path / "ca"),
+            "MESH_TLS_CA": "local",
+            "MESH_SERVICE_NAME": "hello",
+        },
     )
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "CONSUL_"))}
     result = run("status", "--json", served.admin_address, env=clean)  # no scheme, no MESH_TLS

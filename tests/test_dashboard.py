@@ -77,6 +77,7 @@ class Mesh:
         common = {
             "MESH_TLS": "permissive",  # the services speak mTLS; the test calls in plaintext
             "MESH_TLS_DIR": str(ca_dir),
+            "MESH_TLS_CA": "local",  # the test's own CA, signing in each process
             "MESH_SHUTDOWN_DELAY": "100ms",
         }
         gateway_port, forecast_port = free_port(), free_port()
