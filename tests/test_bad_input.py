@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from certs import context_for
 from meshlib.security import LocalCA
 from meshlib.server._http_guard import HEADER_TIMEOUT
 from polling import wait_until
@@ -183,7 +184,11 @@ def test_tls_garbage_at_a_strict_port_is_refused_and_the_port_goes_on(
     for payload in (record, b"\x16\x03\x03\xff\xff" + b"\x00" * 1000, b"\x16" * 5, b"\x80" * 64):
         answer, took = exchange(served.port, payload)
         assert took < BOUND
-        assert b"HTTP/" not in answer
+        if payload[:1] == b"\x16":  # a TLS record: refused by the TLS layer, no HTTP at all
+            assert b"HTTP/" not in answer
+        else:  # no TLS at all: the strict port's plaintext refusal, which says why
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+            assert b"x-mesh-tls-required: strict" in answer
     # A stalled handshake (a TLS header then nothing) holds no one else up.
     stalled = socket.create_connection(("127.0.0.1", served.port))
     stalled.sendall(b"\x16\x03\x01")
@@ -198,7 +203,6 @@ def test_tls_garbage_at_a_strict_port_is_refused_and_the_port_goes_on(
 
 def _client_context(ca_dir: Path) -> ssl.SSLContext:
     import datetime as dt
-    import tempfile
 
     from meshlib.security import SpiffeId
     from meshlib.security._local_ca import issue_leaf
@@ -207,11 +211,4 @@ def _client_context(ca_dir: Path) -> ssl.SSLContext:
     cert_pem, key_pem, _ = issue_leaf(
         signer, key, SpiffeId("meshlib.test", "auditor"), dt.timedelta(hours=1)
     )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(cadata=bundle.decode())
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "c.pem").write_bytes(cert_pem)
-        (Path(tmp) / "k.pem").write_bytes(key_pem)
-        ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
-    return ctx
+    return context_for(cert_pem, key_pem, bundle.decode())
