@@ -66,6 +66,10 @@ class Mesh:
                 "MESH_SERVICE_NAME": "forecast",
                 "MESH_STATIC_SERVICES": "geo=" + ",".join(f"127.0.0.1:{p}" for p in self.geo_ports),
                 "MESH_OUTLIER_EJECTION_TIME": "1s",
+                # the clock runs 20x fast for the rules; a failing instance is tried about
+                # once a second (p2c_ewma avoids it between tries), so one failure ejects it,
+                # or an ejection would come too seldom for the compressed 2-minute window
+                "MESH_OUTLIER_CONSECUTIVE_ERRORS": "1",
                 "MESH_BREAKER_FAILURES": "5",
                 "MESH_BREAKER_RESET": "1s",
                 "MESH_RETRY_BACKOFF": "1ms",

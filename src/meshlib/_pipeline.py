@@ -113,6 +113,11 @@ def request_options(request: httpx.Request) -> Mapping[str, Any]:
     return options
 
 
+#: a failed attempt's latency floor, as a multiple of the service's costliest estimate
+#: (above 1 so the failed endpoint is never the cheaper of two; see ``Call._record``)
+_FAILURE_COST = 1.1
+
+
 class CallInfo:
     """What the mesh did for one request; ``response.extensions["meshlib"]``."""
 
@@ -484,14 +489,19 @@ class Call:
                 state.finished(attempt.start, latency=False)
                 ejected = service.outlier.refused(state, now)
             else:
-                # A failure costs twice the costliest endpoint of the service at least, so a
-                # fast failure never draws p2c_ewma's traffic. Twice, not once: the retry that
-                # follows refreshes another endpoint's estimate right after, and a failed one
-                # merely equal to it had decayed a hair below by the next pick, and so won
+                # A failure costs a little more than the costliest endpoint of the service, so
+                # a fast failure never draws p2c_ewma's traffic. More, not equal: the retry
+                # that follows refreshes another endpoint's estimate right after, and a failed
+                # one merely equal to it had decayed a hair below by the next pick, and so won
                 # every pick (seen: 100 of 100 first attempts on an instance answering 503).
-                # No fixed penalty (the attempt timeout as one took ~80 s to decay, starving a
-                # restarted instance): the floor decays as the service's own latencies do.
-                floor = 2 * max((s.ewma.cost(now) for s in service.endpoints), default=0.0)
+                # A little more, not twice: a failing instance must still be tried often
+                # enough for outlier ejection (and its alert) to see it fail; twice kept it
+                # out of the picks for ~7 s at a time. No fixed penalty either (the attempt
+                # timeout as one took ~80 s to decay, starving a restarted instance): the
+                # floor decays as the service's own latencies do.
+                floor = _FAILURE_COST * max(
+                    (s.ewma.cost(now) for s in service.endpoints), default=0.0
+                )
                 state.finished(attempt.start, floor=floor)
                 ejected = service.outlier.failure(state, now, service.endpoints)
             if ejected:
