@@ -12,6 +12,7 @@ service-router, which the tests read back from Consul.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -678,6 +679,28 @@ class Caller:
         ok = sum(1 for status in seen if status < 500)
         return (100.0 * ok / len(seen) if seen else math.nan), len(seen)
 
+    def span_read(self, start: float, end: float, requests: float) -> tuple[float, float]:
+        """The span of the caller's clock that a check's two samples counted.
+
+        A sample carries the time its scrape began; the instance reads its counters a
+        little later, up to a scrape later on a loaded machine (seen in CI: 177 requests
+        counted where the caller saw 154 between the two timestamps, a 0.25 s stall read
+        after it). So each end may lie up to one scrape after its timestamp. The span
+        chosen is the one whose request count is nearest the check's, the smallest shift
+        on a tie; its success rate is then compared, not chosen.
+        """
+        steps = [i * 0.01 for i in range(int(SCRAPE / 0.01) + 1)]
+        times = [at for at, _ in list(self.done)]
+
+        def count(a: float, b: float) -> int:
+            return bisect.bisect_right(times, b) - bisect.bisect_right(times, a)
+
+        shift = min(
+            ((ds, de) for ds in steps for de in steps),
+            key=lambda d: (abs(count(start + d[0], end + d[1]) - requests), d[0] + d[1]),
+        )
+        return start + shift[0], end + shift[1]
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
@@ -794,7 +817,7 @@ def test_each_checks_success_rate_is_within_two_points_of_the_callers(
         m = check["metrics"]
         # the whole window, give or take the one scrape a loaded machine may run late
         assert m["end"] - m["start"] == pytest.approx(2.0, abs=SCRAPE + 0.05)
-        rate, seen = caller.success_rate(m["start"], m["end"])
+        rate, seen = caller.success_rate(*caller.span_read(m["start"], m["end"], m["requests"]))
         compared.append((m["success_rate"], round(rate, 2), m["requests"], seen))
     assert all(abs(ours - theirs) <= 2 for ours, theirs, _, _ in compared), compared
 
