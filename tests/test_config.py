@@ -33,6 +33,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_DISCOVERY": ("zookeeper", "one of consul, static"),
     "MESH_STATIC_SERVICES": ("weather=127.0.0.1", "has no port"),
     "MESH_DISCOVERY_TIMEOUT": ("soon", "a duration"),
+    "MESH_DISCOVERY_RESET_GRACE": ("forever", "a duration such as 30s or 2m, or off"),
     "MESH_CONFIG_FILE": ("/nonexistent/mesh.json", "the path of a readable JSON file"),
     "MESH_LB": ("fastest", "one of round_robin, least_request, p2c_ewma, random, ring_hash"),
     "MESH_LB_HASH_ON": ("query:user", "'header:<name>' or 'cookie:<name>'"),

@@ -8,6 +8,7 @@ goes backwards. The fake needs no Consul, so those tests run everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -36,7 +37,6 @@ from cryptography.x509.oid import NameOID
 from consul_agent import ConsulAgent, ConsulFactory, register, unique
 from meshlib._config import ConsulSettings
 from meshlib.discovery import ConsulDiscovery, Endpoint, Snapshot
-from meshlib.discovery import _consul as consul_discovery
 from polling import wait_until
 
 LOGGER = "meshlib.discovery"
@@ -189,30 +189,57 @@ def test_one_thread_watches_fifty_services(
 
 
 @pytest.mark.consul
-def test_watches_beyond_the_connection_limit_take_turns_and_see_changes(
-    consul: ConsulAgent,
-    registered: list[str],
-    make_discovery: DiscoveryFactory,
-    monkeypatch: pytest.MonkeyPatch,
+def test_three_hundred_services_on_five_connections_and_twenty_changes_all_seen(
+    consul: ConsulAgent, registered: list[str], make_discovery: DiscoveryFactory
 ) -> None:
-    # 6 watches (5 services and the catalog) over 2 connections: each answers, and a change
-    # to a watch that is waiting for a connection is seen at its turn, not never
-    monkeypatch.setattr(consul_discovery, "_MAX_CONNECTIONS", 2)
-    names = [unique(f"turns{i}") for i in range(5)]
+    """Watches once took turns past ~75 services; now the datacenter is one query."""
+    names = [unique(f"scale{i}") for i in range(300)]
     for name in names:
-        register(consul, name, f"{name}-1", 9001, ids=registered)
-    discovery = make_discovery(consul.url, wait=0.5)
-    for name in names:
-        discovery.snapshot(name)
-    wait_until(lambda: all(ids_of(discovery, n) for n in names), what="5 first answers")
-
-    register(consul, names[-1], f"{names[-1]}-2", 9002, ids=registered)
-
+        consul.put(
+            "/v1/agent/service/register",
+            {"Name": name, "ID": f"{name}-1", "Port": 9001, "Check": PASSING_TTL},
+        )
+        registered.append(f"{name}-1")
+    before = threading.active_count()
+    discovery = make_discovery(consul.url, chains=True)
+    started = time.monotonic()
+    for name in names:  # every first call answers (none waits for a turn)
+        assert discovery.wait(name, timeout=5.0) is not None, name
+    first_answers = time.monotonic() - started
+    changed = names[::15]  # 20 of them
+    at = time.monotonic()
+    for name in changed:
+        consul.put(
+            "/v1/agent/service/register",
+            {"Name": name, "ID": f"{name}-2", "Port": 9002, "Check": PASSING_TTL},
+        )
+        registered.append(f"{name}-2")
     wait_until(
-        lambda: ids_of(discovery, names[-1]) == {f"{names[-1]}-1", f"{names[-1]}-2"},
-        timeout=15,
-        what="the change",
+        lambda: all(ids_of(discovery, n) == {f"{n}-1", f"{n}-2"} for n in changed),
+        timeout=10,
+        what="the 20 changes",
     )
+    seen_after = time.monotonic() - at
+    assert threading.active_count() - before == 1
+    connections = agent_connections(consul)
+    assert connections <= 5, connections
+    print(f"300 services: first answers {first_answers:.2f}s; 20 changes seen {seen_after:.2f}s")
+
+
+PASSING_TTL = {"TTL": "600s", "Status": "passing"}
+
+
+def agent_connections(agent: ConsulAgent) -> int:
+    """This process's established TCP connections to the agent's HTTP port."""
+    port = f"{agent.http_port:04X}"
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[2].endswith(":" + port) and fields[3] == "01":  # ESTABLISHED
+                    count += 1
+    return count
 
 
 @pytest.mark.consul
@@ -244,8 +271,22 @@ def test_outage_keeps_the_last_snapshot_and_warns_once_then_restart_is_picked_up
 
     wait_until(lambda: ids_of(discovery, "shop") == {"shop-2"}, timeout=10.0, what="shop-2")
     infos = wait_until(lambda: messages(caplog, logging.INFO), what="the recovery logged")
-    assert infos == [f"Consul at {agent.url} is reachable again"]
-    assert [r for r in caplog.records if r.levelno == logging.WARNING] == warnings
+    assert infos[0] == f"Consul at {agent.url} is reachable again"
+    # The agent came back empty. If discovery asked before shop-2 was registered, shop kept
+    # shop-1 until shop-2 appeared, said once each (test_consul_restarts covers it fully).
+    kept = messages(caplog, logging.WARNING)[1:]
+    assert kept in (
+        [],
+        [
+            "Consul came back without any instance of 'shop'; keeping its 1 last known "
+            "instances for up to 30s, until some reappear"
+        ],
+    )
+    if kept:
+        wait_until(lambda: len(messages(caplog, logging.INFO)) == 2, what="the grace ended")
+        assert messages(caplog, logging.INFO)[1] == (
+            "instances of 'shop' are known again after the reset"
+        )
     assert "s3cret-token" not in caplog.text
 
 
@@ -285,7 +326,6 @@ class FakeConsul:
         self._closing = False
         #: every request in order: path, query, headers, the index it was answered with
         self.requests: list[Request] = []
-        self.set_json("/v1/catalog/services", {"svc": []}, index=1)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -373,49 +413,59 @@ def fake() -> Iterator[FakeConsul]:
 
 
 def entry(service_id: str, port: object, **service: Any) -> dict[str, Any]:
-    return {
-        "Node": {"Node": "node-1", "Address": "10.0.0.1"},
-        "Service": {"ID": service_id, "Service": "svc", "Address": "", "Port": port, **service},
-        "Checks": [],
-    }
+    """An instance of ``svc`` as the node dump lists it."""
+    return {"ID": service_id, "Service": "svc", "Address": "", "Port": port, **service}
 
 
-HEALTH = "/v1/health/service/svc"
+def dump(*services: dict[str, Any]) -> list[dict[str, Any]]:
+    """``/v1/internal/ui/nodes``: one node holding ``services``, no checks."""
+    return [{"Node": "node-1", "Address": "10.0.0.1", "Services": list(services), "Checks": []}]
+
+
+DUMP = "/v1/internal/ui/nodes"
 
 
 def test_garbage_answers_keep_the_last_good_snapshot(
     fake: FakeConsul, make_discovery: DiscoveryFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    fake.set_json(HEALTH, [entry("a", 8001)], index=10)
+    fake.set_json(DUMP, dump(entry("a", 8001)), index=10)
     discovery = make_discovery(fake.url)
     good = wait_until(lambda: discovery.wait("svc", 5.0), what="first snapshot")
     assert good == Snapshot("svc", (Endpoint("10.0.0.1", 8001, 1, id="a", node="node-1"),), 10)
 
-    garbage: list[tuple[bytes, str | None, int]] = [
+    # answers the watch cannot use at all: an outage, warned once
+    unusable: list[tuple[bytes, str | None, int]] = [
         (b"{not json", "11", 200),
-        (b'{"Service": {}}', "12", 200),  # an object, not a list
+        (b'{"Services": []}', "12", 200),  # an object, not a list
         (b"[1, 2]", "13", 200),
-        (json.dumps([{"Service": {"Port": 1}}]).encode(), "14", 200),  # no Node
-        (json.dumps([entry("a", "8001")]).encode(), "15", 200),  # port as a string
-        (json.dumps([entry("a", 8001, Meta=["x"])]).encode(), "16", 200),
-        (json.dumps([entry("a", 8001)]).encode(), "not-a-number", 200),
-        (json.dumps([entry("a", 8001)]).encode(), None, 200),  # no index at all
+        (json.dumps([{"Node": "n", "Services": {"x": 1}}]).encode(), "14", 200),
+        (json.dumps(dump(entry("a", 8001))).encode(), "not-a-number", 200),
+        (json.dumps(dump(entry("a", 8001))).encode(), None, 200),  # no index at all
         (b"rpc error: No cluster leader", "17", 500),
         (b"\xff\xfe", "18", 200),
     ]
-    for body, index, status in garbage:
-        fake.set(HEALTH, body, index=index, status=status)
-        fake.handled(HEALTH)
+    for body, index, status in unusable:
+        fake.set(DUMP, body, index=index, status=status)
+        fake.handled(DUMP)
         assert discovery.snapshot("svc") is good, body
-
     warnings = messages(caplog, logging.WARNING)
     assert len(warnings) == 1
     assert "malformed JSON" in warnings[0]
 
-    fake.set_json(HEALTH, [entry("a", 8001), entry("b", 8002)], index=20)
+    # a dump Consul answered whose instances of svc are malformed: svc keeps its last good
+    # instances, said once per distinct problem
+    for number, instance in enumerate([entry("a", "8001"), entry("a", 8001, Meta=["x"])], 19):
+        fake.set_json(DUMP, dump(instance), index=number)
+        fake.handled(DUMP)
+        assert discovery.snapshot("svc") is good, instance
+    refused = messages(caplog, logging.ERROR)
+    assert len(refused) == 2
+    assert all("instances of 'svc' refused" in m for m in refused)
+
+    fake.set_json(DUMP, dump(entry("a", 8001), entry("b", 8002)), index=22)
     wait_until(lambda: ids_of(discovery, "svc") == {"a", "b"}, what="recovery")
-    assert discovery.snapshot("svc").index == 20  # type: ignore[union-attr]
+    assert discovery.snapshot("svc").index == 22  # type: ignore[union-attr]
     infos = wait_until(lambda: messages(caplog, logging.INFO), what="the recovery logged")
     assert infos == [f"Consul at {fake.url} is reachable again"]
 
@@ -423,14 +473,14 @@ def test_garbage_answers_keep_the_last_good_snapshot(
 def test_index_going_backwards_resets_to_zero(
     fake: FakeConsul, make_discovery: DiscoveryFactory
 ) -> None:
-    fake.set_json(HEALTH, [entry("a", 8001)], index=100)
+    fake.set_json(DUMP, dump(entry("a", 8001)), index=100)
     discovery = make_discovery(fake.url)
     wait_until(lambda: discovery.snapshot("svc"), what="first snapshot")
-    fake.handled(HEALTH)
+    fake.handled(DUMP)
 
-    fake.set_json(HEALTH, [entry("a", 8001)], index=5)
-    fake.handled(HEALTH)
-    fake.set_json(HEALTH, [entry("a", 8001), entry("b", 8002)], index=6)
+    fake.set_json(DUMP, dump(entry("a", 8001)), index=5)
+    fake.handled(DUMP)
+    fake.set_json(DUMP, dump(entry("a", 8001), entry("b", 8002)), index=6)
 
     wait_until(lambda: ids_of(discovery, "svc") == {"a", "b"}, what="updates after the reset")
     # (index sent, index answered): it blocked on 100; when 5 came back it asked afresh
@@ -440,23 +490,23 @@ def test_index_going_backwards_resets_to_zero(
 
 
 def test_index_zero_is_never_blocked_on(fake: FakeConsul, make_discovery: DiscoveryFactory) -> None:
-    fake.set_json(HEALTH, [entry("a", 8001)], index=0)
+    fake.set_json(DUMP, dump(entry("a", 8001)), index=0)
     discovery = make_discovery(fake.url)
     wait_until(lambda: discovery.snapshot("svc"), what="first snapshot")
 
-    fake.handled(HEALTH)
+    fake.handled(DUMP)
 
     assert [r.query.get("index") for r in health_requests(fake)] == [None, "1"]
 
 
 def health_requests(fake: FakeConsul) -> list[Request]:
-    return [r for r in list(fake.requests) if r.path == HEALTH]
+    return [r for r in list(fake.requests) if r.path == DUMP]
 
 
 def test_snapshots_are_published_only_on_change(
     fake: FakeConsul, make_discovery: DiscoveryFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fake.set_json(HEALTH, [entry("a", 8001)], index=10)
+    fake.set_json(DUMP, dump(entry("a", 8001)), index=10)
     discovery = make_discovery(fake.url)
     seen: list[Snapshot] = []
 
@@ -477,8 +527,8 @@ def test_snapshots_are_published_only_on_change(
     ]
     for number, (body, news) in enumerate(steps, start=11):
         count = len(seen)
-        fake.set_json(HEALTH, body, index=number)
-        fake.handled(HEALTH)
+        fake.set_json(DUMP, dump(*body), index=number)
+        fake.handled(DUMP)
         assert len(seen) == count + news, body
 
     assert [s.index for s in seen] == [10, 12, 13, 14]
@@ -489,7 +539,7 @@ def test_snapshots_are_published_only_on_change(
 
 
 def test_token_is_sent_as_a_header(fake: FakeConsul, make_discovery: DiscoveryFactory) -> None:
-    fake.set_json(HEALTH, [], index=3)
+    fake.set_json(DUMP, dump(entry("a", 8001)), index=3)
     discovery = make_discovery(fake.url, token="tok-123")
 
     wait_until(lambda: discovery.wait("svc", 5.0), what="an answer")
@@ -509,7 +559,7 @@ def test_close_stops_the_thread_and_is_idempotent(
     discovery.close()
     discovery.close()
 
-    assert [t.name for t in new] == ["meshlib-consul-discovery"]
+    assert [t.name for t in new] == ["meshlib-consul"]
     assert not new[0].is_alive()
     assert discovery.wait("other", timeout=5.0) is None  # closed: no waiting
 
@@ -526,7 +576,7 @@ def test_https_agent_with_a_private_ca_server_name_and_client_certificate(
     server_tls.verify_mode = ssl.CERT_REQUIRED  # Consul's verify_incoming
     fake = FakeConsul(tls=server_tls)
     try:
-        fake.set_json(HEALTH, [entry("a", 8001)], index=7)
+        fake.set_json(DUMP, dump(entry("a", 8001)), index=7)
         settings = ConsulSettings(
             fake.url,
             cacert=str(pki.ca),

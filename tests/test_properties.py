@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 
 from meshlib import ConfigError
 from meshlib._config import _POLICY_FIELDS, VARIABLES, MeshConfig, load_config, parse_duration
+from meshlib.consul import BadAnswer as _BadAnswer
+from meshlib.consul._engine import _next_index
 from meshlib.discovery import Endpoint
-from meshlib.discovery._consul import _BadAnswer, _endpoints, _next_index
+from meshlib.discovery._health import endpoints as _endpoints
 from meshlib.resilience._deadline import parse_deadline_header
 from meshlib.resilience._retry import parse_retry_after
 

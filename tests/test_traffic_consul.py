@@ -570,6 +570,9 @@ def test_without_connect_consul_has_no_chains_and_routing_goes_on_without_them(
     (server,) = backends.many(1)
     register(agent, service, f"{service}-{server.name}", server.port)
     env.setenv("CONSUL_HTTP_ADDR", agent.http_addr)
+    # an entry names the service, so its chain is asked for (a service named by none has
+    # Consul's default chain, and nothing is asked)
+    agent.put("/v1/config", {"Kind": "service-resolver", "Name": service, "ConnectTimeout": "3s"})
     with meshlib.Client() as client, caplog.at_level(logging.INFO, logger="meshlib"):
         started = time.monotonic()
         assert client.get(f"http://{service}/whoami").text == "b0"

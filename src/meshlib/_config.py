@@ -540,6 +540,16 @@ VARIABLES: tuple[Variable, ...] = (
         _duration,
     ),
     Variable(
+        "MESH_DISCOVERY_RESET_GRACE",
+        "30s",
+        "2m",
+        "a duration such as 30s or 2m, or off",
+        "After Consul restarts or comes back (a dev agent comes back empty), how long a "
+        "service that had instances and now has none keeps its last known ones, unless "
+        "instances reappear sooner (as Eureka's self-preservation does).",
+        _duration_or_off,
+    ),
+    Variable(
         "MESH_LB",
         "p2c_ewma",
         "round_robin",
@@ -1256,6 +1266,7 @@ class MeshConfig:
         default_factory=lambda: MappingProxyType({})
     )
     discovery_timeout: float = 2.0
+    discovery_reset_grace: float = 30.0
     config_file: str | None = None
     tls: TlsMode = "off"
     service_address: str | None = None
@@ -1401,6 +1412,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         discovery=discovery,
         static_services=static if static is not None else MappingProxyType({}),
         discovery_timeout=get("MESH_DISCOVERY_TIMEOUT") or 2.0,
+        discovery_reset_grace=_or(get("MESH_DISCOVERY_RESET_GRACE"), 30.0),
         config_file=get("MESH_CONFIG_FILE"),
         tls=get("MESH_TLS") or "off",
         service_address=get("MESH_SERVICE_ADDRESS"),

@@ -1,16 +1,17 @@
 """Service discovery: where a service's healthy endpoints come from.
 
-Two sources implement one ``Discovery`` protocol: ``ConsulDiscovery`` (blocking queries
-against Consul's health API on one background thread) and ``StaticDiscovery`` (a fixed list
-from ``MESH_STATIC_SERVICES``, the embedded default). Both publish immutable ``Snapshot``
-objects that the request path reads without waiting; ``make_discovery`` picks the source the
-configuration asks for.
+Two sources implement one ``Discovery`` protocol: ``ConsulDiscovery`` (a few blocking
+queries on the whole datacenter, on the process's one Consul thread) and
+``StaticDiscovery`` (a fixed list from ``MESH_STATIC_SERVICES``, the embedded default).
+Both publish immutable ``Snapshot`` objects that the request path reads without waiting;
+``make_discovery`` picks the source the configuration asks for.
 """
 
 from __future__ import annotations
 
 from .._config import MeshConfig
 from .._exceptions import ConfigError
+from ..consul import Engine
 from ._consul import ConsulDiscovery
 from ._endpoint import Discovery, Endpoint, Snapshot, SnapshotListener
 from ._static import StaticDiscovery
@@ -37,5 +38,11 @@ def make_discovery(config: MeshConfig) -> Discovery:
                 "MESH_DISCOVERY='consul': expected CONSUL_HTTP_ADDR to be set as well "
                 "(the address of the local Consul agent), or MESH_DISCOVERY=static"
             )
-        return ConsulDiscovery(config.consul, connect=config.tls == "strict", chains=True)
+        return ConsulDiscovery(
+            config.consul,
+            connect=config.tls == "strict",
+            chains=True,
+            grace=config.discovery_reset_grace,
+            engine=Engine.shared(config.consul),
+        )
     return StaticDiscovery(config.static_services)

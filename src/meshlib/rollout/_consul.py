@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from .._config import ConsulSettings
-from ..discovery._consul import _ssl_context
+from ..consul import client_options, request_extensions
 
 __all__ = ["ConsulAPI", "ConsulUnavailable", "MetricsUnavailable", "RolloutError"]
 
@@ -41,17 +41,10 @@ class ConsulAPI:
 
     def __init__(self, settings: ConsulSettings, *, timeout: float = 10.0) -> None:
         self.address = settings.address
-        tls = settings.address.startswith("https://")
-        headers = {"X-Consul-Token": settings.token} if settings.token else {}
-        self._extensions: dict[str, Any] = (
-            {"sni_hostname": settings.tls_server_name} if tls and settings.tls_server_name else {}
-        )
+        self._extensions = request_extensions(settings)
+        # a blocking query waits up to its `wait` plus Consul's jitter (wait / 16)
         self._client = httpx.Client(
-            base_url=settings.address,
-            headers=headers,
-            verify=_ssl_context(settings) if tls else False,
-            # a blocking query waits up to its `wait` plus Consul's jitter (wait / 16)
-            timeout=httpx.Timeout(timeout, read=None),
+            **client_options(settings, timeout=httpx.Timeout(timeout, read=None))
         )
         self._timeout = timeout
 

@@ -1,11 +1,11 @@
 """TLS material from Consul Connect's CA: the agent's leaf for this service, and the roots.
 
 Both are watched with blocking queries (``/v1/agent/connect/ca/leaf/<service>`` and
-``/v1/agent/connect/ca/roots``), on the same machinery as discovery
-(``ConsulDiscovery.watch``), so a renewal or a root rotation reaches the process within
-seconds. The identity and trust domain are Consul's: the leaf's ``ServiceURI`` and the
-roots' ``TrustDomain``. Start-up waits (bounded) for the first leaf and roots, so a process
-never serves or calls without its identity.
+``/v1/agent/connect/ca/roots``) on the process's one watcher (``meshlib.consul.Engine``),
+so a renewal or a root rotation reaches the process within seconds. The identity and
+trust domain are Consul's: the leaf's ``ServiceURI`` and the roots' ``TrustDomain``.
+Start-up waits (bounded) for the first leaf and roots, so a process never serves or calls
+without its identity.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from .._config import ConsulSettings
 from .._exceptions import ConfigError
-from ..discovery._consul import ConsulDiscovery
+from ..consul import Engine
 from ._material import MaterialListener, TlsMaterial
 from ._spiffe import SpiffeId
 
@@ -37,11 +37,15 @@ class ConsulSource:
         self._roots: tuple[str, bytes] | None = None
         self._material: TlsMaterial | None = None
         self._ready = threading.Event()
-        self._watcher = ConsulDiscovery(settings)
-        self._watcher.watch("/v1/agent/connect/ca/roots", self._on_roots)
-        self._watcher.watch(f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}", self._on_leaf)
+        self._engine = Engine.shared(settings)
+        self._stops = [
+            self._engine.watch("/v1/agent/connect/ca/roots", self._on_roots),
+            self._engine.watch(
+                f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}", self._on_leaf
+            ),
+        ]
         if not self._ready.wait(first_timeout):
-            self._watcher.close()
+            self.close()
             raise ConfigError(
                 f"MESH_TLS_CA='consul': expected a certificate for {service!r} from Consul at "
                 f"{settings.address} within {first_timeout:g}s (is Connect enabled?)"
@@ -58,7 +62,11 @@ class ConsulSource:
 
     def close(self) -> None:
         """Stop the watches."""
-        self._watcher.close()
+        stops, self._stops = self._stops, []
+        for stop in stops:
+            stop()
+        if stops:
+            self._engine.release()
 
     def _on_roots(self, body: Any, index: int) -> None:
         roots = body.get("Roots") if isinstance(body, dict) else None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from typing import Any
 import httpx
 
 from .._config import ConsulSettings
+from ..consul import client_options, request_extensions
 from ._authz import Authorizer, Decision
 from ._spiffe import SpiffeId
 
@@ -62,18 +62,8 @@ class ConsulAuthorizer:
         self.allow_unidentified = allow_unidentified
         #: whom Consul is asked about for a caller without a certificate
         self.unidentified = SpiffeId(trust_domain, UNIDENTIFIED, datacenter)
-        headers = {"X-Consul-Token": settings.token} if settings.token else {}
-        verify: ssl.SSLContext | bool = True
-        if settings.address.startswith("https://"):
-            verify = ssl.create_default_context(cafile=settings.cacert)
-            verify.check_hostname = settings.verify
-            if not settings.verify:
-                verify.verify_mode = ssl.CERT_NONE
-            if settings.client_cert:
-                verify.load_cert_chain(settings.client_cert, settings.client_key)
-        self._client = httpx.Client(
-            base_url=settings.address, headers=headers, verify=verify, timeout=2.0
-        )
+        self._extensions = request_extensions(settings)
+        self._client = httpx.Client(**client_options(settings, timeout=httpx.Timeout(2.0)))
         self._l4: dict[str, tuple[float, bool, str]] = {}
         self._l7: tuple[float, list[dict[str, Any]]] | None = None
         self._lock = threading.Lock()
@@ -104,7 +94,9 @@ class ConsulAuthorizer:
             return cached[1], cached[2]
         try:
             response = self._client.post(
-                "/v1/agent/connect/authorize", json={"Target": self.service, "ClientCertURI": uri}
+                "/v1/agent/connect/authorize",
+                json={"Target": self.service, "ClientCertURI": uri},
+                extensions=self._extensions,
             )
             response.raise_for_status()
             body = response.json()
@@ -126,6 +118,7 @@ class ConsulAuthorizer:
                 response = self._client.get(
                     "/v1/connect/intentions/match",
                     params={"by": "destination", "name": self.service},
+                    extensions=self._extensions,
                 )
                 response.raise_for_status()
                 intentions = response.json().get(self.service) or []

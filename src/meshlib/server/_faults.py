@@ -47,6 +47,7 @@ from urllib.parse import quote
 
 from .._config import Faults, MeshConfig, parse_duration, parse_fault_header
 from .._watched_file import WatchedFile
+from ..consul import Engine
 
 __all__ = [
     "FAULT_RESPONSE_HEADER",
@@ -271,12 +272,11 @@ class FaultInjector:
         with self._lock:
             if self._watcher_pid == os.getpid() or self._consul is None or not self._service:
                 return
-            from ..discovery._consul import ConsulDiscovery
-
             self._watcher_pid = os.getpid()
-            self._watcher = ConsulDiscovery(self._consul)
+            engine = Engine.shared(self._consul)  # keyed by pid: a fork gets its own
             key = quote(KV_PREFIX + self._service, safe="/")
-            self._watcher.watch(f"/v1/kv/{key}", self._on_kv, missing_ok=True)
+            stop = engine.watch(f"/v1/kv/{key}", self._on_kv, missing_ok=True)
+            self._watcher = (engine, stop)
 
     def _on_kv(self, body: Any, index: int) -> None:
         """A new answer for this service's KV key (on the watch thread)."""
@@ -301,7 +301,9 @@ class FaultInjector:
         """Stop following Consul (the settings in force stay)."""
         watcher, self._watcher, self._consul = self._watcher, None, None
         if watcher is not None:
-            watcher.close()
+            engine, stop = watcher
+            stop()
+            engine.release()
 
     def decide(self, headers: Mapping[str, str]) -> FaultDecision | None:
         """The fault for a request with these (lower-cased) headers, or None."""
