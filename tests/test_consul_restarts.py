@@ -17,6 +17,7 @@ import meshlib
 from backends import BackendFactory
 from consul_agent import ConsulFactory, register, unique
 from polling import wait_until
+from served import ServedFactory
 
 
 @pytest.mark.consul
@@ -68,3 +69,28 @@ def test_ten_agent_restarts_lose_no_request_and_each_new_instance_is_used_within
     print(f"10 restarts: new instance used after {[round(d, 2) for d in delays]} s")
     assert failures == []
     assert max(delays) <= 2.0, delays
+
+
+@pytest.mark.consul
+@pytest.mark.parametrize("target", ["fastapi_app:app", "flask_app:app"])
+def test_a_served_instance_registers_again_when_its_agent_comes_back_empty(
+    serve: ServedFactory, consul_factory: ConsulFactory, target: str
+) -> None:
+    agent = consul_factory()
+    name = unique("again")
+    served = serve(
+        target,
+        {"CONSUL_HTTP_ADDR": agent.http_addr, "MESH_SERVICE_NAME": name},
+    )
+    wait_until(lambda: agent.get(f"/v1/health/service/{name}?passing=1"), what="registered")
+
+    agent.restart()  # dev mode: every registration is gone
+
+    entries = wait_until(
+        lambda: agent.get(f"/v1/health/service/{name}?passing=1"),
+        timeout=10,
+        what="registered again, its check passing",
+    )
+    assert [e["Service"]["Port"] for e in entries] == [served.port]
+    assert served.output.count(b"registering again") == 1
+    assert b"Traceback" not in served.output

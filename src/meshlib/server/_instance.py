@@ -164,7 +164,22 @@ class Instance:
             _shared_registered.value = True
         if self._register_failed:
             logger.info("registered %s in Consul after all", self.config.service_name)
+        self.registration.follow(self._registration_lost)
         return True
+
+    def _registration_lost(self) -> None:
+        """Consul no longer lists this instance (its agent restarted empty): register again."""
+        if self._state != "ready":
+            return
+        logger.warning(
+            "%s is no longer in Consul's catalog (did its agent restart?); registering again",
+            self.config.service_name,
+        )
+        threading.Thread(target=self._register_again, name="meshlib-register", daemon=True).start()
+
+    def _register_again(self) -> None:
+        if not self._register():
+            self._keep_registering()
 
     def _keep_registering(self) -> None:
         """Retry registration until it works or the instance drains (Consul agent restarts)."""

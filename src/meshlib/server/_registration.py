@@ -7,6 +7,10 @@ speaks the mesh's mTLS itself, so Consul's own proxies may call it directly), an
 check on ``/mesh/health`` of the admin listener (plaintext, so it works under strict mTLS)
 with ``DeregisterCriticalServiceAfter`` so an instance that crashed without deregistering is
 removed by Consul itself.
+
+``follow`` keeps the registration true: a blocking query on the service's catalog entry
+(on the process's one Consul watcher) notices when Consul forgets the instance, as a dev
+agent or a rebuilt client agent does when it restarts, and says so, so it registers again.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import consul
 
 from .. import __version__
 from .._config import ConsulSettings, MeshConfig
+from ..consul import Engine
 
 __all__ = ["Registration"]
 
@@ -68,6 +74,8 @@ class Registration:
         self._meta = meta
         self._tags = list(config.service_tags)
         self._client = _client(settings)
+        self._settings = settings
+        self._following: tuple[Engine, Callable[[], None]] | None = None
         #: the process that registers and deregisters: a pre-forking server's workers
         #: inherit this object and must leave both to their parent (once each, not per worker)
         self._owner = os.getpid()
@@ -104,8 +112,33 @@ class Registration:
         """Whether this process registered (not a worker that inherited the object)."""
         return os.getpid() == self._owner
 
+    def follow(self, lost: Callable[[], None]) -> None:
+        """Call ``lost()`` (on the watch thread) whenever Consul stops listing this instance
+        after it had listed it. Once per process; ``close`` stops it."""
+        if self._following is not None or not self.owned_here:
+            return
+        engine = Engine.shared(self._settings)
+        listed = False
+
+        def answer(body: Any, index: int) -> None:
+            nonlocal listed
+            entries = body if isinstance(body, list) else []
+            if any(isinstance(e, dict) and e.get("ServiceID") == self.service_id for e in entries):
+                listed = True
+            elif listed:
+                listed = False
+                lost()
+
+        stop = engine.watch(f"/v1/catalog/service/{quote(self.service, safe='')}", answer)
+        self._following = (engine, stop)
+
     def close(self) -> None:
-        """Release the HTTP session."""
+        """Stop following the catalog; release the HTTP session."""
+        following, self._following = self._following, None
+        if following is not None:
+            engine, stop = following
+            stop()
+            engine.release()
         self._client.http.session.close()
 
 
