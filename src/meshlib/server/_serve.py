@@ -44,7 +44,7 @@ from .._config import MeshConfig, load_config
 from .._exceptions import ConfigError
 from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts, security_for
-from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog
+from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog, handshake_refusal
 from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
 from ._inbound import ADMIN_REUSE_PORT_ENV
@@ -400,7 +400,8 @@ class _SniffingContext:
     """Duck-types ``SSLContext.wrap_socket`` for gunicorn (see ``_gunicorn_tls``).
 
     A refused connection raises ``ECONNRESET``, which gunicorn logs at debug level only:
-    the refusal's own line is enough, without a traceback per connection.
+    the refusal's own line is enough, without a traceback per connection. A failed
+    handshake is such a refusal, with its reason (``handshake_refusal``).
     """
 
     def __init__(self, tls: TlsContexts) -> None:
@@ -413,7 +414,15 @@ class _SniffingContext:
         finally:
             sock.settimeout(None)
         if first == b"\x16":
-            wrapped = self._tls.server.wrap_socket(sock, **kwargs)  # the handshake runs here
+            peer = _peername(sock)  # the socket is detached once wrapped
+            try:
+                wrapped = self._tls.server.wrap_socket(sock, **kwargs)  # the handshake runs here
+            except OSError as exc:
+                reason = handshake_refusal(exc)
+                if reason is not None:
+                    _REFUSALS.refused(reason, peer)
+                sock.close()
+                raise OSError(errno.ECONNRESET, f"TLS handshake failed: {exc}") from None
             try:
                 self._tls.caller(wrapped.getpeercert())
             except NoServiceIdentity as exc:
