@@ -49,6 +49,7 @@ from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
 from ._inbound import ADMIN_REUSE_PORT_ENV
 from ._instance import Instance, share_drain_with_workers
+from ._lifespan import StartupErrors
 from ._wsgi import WSGIMiddleware
 
 __all__ = ["ServeError", "asgi_factory", "load_app", "serve"]
@@ -177,15 +178,18 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     kind = "asgi" if is_asgi(app) else "wsgi"
     shown = f"[{host}]" if ":" in host else host
     scheme = "http" if config.tls == "off" else "https"
-    print(
+    announcement = (
         f"meshlib serve: {config.service_name or target} ({kind}) on {scheme}://{shown}:{port} "
-        f"pid {os.getpid()}, admin on {admin}",
-        file=sys.stderr,
-        flush=True,
+        f"pid {os.getpid()}, admin on {admin}"
     )
     if kind == "asgi":
-        return _run_uvicorn(app, sock, config, workers)
+        return _run_uvicorn(app, sock, config, workers, announcement)
+    _announce(announcement)
     return _run_gunicorn(sock, config, workers)
+
+
+def _announce(announcement: str) -> None:
+    print(announcement, file=sys.stderr, flush=True)
 
 
 def _log_lifecycle() -> None:
@@ -240,7 +244,11 @@ _RESERVED: list[socket.socket] = []
 # --------------------------------------------------------------------------- uvicorn
 
 
-def _run_uvicorn(app: Any, sock: socket.socket, config: MeshConfig, workers: int) -> int:
+def _run_uvicorn(
+    app: Any, sock: socket.socket, config: MeshConfig, workers: int, announcement: str
+) -> int:
+    """Serve ``app``; one process announces its address once the app's startup succeeded
+    (a ``ConfigError`` there is raised here, for its one line: ``_lifespan.py``)."""
     import uvicorn
 
     common: dict[str, Any] = {
@@ -271,10 +279,19 @@ def _run_uvicorn(app: Any, sock: socket.socket, config: MeshConfig, workers: int
         # workers the order is uvicorn's: stop accepting, finish in-flight requests, then
         # lifespan shutdown, where the middleware deregisters. Callers using meshlib retry
         # the refused connections elsewhere; one worker gets the full drain sequence.
+        _announce(announcement)
         Multiprocess(multi, sockets=[sock]).run()
         return 0
-    server = _MeshUvicorn(uvicorn.Config(app, **common))
-    server.run(sockets=[sock])
+    startup = StartupErrors(app)
+    logging.getLogger("uvicorn.error").addFilter(startup.quiet)
+    server = _MeshUvicorn(uvicorn.Config(startup, **common))
+    server.announcement = announcement
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's own exit when the app's startup failed
+        if startup.config_error is not None:
+            raise startup.config_error from None
+        raise
     return 0
 
 
@@ -290,6 +307,12 @@ if _uvicorn is not None:
         """uvicorn, with the mesh's drain before it stops accepting connections."""
 
         _draining = False
+        announcement = ""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and self.announcement:
+                _announce(self.announcement)  # the app is up: its address is news now
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self._draining or self.should_exit:
