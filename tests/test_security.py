@@ -253,7 +253,7 @@ def test_a_mesh_signed_certificate_without_a_service_identity_is_refused_before_
             raise AssertionError(f"{case}: answered {answer.status_code} {answer.text}")
     assert handled(served, ca_dir) == 0
     wait_until(
-        lambda: served.output.count(b"refused a TLS connection") >= len(UNIDENTIFIED),
+        lambda: served.output.count(b"refused a connection from 127.0.0.1:") >= len(UNIDENTIFIED),
         what="the refusals in the server's log",
     )
     assert b"is not of the trust domain 'meshlib.test'" in served.output

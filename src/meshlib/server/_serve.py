@@ -449,9 +449,7 @@ class _SniffingContext:
             try:
                 self._tls.caller(wrapped.getpeercert())
             except NoServiceIdentity as exc:
-                logger.warning(
-                    "refused a TLS connection from %s: %s", _peername(wrapped), escaped(str(exc))
-                )
+                _REFUSALS.refused(escaped(str(exc)), peer)
                 wrapped.close()
                 raise OSError(errno.ECONNRESET, f"TLS connection refused: {exc}") from None
             return wrapped

@@ -74,11 +74,7 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
             try:
                 peer = contexts.caller(ssl_object.getpeercert()) if ssl_object else None
             except NoServiceIdentity as exc:
-                logger.warning(
-                    "refused a TLS connection from %s: %s",
-                    transport.get_extra_info("peername"),
-                    escaped(str(exc)),
-                )
+                _REFUSALS.refused(escaped(str(exc)), transport.get_extra_info("peername"))
                 self._mesh_refused = True  # bytes already decrypted must not reach HTTP
                 transport.close()
                 return
