@@ -52,6 +52,39 @@ def odd_leaf(
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+def self_signed_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, str]:
+    """A CA of its own, unrelated to any meshlib CA: (certificate, key, PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def context_for(cert_pem: bytes, key_pem: bytes, roots_pem: str) -> ssl.SSLContext:
     """A client SSL context presenting ``cert_pem`` and trusting ``roots_pem``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -23,7 +23,7 @@ import pytest
 
 import meshlib
 from backends import BackendFactory
-from certs import context_for, odd_leaf
+from certs import context_for, odd_leaf, self_signed_ca
 from meshlib.security import LocalCA, SpiffeId
 from meshlib.security._local_ca import issue_leaf
 from polling import wait_until
@@ -188,6 +188,45 @@ def test_a_certificate_from_another_ca_is_refused(
 
 
 GATEWAY = f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/gateway"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_failed_handshakes_log_the_peer_and_reason_once_without_a_traceback(
+    serve: ServedFactory, ca_dir: Path, target: str
+) -> None:
+    served = serve(target, server_env(ca_dir))
+    signer, key, roots = LocalCA(ca_dir).signer()
+    rogue, rogue_key, rogue_pem = self_signed_ca("rogue CA")  # another mesh's CA
+    no_certificate = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_certificate.check_hostname = False
+    no_certificate.load_verify_locations(cadata=roots.decode())
+    callers = {
+        "its certificate is not from this server's CA": context_for(
+            *odd_leaf(rogue, rogue_key, [GATEWAY]), roots.decode()
+        ),
+        "it sent no client certificate": no_certificate,
+        "it does not trust this server's certificate": context_for(
+            *odd_leaf(signer, key, [GATEWAY]), rogue_pem
+        ),
+    }
+    for _ in range(3):  # a misconfigured caller retries: still one line per reason
+        for ctx in callers.values():
+            with httpx.Client(verify=ctx) as client, pytest.raises(httpx.TransportError):
+                client.get(f"https://127.0.0.1:{served.port}/hello", timeout=5)
+    assert handled(served, ca_dir) == 0
+
+    def logged() -> dict[str, list[str]]:
+        lines = served.output.decode(errors="replace").splitlines()
+        return {reason: [line for line in lines if reason in line] for reason in callers}
+
+    wait_until(lambda: all(logged().values()), what="a line per reason in the server's log")
+    output = served.output.decode(errors="replace")
+    for lines in logged().values():
+        assert len(lines) == 1, output
+        assert "refused a connection from 127.0.0.1:" in lines[0], output
+    assert "Traceback" not in output, output
+
+
 UNIDENTIFIED = {
     "an agent's SPIFFE ID": [f"spiffe://{TRUST_DOMAIN}/agent/client/dc/dc1/id/node1"],
     "a mesh gateway's SPIFFE ID": [f"spiffe://{TRUST_DOMAIN}/gateway/mesh/dc/dc1"],
@@ -214,7 +253,7 @@ def test_a_mesh_signed_certificate_without_a_service_identity_is_refused_before_
             raise AssertionError(f"{case}: answered {answer.status_code} {answer.text}")
     assert handled(served, ca_dir) == 0
     wait_until(
-        lambda: served.output.count(b"refused a TLS connection") >= len(UNIDENTIFIED),
+        lambda: served.output.count(b"refused a connection from 127.0.0.1:") >= len(UNIDENTIFIED),
         what="the refusals in the server's log",
     )
     assert b"is not of the trust domain 'meshlib.test'" in served.output

@@ -216,6 +216,61 @@ def test_an_error_importing_the_users_app_shows_their_own_traceback(tmp_path: Pa
     ]
 
 
+# The app reads its own settings file (as python-dotenv's load_dotenv would) and builds its
+# meshlib client from them: in the lifespan for FastAPI, at import for Flask.
+READS_SETTINGS = "os.environ.update(line.split('=', 1) for line in open('app.env').read().split())"
+CONFIG_ERROR_APPS = {
+    "fastapi": f"""
+import contextlib, os
+from fastapi import FastAPI
+import meshlib
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    {READS_SETTINGS}
+    async with meshlib.AsyncClient() as client:
+        app.state.client = client
+        yield
+
+app = FastAPI(lifespan=lifespan)
+""",
+    "flask": f"""
+import os
+from flask import Flask
+import meshlib
+
+{READS_SETTINGS}
+client = meshlib.Client()
+app = Flask(__name__)
+""",
+}
+
+
+@pytest.mark.parametrize("framework", sorted(CONFIG_ERROR_APPS))
+def test_a_config_error_while_the_app_starts_is_one_line_and_a_failed_exit(
+    tmp_path: Path, framework: str
+) -> None:
+    (tmp_path / "settings_app.py").write_text(CONFIG_ERROR_APPS[framework])
+    (tmp_path / "app.env").write_text("MESH_RETRY_BACKOFF=soon\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "meshlib", "serve", "settings_app:app", "--port", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "CONSUL_"))},
+            "MESH_SERVICE_NAME": "hello",
+        },
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        "meshlib serve: MESH_RETRY_BACKOFF='soon': expected a duration such as 250ms, 2s, "
+        "1m or a number of seconds"
+    )
+
+
 # ----------------------------------------------------------------------------- with Consul
 
 

@@ -217,7 +217,7 @@ def _status(args: argparse.Namespace) -> int:
             print(
                 f"meshlib status: {url.netloc.decode()} does not serve {url.path} (HTTP "
                 f"{response.status_code}): is it the app's port? /mesh/status is on the "
-                "admin listener, MESH_ADMIN_ADDR ('admin on …' in `meshlib serve`'s first line)",
+                "admin listener, MESH_ADMIN_ADDR ('admin on …' when `meshlib serve` is up)",
                 file=sys.stderr,
             )
             return 1

@@ -44,11 +44,12 @@ from .._config import MeshConfig, load_config
 from .._exceptions import ConfigError
 from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts, security_for
-from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog
+from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog, handshake_refusal
 from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
 from ._inbound import ADMIN_REUSE_PORT_ENV
 from ._instance import Instance, share_drain_with_workers
+from ._lifespan import StartupErrors
 from ._wsgi import WSGIMiddleware
 
 __all__ = ["ServeError", "asgi_factory", "load_app", "serve"]
@@ -177,15 +178,18 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     kind = "asgi" if is_asgi(app) else "wsgi"
     shown = f"[{host}]" if ":" in host else host
     scheme = "http" if config.tls == "off" else "https"
-    print(
+    announcement = (
         f"meshlib serve: {config.service_name or target} ({kind}) on {scheme}://{shown}:{port} "
-        f"pid {os.getpid()}, admin on {admin}",
-        file=sys.stderr,
-        flush=True,
+        f"pid {os.getpid()}, admin on {admin}"
     )
     if kind == "asgi":
-        return _run_uvicorn(app, sock, config, workers)
+        return _run_uvicorn(app, sock, config, workers, announcement)
+    _announce(announcement)
     return _run_gunicorn(sock, config, workers)
+
+
+def _announce(announcement: str) -> None:
+    print(announcement, file=sys.stderr, flush=True)
 
 
 def _log_lifecycle() -> None:
@@ -240,7 +244,11 @@ _RESERVED: list[socket.socket] = []
 # --------------------------------------------------------------------------- uvicorn
 
 
-def _run_uvicorn(app: Any, sock: socket.socket, config: MeshConfig, workers: int) -> int:
+def _run_uvicorn(
+    app: Any, sock: socket.socket, config: MeshConfig, workers: int, announcement: str
+) -> int:
+    """Serve ``app``; one process announces its address once the app's startup succeeded
+    (a ``ConfigError`` there is raised here, for its one line: ``_lifespan.py``)."""
     import uvicorn
 
     common: dict[str, Any] = {
@@ -271,10 +279,19 @@ def _run_uvicorn(app: Any, sock: socket.socket, config: MeshConfig, workers: int
         # workers the order is uvicorn's: stop accepting, finish in-flight requests, then
         # lifespan shutdown, where the middleware deregisters. Callers using meshlib retry
         # the refused connections elsewhere; one worker gets the full drain sequence.
+        _announce(announcement)
         Multiprocess(multi, sockets=[sock]).run()
         return 0
-    server = _MeshUvicorn(uvicorn.Config(app, **common))
-    server.run(sockets=[sock])
+    startup = StartupErrors(app)
+    logging.getLogger("uvicorn.error").addFilter(startup.quiet)
+    server = _MeshUvicorn(uvicorn.Config(startup, **common))
+    server.announcement = announcement
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's own exit when the app's startup failed
+        if startup.config_error is not None:
+            raise startup.config_error from None
+        raise
     return 0
 
 
@@ -290,6 +307,12 @@ if _uvicorn is not None:
         """uvicorn, with the mesh's drain before it stops accepting connections."""
 
         _draining = False
+        announcement = ""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and self.announcement:
+                _announce(self.announcement)  # the app is up: its address is news now
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self._draining or self.should_exit:
@@ -400,7 +423,8 @@ class _SniffingContext:
     """Duck-types ``SSLContext.wrap_socket`` for gunicorn (see ``_gunicorn_tls``).
 
     A refused connection raises ``ECONNRESET``, which gunicorn logs at debug level only:
-    the refusal's own line is enough, without a traceback per connection.
+    the refusal's own line is enough, without a traceback per connection. A failed
+    handshake is such a refusal, with its reason (``handshake_refusal``).
     """
 
     def __init__(self, tls: TlsContexts) -> None:
@@ -413,13 +437,19 @@ class _SniffingContext:
         finally:
             sock.settimeout(None)
         if first == b"\x16":
-            wrapped = self._tls.server.wrap_socket(sock, **kwargs)  # the handshake runs here
+            peer = _peername(sock)  # the socket is detached once wrapped
+            try:
+                wrapped = self._tls.server.wrap_socket(sock, **kwargs)  # the handshake runs here
+            except OSError as exc:
+                reason = handshake_refusal(exc)
+                if reason is not None:
+                    _REFUSALS.refused(reason, peer)
+                sock.close()
+                raise OSError(errno.ECONNRESET, f"TLS handshake failed: {exc}") from None
             try:
                 self._tls.caller(wrapped.getpeercert())
             except NoServiceIdentity as exc:
-                logger.warning(
-                    "refused a TLS connection from %s: %s", _peername(wrapped), escaped(str(exc))
-                )
+                _REFUSALS.refused(escaped(str(exc)), peer)
                 wrapped.close()
                 raise OSError(errno.ECONNRESET, f"TLS connection refused: {exc}") from None
             return wrapped

@@ -6,6 +6,9 @@ connection. A TLS ClientHello (0x16) is handed to asyncio's TLS layer with the m
 server context (its ``sni_callback`` points the handshake at the newest rotated context),
 and the HTTP protocol starts once the handshake has verified the client. Anything else is
 plaintext: served in ``permissive`` mode, closed before a byte is parsed in ``strict``.
+A handshake that fails (a client certificate from another CA, none at all, a caller that
+does not trust this server) is logged with the peer and the reason, rate-limited: asyncio
+itself logs it only in debug mode, so a misconfigured caller went unseen.
 The one port is what lets a fleet move from ``off`` to ``strict`` without a flag day.
 
 The bytes already read are fed to ``asyncio.sslproto.SSLProtocol`` (a buffered protocol)
@@ -29,7 +32,7 @@ from typing import Any
 
 from .._logsafe import escaped
 from ..security import NoServiceIdentity, TlsContexts
-from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog
+from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog, handshake_refusal
 from ._http_guard import HEADER_TIMEOUT, GuardedH11Protocol
 
 __all__ = ["mesh_protocol"]
@@ -71,11 +74,7 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
             try:
                 peer = contexts.caller(ssl_object.getpeercert()) if ssl_object else None
             except NoServiceIdentity as exc:
-                logger.warning(
-                    "refused a TLS connection from %s: %s",
-                    transport.get_extra_info("peername"),
-                    escaped(str(exc)),
-                )
+                _REFUSALS.refused(escaped(str(exc)), transport.get_extra_info("peername"))
                 self._mesh_refused = True  # bytes already decrypted must not reach HTTP
                 transport.close()
                 return
@@ -92,11 +91,14 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
             assert raw is not None
             self._mesh_http = True
             if data[:1] == bytes([_TLS_RECORD]):
+                loop = asyncio.get_running_loop()
+                handshake = loop.create_future()  # asyncio's way to tell how it ended
+                handshake.add_done_callback(_log_failed_handshake(raw.get_extra_info("peername")))
                 tls = sslproto.SSLProtocol(
-                    asyncio.get_running_loop(),
+                    loop,
                     self,
                     contexts.base_server,
-                    None,  # type: ignore[arg-type]  # no waiter: nobody awaits the handshake
+                    handshake,
                     server_side=True,
                     ssl_handshake_timeout=10,
                     # An idle keep-alive client may never answer close_notify; asyncio's
@@ -133,6 +135,18 @@ def mesh_protocol(contexts: TlsContexts) -> type[asyncio.Protocol]:
             super().connection_lost(exc)
 
     return MeshHTTPProtocol
+
+
+def _log_failed_handshake(peer: object) -> Callable[[asyncio.Future[None]], None]:
+    def done(handshake: asyncio.Future[None]) -> None:
+        if handshake.cancelled():
+            return
+        exc = handshake.exception()  # retrieved, so asyncio does not complain of it at exit
+        reason = handshake_refusal(exc) if exc is not None else None
+        if reason is not None:
+            _REFUSALS.refused(reason, peer)
+
+    return done
 
 
 def _feed(protocol: sslproto.SSLProtocol, data: bytes) -> None:
