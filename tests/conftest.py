@@ -8,7 +8,7 @@ from meshlib import _runtime, security
 from meshlib.server import _instance
 from meshlib.telemetry import _admin
 
-pytest_plugins = ["missing_tools", "backends", "consul_agent", "served"]
+pytest_plugins = ["missing_tools", "backends", "consul_agent", "consul_cluster", "served"]
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ class Engine:
         *,
         wait: float = 30.0,
         min_interval: float = 0.1,
-        max_backoff: float = 2.0,
+        max_backoff: float = 1.0,
         log: logging.Logger = logger,
     ) -> None:
         if not wait > 0:

@@ -89,7 +89,7 @@ class ConsulDiscovery:
         *,
         wait: float = 30.0,
         min_interval: float = 0.1,
-        max_backoff: float = 2.0,
+        max_backoff: float = 1.0,
         connect: bool = False,
         chains: bool = False,
         grace: float = 30.0,
