@@ -55,9 +55,6 @@ __all__ = ["BadAnswer", "Engine", "reason"]
 
 logger = logging.getLogger("meshlib.consul")
 
-#: after one reset, further reset signals within this many seconds are the same restart
-_RESET_COALESCE = 1.0
-
 
 class BadAnswer(Exception):
     """Consul answered, but not with something a watch can use."""
@@ -109,7 +106,7 @@ class Engine:
         self._fetcher: httpx.AsyncClient | None = None  # engine thread only
         self._reset_listeners: tuple[Callable[[], None], ...] = ()
         self._reset = asyncio.Event()  # set and replaced on each reset (engine thread)
-        self._last_reset = -_RESET_COALESCE
+        self._reset_pending = False
         #: loop time the current outage was noticed, or None (engine thread only)
         self._outage_since: float | None = None
         self._lock = threading.Lock()
@@ -275,6 +272,7 @@ class Engine:
         """Query ``path`` forever, following Consul's blocking-query rules (module docstring)."""
         loop = asyncio.get_running_loop()
         index = 0
+        seen = 0  # the newest index answered (an answer below it went backwards)
         failures = 0
         not_before = 0.0
         client = httpx.AsyncClient(**self._watch_options)
@@ -287,19 +285,28 @@ class Engine:
                 not_before = sent + self.min_interval
                 reset = self._reset
                 try:
-                    got = await self._unless_reset(
-                        self._get(client, path, params, index, missing_ok), reset
-                    )
+                    try:
+                        got = await self._unless_reset(
+                            self._get(client, path, params, index, missing_ok), reset
+                        )
+                    except _Reconnected:
+                        # A blocking query needed a new connection: the agent may have
+                        # restarted since the last answer (its index lower than ours, so the
+                        # query would block for `wait`, blind). Ask without blocking first;
+                        # the answer's index tells whether it went backwards.
+                        index, not_before = 0, 0.0
+                        continue
                     if got is None:  # another watch saw a restart: ask afresh, at once
+                        self._log.debug("%s: dropped for the reset, asking again", path)
                         index, not_before = 0, 0.0
                         await client.aclose()  # the dropped query's connection is unusable
                         client = httpx.AsyncClient(**self._watch_options)
                         continue
                     body, new_index = got
-                    if (failures and failed is None) or new_index < index:
+                    if (failures and failed is None) or new_index < seen:
                         # an outage ended or the index went backwards: maybe a new agent,
                         # so the others re-ask too, and listeners hear it before the answer
-                        self._signal_reset(loop.time())
+                        self._signal_reset()
                     answer(body, new_index)
                 except Exception as exc:  # any failure: keep the last state and retry
                     failures += 1
@@ -317,6 +324,7 @@ class Engine:
                 failures = 0
                 if failed is None:
                     self._recovered(sent)
+                seen = new_index
                 index = _next_index(index, new_index)
         finally:
             await client.aclose()
@@ -342,18 +350,28 @@ class Engine:
             return None
         return task.result()
 
-    def _signal_reset(self, now: float) -> None:
-        if now - self._last_reset < _RESET_COALESCE:
-            return  # the same restart, seen by another watch
-        self._last_reset = now
+    def _signal_reset(self) -> None:
+        # Every signal drops the queries in flight: a second restart may follow the first
+        # within a second (seen in tests), and a watch that re-asked the first agent would
+        # be blind to the second. No ping-pong: a dropped query re-asks from 0, and an
+        # answer after index 0 is never "backwards". Listeners hear once per burst.
         self._log.debug("Consul restarted or came back: every watch asks again from index 0")
         self._reset.set()
         self._reset = asyncio.Event()
+        if self._reset_pending:
+            return
+        # now, before the answer that showed the restart is handled (a grace must start
+        # before an empty registry is read); once for the watches answering in this burst
+        self._reset_pending = True
+        self._loop.call_soon(self._reset_told)
         for listener in self._reset_listeners:
             try:
                 listener()
             except Exception:
                 self._log.exception("reset listener %r failed", listener)
+
+    def _reset_told(self) -> None:
+        self._reset_pending = False
 
     async def _get(
         self,
@@ -364,9 +382,11 @@ class Engine:
         missing_ok: bool = False,
     ) -> tuple[Any, int]:
         query = dict(params)
+        extensions = self._extensions
         if index > 0:
             query.update(index=str(index), wait=f"{self._wait_ms}ms")
-        response = await client.get(path, params=query, extensions=self._extensions)
+            extensions = {**extensions, "trace": _no_new_connection}
+        response = await client.get(path, params=query, extensions=extensions)
         missing = missing_ok and response.status_code == 404
         if response.status_code != 200 and not missing:
             text = " ".join(response.text.split())[:200]
@@ -401,6 +421,16 @@ class Engine:
         if self._outage_since is not None and sent >= self._outage_since:
             self._outage_since = None
             self._log.info("Consul at %s is reachable again", self.address)
+
+
+class _Reconnected(Exception):
+    """A blocking query was about to open a new connection (see ``_blocking_loop``)."""
+
+
+async def _no_new_connection(event: str, info: Mapping[str, Any]) -> None:
+    """httpx's trace hook for blocking queries: refuse to open a connection for one."""
+    if event == "connection.connect_tcp.started":
+        raise _Reconnected
 
 
 def _cancel(holder: list[asyncio.Task[Any]]) -> None:

@@ -131,6 +131,7 @@ class ConsulDiscovery:
         self._deps: dict[str, frozenset[str]] = {}  # service -> entry names its chain uses
         self._loading: dict[str, bool] = {}  # chain reads in progress -> asked again meanwhile
         self._chain_failing: set[str] = set()
+        self._chain_pending: set[str] = set()  # watched before the entry lists answered
         self._chain_refused: dict[str, str] = {}
         self._target_first: dict[TargetKey, asyncio.Event] = {}
         self._target_prints: dict[TargetKey, object] = {}
@@ -363,6 +364,10 @@ class ConsulDiscovery:
             changed = set(now)
         else:
             changed = {n for n in set(now) | set(before) if now.get(n) != before.get(n)}
+        if self._chain_pending and self._named("") is not None:
+            pending, self._chain_pending = self._chain_pending, set()
+            for service in pending:
+                self._chain_changed(service)
         if changed:
             for service in list(self._watched):
                 if self._deps.get(service, frozenset({service})) & changed:
@@ -379,7 +384,11 @@ class ConsulDiscovery:
         if service in self._loading:
             self._loading[service] = True
             return
-        if self._named(service) is False and self._deps.get(service, frozenset()) <= {service}:
+        named = self._named(service)
+        if named is None:  # the entry lists answer first (within ms), then it is decided
+            self._chain_pending.add(service)
+            return
+        if not named and self._deps.get(service, frozenset()) <= {service}:
             self._deps[service] = frozenset({service})
             self._engine.spawn(self._publish_chain(service, None))  # the default chain
             return
