@@ -54,7 +54,7 @@ def _register(address: str, name: str, service_id: str, port: int) -> None:
 
 
 def _connections(address: str) -> int:
-    """This process's established TCP connections to ``address``'s port."""
+    """The established TCP connections of this process to ``address``'s port."""
     port = f":{int(address.rsplit(':', 1)[1]):04X}"
     count = 0
     for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):

@@ -319,7 +319,9 @@ def test_a_consul_ca_root_rotation_reaches_the_processes_without_a_failed_reques
     stop = threading.Event()
 
     def load() -> None:
-        for _ in range(500):  # a new client, so new handshakes, every 20 requests
+        # A new client, so new handshakes, every 20 requests; bounded, but above what runs
+        # while Consul re-signs the leaves (up to a minute: 10,000 requests ran out first).
+        for _ in range(10_000):
             if stop.is_set():
                 return
             with meshlib.Client() as client:

@@ -19,7 +19,8 @@ at that address, so the outlier stage ejects the endpoint at once instead of cou
 Backoff is exponential with full jitter (AWS's analysis: it spreads retries best); a
 ``Retry-After`` from the server replaces it when present. Written here rather than with
 tenacity because this runs per attempt on the request path, where a precomputed loop costs
-~0.1 µs against tenacity's 5-27 µs (FINDINGS.md); tenacity drives the control loops.
+~0.1 µs against tenacity's 5-27 µs (FINDINGS.md). The control plane's retries live in its
+blocking-query loops (``meshlib.consul``), so tenacity is not a dependency.
 """
 
 from __future__ import annotations
