@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 import meshlib
+from backends import BackendFactory, free_port
 from meshlib._config import load_config
 from meshlib.telemetry import prometheus_text, record_certificate_expiry
 from meshlib.telemetry._admin import admin_listener, is_loopback, serve_admin
@@ -691,3 +692,104 @@ def test_an_applications_own_tracer_provider_is_left_alone_and_used() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['GET weather', 'GET weather attempt']"
+
+
+_BYPASS = """
+import asyncio, json, sys, httpx, meshlib
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from meshlib.telemetry import prometheus_text
+memory = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(memory))
+trace.set_tracer_provider(provider)
+url = sys.argv[1]
+with meshlib.Client() as client:
+    echoed = client.get(url + "/echo").json()["headers"]
+    assert client.get(url + "/status/503").status_code == 503
+    try:
+        client.get("http://127.0.0.1:" + sys.argv[2] + "/")
+    except httpx.ConnectError:
+        pass
+    else:
+        raise AssertionError("nothing listens there")
+async def main():
+    async with meshlib.AsyncClient() as client:
+        assert (await client.get(url + "/whoami")).status_code == 200
+asyncio.run(main())
+spans = [
+    {
+        "name": s.name,
+        "kind": s.kind.name,
+        "trace_id": trace.format_trace_id(s.context.trace_id),
+        **dict(s.attributes or {}),
+    }
+    for s in memory.get_finished_spans()
+]
+print(json.dumps({"spans": spans, "echoed": echoed, "metrics": prometheus_text()}))
+"""
+
+
+def test_calls_that_bypass_the_mesh_leave_a_span_a_metric_and_an_access_log_line(
+    backends: BackendFactory, tmp_path: pathlib.Path
+) -> None:
+    backend = backends("plain")
+    log = tmp_path / "access.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", _BYPASS, backend.url, str(free_port())],
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MESH_"))},
+            "MESH_SERVICE_NAME": "gateway",
+            "MESH_STATIC_SERVICES": "weather=127.0.0.1:1",
+            "MESH_ACCESS_LOG": "json",
+            "MESH_ACCESS_LOG_FILE": str(log),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    port = backend.port
+    # one CLIENT span per request, named after the method, with the conventions' attributes
+    spans = sorted(out["spans"], key=lambda s: (s.get("server.port") != port, s["name"]))
+    assert [s["kind"] for s in spans] == ["CLIENT"] * 4
+    assert {s["name"] for s in spans} == {"GET"}
+    assert not [s for s in spans if "service.peer.name" in s]
+    ours = [s for s in spans if s["server.port"] == port]
+    assert sorted(s.get("http.response.status_code") for s in ours) == [200, 200, 503]
+    assert {s["server.address"] for s in spans} == {"127.0.0.1"}
+    (refused,) = (s for s in spans if s["server.port"] != port)
+    assert refused["error.type"] == "ConnectError"
+    # the trace goes on to the server, as with OpenTelemetry's own httpx instrumentation
+    traced = out["echoed"]["traceparent"].split("-")[1]
+    assert traced in {s["trace_id"] for s in ours}
+    assert "x-mesh-deadline-ms" not in out["echoed"]
+    # the duration metric: server.address and server.port, no service.peer.name
+    counts = [
+        line
+        for line in out["metrics"].splitlines()
+        if line.startswith("http_client_request_duration_seconds_count{")
+    ]
+    assert counts, out["metrics"]
+    assert not [line for line in counts if "service_peer_name" in line]
+    ok = f'http_response_status_code="200",server_address="127.0.0.1",server_port="{port}"'
+    assert [line.rsplit(" ", 1)[1] for line in counts if ok in line] == ["2"], counts
+    assert [line for line in counts if 'error_type="503"' in line], counts
+    assert [line for line in counts if 'error_type="ConnectError"' in line], counts
+    # and an access log line each, whose destination is no mesh service
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 4
+    assert {line["direction"] for line in lines} == {"outbound"}
+    assert {line["destination"] for line in lines} == {None}
+    assert {line["source"] for line in lines} == {"gateway"}
+    mine = [line for line in lines if line["endpoint"] == backend.address]
+    assert sorted((line["path"], line["status"]) for line in mine) == [
+        ("/echo", 200),
+        ("/status/503", 503),
+        ("/whoami", 200),
+    ]
+    assert [line["error"] for line in lines if line not in mine] == ["ConnectError"]
