@@ -249,6 +249,34 @@ def test_access_log_has_one_json_line_per_request_with_trace_ids(chain: Chain) -
     assert token not in json.dumps(forecast)  # no query strings: they may carry secrets
 
 
+def test_inbound_lines_name_an_unverified_caller_as_it_names_itself(chain: Chain) -> None:
+    # no mTLS in this chain: the callers' names come from x-mesh-source, marked unverified
+    r = httpx.get(f"{chain.gateway.url}/plan", headers={"x-mesh-source": "mallory"}, timeout=20)
+    trace_id = r.json()["trace_id"]
+
+    def inbound(served: Served) -> list[dict[str, object]]:
+        return [
+            json.loads(raw)
+            for raw in served.output.decode(errors="replace").splitlines()
+            if raw.startswith("{") and trace_id in raw and '"direction":"inbound"' in raw
+        ]
+
+    lines = wait_until(
+        lambda: all(inbound(s) for s in chain.all) and [inbound(s) for s in chain.all]
+    )
+    gateway, forecast, geo = (served[0] for served in lines)
+    assert (forecast["source"], forecast["source_verified"], forecast["peer"]) == (
+        "gateway",
+        False,
+        None,
+    )
+    assert (geo["source"], geo["source_verified"]) == ("forecast", False)
+    # anyone can claim a name: it is shown as claimed, and never labels a metric
+    assert (gateway["source"], gateway["source_verified"]) == ("mallory", False)
+    metrics = httpx.get(f"{chain.gateway.admin_url}/mesh/metrics", timeout=10).text
+    assert "mallory" not in metrics
+
+
 def test_services_push_metrics_over_otlp(chain: Chain, otlp: OtlpReceiver) -> None:
     httpx.get(f"{chain.gateway.url}/plan", timeout=20)
     wait_until(

@@ -458,6 +458,42 @@ def test_inbound_access_log_lines_mark_injected_faults(
     assert [(line["status"], bool(line["fault"])) for line in lines] == [(200, False), (500, True)]
 
 
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_inbound_lines_mark_a_claimed_caller_unverified(
+    caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    env = {"MESH_SERVICE_NAME": "geo", "MESH_ACCESS_LOG": "json"}
+    transport: httpx.BaseTransport
+    if kind == "asgi":
+        api = fastapi.FastAPI()
+        api.get("/")(lambda: "ok")
+        transport = _SyncASGI(meshlib.ASGIMiddleware(api, config=load_config(env)))
+    else:
+
+        def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        wsgi = meshlib.WSGIMiddleware(app, config=load_config(env))  # type: ignore[arg-type]
+        transport = httpx.WSGITransport(app=wsgi)
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    logging.getLogger("meshlib.access").addHandler(caplog.handler)
+    try:
+        with httpx.Client(transport=transport, base_url="http://x") as c:
+            c.get("/", headers={"x-mesh-source": "forecast"})
+            c.get("/", headers={"x-mesh-source": 'a "name" with spaces'})
+            c.get("/")
+    finally:
+        logging.getLogger("meshlib.access").removeHandler(caplog.handler)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("inbound")]
+    assert [(line["source"], line["source_verified"], line["peer"]) for line in lines] == [
+        ("forecast", False, None),
+        (None, False, None),  # not a service name: not shown at all
+        (None, False, None),
+    ]
+    assert "forecast" not in prometheus_text()  # never a label
+
+
 def test_access_log_lines_can_go_to_a_file_of_their_own(tmp_path: pathlib.Path) -> None:
     parent = logging.getLogger("meshlib.access")
     kept = list(parent.handlers)  # an earlier test's handler: this one installs its own
@@ -768,6 +804,7 @@ def test_calls_that_bypass_the_mesh_leave_a_span_a_metric_and_an_access_log_line
     traced = out["echoed"]["traceparent"].split("-")[1]
     assert traced in {s["trace_id"] for s in ours}
     assert "x-mesh-deadline-ms" not in out["echoed"]
+    assert "x-mesh-source" not in out["echoed"]  # the mesh's own headers stay in the mesh
     # the duration metric: server.address and server.port, no service.peer.name
     counts = [
         line

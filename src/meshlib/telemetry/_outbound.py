@@ -11,7 +11,8 @@ Spans, when a tracer provider is installed: one CLIENT span for the logical requ
 of whatever span is current, e.g. the inbound request being served) and, under it, one
 CLIENT span per attempt carrying the endpoint, the attempt number, the reason for the retry,
 the breaker's state after a failure and an event when the attempt got its endpoint ejected.
-``traceparent``/``tracestate`` are injected per attempt, so the callee's SERVER span is a
+``traceparent``/``tracestate`` are injected per attempt (with ``x-mesh-source``, this
+process's service name, for the callee's access log), so the callee's SERVER span is a
 child of the attempt that reached it. Without a provider no span is made, and an incoming
 trace context is passed on unchanged.
 
@@ -62,6 +63,7 @@ from ._names import (
     PEER_VERSION,
     RETRY_REASON,
     SERVICE_PEER_NAME,
+    SOURCE_HEADER,
     BoundedLabel,
     method_label,
 )
@@ -161,6 +163,8 @@ class OutboundTelemetry:
         ``hedge`` for a hedge). Returns the attempt's span, to pass back when it ends."""
         try:
             self._version = endpoint.meta.get("version", "")
+            if STATE.source:  # who is calling, for the callee's access log (unverified there)
+                request.headers[SOURCE_HEADER] = STATE.source
             span = self._span
             if span is None:
                 if self._carry:
