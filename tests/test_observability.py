@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,8 @@ def prometheus(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "geo": chain.geo.admin_address,
         },
         "/mesh/metrics",
+        # Prometheus scrapes OpenMetrics (its default Accept header) and keeps exemplars
+        features=("exemplar-storage",),
     )
     yield server
     server.stop()
@@ -360,6 +363,31 @@ def test_prometheus_scrapes_the_counts_and_error_rate_the_test_produced(
         )
         == 1
     )
+
+
+def test_prometheus_links_latency_buckets_to_the_trace_by_exemplars(
+    chain: Chain, prometheus: Prometheus
+) -> None:
+    start = time.time() - 1
+    trace_id = httpx.get(f"{chain.gateway.url}/plan", timeout=20).json()["trace_id"]
+
+    def linked() -> list[str]:
+        found = prometheus.exemplars(
+            'http_server_request_duration_seconds_bucket{service_name="forecast"}',
+            start,
+            time.time() + 1,
+        )
+        return [
+            exemplar["labels"]["trace_id"]
+            for series in found
+            for exemplar in series["exemplars"]
+            if exemplar["labels"].get("trace_id") == trace_id
+        ]
+
+    wait_until(linked, timeout=30, what=f"an exemplar of trace {trace_id} in Prometheus")
+    target = httpx.get(f"{prometheus.url}/api/v1/targets", timeout=5).json()
+    for active in target["data"]["activeTargets"]:  # OpenMetrics parsed without error
+        assert active["lastError"] == "", active
 
 
 def test_meshlib_top_once_prints_each_edge(chain: Chain, prometheus: Prometheus) -> None:

@@ -24,7 +24,12 @@ import meshlib
 from backends import BackendFactory, free_port
 from meshlib._config import load_config
 from meshlib.telemetry import prometheus_text, record_certificate_expiry
-from meshlib.telemetry._admin import admin_listener, is_loopback, serve_admin
+from meshlib.telemetry._admin import (
+    admin_listener,
+    is_loopback,
+    serve_admin,
+    wants_openmetrics,
+)
 from meshlib.telemetry._export import otlp_metrics
 from meshlib.telemetry._inbound import peer_service
 from meshlib.telemetry._metrics import REGISTRY, Registry
@@ -830,3 +835,96 @@ def test_calls_that_bypass_the_mesh_leave_a_span_a_metric_and_an_access_log_line
         ("/whoami", 200),
     ]
     assert [line["error"] for line in lines if line not in mine] == ["ConnectError"]
+
+
+_EXEMPLARS = """
+import json, httpx, meshlib
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from meshlib.telemetry._admin import serve_admin
+memory = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(memory))
+trace.set_tracer_provider(provider)
+client = meshlib.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+client.get("http://weather/x")
+(span,) = (s for s in memory.get_finished_spans() if s.name == "GET weather")
+admin = serve_admin("127.0.0.1", 0).url + "/mesh/metrics"
+prometheus = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+answers = {
+    name: httpx.get(admin, headers={"accept": accept} if accept else {})
+    for name, accept in (("prometheus", prometheus), ("plain", ""), ("text", "text/plain"))
+}
+print(json.dumps({
+    "trace_id": trace.format_trace_id(span.context.trace_id),
+    "span_id": trace.format_span_id(span.context.span_id),
+    **{k: [r.headers["content-type"], r.text] for k, r in answers.items()},
+}))
+"""
+
+
+def test_a_traced_request_leaves_an_exemplar_in_the_openmetrics_exposition_only() -> None:
+    result = _python(
+        _EXEMPLARS, MESH_SERVICE_NAME="gateway", MESH_STATIC_SERVICES="weather=127.0.0.1:1"
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    kind, text = out["prometheus"]
+    assert kind.startswith("application/openmetrics-text; version=1.0.0")
+    assert text.endswith("# EOF\n")
+    traced = [
+        line
+        for line in text.splitlines()
+        if line.startswith("http_client_request_duration_seconds_bucket{") and " # {" in line
+    ]
+    assert len(traced) == 1, text
+    sample, exemplar = traced[0].split(" # ")
+    assert 'service_peer_name="weather"' in sample
+    assert exemplar.startswith(f'{{trace_id="{out["trace_id"]}",span_id="{out["span_id"]}"}} ')
+    # the exemplar's value lies in its bucket
+    bound = re.search(r'le="([^"]+)"', sample)
+    assert bound is not None
+    assert float(exemplar.split(" ")[1]) <= float(bound.group(1))
+    # counters are named by family in OpenMetrics; their samples keep _total
+    assert "# TYPE meshlib_client_retries counter" in text
+    assert "meshlib_client_retries_total{" in text
+    # old scrapers get the classic text, unchanged: no exemplars, no EOF marker
+    for name in ("plain", "text"):
+        kind, classic = out[name]
+        assert kind == "text/plain; version=0.0.4; charset=utf-8"
+        assert " # {" not in classic
+        assert "# EOF" not in classic
+        assert "# TYPE meshlib_client_retries_total counter" in classic
+
+    # the same samples either way
+    def samples(exposition: str) -> set[str]:
+        return {
+            line.split(" # ")[0]
+            for line in exposition.splitlines()
+            if line.startswith("http_client_request_duration_seconds")
+        }
+
+    assert samples(text) == samples(out["plain"][1])
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        (None, False),
+        ("*/*", False),
+        ("text/plain", False),
+        ("application/openmetrics-text", True),
+        ("text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0", True),
+        ("application/openmetrics-text;q=0.3,text/plain", False),
+        ("application/openmetrics-text;q=0", False),
+    ],
+)
+def test_openmetrics_only_when_the_scraper_prefers_it(
+    accept: str | None, openmetrics: bool
+) -> None:
+    assert wants_openmetrics(accept) is openmetrics

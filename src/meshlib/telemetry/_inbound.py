@@ -47,7 +47,7 @@ from ._names import (
     BoundedLabel,
     method_label,
 )
-from ._outbound import span_ids
+from ._outbound import exemplar, span_ids
 from ._state import STATE, setup
 
 if TYPE_CHECKING:
@@ -190,6 +190,7 @@ class InboundCall:
                     route or "",
                     self._scheme,
                 ),
+                exemplar(self._span),
             )
             if STATE.path_label and (route or status != 404):
                 # an unmatched request (a 404 without a route template) never takes one of

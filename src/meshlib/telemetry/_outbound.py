@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from ..discovery import Endpoint
     from ..resilience._retry import Outcome
 
-__all__ = ["OutboundTelemetry", "span_ids"]
+__all__ = ["OutboundTelemetry", "exemplar", "span_ids"]
 
 logger = logging.getLogger("meshlib.telemetry")
 
@@ -283,6 +283,7 @@ class OutboundTelemetry:
                     address,
                     port,
                 ),
+                exemplar(self._span),
             )
             if STATE.path_label and self._path:
                 CLIENT_PATH_DURATION.record(
@@ -363,6 +364,17 @@ def span_ids(span: trace.Span | None) -> tuple[str, str]:
     context = (span or trace.get_current_span()).get_span_context()
     if not context.is_valid:
         return "", ""
+    return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+
+def exemplar(span: trace.Span | None) -> tuple[str, str] | None:
+    """The hex trace and span id of ``span`` for a histogram exemplar, or None when there
+    is no span or its trace is not sampled (an exemplar must lead to a stored trace)."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    if not context.trace_flags.sampled:
+        return None
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
 
 
