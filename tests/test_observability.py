@@ -196,7 +196,7 @@ def test_the_callers_verified_identity_labels_server_metrics_and_spans(
         "MESH_SHUTDOWN_DELAY": "100ms",
         "MESH_DRAIN_TIMEOUT": "2s",
     }
-    geo = serve("chain_app:app", {**tls, "MESH_SERVICE_NAME": "geo"})
+    geo = serve("chain_app:app", {**tls, "MESH_SERVICE_NAME": "geo", "MESH_ACCESS_LOG": "json"})
     forecast = serve(
         "chain_app:app",
         {**tls, "MESH_SERVICE_NAME": "forecast", "MESH_STATIC_SERVICES": f"geo={geo.address}"},
@@ -221,6 +221,21 @@ def test_the_callers_verified_identity_labels_server_metrics_and_spans(
     assert span.attributes["service.peer.name"] == "forecast"
     assert span.attributes["meshlib.peer.identity"] == (
         "spiffe://meshlib.test/ns/default/dc/dc1/svc/forecast"
+    )
+    # the access log names the verified caller, marked verified
+    (line,) = wait_until(
+        lambda: [
+            json.loads(raw)
+            for raw in geo.output.decode(errors="replace").splitlines()
+            if raw.startswith("{") and '"direction":"inbound"' in raw
+        ],
+        timeout=20,
+        what="geo's inbound access log line",
+    )
+    assert (line["source"], line["source_verified"], line["peer"]) == (
+        "forecast",
+        True,
+        "spiffe://meshlib.test/ns/default/dc/dc1/svc/forecast",
     )
 
 
