@@ -844,6 +844,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from meshlib.telemetry._admin import serve_admin
+from meshlib.telemetry._export import otlp_metrics
+from meshlib.telemetry._metrics import REGISTRY
+from meshlib._config import load_config
 memory = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(memory))
@@ -860,7 +863,15 @@ answers = {
     name: httpx.get(admin, headers={"accept": accept} if accept else {})
     for name, accept in (("prometheus", prometheus), ("plain", ""), ("text", "text/plain"))
 }
+(pushed,) = (
+    m for m in otlp_metrics(REGISTRY, load_config()).resource_metrics[0].scope_metrics[0].metrics
+    if m.name == "http.client.request.duration"
+)
 print(json.dumps({
+    "otlp": [
+        [trace.format_trace_id(e.trace_id), trace.format_span_id(e.span_id), e.value]
+        for point in pushed.data.data_points for e in point.exemplars
+    ],
     "trace_id": trace.format_trace_id(span.context.trace_id),
     "span_id": trace.format_span_id(span.context.span_id),
     **{k: [r.headers["content-type"], r.text] for k, r in answers.items()},
@@ -868,7 +879,7 @@ print(json.dumps({
 """
 
 
-def test_a_traced_request_leaves_an_exemplar_in_the_openmetrics_exposition_only() -> None:
+def test_a_traced_request_leaves_an_exemplar_in_openmetrics_and_otlp_only() -> None:
     result = _python(
         _EXEMPLARS, MESH_SERVICE_NAME="gateway", MESH_STATIC_SERVICES="weather=127.0.0.1:1"
     )
@@ -910,6 +921,10 @@ def test_a_traced_request_leaves_an_exemplar_in_the_openmetrics_exposition_only(
         }
 
     assert samples(text) == samples(out["plain"][1])
+    # the OTLP push carries the same exemplar
+    ((trace_id, span_id, value),) = out["otlp"]
+    assert (trace_id, span_id) == (out["trace_id"], out["span_id"])
+    assert float(exemplar.split(" ")[1]) == pytest.approx(value)
 
 
 @pytest.mark.parametrize(

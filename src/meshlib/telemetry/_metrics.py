@@ -19,7 +19,8 @@ span id (``record(..., exemplar=(trace_id, span_id))``); each bucket keeps the l
 Only OpenMetrics can carry them (``openmetrics_text()``, served when the scraper asks for
 ``application/openmetrics-text``, as Prometheus does by default): the classic Prometheus
 text format has no syntax for them and stays exactly as it was for scrapers that ask for
-it. Keeping one per bucket costs a list store on traced requests only.
+it. The OTLP push (``_export.py``) carries them too. Keeping one per bucket costs a list
+store on traced requests only.
 """
 
 from __future__ import annotations
