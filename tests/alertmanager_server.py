@@ -119,6 +119,12 @@ class Alertmanager:
         except httpx.HTTPError:
             return False
 
+    def active_names(self) -> set[str]:
+        """The names of the alerts Alertmanager holds unresolved (inhibited ones too)."""
+        response = httpx.get(f"{self.url}/api/v2/alerts", timeout=5)
+        response.raise_for_status()
+        return {alert["labels"]["alertname"] for alert in response.json()}
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -29,6 +29,7 @@ class Prometheus:
         scrape_interval: str = "1s",
         rule_files: tuple[Path, ...] = (),
         alertmanager: str | None = None,
+        features: tuple[str, ...] = (),
     ) -> None:
         binary = require_tool("prometheus")
         self.port = free_port()
@@ -61,6 +62,7 @@ class Prometheus:
                 "--log.level=warn",
                 # firing alerts are re-sent to Alertmanager every second, not every minute
                 "--rules.alert.resend-delay=1s",
+                *(f"--enable-feature={feature}" for feature in features),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -81,6 +83,18 @@ class Prometheus:
         payload = response.json()
         assert payload["status"] == "success", (promql, payload)
         result: list[dict[str, Any]] = payload["data"]["result"]
+        return result
+
+    def exemplars(self, promql: str, start: float, end: float) -> list[dict[str, Any]]:
+        """``/api/v1/query_exemplars`` (needs ``features=("exemplar-storage",)``)."""
+        response = httpx.get(
+            f"{self.url}/api/v1/query_exemplars",
+            params={"query": promql, "start": start, "end": end},
+            timeout=5,
+        )
+        payload = response.json()
+        assert payload["status"] == "success", (promql, payload)
+        result: list[dict[str, Any]] = payload["data"]
         return result
 
     def value(self, promql: str) -> float | None:

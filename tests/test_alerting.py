@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,8 @@ ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 
 #: seconds of test time per minute of rule time
 SECONDS_PER_MINUTE = 3
+#: the edge error-rate window (5m in the rules), in test seconds
+ERROR_WINDOW = 5 * SECONDS_PER_MINUTE
 _DURATION = re.compile(r"(\[|for: )(\d+)([mh])\b")
 
 
@@ -209,14 +212,38 @@ def test_a_recovered_service_does_not_page_late(healthy_mesh: Mesh, tmp_path: Pa
             what=f"the breaker's resolution (received so far: {receiver.names()})",
         )
         # the error-rate window still holds the outage's failures: the edge alert keeps
-        # firing for a while after recovery, and must not page meanwhile
+        # firing for a while after recovery, and must not page meanwhile. It must end while
+        # the inhibition still holds: by design, with the error-rate window (15 s here) of
+        # margin, not by timing luck (one minute of rule time, 3 s here, was too little for
+        # a loaded machine)
+        wait_until(
+            lambda: not alerting.active("MeshlibEdgeErrorRate"),
+            timeout=90,
+            what="the edge alert over",
+        )
+        edge_over = time.monotonic()
+        assert alerting.active("MeshlibCircuitBreakerRecentlyOpen"), (
+            "the inhibition lapsed before the edge alert resolved"
+        )
+        # and its resolution reaches Alertmanager while the inhibition is in force there
         wait_until(
             lambda: (
-                not alerting.active("MeshlibEdgeErrorRate")
-                and not alerting.active("MeshlibCircuitBreakerRecentlyOpen")
+                alerting.alertmanager.active_names() >= {"MeshlibCircuitBreakerRecentlyOpen"}
+                and "MeshlibEdgeErrorRate" not in alerting.alertmanager.active_names()
             ),
+            timeout=30,
+            what="Alertmanager to hold the inhibition and no longer the edge alert",
+        )
+        wait_until(
+            lambda: not alerting.active("MeshlibCircuitBreakerRecentlyOpen"),
             timeout=90,
-            what="the edge alert and the inhibition both over",
+            what="the inhibition over",
+        )
+        # the margin, as designed: the inhibition outlasts the edge alert by about the
+        # error-rate window (15 s); at least half of it, whatever the scrapes' timing
+        margin = time.monotonic() - edge_over
+        assert margin >= ERROR_WINDOW / 2, (
+            f"the inhibition outlasted the edge alert by {margin:.1f}s"
         )
         assert not receiver.alerts("on-call", "MeshlibEdgeErrorRate", "firing"), receiver.names()
         assert not [

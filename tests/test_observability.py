@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,8 @@ def prometheus(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "geo": chain.geo.admin_address,
         },
         "/mesh/metrics",
+        # Prometheus scrapes OpenMetrics (its default Accept header) and keeps exemplars
+        features=("exemplar-storage",),
     )
     yield server
     server.stop()
@@ -193,7 +196,7 @@ def test_the_callers_verified_identity_labels_server_metrics_and_spans(
         "MESH_SHUTDOWN_DELAY": "100ms",
         "MESH_DRAIN_TIMEOUT": "2s",
     }
-    geo = serve("chain_app:app", {**tls, "MESH_SERVICE_NAME": "geo"})
+    geo = serve("chain_app:app", {**tls, "MESH_SERVICE_NAME": "geo", "MESH_ACCESS_LOG": "json"})
     forecast = serve(
         "chain_app:app",
         {**tls, "MESH_SERVICE_NAME": "forecast", "MESH_STATIC_SERVICES": f"geo={geo.address}"},
@@ -218,6 +221,21 @@ def test_the_callers_verified_identity_labels_server_metrics_and_spans(
     assert span.attributes["service.peer.name"] == "forecast"
     assert span.attributes["meshlib.peer.identity"] == (
         "spiffe://meshlib.test/ns/default/dc/dc1/svc/forecast"
+    )
+    # the access log names the verified caller, marked verified
+    (line,) = wait_until(
+        lambda: [
+            json.loads(raw)
+            for raw in geo.output.decode(errors="replace").splitlines()
+            if raw.startswith("{") and '"direction":"inbound"' in raw
+        ],
+        timeout=20,
+        what="geo's inbound access log line",
+    )
+    assert (line["source"], line["source_verified"], line["peer"]) == (
+        "forecast",
+        True,
+        "spiffe://meshlib.test/ns/default/dc/dc1/svc/forecast",
     )
 
 
@@ -247,6 +265,34 @@ def test_access_log_has_one_json_line_per_request_with_trace_ids(chain: Chain) -
     assert outbound[0]["endpoint"] == chain.geo.address
     assert isinstance(outbound[0]["duration"], float)
     assert token not in json.dumps(forecast)  # no query strings: they may carry secrets
+
+
+def test_inbound_lines_name_an_unverified_caller_as_it_names_itself(chain: Chain) -> None:
+    # no mTLS in this chain: the callers' names come from x-mesh-source, marked unverified
+    r = httpx.get(f"{chain.gateway.url}/plan", headers={"x-mesh-source": "mallory"}, timeout=20)
+    trace_id = r.json()["trace_id"]
+
+    def inbound(served: Served) -> list[dict[str, object]]:
+        return [
+            json.loads(raw)
+            for raw in served.output.decode(errors="replace").splitlines()
+            if raw.startswith("{") and trace_id in raw and '"direction":"inbound"' in raw
+        ]
+
+    lines = wait_until(
+        lambda: all(inbound(s) for s in chain.all) and [inbound(s) for s in chain.all]
+    )
+    gateway, forecast, geo = (served[0] for served in lines)
+    assert (forecast["source"], forecast["source_verified"], forecast["peer"]) == (
+        "gateway",
+        False,
+        None,
+    )
+    assert (geo["source"], geo["source_verified"]) == ("forecast", False)
+    # anyone can claim a name: it is shown as claimed, and never labels a metric
+    assert (gateway["source"], gateway["source_verified"]) == ("mallory", False)
+    metrics = httpx.get(f"{chain.gateway.admin_url}/mesh/metrics", timeout=10).text
+    assert "mallory" not in metrics
 
 
 def test_services_push_metrics_over_otlp(chain: Chain, otlp: OtlpReceiver) -> None:
@@ -332,6 +378,31 @@ def test_prometheus_scrapes_the_counts_and_error_rate_the_test_produced(
         )
         == 1
     )
+
+
+def test_prometheus_links_latency_buckets_to_the_trace_by_exemplars(
+    chain: Chain, prometheus: Prometheus
+) -> None:
+    start = time.time() - 1
+    trace_id = httpx.get(f"{chain.gateway.url}/plan", timeout=20).json()["trace_id"]
+
+    def linked() -> list[str]:
+        found = prometheus.exemplars(
+            'http_server_request_duration_seconds_bucket{service_name="forecast"}',
+            start,
+            time.time() + 1,
+        )
+        return [
+            exemplar["labels"]["trace_id"]
+            for series in found
+            for exemplar in series["exemplars"]
+            if exemplar["labels"].get("trace_id") == trace_id
+        ]
+
+    wait_until(linked, timeout=30, what=f"an exemplar of trace {trace_id} in Prometheus")
+    target = httpx.get(f"{prometheus.url}/api/v1/targets", timeout=5).json()
+    for active in target["data"]["activeTargets"]:  # OpenMetrics parsed without error
+        assert active["lastError"] == "", active
 
 
 def test_meshlib_top_once_prints_each_edge(chain: Chain, prometheus: Prometheus) -> None:

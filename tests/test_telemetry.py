@@ -21,9 +21,15 @@ import httpx
 import pytest
 
 import meshlib
+from backends import BackendFactory, free_port
 from meshlib._config import load_config
 from meshlib.telemetry import prometheus_text, record_certificate_expiry
-from meshlib.telemetry._admin import admin_listener, is_loopback, serve_admin
+from meshlib.telemetry._admin import (
+    admin_listener,
+    is_loopback,
+    serve_admin,
+    wants_openmetrics,
+)
 from meshlib.telemetry._export import otlp_metrics
 from meshlib.telemetry._inbound import peer_service
 from meshlib.telemetry._metrics import REGISTRY, Registry
@@ -457,6 +463,42 @@ def test_inbound_access_log_lines_mark_injected_faults(
     assert [(line["status"], bool(line["fault"])) for line in lines] == [(200, False), (500, True)]
 
 
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_inbound_lines_mark_a_claimed_caller_unverified(
+    caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    env = {"MESH_SERVICE_NAME": "geo", "MESH_ACCESS_LOG": "json"}
+    transport: httpx.BaseTransport
+    if kind == "asgi":
+        api = fastapi.FastAPI()
+        api.get("/")(lambda: "ok")
+        transport = _SyncASGI(meshlib.ASGIMiddleware(api, config=load_config(env)))
+    else:
+
+        def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        wsgi = meshlib.WSGIMiddleware(app, config=load_config(env))  # type: ignore[arg-type]
+        transport = httpx.WSGITransport(app=wsgi)
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    logging.getLogger("meshlib.access").addHandler(caplog.handler)
+    try:
+        with httpx.Client(transport=transport, base_url="http://x") as c:
+            c.get("/", headers={"x-mesh-source": "forecast"})
+            c.get("/", headers={"x-mesh-source": 'a "name" with spaces'})
+            c.get("/")
+    finally:
+        logging.getLogger("meshlib.access").removeHandler(caplog.handler)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("inbound")]
+    assert [(line["source"], line["source_verified"], line["peer"]) for line in lines] == [
+        ("forecast", False, None),
+        (None, False, None),  # not a service name: not shown at all
+        (None, False, None),
+    ]
+    assert "forecast" not in prometheus_text()  # never a label
+
+
 def test_access_log_lines_can_go_to_a_file_of_their_own(tmp_path: pathlib.Path) -> None:
     parent = logging.getLogger("meshlib.access")
     kept = list(parent.handlers)  # an earlier test's handler: this one installs its own
@@ -691,3 +733,213 @@ def test_an_applications_own_tracer_provider_is_left_alone_and_used() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['GET weather', 'GET weather attempt']"
+
+
+_BYPASS = """
+import asyncio, json, sys, httpx, meshlib
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from meshlib.telemetry import prometheus_text
+memory = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(memory))
+trace.set_tracer_provider(provider)
+url = sys.argv[1]
+with meshlib.Client() as client:
+    echoed = client.get(url + "/echo").json()["headers"]
+    assert client.get(url + "/status/503").status_code == 503
+    try:
+        client.get("http://127.0.0.1:" + sys.argv[2] + "/")
+    except httpx.ConnectError:
+        pass
+    else:
+        raise AssertionError("nothing listens there")
+async def main():
+    async with meshlib.AsyncClient() as client:
+        assert (await client.get(url + "/whoami")).status_code == 200
+asyncio.run(main())
+spans = [
+    {
+        "name": s.name,
+        "kind": s.kind.name,
+        "trace_id": trace.format_trace_id(s.context.trace_id),
+        **dict(s.attributes or {}),
+    }
+    for s in memory.get_finished_spans()
+]
+print(json.dumps({"spans": spans, "echoed": echoed, "metrics": prometheus_text()}))
+"""
+
+
+def test_calls_that_bypass_the_mesh_leave_a_span_a_metric_and_an_access_log_line(
+    backends: BackendFactory, tmp_path: pathlib.Path
+) -> None:
+    backend = backends("plain")
+    log = tmp_path / "access.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", _BYPASS, backend.url, str(free_port())],
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MESH_"))},
+            "MESH_SERVICE_NAME": "gateway",
+            "MESH_STATIC_SERVICES": "weather=127.0.0.1:1",
+            "MESH_ACCESS_LOG": "json",
+            "MESH_ACCESS_LOG_FILE": str(log),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    port = backend.port
+    # one CLIENT span per request, named after the method, with the conventions' attributes
+    spans = sorted(out["spans"], key=lambda s: (s.get("server.port") != port, s["name"]))
+    assert [s["kind"] for s in spans] == ["CLIENT"] * 4
+    assert {s["name"] for s in spans} == {"GET"}
+    assert not [s for s in spans if "service.peer.name" in s]
+    ours = [s for s in spans if s["server.port"] == port]
+    assert sorted(s.get("http.response.status_code") for s in ours) == [200, 200, 503]
+    assert {s["server.address"] for s in spans} == {"127.0.0.1"}
+    (refused,) = (s for s in spans if s["server.port"] != port)
+    assert refused["error.type"] == "ConnectError"
+    # the trace goes on to the server, as with OpenTelemetry's own httpx instrumentation
+    traced = out["echoed"]["traceparent"].split("-")[1]
+    assert traced in {s["trace_id"] for s in ours}
+    assert "x-mesh-deadline-ms" not in out["echoed"]
+    assert "x-mesh-source" not in out["echoed"]  # the mesh's own headers stay in the mesh
+    # the duration metric: server.address and server.port, no service.peer.name
+    counts = [
+        line
+        for line in out["metrics"].splitlines()
+        if line.startswith("http_client_request_duration_seconds_count{")
+    ]
+    assert counts, out["metrics"]
+    assert not [line for line in counts if "service_peer_name" in line]
+    ok = f'http_response_status_code="200",server_address="127.0.0.1",server_port="{port}"'
+    assert [line.rsplit(" ", 1)[1] for line in counts if ok in line] == ["2"], counts
+    assert [line for line in counts if 'error_type="503"' in line], counts
+    assert [line for line in counts if 'error_type="ConnectError"' in line], counts
+    # and an access log line each, whose destination is no mesh service
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 4
+    assert {line["direction"] for line in lines} == {"outbound"}
+    assert {line["destination"] for line in lines} == {None}
+    assert {line["source"] for line in lines} == {"gateway"}
+    mine = [line for line in lines if line["endpoint"] == backend.address]
+    assert sorted((line["path"], line["status"]) for line in mine) == [
+        ("/echo", 200),
+        ("/status/503", 503),
+        ("/whoami", 200),
+    ]
+    assert [line["error"] for line in lines if line not in mine] == ["ConnectError"]
+
+
+_EXEMPLARS = """
+import json, httpx, meshlib
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from meshlib.telemetry._admin import serve_admin
+from meshlib.telemetry._export import otlp_metrics
+from meshlib.telemetry._metrics import REGISTRY
+from meshlib._config import load_config
+memory = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(memory))
+trace.set_tracer_provider(provider)
+client = meshlib.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+client.get("http://weather/x")
+(span,) = (s for s in memory.get_finished_spans() if s.name == "GET weather")
+admin = serve_admin("127.0.0.1", 0).url + "/mesh/metrics"
+prometheus = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+answers = {
+    name: httpx.get(admin, headers={"accept": accept} if accept else {})
+    for name, accept in (("prometheus", prometheus), ("plain", ""), ("text", "text/plain"))
+}
+(pushed,) = (
+    m for m in otlp_metrics(REGISTRY, load_config()).resource_metrics[0].scope_metrics[0].metrics
+    if m.name == "http.client.request.duration"
+)
+print(json.dumps({
+    "otlp": [
+        [trace.format_trace_id(e.trace_id), trace.format_span_id(e.span_id), e.value]
+        for point in pushed.data.data_points for e in point.exemplars
+    ],
+    "trace_id": trace.format_trace_id(span.context.trace_id),
+    "span_id": trace.format_span_id(span.context.span_id),
+    **{k: [r.headers["content-type"], r.text] for k, r in answers.items()},
+}))
+"""
+
+
+def test_a_traced_request_leaves_an_exemplar_in_openmetrics_and_otlp_only() -> None:
+    result = _python(
+        _EXEMPLARS, MESH_SERVICE_NAME="gateway", MESH_STATIC_SERVICES="weather=127.0.0.1:1"
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    kind, text = out["prometheus"]
+    assert kind.startswith("application/openmetrics-text; version=1.0.0")
+    assert text.endswith("# EOF\n")
+    traced = [
+        line
+        for line in text.splitlines()
+        if line.startswith("http_client_request_duration_seconds_bucket{") and " # {" in line
+    ]
+    assert len(traced) == 1, text
+    sample, exemplar = traced[0].split(" # ")
+    assert 'service_peer_name="weather"' in sample
+    assert exemplar.startswith(f'{{trace_id="{out["trace_id"]}",span_id="{out["span_id"]}"}} ')
+    # the exemplar's value lies in its bucket
+    bound = re.search(r'le="([^"]+)"', sample)
+    assert bound is not None
+    assert float(exemplar.split(" ")[1]) <= float(bound.group(1))
+    # counters are named by family in OpenMetrics; their samples keep _total
+    assert "# TYPE meshlib_client_retries counter" in text
+    assert "meshlib_client_retries_total{" in text
+    # old scrapers get the classic text, unchanged: no exemplars, no EOF marker
+    for name in ("plain", "text"):
+        kind, classic = out[name]
+        assert kind == "text/plain; version=0.0.4; charset=utf-8"
+        assert " # {" not in classic
+        assert "# EOF" not in classic
+        assert "# TYPE meshlib_client_retries_total counter" in classic
+
+    # the same samples either way
+    def samples(exposition: str) -> set[str]:
+        return {
+            line.split(" # ")[0]
+            for line in exposition.splitlines()
+            if line.startswith("http_client_request_duration_seconds")
+        }
+
+    assert samples(text) == samples(out["plain"][1])
+    # the OTLP push carries the same exemplar
+    ((trace_id, span_id, value),) = out["otlp"]
+    assert (trace_id, span_id) == (out["trace_id"], out["span_id"])
+    assert float(exemplar.split(" ")[1]) == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        (None, False),
+        ("*/*", False),
+        ("text/plain", False),
+        ("application/openmetrics-text", True),
+        ("text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0", True),
+        ("application/openmetrics-text;q=0.3,text/plain", False),
+        ("application/openmetrics-text;q=0", False),
+    ],
+)
+def test_openmetrics_only_when_the_scraper_prefers_it(
+    accept: str | None, openmetrics: bool
+) -> None:
+    assert wants_openmetrics(accept) is openmetrics

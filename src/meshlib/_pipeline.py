@@ -5,7 +5,8 @@ an attempt, do the I/O, tell it what happened, and sleep as long as it says. Eve
 decision lives here, once. The stages, outermost first, and why they sit where they do:
 
 1. **classify** (``Mesh.lookup``, before a Call exists): only mesh services get a Call;
-   other hosts pass through untouched and pay nothing further.
+   other hosts pass the egress policy and go through untouched but for their telemetry
+   (``OutboundTelemetry.external`` in the transports: a span, the duration, a log line).
 2. **deadline** (``Call.__init__``): one budget for the whole logical request, capped by the
    deadline of the inbound request being served, so no retry or backoff can outlive it.
    It is checked before every attempt and sent downstream with each. An attempt cut short

@@ -3,10 +3,11 @@
 ``MeshTransport`` wraps an inner transport that does the I/O (by default one pooled
 ``httpx.HTTPTransport`` for every endpoint; async, ``AsyncPoolTransport``, httpcore's
 connections under a free-list pool, because httpcore's own async pool caps throughput:
-see _async_pool.py). Hosts that are not mesh services pass
-straight through to it. For mesh services, the transport is a loop around a sans-IO
-``Call`` (_pipeline.py), which holds every policy decision, so the sync and async
-transports below differ only in ``await``.
+see _async_pool.py). Hosts that are not mesh services pass straight through to it
+(after the egress policy), measured like any other request (``_bypass``: a CLIENT span,
+the duration metric, an access log line). For mesh services, the transport is a loop
+around a sans-IO ``Call`` (_pipeline.py), which holds every policy decision, so the sync
+and async transports below differ only in ``await``.
 
 A request that may be hedged (``MESH_HEDGE_DELAY`` or the ``hedge`` option) takes a second
 loop, ``_hedged``, because its attempts may overlap: async, each attempt is a task in a
@@ -22,6 +23,7 @@ import logging
 import os
 import queue
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ from ._pipeline import MAX_HEDGES, WAIT, Attempt, Call, clone_request
 from ._runtime import Mesh, Pending
 from .security._refusals import TLS_REQUIRED_HEADER, tls_required_message
 from .security._verify import async_identity_check, identity_check
+from .telemetry import OutboundTelemetry
 from .telemetry import setup as setup_telemetry
 
 __all__ = ["AsyncClient", "AsyncMeshTransport", "Client", "MeshTransport"]
@@ -82,14 +85,7 @@ class MeshTransport(httpx.BaseTransport):
             self.mesh.discovery.wait(service.service, self.mesh.wait_timeout())
             service = self.mesh.resolve(service)
         if service is None:
-            self.mesh.security.egress.check(request.url.host)
-            try:
-                return self._inner.handle_request(request)
-            except httpx.ConnectError as exc:
-                error = self.mesh.unknown_service(request.url.host, exc)
-                if error is exc:
-                    raise
-                raise error from exc
+            return self._bypass(request)
         service, route = self.mesh.route(service, request)
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
@@ -120,6 +116,26 @@ class MeshTransport(httpx.BaseTransport):
                 time.sleep(delay)
         finally:
             call.finish(request, response)
+
+    def _bypass(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` to a host that is no mesh service, with telemetry around it.
+
+        The egress policy first, then straight to the inner transport.
+        """
+        telemetry = OutboundTelemetry.external(request)
+        response: httpx.Response | None = None
+        try:
+            self.mesh.security.egress.check(request.url.host)
+            try:
+                response = self._inner.handle_request(request)
+            except httpx.ConnectError as exc:
+                error = self.mesh.unknown_service(request.url.host, exc)
+                if error is exc:
+                    raise
+                raise error from exc
+            return response
+        finally:
+            telemetry.finish(None, response, None if response is not None else sys.exc_info()[1])
 
     def _pool(self, request: httpx.Request, service: str) -> httpx.BaseTransport:
         pool = self._tls.prepare(request, service)
@@ -217,14 +233,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             )
             service = self.mesh.resolve(service)
         if service is None:
-            self.mesh.security.egress.check(request.url.host)
-            try:
-                return await self._inner.handle_async_request(request)
-            except httpx.ConnectError as exc:
-                error = self.mesh.unknown_service(request.url.host, exc)
-                if error is exc:
-                    raise
-                raise error from exc
+            return await self._bypass(request)
         service, route = self.mesh.route(service, request)
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
@@ -255,6 +264,23 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 await anyio.sleep(delay)
         finally:
             call.finish(request, response)
+
+    async def _bypass(self, request: httpx.Request) -> httpx.Response:
+        """The async twin of ``MeshTransport._bypass``."""
+        telemetry = OutboundTelemetry.external(request)
+        response: httpx.Response | None = None
+        try:
+            self.mesh.security.egress.check(request.url.host)
+            try:
+                response = await self._inner.handle_async_request(request)
+            except httpx.ConnectError as exc:
+                error = self.mesh.unknown_service(request.url.host, exc)
+                if error is exc:
+                    raise
+                raise error from exc
+            return response
+        finally:
+            telemetry.finish(None, response, None if response is not None else sys.exc_info()[1])
 
     async def _pool(self, request: httpx.Request, service: str) -> httpx.AsyncBaseTransport:
         pool = self._tls.prepare(request, service)

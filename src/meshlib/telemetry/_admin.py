@@ -9,7 +9,9 @@ kubelet's probes and Prometheus's scrapes go to the admin port (plaintext, whate
 ``MESH_TLS`` says, so they keep working under strict mTLS).
 
 * ``/mesh/health``, ``/mesh/health/ready``, ``/mesh/health/live``, ``/mesh/metrics`` (and
-  ``/metrics``): whoever can reach the listener, which is the operator's choice of address;
+  ``/metrics``): whoever can reach the listener, which is the operator's choice of address.
+  Metrics are Prometheus text, or OpenMetrics with exemplars when the scraper prefers
+  ``application/openmetrics-text`` in its ``Accept`` header (Prometheus does by default);
 * ``/mesh/status`` lists internal addresses: loopback peers only, whatever the address.
 
 Who is asking is the TCP peer's address, decided by ``ipaddress`` (never by a text prefix:
@@ -33,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .._version import __version__
-from ._metrics import REGISTRY
+from ._metrics import OPENMETRICS_TYPE, REGISTRY
 
 __all__ = [
     "AdminListener",
@@ -43,6 +45,7 @@ __all__ = [
     "serve_admin",
     "set_routes",
     "stop_admin",
+    "wants_openmetrics",
 ]
 
 logger = logging.getLogger("meshlib.telemetry")
@@ -64,6 +67,39 @@ def is_loopback(host: str | None) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
+
+
+def wants_openmetrics(accept: str | None) -> bool:
+    """Whether an ``Accept`` header prefers OpenMetrics to the Prometheus text format.
+
+    Prometheus sends ``application/openmetrics-text;version=1.0.0,...,text/plain;
+    version=0.0.4;q=0.5,*/*;q=0.1``; a scraper that names only ``text/plain`` or ``*/*``
+    (or nothing) keeps the classic text, unchanged.
+    """
+    if not accept or "openmetrics" not in accept:
+        return False
+    best = {"openmetrics": 0.0, "text": 0.0}
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        kind = (
+            "openmetrics"
+            if media.lower() == "application/openmetrics-text"
+            else "text"
+            if media.lower() == "text/plain"
+            else None
+        )
+        if kind is None:
+            continue
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        best[kind] = max(best[kind], quality)
+    return best["openmetrics"] > 0 and best["openmetrics"] >= best["text"]
 
 
 class AdminListener(threading.Thread):
@@ -134,6 +170,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers: Sequence[tuple[str, str]]
         if not path.startswith("/mesh/"):
             status, headers, body = _json(404, {"error": f"no admin route {path}"})
+        elif path == "/mesh/metrics" and wants_openmetrics(self.headers.get("Accept")):
+            body = REGISTRY.openmetrics_text().encode()
+            status, headers = 200, [("content-type", OPENMETRICS_TYPE)]
         elif routes is not None:
             status, headers, body = routes("GET", path, peer)
         else:

@@ -22,6 +22,7 @@ from .._config import MeshConfig
 from .._version import __version__
 from ._admin import serve_admin
 from ._metrics import REGISTRY, Counter, Gauge, Histogram, Registry
+from ._metrics import Exemplar as ExemplarData
 from ._names import SERVICE_NAME
 
 __all__ = ["otlp_metrics", "start_exporters"]
@@ -142,6 +143,7 @@ def otlp_metrics(registry: Registry, config: MeshConfig) -> Any:
     for metric in registry.metrics:
         data: Any
         if isinstance(metric, Histogram):
+            traced = metric.collect_exemplars()
             points = [
                 HistogramDataPoint(
                     attributes=_attributes(metric.keys, labels),
@@ -153,6 +155,7 @@ def otlp_metrics(registry: Registry, config: MeshConfig) -> Any:
                     explicit_bounds=metric.bounds,
                     min=low,
                     max=high,
+                    exemplars=_exemplars(traced.get(labels)),
                 )
                 for labels, buckets, count, total, low, high in metric.collect()
             ]
@@ -178,6 +181,18 @@ def otlp_metrics(registry: Registry, config: MeshConfig) -> Any:
             metrics.append(Metric(metric.name, metric.description, metric.unit, data))
     scope = ScopeMetrics(InstrumentationScope("meshlib", __version__), metrics, "")
     return MetricsData([ResourceMetrics(_resource(config), [scope], "")])
+
+
+def _exemplars(traced: list[ExemplarData | None] | None) -> list[Any]:
+    """A data point's exemplars (the latest traced observation per bucket), for the SDK."""
+    if not traced:
+        return []
+    from opentelemetry.sdk.metrics import Exemplar
+
+    return [
+        Exemplar({}, value, int(at * 1e9), span_id=int(span_id, 16), trace_id=int(trace_id, 16))
+        for trace_id, span_id, value, at in (e for e in traced if e is not None)
+    ]
 
 
 def _attributes(keys: tuple[str, ...], labels: tuple[str, ...]) -> dict[str, str]:

@@ -13,13 +13,16 @@ of it instead. The caller's identity is read after the handler ran, from
 ``scope["meshlib.peer"]`` / ``environ["meshlib.peer"]`` (the verified identity the TLS
 layer puts there, or ``None``) and becomes ``service.peer.name``: only a verified
 identity, never a header, since a label any caller could choose would be neither true
-nor bounded.
+nor bounded. Without one, the access log line still names the caller as it names itself
+(``x-mesh-source``, which meshlib clients send), marked ``"source_verified": false``: a
+hint for whoever reads the log, never a label and never an authorization.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -40,10 +43,11 @@ from ._names import (
     HTTP_RESPONSE_STATUS_CODE,
     PEER_IDENTITY,
     SERVICE_PEER_NAME,
+    SOURCE_HEADER,
     BoundedLabel,
     method_label,
 )
-from ._outbound import span_ids
+from ._outbound import exemplar, span_ids
 from ._state import STATE, setup
 
 if TYPE_CHECKING:
@@ -66,6 +70,17 @@ _CARRIED = {b"traceparent": "traceparent", b"tracestate": "tracestate"}
 #: marks a response whose request got an injected fault (server/_faults.py sets it)
 _FAULT_HEADER_TEXT = "x-mesh-fault"
 _FAULT_HEADER = _FAULT_HEADER_TEXT.encode()
+_SOURCE_HEADER = SOURCE_HEADER.encode()
+_SOURCE_ENVIRON = "HTTP_" + SOURCE_HEADER.upper().replace("-", "_")
+#: what a claimed service name may look like (else it is not shown at all)
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def claimed_source(value: str | None) -> str:
+    """The service a caller says it is (``x-mesh-source``), if it looks like a name."""
+    if value and _SERVICE_NAME.fullmatch(value):
+        return value
+    return ""
 
 
 def peer_service(peer: object) -> str:
@@ -85,12 +100,29 @@ def peer_service(peer: object) -> str:
 class InboundCall:
     """One inbound request: started before the mesh's stages, finished after the app."""
 
-    __slots__ = ("_method", "_path", "_scheme", "_span", "_start", "_token", "fault", "status")
+    __slots__ = (
+        "_claimed",
+        "_method",
+        "_path",
+        "_scheme",
+        "_span",
+        "_start",
+        "_token",
+        "fault",
+        "status",
+    )
 
     def __init__(
-        self, method: str, path: str, carrier: dict[str, str], scheme: str = "http"
+        self,
+        method: str,
+        path: str,
+        carrier: dict[str, str],
+        scheme: str = "http",
+        claimed: str = "",
     ) -> None:
         self._start = time.perf_counter()
+        #: the caller's service as it names itself (``x-mesh-source``), unverified
+        self._claimed = claimed_source(claimed)
         self._method = method
         self._path = path
         self._scheme = scheme
@@ -158,6 +190,7 @@ class InboundCall:
                     route or "",
                     self._scheme,
                 ),
+                exemplar(self._span),
             )
             if STATE.path_label and (route or status != 404):
                 # an unmatched request (a 404 without a route template) never takes one of
@@ -193,7 +226,9 @@ class InboundCall:
                         "direction": "inbound",
                         "trace_id": trace_id,
                         "span_id": span_id,
-                        "source": caller or None,
+                        # the verified caller, else the one it claims to be (marked)
+                        "source": caller or self._claimed or None,
+                        "source_verified": bool(caller),
                         "peer": None if peer is None else str(peer),
                         "destination": STATE.source,
                         "method": self._method,
@@ -218,12 +253,14 @@ def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
         if path.startswith(_RESERVED):
             await handler(scope, receive, send)
             return
-        carrier = {
-            _CARRIED[name]: value.decode("latin-1")
-            for name, value in scope["headers"]
-            if name in _CARRIED
-        }
-        call = InboundCall(scope["method"], path, carrier, scope.get("scheme", "http"))
+        carrier: dict[str, str] = {}
+        claimed = ""
+        for name, value in scope["headers"]:
+            if name in _CARRIED:
+                carrier[_CARRIED[name]] = value.decode("latin-1")
+            elif name == _SOURCE_HEADER:
+                claimed = value.decode("latin-1")
+        call = InboundCall(scope["method"], path, carrier, scope.get("scheme", "http"), claimed)
 
         async def measured_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -266,6 +303,7 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
             path,
             carrier,
             environ.get("wsgi.url_scheme", "http"),
+            environ.get(_SOURCE_ENVIRON, ""),
         )
 
         route: list[str | None] = [None]

@@ -13,6 +13,14 @@ where it is cheap: off the request path.
 Labels are fixed per metric (``keys``) and their values bounded: services, versions,
 methods, status codes, error types and reasons. URL paths and endpoint addresses appear
 only on the opt-in instruments (``MESH_METRICS_LABELS``), capped per process.
+
+**Exemplars.** A histogram observation made inside a sampled trace may carry its trace and
+span id (``record(..., exemplar=(trace_id, span_id))``); each bucket keeps the latest one.
+Only OpenMetrics can carry them (``openmetrics_text()``, served when the scraper asks for
+``application/openmetrics-text``, as Prometheus does by default): the classic Prometheus
+text format has no syntax for them and stays exactly as it was for scrapers that ask for
+it. The OTLP push (``_export.py``) carries them too. Keeping one per bucket costs a list
+store on traced requests only.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from ._names import prometheus_name
 
 __all__ = [
     "DURATION_BUCKETS",
+    "OPENMETRICS_TYPE",
     "REGISTRY",
     "Counter",
     "Gauge",
@@ -54,6 +63,8 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )
 
 Labels = tuple[str, ...]
+#: (trace id, span id, observed value, Unix time) of one traced observation
+Exemplar = tuple[str, str, float, float]
 
 logger = logging.getLogger("meshlib.telemetry")
 
@@ -138,10 +149,12 @@ class Gauge(_Metric):
 
 
 class _Series:
-    __slots__ = ("buckets", "count", "max", "min", "sum")
+    __slots__ = ("buckets", "count", "exemplars", "max", "min", "sum")
 
     def __init__(self, size: int) -> None:
         self.buckets = [0] * size
+        #: the latest traced observation per bucket (None until a traced one)
+        self.exemplars: list[Exemplar | None] | None = None
         self.count = 0
         self.sum = 0.0
         self.min = math.inf
@@ -163,8 +176,8 @@ class Histogram(_Metric):
         self.bounds = tuple(buckets)
         self._series: dict[Labels, _Series] = {}
 
-    def record(self, value: float, labels: Labels) -> None:
-        """Record one observation."""
+    def record(self, value: float, labels: Labels, exemplar: tuple[str, str] | None = None) -> None:
+        """Record one observation (``exemplar``: the hex trace and span id it was made in)."""
         series = self._series.get(labels)
         if series is None:
             with self._lock:
@@ -178,6 +191,10 @@ class Histogram(_Metric):
                 series.min = value
             if value > series.max:
                 series.max = value
+            if exemplar is not None:
+                if series.exemplars is None:
+                    series.exemplars = [None] * len(series.buckets)
+                series.exemplars[index] = (*exemplar, value, time.time())
 
     def collect(self) -> list[tuple[Labels, list[int], int, float, float, float]]:
         """(labels, per-bucket counts, count, sum, min, max) for every series."""
@@ -186,6 +203,15 @@ class Histogram(_Metric):
                 (labels, list(s.buckets), s.count, s.sum, s.min, s.max)
                 for labels, s in self._series.items()
             ]
+
+    def collect_exemplars(self) -> dict[Labels, list[Exemplar | None]]:
+        """The latest exemplar of each bucket, for the series that have any."""
+        with self._lock:
+            return {
+                labels: list(s.exemplars)
+                for labels, s in self._series.items()
+                if s.exemplars is not None
+            }
 
 
 Metric = Counter | Gauge | Histogram
@@ -244,30 +270,57 @@ class Registry:
 
     def prometheus_text(self) -> str:
         """Every metric in the Prometheus text exposition format (version 0.0.4)."""
+        return self._exposition(openmetrics=False)
+
+    def openmetrics_text(self) -> str:
+        """Every metric in the OpenMetrics text format (1.0.0), with exemplars.
+
+        The samples are the same as ``prometheus_text``'s, label values included (``le``
+        too, so a scraper switching formats keeps its series); counters are named by their
+        family in ``# TYPE`` (without ``_total``), and the text ends with ``# EOF``.
+        """
+        return self._exposition(openmetrics=True) + "# EOF\n"
+
+    def _exposition(self, *, openmetrics: bool) -> str:
         out: list[str] = []
         for metric in self.metrics:
             try:
-                _render(metric, out)
+                _render(metric, out, openmetrics)
             except Exception:  # a failing gauge callback must not hide the other metrics
                 logger.exception("collecting %s failed", metric.name)
         return "".join(out)
 
 
-def _render(metric: Metric, out: list[str]) -> None:
+#: The content type of ``Registry.openmetrics_text``.
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def _render(metric: Metric, out: list[str], openmetrics: bool = False) -> None:
     name = metric.prometheus
+    escape_help = _help_openmetrics if openmetrics else _help
     if isinstance(metric, Histogram):
         series = metric.collect()
         if not series:
             return
-        out.append(f"# HELP {name} {_help(metric.description)}\n# TYPE {name} histogram\n")
+        exemplars = metric.collect_exemplars() if openmetrics else {}
+        out.append(f"# HELP {name} {escape_help(metric.description)}\n# TYPE {name} histogram\n")
         bounds = [_number(b) for b in metric.bounds] + ["+Inf"]
         for labels, buckets, count, total, _, _ in series:
             base = _labels(metric.label_names, labels)
+            traced = exemplars.get(labels)
             cumulative = 0
-            for bound, n in zip(bounds, buckets, strict=True):
+            for index, (bound, n) in enumerate(zip(bounds, buckets, strict=True)):
                 cumulative += n
                 le = f'le="{bound}"'
-                out.append(f"{name}_bucket{{{base + ',' if base else ''}{le}}} {cumulative}\n")
+                line = f"{name}_bucket{{{base + ',' if base else ''}{le}}} {cumulative}"
+                exemplar = traced[index] if traced is not None else None
+                if exemplar is not None:
+                    trace_id, span_id, value, at = exemplar
+                    line += (
+                        f' # {{trace_id="{trace_id}",span_id="{span_id}"}} '
+                        f"{_number(value)} {at:.3f}"
+                    )
+                out.append(line + "\n")
             braces = f"{{{base}}}" if base else ""
             out.append(f"{name}_sum{braces} {_number(total)}\n{name}_count{braces} {count}\n")
         return
@@ -275,7 +328,8 @@ def _render(metric: Metric, out: list[str]) -> None:
     if not values:
         return
     kind = "counter" if isinstance(metric, Counter) else "gauge"
-    out.append(f"# HELP {name} {_help(metric.description)}\n# TYPE {name} {kind}\n")
+    family = name[: -len("_total")] if openmetrics and kind == "counter" else name
+    out.append(f"# HELP {family} {escape_help(metric.description)}\n# TYPE {family} {kind}\n")
     for labels, value in values:
         base = _labels(metric.label_names, labels)
         braces = f"{{{base}}}" if base else ""
@@ -292,6 +346,10 @@ def _escape(value: str) -> str:
 
 def _help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _help_openmetrics(text: str) -> str:
+    return _help(text).replace('"', '\\"')
 
 
 def _number(value: float) -> str:

@@ -45,6 +45,7 @@ __all__ = [
     "SERVICE_NAME",
     "SERVICE_PEER_NAME",
     "SERVICE_VERSION",
+    "SOURCE_HEADER",
     "URL_PATH",
     "URL_SCHEME",
     "BoundedLabel",
@@ -72,6 +73,11 @@ LIMIT_SCOPE: Final = "meshlib.limit.scope"
 FAULT_KIND: Final = "meshlib.fault.kind"
 #: On an attempt span: the attempt was abandoned (a hedge race's loser), not failed.
 ATTEMPT_CANCELLED: Final = "meshlib.attempt.cancelled"
+#: The request header a meshlib client names its own service in (``MESH_SERVICE_NAME``),
+#: on every attempt to a mesh service. A claim, not an identity: any caller can send it,
+#: so it is only ever shown as unverified (inbound access log lines), never a metric label
+#: and never used to authorize (identity comes from the client certificate alone).
+SOURCE_HEADER: Final = "x-mesh-source"
 #: Span events.
 ENDPOINT_EJECTED_EVENT: Final = "meshlib.endpoint.ejected"
 BREAKER_REFUSED_EVENT: Final = "meshlib.breaker.refused"

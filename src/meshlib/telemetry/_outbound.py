@@ -11,9 +11,18 @@ Spans, when a tracer provider is installed: one CLIENT span for the logical requ
 of whatever span is current, e.g. the inbound request being served) and, under it, one
 CLIENT span per attempt carrying the endpoint, the attempt number, the reason for the retry,
 the breaker's state after a failure and an event when the attempt got its endpoint ejected.
-``traceparent``/``tracestate`` are injected per attempt, so the callee's SERVER span is a
+``traceparent``/``tracestate`` are injected per attempt (with ``x-mesh-source``, this
+process's service name, for the callee's access log), so the callee's SERVER span is a
 child of the attempt that reached it. Without a provider no span is made, and an incoming
 trace context is passed on unchanged.
+
+A request that bypasses the mesh (an IP address, a host that is no mesh service) gets the
+same record with ``service`` empty (``OutboundTelemetry.external``): one CLIENT span named
+after the method alone (no attempt spans: there is one send and no policy), the duration
+metric without ``service.peer.name`` -- the conventions' attributes only, ``server.address``
+capped like an endpoint's (an IP per call would grow a series per address) -- and an access
+log line whose ``destination`` is null. Its ``traceparent`` is injected as OpenTelemetry's
+httpx instrumentation does; the mesh's own headers (deadline, source) are not sent.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from ._names import (
     PEER_VERSION,
     RETRY_REASON,
     SERVICE_PEER_NAME,
+    SOURCE_HEADER,
     BoundedLabel,
     method_label,
 )
@@ -65,13 +75,15 @@ if TYPE_CHECKING:
     from ..discovery import Endpoint
     from ..resilience._retry import Outcome
 
-__all__ = ["OutboundTelemetry", "span_ids"]
+__all__ = ["OutboundTelemetry", "exemplar", "span_ids"]
 
 logger = logging.getLogger("meshlib.telemetry")
 
 #: the opt-in unbounded labels, capped per process
 _ENDPOINTS = BoundedLabel()
 _PATHS = BoundedLabel()
+#: the hosts of requests that bypass the mesh (always recorded, so capped too)
+_EXTERNAL = BoundedLabel()
 
 
 class OutboundTelemetry:
@@ -90,6 +102,8 @@ class OutboundTelemetry:
     )
 
     def __init__(self, service: str, request: httpx.Request) -> None:
+        """Start timing (and the CLIENT span of) ``request`` to mesh ``service`` (empty:
+        a request that bypasses the mesh; see ``external``)."""
         self._start = time.perf_counter()
         self._service = service
         self._method = request.method
@@ -111,19 +125,36 @@ class OutboundTelemetry:
                     trace.get_current_span(current).get_span_context().is_valid
                 )
                 return
-            url = request.url
+            attributes: dict[str, str | int] = {
+                HTTP_REQUEST_METHOD: self._method,
+                SERVER_ADDRESS: url.host,
+                URL_FULL: f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}",
+            }
+            if service:
+                attributes[SERVICE_PEER_NAME] = service
+            else:  # the only send: the port is the one the request goes to
+                attributes[SERVER_PORT] = int(self._port)
             self._span = tracer.start_span(
-                f"{self._method} {service}",
+                f"{self._method} {service}" if service else self._method,
                 kind=SpanKind.CLIENT,
-                attributes={
-                    HTTP_REQUEST_METHOD: self._method,
-                    SERVER_ADDRESS: url.host,
-                    URL_FULL: f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}",
-                    SERVICE_PEER_NAME: service,
-                },
+                attributes=attributes,
             )
         except Exception:
             logger.exception("outbound telemetry failed")
+
+    @classmethod
+    def external(cls, request: httpx.Request) -> OutboundTelemetry:
+        """The telemetry of ``request``, which bypasses the mesh (not a mesh service):
+        its trace context is injected here, as there is no attempt to inject it."""
+        telemetry = cls("", request)
+        try:
+            if telemetry._span is not None:
+                inject(request.headers, context=trace.set_span_in_context(telemetry._span))
+            elif telemetry._carry:
+                inject(request.headers)
+        except Exception:
+            logger.exception("outbound telemetry failed")
+        return telemetry
 
     def attempt_started(
         self, request: httpx.Request, endpoint: Endpoint, number: int, retry_reason: str
@@ -132,6 +163,8 @@ class OutboundTelemetry:
         ``hedge`` for a hedge). Returns the attempt's span, to pass back when it ends."""
         try:
             self._version = endpoint.meta.get("version", "")
+            if STATE.source:  # who is calling, for the callee's access log (unverified there)
+                request.headers[SOURCE_HEADER] = STATE.source
             span = self._span
             if span is None:
                 if self._carry:
@@ -225,14 +258,18 @@ class OutboundTelemetry:
             logger.exception("outbound telemetry failed")
 
     def finish(
-        self, info: CallInfo, response: httpx.Response | None, error: BaseException | None
+        self, info: CallInfo | None, response: httpx.Response | None, error: BaseException | None
     ) -> None:
-        """The logical request ended with ``response`` or ``error``: record it all."""
+        """The logical request ended with ``response`` or ``error``: record it all
+        (``info``: what the mesh did; None for a request that bypassed it)."""
         try:
             duration = time.perf_counter() - self._start
             source = STATE.source
             status = response.status_code if response is not None else None
             error_type = "" if status is not None else _error_type(error)
+            address, port = self._address, self._port
+            if not self._service:
+                address, port = _bounded_address(address, port)
             CLIENT_DURATION.record(
                 duration,
                 (
@@ -243,9 +280,10 @@ class OutboundTelemetry:
                     "" if status is None else str(status),
                     # error.type on every failed request: a 4xx or 5xx for a client
                     error_type or (str(status) if status is not None and status >= 400 else ""),
-                    self._address,
-                    self._port,
+                    address,
+                    port,
                 ),
+                exemplar(self._span),
             )
             if STATE.path_label and self._path:
                 CLIENT_PATH_DURATION.record(
@@ -258,7 +296,7 @@ class OutboundTelemetry:
                         "" if status is None else str(status),
                     ),
                 )
-            for reason in info.retry_reasons:
+            for reason in info.retry_reasons if info is not None else ():
                 CLIENT_RETRIES.add((source, self._service, reason))
             if error_type == "CircuitOpen":
                 CLIENT_BREAKER_REFUSED.add((source, self._service))
@@ -273,12 +311,13 @@ class OutboundTelemetry:
     def _end_span(
         self,
         span: trace.Span,
-        info: CallInfo,
+        info: CallInfo | None,
         status: int | None,
         error_type: str,
         error: BaseException | None,
     ) -> None:
-        span.set_attribute(MESH_ATTEMPTS, info.attempts)
+        if info is not None:
+            span.set_attribute(MESH_ATTEMPTS, info.attempts)
         if status is not None:
             span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if status >= 500:
@@ -293,7 +332,7 @@ class OutboundTelemetry:
 
     def _log(
         self,
-        info: CallInfo,
+        info: CallInfo | None,
         status: int | None,
         error_type: str,
         duration: float,
@@ -307,15 +346,15 @@ class OutboundTelemetry:
                 "trace_id": trace_id,
                 "span_id": span_id,
                 "source": STATE.source,
-                "destination": self._service,
+                "destination": self._service or None,
                 "method": self._method,
                 "path": self._path,
                 "status": status,
                 "error": error_type or None,
                 "duration": round(duration, 6),
-                "attempts": info.attempts,
-                "retry_reasons": info.retry_reasons,
-                "endpoint": info.endpoint,
+                "attempts": 1 if info is None else info.attempts,
+                "retry_reasons": [] if info is None else info.retry_reasons,
+                "endpoint": f"{self._address}:{self._port}" if info is None else info.endpoint,
             },
         )
 
@@ -328,11 +367,29 @@ def span_ids(span: trace.Span | None) -> tuple[str, str]:
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
 
 
+def exemplar(span: trace.Span | None) -> tuple[str, str] | None:
+    """The hex trace and span id of ``span`` for a histogram exemplar, or None when there
+    is no span or its trace is not sampled (an exemplar must lead to a stored trace)."""
+    if span is None:
+        return None
+    context = span.get_span_context()
+    if not context.trace_flags.sampled:
+        return None
+    return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+
 def _endpoint_labels(endpoint: Endpoint) -> tuple[str, str]:
     """The server.address and server.port labels, capped together (by the address)."""
     if _ENDPOINTS(endpoint.address) == "_OTHER":
         return "_OTHER", "_OTHER"
     return endpoint.host, str(endpoint.port)
+
+
+def _bounded_address(host: str, port: str) -> tuple[str, str]:
+    """A bypassing request's server.address and server.port, capped together."""
+    if _EXTERNAL(f"{host}:{port}") == "_OTHER":
+        return "_OTHER", "_OTHER"
+    return host, port
 
 
 def _error_type(error: BaseException | None) -> str:

@@ -47,7 +47,8 @@ def _query(client: httpx.Client, promql: str) -> list[tuple[tuple[str, str], flo
     for item in payload["data"]["result"]:
         labels = item["metric"]
         key = (labels.get("service_name", ""), labels.get("service_peer_name", ""))
-        rows.append((key, float(item["value"][1])))
+        if key[1]:  # calls that bypass the mesh have no destination service: no edge
+            rows.append((key, float(item["value"][1])))
     return rows
 
 
