@@ -56,6 +56,7 @@ from urllib.parse import quote
 
 import httpx
 
+from .._acl import FILTERED_HEADER, refusal
 from .._config import ConsulSettings
 from ..routing._chain import Target
 from ..routing._consul import CompiledChain, compile_chain
@@ -77,6 +78,10 @@ _MAX_CONNECTIONS = 150
 
 class _BadAnswer(Exception):
     """Consul answered, but not with something a watch can use."""
+
+
+class _Refused(_BadAnswer):
+    """Consul's ACLs refused the token (403): no outage, and said once per watch."""
 
 
 class ConsulDiscovery:
@@ -124,6 +129,9 @@ class ConsulDiscovery:
         self._snapshots: dict[str, Snapshot] = {}
         #: every service name in the catalog; None until the catalog first answers.
         self._services: frozenset[str] | None = None
+        #: whether Consul's ACLs removed services from the last catalog answer: a service
+        #: missing from it may exist, hidden from this token (no ``service:read`` on it)
+        self.catalog_filtered = False
         self._watched: set[str] = set()
         self._listeners: tuple[SnapshotListener, ...] = ()
         self._chains_on = chains
@@ -283,18 +291,19 @@ class ConsulDiscovery:
         params: Mapping[str, str] | None = None,
         *,
         missing_ok: bool = False,
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         """Keep a blocking query on ``path`` going on the discovery thread.
 
         ``answer(body, index)`` runs on that thread with each answer; raising from it counts
         as a bad answer (retried with backoff, the last good state kept). Used for Consul
         Connect's CA roots and leaf (security/_consul_ca.py) and config entries. With
-        ``missing_ok`` a 404 (a config entry that does not exist) answers ``None``.
+        ``missing_ok`` a 404 (a config entry that does not exist) answers ``None``. An ACL
+        refusal (403) is logged once per distinct text, or handed to ``refused(line)``.
         """
+        loop = self._blocking_loop(path, dict(params or {}), answer, missing_ok, refused=refused)
         with suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(
-                self._spawn, self._blocking_loop(path, dict(params or {}), answer, missing_ok)
-            )
+            self._loop.call_soon_threadsafe(self._spawn, loop)
 
     # ------------------------------------------------------------------ the discovery thread
 
@@ -492,6 +501,7 @@ class ConsulDiscovery:
         answer: Callable[[Any, int], None],
         missing_ok: bool = False,
         failed: Callable[[str], None] | None = None,
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         """Query ``path`` forever, following Consul's blocking-query rules (module docstring).
 
@@ -504,6 +514,7 @@ class ConsulDiscovery:
         failures = 0
         not_before = 0.0
         client: httpx.AsyncClient | None = None  # this watch's connection, while it has a slot
+        said = ""  # the ACL refusal last said by this watch
         try:
             while True:
                 delay = not_before - loop.time()
@@ -520,7 +531,14 @@ class ConsulDiscovery:
                 except Exception as exc:  # any failure: keep the last snapshot and retry
                     failures += 1
                     index = 0
-                    if failed is None:
+                    if failed is None and isinstance(exc, _Refused):
+                        if str(exc) != said:  # a policy, not an outage: once per change
+                            said = str(exc)
+                            if refused is not None:
+                                refused(said)
+                            else:
+                                logger.error("cannot read %s from Consul: %s", path, exc)
+                    elif failed is None:
                         self._failed(_reason(exc), loop.time())
                     else:
                         failed(_reason(exc))
@@ -533,6 +551,9 @@ class ConsulDiscovery:
                     await asyncio.sleep(backoff)
                     continue
                 failures = 0
+                if said:
+                    said = ""
+                    logger.info("%s is readable again", path)
                 if failed is None:
                     self._recovered(sent)
                 index = _next_index(index, new_index)
@@ -561,6 +582,11 @@ class ConsulDiscovery:
             query.update(index=str(index), wait=f"{self._wait_ms}ms")
         response = await client.get(path, params=query, extensions=self._extensions)
         missing = missing_ok and response.status_code == 404
+        refused = refusal(response.status_code, response.text)
+        if refused is not None:
+            raise _Refused(refused)
+        if path == "/v1/catalog/services":
+            self.catalog_filtered = response.headers.get(FILTERED_HEADER) == "true"
         if response.status_code != 200 and not missing:
             text = " ".join(response.text.split())[:200]
             raise _BadAnswer(f"HTTP {response.status_code} {text}".rstrip())

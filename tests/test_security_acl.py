@@ -1,0 +1,194 @@
+"""Consul ACLs on, default deny: the least-privilege policies of docs/security.md.
+
+A real agent with ``acl { enabled = true, default_policy = "deny" }``; tokens made through
+its HTTP API from the policy as docs/security.md prints it, so the page and the test cannot
+drift apart. The chain is forecast -> geo (``chain_app``): forecast registers, finds geo,
+calls it over mTLS with a Connect leaf, and geo asks Consul's intentions about forecast.
+Then one permission at a time is taken away, and each absence must show as ONE line naming
+the permission, not a stack trace, and not a line per retry.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+import meshlib
+from consul_agent import ConsulAgent, ConsulFactory, acl_token
+from meshlib._config import load_config
+from polling import wait_until
+from served import APPS, Served, ServedFactory
+
+DOC = Path(__file__).parent.parent / "docs" / "security.md"
+_UPSTREAM_BLOCK = re.compile(r'service "<upstream>" \{[^}]*\}\n')
+
+
+def documented_policy(kind: str) -> str:
+    """The HCL block docs/security.md shows after ``<!-- policy: kind -->``."""
+    text = DOC.read_text()
+    start = text.index(f"<!-- policy: {kind} -->")
+    block = text[start:].split("```hcl\n", 1)[1].split("```", 1)[0]
+    return block
+
+
+def service_policy(service: str, upstreams: tuple[str, ...] = (), *, drop: str = "") -> str:
+    """The documented service policy for ``service`` calling ``upstreams``; ``drop``: a line
+    (or block, by its first line) to leave out, to take one permission away."""
+    hcl = documented_policy("service")
+    upstream_block = _UPSTREAM_BLOCK.search(hcl)
+    assert upstream_block is not None, "the documented policy has no upstream block"
+    blocks = "".join(upstream_block.group().replace("<upstream>", u) for u in upstreams)
+    hcl = _UPSTREAM_BLOCK.sub(lambda _: blocks, hcl).replace("<service>", service)
+    if drop:
+        assert drop in hcl, (drop, hcl)
+        if drop.endswith("{"):  # a whole block
+            hcl = re.sub(re.escape(drop) + r"[^}]*\}\n", "", hcl)
+        else:
+            hcl = hcl.replace(drop, "")
+    return hcl
+
+
+def lines_with(output: str, text: str) -> list[str]:
+    return [line for line in output.splitlines() if text in line]
+
+
+def mesh(
+    consul: ConsulAgent,
+    serve: ServedFactory,
+    *,
+    forecast_drop: str = "",
+    geo_drop: str = "",
+) -> tuple[Served, Served]:
+    """geo and forecast served with tokens of the documented policy (less one thing)."""
+    env = {"CONSUL_HTTP_ADDR": consul.http_addr, "MESH_TLS": "permissive"}
+    geo_token = acl_token(consul, service_policy("geo", drop=geo_drop))
+    forecast_token = acl_token(consul, service_policy("forecast", ("geo",), drop=forecast_drop))
+    geo = serve(
+        "chain_app:app", {**env, "MESH_SERVICE_NAME": "geo", "CONSUL_HTTP_TOKEN": geo_token}
+    )
+    forecast = serve(
+        "chain_app:app",
+        {**env, "MESH_SERVICE_NAME": "forecast", "CONSUL_HTTP_TOKEN": forecast_token},
+    )
+    return geo, forecast
+
+
+def intentions(consul: ConsulAgent) -> None:
+    """geo admits forecast; forecast admits anyone (the test calls it in plaintext)."""
+    for name, source in (("geo", "forecast"), ("forecast", "*")):
+        consul.put(
+            "/v1/config",
+            {
+                "Kind": "service-intentions",
+                "Name": name,
+                "Sources": [{"Name": source, "Action": "allow"}],
+            },
+        )
+
+
+def test_a_service_works_with_exactly_the_documented_token(
+    consul_factory: ConsulFactory, serve: ServedFactory
+) -> None:
+    consul = consul_factory(acl=True)
+    intentions(consul)
+    geo, forecast = mesh(consul, serve)
+    answer = httpx.get(f"{forecast.url}/forecast", timeout=15)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["geo"]["lat"] == 59.9  # forecast -> geo over mTLS, authorized
+    registered = consul.get("/v1/catalog/services")
+    assert {"geo", "forecast"} <= set(registered)
+    geo.stop()
+    forecast.stop()
+    for served in (geo, forecast):
+        output = served.output.decode(errors="replace")
+        for bad in ("Permission denied", "lacks permission", "unreachable", "Traceback"):
+            assert bad not in output, output
+        assert "deregistered" in output or "registered" in output
+
+
+def test_no_service_write_is_one_line_naming_it(
+    consul_factory: ConsulFactory, serve: ServedFactory
+) -> None:
+    consul = consul_factory(acl=True)
+    read_only = service_policy("forecast").replace('policy = "write"', 'policy = "read"')
+    assert 'policy = "write"' not in read_only
+    token = acl_token(consul, read_only)
+    env = {
+        "CONSUL_HTTP_ADDR": consul.http_addr,
+        "CONSUL_HTTP_TOKEN": token,
+        "MESH_SERVICE_NAME": "forecast",
+    }
+    # with mTLS the Connect leaf needs service:write too: start-up stops, in one line
+    started = subprocess.run(
+        [sys.executable, "-m", "meshlib", "serve", "chain_app:app", "--port", "0"],
+        cwd=APPS,
+        env={**os.environ, **env, "MESH_TLS": "permissive", "PYTHONPATH": str(APPS)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode != 0
+    assert started.stdout == b""
+    lines = started.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert "lacks permission 'service:write' on \"forecast\"" in lines[0]
+    assert lines[0].startswith("meshlib serve: MESH_TLS_CA='consul': no certificate for")
+    # without mTLS it serves, unregistered, and says why once, however often it retries
+    forecast = serve("chain_app:app", {**env, "MESH_TLS": "off"})
+    wait_until(
+        lambda: b"could not register" in forecast.output, what="the registration to be refused"
+    )
+    wait_until(lambda: b"could not register" in forecast.output, what="a retry", timeout=1)
+    forecast.stop()
+    output = forecast.output.decode(errors="replace")
+    refused = lines_with(output, "lacks permission")
+    assert len(refused) == 1, output
+    assert "could not register forecast in Consul" in refused[0]
+    assert "lacks permission 'service:write' on \"forecast\"" in refused[0]
+    assert "CONSUL_HTTP_TOKEN" in refused[0]
+    assert "Traceback" not in output
+    assert "unreachable" not in output
+
+
+def test_no_read_of_an_upstream_is_an_error_naming_it(
+    consul_factory: ConsulFactory,
+) -> None:
+    consul = consul_factory(acl=True)
+    consul_register = {"Name": "geo", "ID": "geo-1", "Address": "127.0.0.1", "Port": 9}
+    consul.put("/v1/agent/service/register", consul_register)
+    token = acl_token(consul, service_policy("forecast", ("geo",), drop='service "geo" {'))
+    env = {"CONSUL_HTTP_ADDR": consul.http_addr, "CONSUL_HTTP_TOKEN": token}
+    with (
+        meshlib.Client(config=load_config(env)) as client,
+        pytest.raises(meshlib.NoHealthyEndpoints) as raised,
+    ):
+        client.get("http://geo/geo", timeout=10)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "lacks permission 'service:read' on" in message
+    assert '"geo"' in message
+    assert "CONSUL_HTTP_TOKEN" in message
+
+
+def test_no_key_read_is_one_line_naming_it(
+    consul_factory: ConsulFactory, serve: ServedFactory
+) -> None:
+    consul = consul_factory(acl=True)
+    intentions(consul)
+    _, forecast = mesh(consul, serve, forecast_drop='key "meshlib/faults/forecast" {')
+    for _ in range(3):  # it still serves; faults just do not come from Consul
+        assert httpx.get(f"{forecast.url}/forecast", timeout=15).status_code == 200
+    wait_until(lambda: b"key:read" in forecast.output, what="the KV refusal to be said")
+    forecast.stop()
+    output = forecast.output.decode(errors="replace")
+    refused = lines_with(output, "lacks permission")
+    assert len(refused) == 1, output
+    assert "lacks permission 'key:read' on \"meshlib/faults/forecast\"" in refused[0]
+    assert "unreachable" not in output
+    assert "Traceback" not in output
