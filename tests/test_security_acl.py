@@ -20,12 +20,17 @@ import httpx
 import pytest
 
 import meshlib
+import otlp_receiver
 from consul_agent import ConsulAgent, ConsulFactory, acl_token
 from meshlib._config import load_config
+from otlp_receiver import OtlpReceiver
 from polling import wait_until
 from served import APPS, Served, ServedFactory
 
 DOC = Path(__file__).parent.parent / "docs" / "security.md"
+
+#: the module-scoped OTLP receiver fixture of tests/otlp_receiver.py, for this module
+otlp = otlp_receiver.otlp_receiver
 _UPSTREAM_BLOCK = re.compile(r'service "<upstream>" \{[^}]*\}\n')
 
 
@@ -64,9 +69,10 @@ def mesh(
     *,
     forecast_drop: str = "",
     geo_drop: str = "",
+    extra: dict[str, str] | None = None,
 ) -> tuple[Served, Served]:
     """geo and forecast served with tokens of the documented policy (less one thing)."""
-    env = {"CONSUL_HTTP_ADDR": consul.http_addr, "MESH_TLS": "permissive"}
+    env = {"CONSUL_HTTP_ADDR": consul.http_addr, "MESH_TLS": "permissive", **(extra or {})}
     geo_token = acl_token(consul, service_policy("geo", drop=geo_drop))
     forecast_token = acl_token(consul, service_policy("forecast", ("geo",), drop=forecast_drop))
     geo = serve(
@@ -199,3 +205,81 @@ def test_no_key_read_is_one_line_naming_it(
     assert "lacks permission 'key:read' on \"meshlib/faults/forecast\"" in refused[0]
     assert "unreachable" not in output
     assert "Traceback" not in output
+
+
+#: A pure mesh client process: every log line of every library, then calls through the mesh.
+CLIENT = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+import meshlib
+with meshlib.Client() as client:
+    for _ in range(3):
+        print(client.get("http://forecast/forecast", timeout=15).text)
+"""
+
+
+def test_the_token_of_a_working_mesh_is_in_nothing_a_run_wrote(
+    consul_factory: ConsulFactory, serve: ServedFactory, otlp: OtlpReceiver, tmp_path: Path
+) -> None:
+    consul = consul_factory(acl=True)
+    intentions(consul)
+    access = {name: tmp_path / f"{name}-access.jsonl" for name in ("geo", "forecast", "client")}
+    telemetry = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "MESH_ACCESS_LOG": "json",
+    }
+    geo, forecast = mesh(consul, serve, extra=telemetry)
+    # the same servers, but each writing its access log to a file of its own
+    for served in (geo, forecast):
+        served.stop()
+        served.env["MESH_ACCESS_LOG_FILE"] = str(access[served.env["MESH_SERVICE_NAME"]])
+        served.start()
+    client_token = acl_token(consul, service_policy("client", ("forecast",)))
+    client_env = {
+        **telemetry,
+        "CONSUL_HTTP_ADDR": consul.http_addr,
+        "CONSUL_HTTP_TOKEN": client_token,
+        "MESH_SERVICE_NAME": "client",
+        "MESH_TLS": "permissive",
+        "MESH_ACCESS_LOG_FILE": str(access["client"]),
+        "OTEL_SERVICE_NAME": "client",
+    }
+    ran = subprocess.run(
+        [sys.executable, "-c", CLIENT],
+        env={**os.environ, **client_env},
+        capture_output=True,
+        timeout=90,
+        check=False,
+    )
+    client_output = (ran.stdout + ran.stderr).decode(errors="replace")
+    assert ran.returncode == 0, client_output
+    assert client_output.count('"lat":59.9') == 3, client_output
+    wait_until(
+        lambda: {"client", "forecast", "geo"} <= {s.service for s in otlp.spans},
+        what="spans from the client and both services",
+    )
+    written = {"client output": client_output}
+    for served in (geo, forecast):
+        name = served.env["MESH_SERVICE_NAME"]
+        for path in ("/mesh/status", "/mesh/metrics", "/mesh/health"):
+            written[f"{name} {path}"] = httpx.get(f"{served.admin_url}{path}").text
+    geo.stop()
+    forecast.stop()
+    for served in (geo, forecast):
+        name = served.env["MESH_SERVICE_NAME"]
+        written[f"{name} output"] = served.output.decode(errors="replace")
+    for name, path in access.items():
+        written[f"{name} access log"] = path.read_text()
+        assert written[f"{name} access log"].count("\n") >= 3, name
+    written["spans"] = "\n".join(
+        f"{s.service} {s.name} {s.attributes} {s.events}" for s in otlp.spans
+    )
+    tokens = [client_token, geo.env["CONSUL_HTTP_TOKEN"], forecast.env["CONSUL_HTTP_TOKEN"]]
+    for source, text in written.items():
+        assert text.strip(), f"{source} is empty: the scan would prove nothing"
+        for token in tokens:
+            assert token not in text, f"{source} holds a token:\n{text}"
+            assert token[:8] not in text, f"{source} holds part of a token:\n{text}"
