@@ -23,6 +23,18 @@ import meshlib
 import otlp_receiver
 from consul_agent import ConsulAgent, ConsulFactory, acl_token
 from meshlib._config import load_config
+from meshlib.rollout._consul import ConsulAPI, RolloutError
+from meshlib.rollout._consul_entries import (
+    Match,
+    instances,
+    read_resolver,
+    read_split,
+    remove_route,
+    write_route,
+    write_split,
+)
+from meshlib.rollout._lock import ControllerLock
+from meshlib.rollout._state import StateStore
 from otlp_receiver import OtlpReceiver
 from polling import wait_until
 from served import APPS, Served, ServedFactory
@@ -283,3 +295,105 @@ def test_the_token_of_a_working_mesh_is_in_nothing_a_run_wrote(
         for token in tokens:
             assert token not in text, f"{source} holds a token:\n{text}"
             assert token[:8] not in text, f"{source} holds part of a token:\n{text}"
+
+
+# ---- the rollout controller's token
+
+
+def rollout_policy(service: str, *, drop: str = "") -> str:
+    """The documented controller policy; ``drop`` a block by its first line, or
+    ``"read only"``: the service's write lowered to read."""
+    hcl = documented_policy("rollout").replace("<service>", service)
+    if drop == "read only":
+        assert 'policy = "write"' in hcl.split("node_prefix")[0]
+        before, after = hcl.split("node_prefix", 1)
+        return before.replace('policy = "write"', 'policy = "read"') + "node_prefix" + after
+    if drop:
+        assert drop in hcl, (drop, hcl)
+        hcl = re.sub(re.escape(drop) + r"[^}]*\}\n", "", hcl)
+    return hcl
+
+
+def shop(consul: ConsulAgent) -> None:
+    """``shop`` with subsets stable/canary, as an operator sets it up before a rollout."""
+    consul.put("/v1/config", {"Kind": "service-defaults", "Name": "shop", "Protocol": "http"})
+    consul.put(
+        "/v1/config",
+        {
+            "Kind": "service-resolver",
+            "Name": "shop",
+            "DefaultSubset": "stable",
+            "Subsets": {
+                "stable": {"Filter": 'Service.Meta.version == "v1"'},
+                "canary": {"Filter": 'Service.Meta.version == "v2"'},
+            },
+        },
+    )
+    for version, port in (("v1", 9001), ("v2", 9002)):
+        consul.put(
+            "/v1/agent/service/register",
+            {"Name": "shop", "ID": f"shop-{version}", "Port": port, "Meta": {"version": version}},
+        )
+
+
+def controller_api(consul: ConsulAgent, token: str) -> ConsulAPI:
+    settings = load_config({"CONSUL_HTTP_ADDR": consul.http_addr, "CONSUL_HTTP_TOKEN": token})
+    assert settings.consul is not None
+    return ConsulAPI(settings.consul)
+
+
+def test_the_rollout_controller_works_with_exactly_the_documented_token(
+    consul_factory: ConsulFactory,
+) -> None:
+    consul = consul_factory(acl=True)
+    shop(consul)
+    api = controller_api(consul, acl_token(consul, rollout_policy("shop")))
+    lock = ControllerLock(api, "shop")
+    try:
+        assert lock.acquire() is None  # a session, and the lock key acquired with it
+        resolver = read_resolver(api, "shop")
+        wait_until(
+            lambda: instances(api, resolver, "canary") and instances(api, resolver, "stable"),
+            what="both subsets' instances readable",
+        )
+        write_split(api, "shop", "stable", "canary", 10)
+        assert read_split(api, "shop") == {"stable": 90, "canary": 10}
+        match = Match("header", "x-canary", "1")
+        write_route(api, "shop", "canary", match)
+        remove_route(api, "shop", match)
+        store = StateStore(api, "shop")
+        assert store.load() == (None, 0)
+    finally:
+        lock.release()
+        api.close()
+
+
+@pytest.mark.parametrize(
+    ("drop", "permission"),
+    [
+        ('session_prefix "" {', "session:write"),
+        ('key_prefix "meshlib/rollouts/shop" {', "key:write"),
+        ('service "shop" {', "service:read"),
+        ("read only", "service:write"),
+    ],
+)
+def test_each_permission_the_rollout_controller_lacks_is_one_line(
+    consul_factory: ConsulFactory, drop: str, permission: str
+) -> None:
+    consul = consul_factory(acl=True)
+    shop(consul)
+    api = controller_api(consul, acl_token(consul, rollout_policy("shop", drop=drop)))
+
+    def rollout_steps() -> None:  # what a controller does first, in its order
+        ControllerLock(api, "shop").acquire()
+        read_resolver(api, "shop")
+        write_split(api, "shop", "stable", "canary", 10)
+
+    try:
+        with pytest.raises(RolloutError) as raised:
+            rollout_steps()
+    finally:
+        api.close()
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"lacks permission '{permission}'" in message, message
