@@ -35,6 +35,7 @@ from meshlib.rollout._consul_entries import (
 )
 from meshlib.rollout._lock import ControllerLock
 from meshlib.rollout._state import StateStore
+from meshlib.security import LocalCA
 from otlp_receiver import OtlpReceiver
 from polling import wait_until
 from served import APPS, Served, ServedFactory
@@ -384,8 +385,10 @@ def test_each_permission_the_rollout_controller_lacks_is_one_line(
     shop(consul)
     api = controller_api(consul, acl_token(consul, rollout_policy("shop", drop=drop)))
 
+    lock = ControllerLock(api, "shop")
+
     def rollout_steps() -> None:  # what a controller does first, in its order
-        ControllerLock(api, "shop").acquire()
+        lock.acquire()
         read_resolver(api, "shop")
         write_split(api, "shop", "stable", "canary", 10)
 
@@ -393,7 +396,41 @@ def test_each_permission_the_rollout_controller_lacks_is_one_line(
         with pytest.raises(RolloutError) as raised:
             rollout_steps()
     finally:
+        lock.release()  # stops its renewing thread, if it took the lock
         api.close()
     message = str(raised.value)
     assert "\n" not in message
     assert f"lacks permission '{permission}'" in message, message
+
+
+def test_an_intention_check_consul_refuses_is_one_line_and_denies(
+    consul_factory: ConsulFactory, serve: ServedFactory, tmp_path: Path
+) -> None:
+    # Consul answers /v1/agent/connect/authorize only for a token with service:write on the
+    # destination. A leaf from Consul needs that too, so the refusal can only be met with
+    # the mesh's own CA and Consul's intentions, as here.
+    consul = consul_factory(acl=True)
+    ca = tmp_path / "ca"
+    LocalCA(ca).init("meshlib.test")
+    read_only = service_policy("geo").replace('policy = "write"', 'policy = "read"')
+    geo = serve(
+        "chain_app:app",
+        {
+            "CONSUL_HTTP_ADDR": consul.http_addr,
+            "CONSUL_HTTP_TOKEN": acl_token(consul, read_only),
+            "MESH_SERVICE_NAME": "geo",
+            "MESH_TLS": "permissive",
+            "MESH_TLS_CA": "local",
+            "MESH_TLS_DIR": str(ca),
+        },
+    )
+    for _ in range(3):
+        answer = httpx.get(f"{geo.url}/geo", timeout=15)
+        assert answer.status_code == 403
+        assert "AccessorID" not in answer.text  # the caller learns no token detail
+    geo.stop()
+    output = geo.output.decode(errors="replace")
+    refused = lines_with(output, "cannot authorize callers for geo")
+    assert len(refused) == 1, output
+    assert "lacks permission 'service:write' on \"geo\"" in refused[0]
+    assert "Traceback" not in output

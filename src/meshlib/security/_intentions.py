@@ -111,7 +111,11 @@ class ConsulAuthorizer:
             refused = refusal(response.status_code, response.text)
             if refused is not None:
                 self._say_refused("authorize callers", refused)
-                return False, f"{refused}; denied"
+                # the reason reaches the caller (403 detail): the server's log has the rest
+                return (
+                    False,
+                    "Consul refused to authorize (this service's token lacks a permission)",
+                )
             response.raise_for_status()
             body = response.json()
             answer = (bool(body["Authorized"]), str(body.get("Reason", "")))
