@@ -434,3 +434,21 @@ def test_an_intention_check_consul_refuses_is_one_line_and_denies(
     assert len(refused) == 1, output
     assert "lacks permission 'service:write' on \"geo\"" in refused[0]
     assert "Traceback" not in output
+
+
+def test_no_node_read_is_an_error_naming_it(consul_factory: ConsulFactory) -> None:
+    consul = consul_factory(acl=True)
+    consul.put(
+        "/v1/agent/service/register",
+        {"Name": "geo", "ID": "geo-1", "Address": "127.0.0.1", "Port": 9},
+    )
+    token = acl_token(consul, service_policy("forecast", ("geo",), drop='node_prefix "" {'))
+    env = {"CONSUL_HTTP_ADDR": consul.http_addr, "CONSUL_HTTP_TOKEN": token}
+    with (
+        meshlib.Client(config=load_config(env)) as client,
+        pytest.raises(meshlib.NoHealthyEndpoints) as raised,
+    ):
+        client.get("http://geo/geo", timeout=10)
+    message = str(raised.value)  # Consul's catalog hides a service on nodes it cannot read
+    assert "\n" not in message
+    assert "'node:read' on the nodes it runs on" in message

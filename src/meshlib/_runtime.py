@@ -144,8 +144,9 @@ class Mesh:
                     f"{name!r} is not a mesh service this token can see: Consul at "
                     f"{config.consul.address} lists no service {name!r} to it, and its ACLs "
                     f"hide every service the token in CONSUL_HTTP_TOKEN lacks permission "
-                    f"'service:read' on; DNS does not know {name!r} either: check the name, "
-                    f'register the service, or grant the token service:read on "{name}"',
+                    f"'service:read' on (or 'node:read' on the nodes it runs on); DNS does not "
+                    f"know {name!r} either: check the name, register the service, or grant "
+                    f'the token service:read on "{name}" and node:read',
                     service=name,
                 )
         else:
