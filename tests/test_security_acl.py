@@ -452,3 +452,39 @@ def test_no_node_read_is_an_error_naming_it(consul_factory: ConsulFactory) -> No
     message = str(raised.value)  # Consul's catalog hides a service on nodes it cannot read
     assert "\n" not in message
     assert "'node:read' on the nodes it runs on" in message
+
+
+def test_no_intentions_read_is_one_line_naming_it(
+    consul_factory: ConsulFactory, serve: ServedFactory
+) -> None:
+    # A service's read or write implies intentions = "read" on it; only an explicit
+    # intentions = "deny" takes it away (checked against Consul 1.22). Consul needs it to
+    # answer /v1/agent/connect/authorize at all, L4 or L7.
+    consul = consul_factory(acl=True)
+    intentions(consul)
+    no_intentions = service_policy("geo").replace(
+        'policy = "write"', 'policy = "write"\n  intentions = "deny"'
+    )
+    assert 'intentions = "deny"' in no_intentions
+    env = {"CONSUL_HTTP_ADDR": consul.http_addr, "MESH_TLS": "permissive"}
+    geo = serve(
+        "chain_app:app",
+        {**env, "MESH_SERVICE_NAME": "geo", "CONSUL_HTTP_TOKEN": acl_token(consul, no_intentions)},
+    )
+    forecast_token = acl_token(consul, service_policy("forecast", ("geo",)))
+    forecast = serve(
+        "chain_app:app",
+        {**env, "MESH_SERVICE_NAME": "forecast", "CONSUL_HTTP_TOKEN": forecast_token},
+    )
+    for _ in range(3):
+        answer = httpx.get(f"{forecast.url}/forecast", timeout=15)
+        assert answer.json()["geo"]["error"] == "forbidden", answer.text  # geo denied forecast
+        assert "AccessorID" not in answer.text
+    geo.stop()
+    forecast.stop()
+    output = geo.output.decode(errors="replace")
+    refused = lines_with(output, "lacks permission")
+    assert len(refused) == 1, output
+    assert refused[0].startswith("cannot authorize callers for geo: ")
+    assert "lacks permission 'intention:read' on \"geo\"" in refused[0]
+    assert "Traceback" not in output
