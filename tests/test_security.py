@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import ssl
 import stat
@@ -592,3 +593,23 @@ def test_an_idle_mtls_connection_does_not_hold_up_a_drain(
         # asyncio's TLS close used to wait 30 s for the idle client's close_notify, and
         # uvicorn waited for that connection until the drain timeout.
         served.wait(15)
+
+
+def test_the_threat_model_names_only_tests_that_exist() -> None:
+    """Every test docs/security.md's threat-model table cites is defined in tests/."""
+    root = Path(__file__).parent
+    text = (root.parent / "docs" / "security.md").read_text()
+    table = [
+        line for line in text.split("## Threat model", 1)[1].splitlines() if line.startswith("| ")
+    ]
+    assert table[0].startswith("| asset | attacker | tries | what stops it | tested in |")
+    cited = {
+        name for row in table[2:] for name in re.findall(r"`(test_\w+)`", row.split(" | ")[-1])
+    }
+    defined = {
+        name
+        for path in root.glob("test_*.py")
+        for name in re.findall(r"def (test_\w+)\(", path.read_text())
+    }
+    assert len(cited) > 20
+    assert sorted(cited - defined) == []
