@@ -16,9 +16,11 @@ Fixtures:
     write, or use unique names; they never stop it.
 ``consul_factory`` (function)
     ``consul_factory(datacenter="dc1", node_name=None, retry_join_wan=None, start=True,
-    extra_args=())`` starts a private agent (one a test stops and restarts, a second
-    datacenter joined over WAN, one with other settings such as
-    ``-hcl=connect { enabled = false }``); all are stopped at teardown.
+    extra_args=(), acl=False)`` starts a private agent (one a test stops and restarts, a
+    second datacenter joined over WAN, one with other settings such as
+    ``-hcl=connect { enabled = false }``); all are stopped at teardown. With ``acl=True``
+    ACLs are on with ``default_policy = "deny"`` and a random initial management token,
+    ``agent.management_token``, which the agent's own HTTP helpers send.
 ``consul_client`` (function)
     A py-consul client of the shared agent, its HTTP session closed at teardown.
 
@@ -29,7 +31,9 @@ Any test using one of these fixtures is marked ``consul`` automatically, so
     A list to put service IDs in; they are deregistered from the shared agent afterwards.
 
 Helpers: ``ConsulAgent.get(path)`` / ``.put(path, body)`` / ``.delete(path)`` speak JSON
-to the agent's HTTP API;
+to the agent's HTTP API (with the management token, if ACLs are on);
+``acl_token(agent, rules)`` creates a policy of those HCL rules and a token holding only it,
+and returns the token's secret;
 ``register(agent, name, service_id, port)`` registers an instance with a passing TTL check
 (``service:<id>``) and waits until the catalog shows it; ``unique(prefix)`` makes a service
 name no other test uses.
@@ -58,7 +62,7 @@ import pytest
 from missing_tools import require_tool
 from polling import wait_until
 
-__all__ = ["ConsulAgent", "ConsulFactory", "register", "unique"]
+__all__ = ["ConsulAgent", "ConsulFactory", "acl_token", "register", "unique"]
 
 HOST = "127.0.0.1"
 _PORT_NAMES = ("http", "grpc", "serf_lan", "serf_wan", "server")
@@ -85,8 +89,11 @@ class ConsulAgent:
         retry_join_wan: Sequence[str] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
+        acl: bool = False,
     ) -> None:
         self.binary = binary
+        #: with ACLs on (default deny): the initial management token, sent by get/put/delete
+        self.management_token = str(uuid.uuid4()) if acl else None
         self.datacenter = datacenter
         self.node_name = node_name or f"meshlib-{datacenter}-{os.getpid()}-{next(_names)}"
         self.retry_join_wan = tuple(retry_join_wan or ())
@@ -202,13 +209,16 @@ class ConsulAgent:
 
     def get(self, path: str, timeout: float = 5.0) -> Any:
         """GET ``path`` from the HTTP API and return the decoded JSON body."""
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+        request = urllib.request.Request(self.url + path, headers=self._headers())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read() or b"null")
 
     def put(self, path: str, body: Any = None, timeout: float = 5.0) -> Any:
         """PUT ``body`` (JSON-encoded unless bytes) to ``path``; return the decoded answer."""
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method="PUT")
+        request = urllib.request.Request(
+            self.url + path, data=data, method="PUT", headers=self._headers()
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
         try:
@@ -218,7 +228,7 @@ class ConsulAgent:
 
     def delete(self, path: str, timeout: float = 5.0) -> Any:
         """DELETE ``path`` (a config entry, a KV key); return the decoded answer."""
-        request = urllib.request.Request(self.url + path, method="DELETE")
+        request = urllib.request.Request(self.url + path, method="DELETE", headers=self._headers())
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
         try:
@@ -227,6 +237,10 @@ class ConsulAgent:
             return raw.decode()
 
     # ------------------------------------------------------------------ internals
+
+    def _headers(self) -> dict[str, str]:
+        token = self.management_token
+        return {"X-Consul-Token": token} if token else {}
 
     def _argv(self) -> list[str]:
         p = self.ports
@@ -247,6 +261,11 @@ class ConsulAgent:
             # Never call checkpoint-api.hashicorp.com from a test.
             "-hcl=disable_update_check = true",
         ]  # fmt: skip
+        if self.management_token is not None:
+            argv.append(
+                '-hcl=acl { enabled = true, default_policy = "deny", '
+                f'tokens {{ initial_management = "{self.management_token}" }} }}'
+            )
         argv += [f"-retry-join-wan={addr}" for addr in self.retry_join_wan]
         argv += self.extra_args
         return argv
@@ -359,6 +378,7 @@ class ConsulFactory(Protocol):
         retry_join_wan: Sequence[str] | None = None,
         start: bool = True,
         extra_args: Sequence[str] = (),
+        acl: bool = False,
     ) -> ConsulAgent: ...
 
 
@@ -399,6 +419,7 @@ def consul_factory(consul_bin: str, tmp_path: Path) -> Iterator[ConsulFactory]:
         retry_join_wan: Sequence[str] | None = None,
         start: bool = True,
         extra_args: Sequence[str] = (),
+        acl: bool = False,
     ) -> ConsulAgent:
         agent = ConsulAgent(
             consul_bin,
@@ -407,6 +428,7 @@ def consul_factory(consul_bin: str, tmp_path: Path) -> Iterator[ConsulFactory]:
             retry_join_wan=retry_join_wan,
             log_dir=tmp_path / "consul",
             extra_args=extra_args,
+            acl=acl,
         )
         agents.append(agent)
         return agent.start() if start else agent
@@ -466,3 +488,15 @@ def register(
         lambda: service_id in {s["ServiceID"] for s in agent.get(f"/v1/catalog/service/{name}")},
         what=f"{service_id} in the catalog",
     )
+
+
+def acl_token(agent: ConsulAgent, rules: str, *, name: str | None = None) -> str:
+    """A new token holding only a new policy of ``rules`` (HCL); its secret ID.
+
+    Made with the agent's management token (``consul_factory(acl=True)``), through the same
+    HTTP API an operator's ``consul acl policy create`` / ``token create`` use.
+    """
+    assert agent.management_token is not None, "start the agent with acl=True"
+    policy = agent.put("/v1/acl/policy", {"Name": name or unique("policy"), "Rules": rules})
+    token = agent.put("/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})
+    return str(token["SecretID"])

@@ -329,6 +329,8 @@ class FakeConsul:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as Consul's own server
+
             def do_GET(self) -> None:
                 fake._handle(self)
 

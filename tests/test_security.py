@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import ssl
 import stat
@@ -468,6 +469,31 @@ def test_leaves_and_a_root_rotate_under_load_without_a_failed_request(
 # ----------------------------------------------------------------------------- CA and secrets
 
 
+def test_ca_keys_are_0600_even_under_a_umask_that_lets_everyone_read(tmp_path: Path) -> None:
+    directory = tmp_path / "open-umask-ca"
+
+    def run(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "meshlib", "ca", *args, "--dir", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            umask=0,  # files the process creates would be 0666 unless it says otherwise
+        )
+        assert done.returncode == 0, done.stderr
+
+    run("init", "--trust-domain", "corp.internal")
+    run("rotate", "--grace", "1ms")  # the old root's key is kept as previous-root-key.pem
+    keys = sorted(p.name for p in directory.iterdir() if "key" in p.name)
+    assert keys == ["previous-root-key.pem", "root-key.pem"]
+    for name in keys:
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
+    for path in directory.iterdir():  # nothing in it is writable by group or others
+        assert not stat.S_IMODE(path.stat().st_mode) & 0o022, path.name
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
 def test_ca_cli_creates_keys_readable_only_by_the_owner(tmp_path: Path) -> None:
     directory = tmp_path / "cli-ca"
 
@@ -606,3 +632,23 @@ def test_an_idle_mtls_connection_does_not_hold_up_a_drain(
         # asyncio's TLS close used to wait 30 s for the idle client's close_notify, and
         # uvicorn waited for that connection until the drain timeout.
         served.wait(15)
+
+
+def test_the_threat_model_names_only_tests_that_exist() -> None:
+    """Every test docs/security.md's threat-model table cites is defined in tests/."""
+    root = Path(__file__).parent
+    text = (root.parent / "docs" / "security.md").read_text()
+    table = [
+        line for line in text.split("## Threat model", 1)[1].splitlines() if line.startswith("| ")
+    ]
+    assert table[0].startswith("| asset | attacker | tries | what stops it | tested in |")
+    cited = {
+        name for row in table[2:] for name in re.findall(r"`(test_\w+)`", row.split(" | ")[-1])
+    }
+    defined = {
+        name
+        for path in root.glob("test_*.py")
+        for name in re.findall(r"def (test_\w+)\(", path.read_text())
+    }
+    assert len(cited) > 20
+    assert sorted(cited - defined) == []

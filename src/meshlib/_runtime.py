@@ -139,6 +139,16 @@ class Mesh:
         config = self.config
         if config.discovery == "consul" and config.consul is not None:
             looked = f"Consul at {config.consul.address} has no service {name!r}"
+            if getattr(self.discovery, "catalog_filtered", False):
+                return NoHealthyEndpoints(
+                    f"{name!r} is not a mesh service this token can see: Consul at "
+                    f"{config.consul.address} lists no service {name!r} to it, and its ACLs "
+                    f"hide every service the token in CONSUL_HTTP_TOKEN lacks permission "
+                    f"'service:read' on (or 'node:read' on the nodes it runs on); DNS does not "
+                    f"know {name!r} either: check the name, register the service, or grant "
+                    f'the token service:read on "{name}" and node:read',
+                    service=name,
+                )
         else:
             known = ", ".join(sorted(config.static_services)) or "no service"
             looked = f"MESH_STATIC_SERVICES lists {known}"

@@ -28,7 +28,11 @@ Blocking-query etiquette, as Consul's documentation asks of every client
 No blind spot: a restart seen by one watch (its index went backwards, or its outage ended)
 is news for all of them. Another watch may already be blocked on the new agent with an
 index from the old one, and would stay blind for up to ``wait``; so every blocking query in
-flight is dropped and re-sent from index 0, and ``on_reset`` listeners hear of it.
+flight is dropped and re-sent from index 0, and ``on_reset`` listeners hear of it. And a
+blocking query never opens a connection with a full ``wait``: an agent can restart between
+two queries of a watch (it even answers queries in flight while shutting down), so when the
+connection is gone the watch first asks without blocking, then blocks at most a second on
+the new connection; a restarted agent's lower index is seen within that second.
 
 A control plane that blinks is logged once when the outage starts and once when it ends,
 never per retry.
@@ -48,6 +52,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from .._acl import FILTERED_HEADER, Refused, refusal
 from .._config import ConsulSettings
 from ._http import client_options, request_extensions
 
@@ -107,6 +112,8 @@ class Engine:
         self._reset_listeners: tuple[Callable[[], None], ...] = ()
         self._reset = asyncio.Event()  # set and replaced on each reset (engine thread)
         self._reset_pending = False
+        #: path -> whether Consul's ACLs removed entries from its last answer
+        self.filtered: dict[str, bool] = {}
         #: loop time the current outage was noticed, or None (engine thread only)
         self._outage_since: float | None = None
         self._lock = threading.Lock()
@@ -181,6 +188,7 @@ class Engine:
         *,
         missing_ok: bool = False,
         failed: Callable[[str], None] | None = None,
+        refused: Callable[[str], None] | None = None,
     ) -> Callable[[], None]:
         """Keep a blocking query on ``path`` going on the engine thread; returns its stop.
 
@@ -189,9 +197,11 @@ class Engine:
         ``missing_ok`` a 404 (a KV key or config entry that does not exist) answers
         ``None``. ``failed(reason)``, if given, is called after each query that brought no
         usable answer instead of the outage log: for a query another datacenter answers,
-        whose failure says nothing about the agent.
+        whose failure says nothing about the agent. An ACL refusal (403) is no outage: it
+        is logged once per distinct text, or handed to ``refused(line)``.
         """
-        return self.spawn(self._blocking_loop(path, dict(params or {}), answer, missing_ok, failed))
+        loop = self._blocking_loop(path, dict(params or {}), answer, missing_ok, failed, refused)
+        return self.spawn(loop)
 
     def on_reset(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` on the engine thread whenever Consul is seen to restart."""
@@ -268,6 +278,7 @@ class Engine:
         answer: Callable[[Any, int], None],
         missing_ok: bool,
         failed: Callable[[str], None] | None,
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         """Query ``path`` forever, following Consul's blocking-query rules (module docstring)."""
         loop = asyncio.get_running_loop()
@@ -275,6 +286,8 @@ class Engine:
         seen = 0  # the newest index answered (an answer below it went backwards)
         failures = 0
         not_before = 0.0
+        said = ""  # the ACL refusal last said by this watch
+        fresh = False  # this query opens a new connection: block briefly (see below)
         client = httpx.AsyncClient(**self._watch_options)
         try:
             while True:
@@ -286,15 +299,17 @@ class Engine:
                 reset = self._reset
                 try:
                     try:
-                        got = await self._unless_reset(
-                            self._get(client, path, params, index, missing_ok), reset
-                        )
+                        get = self._get(client, path, params, index, missing_ok, fresh)
+                        got = await self._unless_reset(get, reset)
                     except _Reconnected:
                         # A blocking query needed a new connection: the agent may have
-                        # restarted since the last answer (its index lower than ours, so the
-                        # query would block for `wait`, blind). Ask without blocking first;
-                        # the answer's index tells whether it went backwards.
-                        index, not_before = 0, 0.0
+                        # restarted since the last answer (its index lower than ours, so a
+                        # full `wait` would be blind). Ask without blocking first (a lower
+                        # index is a restart, at once), then block at most _FRESH_WAIT_MS on
+                        # the new connection: the agent that answered the check may have
+                        # been the old one, shutting down. A server that closes every
+                        # connection makes such a watch ask twice a second, never blind.
+                        index, fresh, not_before = 0, True, 0.0
                         continue
                     if got is None:  # another watch saw a restart: ask afresh, at once
                         self._log.debug("%s: dropped for the reset, asking again", path)
@@ -311,7 +326,14 @@ class Engine:
                 except Exception as exc:  # any failure: keep the last state and retry
                     failures += 1
                     index = 0
-                    if failed is None:
+                    if failed is None and isinstance(exc, Refused):
+                        if str(exc) != said:  # a policy, not an outage: once per change
+                            said = str(exc)
+                            if refused is not None:
+                                refused(said)
+                            else:
+                                self._log.error("cannot read %s from Consul: %s", path, exc)
+                    elif failed is None:
                         self._failed(reason(exc), loop.time())
                     else:
                         failed(reason(exc))
@@ -322,9 +344,13 @@ class Engine:
                     await asyncio.sleep(backoff)
                     continue
                 failures = 0
+                if said:
+                    said = ""
+                    self._log.info("%s is readable again", path)
                 if failed is None:
                     self._recovered(sent)
                 seen = new_index
+                fresh = fresh and index == 0  # a blocking answer ends the fresh start
                 index = _next_index(index, new_index)
         finally:
             await client.aclose()
@@ -380,14 +406,23 @@ class Engine:
         params: Mapping[str, str],
         index: int,
         missing_ok: bool = False,
+        fresh: bool = False,
     ) -> tuple[Any, int]:
+        """One query; with ``index`` a blocking one, which may not open a new connection
+        (``_Reconnected``) unless it is ``fresh``, and then blocks at most _FRESH_WAIT."""
         query = dict(params)
         extensions = self._extensions
         if index > 0:
-            query.update(index=str(index), wait=f"{self._wait_ms}ms")
-            extensions = {**extensions, "trace": _no_new_connection}
+            wait_ms = min(self._wait_ms, _FRESH_WAIT_MS) if fresh else self._wait_ms
+            query.update(index=str(index), wait=f"{wait_ms}ms")
+            if not fresh:
+                extensions = {**extensions, "trace": _no_new_connection}
         response = await client.get(path, params=query, extensions=extensions)
         missing = missing_ok and response.status_code == 404
+        refused = refusal(response.status_code, response.text)
+        if refused is not None:
+            raise Refused(refused)
+        self.filtered[path] = response.headers.get(FILTERED_HEADER) == "true"
         if response.status_code != 200 and not missing:
             text = " ".join(response.text.split())[:200]
             raise BadAnswer(f"HTTP {response.status_code} {text}".rstrip())
@@ -421,6 +456,10 @@ class Engine:
         if self._outage_since is not None and sent >= self._outage_since:
             self._outage_since = None
             self._log.info("Consul at %s is reachable again", self.address)
+
+
+#: how long a blocking query on a new connection may be held (see ``_blocking_loop``)
+_FRESH_WAIT_MS = 1000
 
 
 class _Reconnected(Exception):

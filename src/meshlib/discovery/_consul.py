@@ -189,6 +189,13 @@ class ConsulDiscovery:
             return True, None
         return snapshot is not None, snapshot
 
+    @property
+    def catalog_filtered(self) -> bool:
+        """Whether Consul's ACLs removed entries from the last datacenter answer: a service
+        missing from it may exist, hidden from this token (no ``service:read`` or
+        ``node:read`` on it)."""
+        return self._engine.filtered.get(DUMP, False)
+
     def chain_known(self, service: str) -> bool:
         """Whether ``service``'s chain has settled (so its first request may be routed)."""
         return not self._chains_on or service in self._chains

@@ -37,15 +37,20 @@ class ConsulSource:
         self._roots: tuple[str, bytes] | None = None
         self._material: TlsMaterial | None = None
         self._ready = threading.Event()
+        #: an ACL refusal before the first leaf: start-up stops with it, in one line
+        self._refused: str | None = None
         self._engine = Engine.shared(settings)
+        leaf = f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}"
         self._stops = [
             self._engine.watch("/v1/agent/connect/ca/roots", self._on_roots),
-            self._engine.watch(
-                f"/v1/agent/connect/ca/leaf/{quote(service, safe='')}", self._on_leaf
-            ),
+            self._engine.watch(leaf, self._on_leaf, refused=self._on_refused),
         ]
-        if not self._ready.wait(first_timeout):
+        if not self._ready.wait(first_timeout) or self._refused is not None:
             self.close()
+            if self._refused is not None:
+                raise ConfigError(
+                    f"MESH_TLS_CA='consul': no certificate for {service!r}: {self._refused}"
+                )
             raise ConfigError(
                 f"MESH_TLS_CA='consul': expected a certificate for {service!r} from Consul at "
                 f"{settings.address} within {first_timeout:g}s (is Connect enabled?)"
@@ -67,6 +72,14 @@ class ConsulSource:
             stop()
         if stops:
             self._engine.release()
+
+    def _on_refused(self, line: str) -> None:
+        """Consul's ACLs refused the leaf: before the first one, start-up stops with it."""
+        if self._material is None:
+            self._refused = line
+            self._ready.set()
+        else:  # a leaf in hand goes on serving until it expires
+            logger.error("cannot renew the leaf of %s: %s", self.service, line)
 
     def _on_roots(self, body: Any, index: int) -> None:
         roots = body.get("Roots") if isinstance(body, dict) else None

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from .._acl import refusal
 from .._config import ConsulSettings
 from ..consul import client_options, request_extensions
 from ._authz import Authorizer, Decision
@@ -67,6 +68,7 @@ class ConsulAuthorizer:
         self._l4: dict[str, tuple[float, bool, str]] = {}
         self._l7: tuple[float, list[dict[str, Any]]] | None = None
         self._lock = threading.Lock()
+        self._refusals_said: set[str] = set()
 
     def decide(
         self, caller: SpiffeId | None, method: str, path: str, headers: dict[str, str]
@@ -98,6 +100,14 @@ class ConsulAuthorizer:
                 json={"Target": self.service, "ClientCertURI": uri},
                 extensions=self._extensions,
             )
+            refused = refusal(response.status_code, response.text)
+            if refused is not None:
+                self._say_refused("authorize callers", refused)
+                # the reason reaches the caller (403 detail): the server's log has the rest
+                return (
+                    False,
+                    "Consul refused to authorize (this service's token lacks a permission)",
+                )
             response.raise_for_status()
             body = response.json()
             answer = (bool(body["Authorized"]), str(body.get("Reason", "")))
@@ -120,6 +130,10 @@ class ConsulAuthorizer:
                     params={"by": "destination", "name": self.service},
                     extensions=self._extensions,
                 )
+                refused = refusal(response.status_code, response.text)
+                if refused is not None and cached is None:
+                    self._say_refused("read L7 intentions", refused)
+                    return []  # no permission is known to allow: the request is denied
                 response.raise_for_status()
                 intentions = response.json().get(self.service) or []
                 cached = (now, list(intentions))
@@ -132,6 +146,12 @@ class ConsulAuthorizer:
             if intention.get("SourceName") in (source, "*"):
                 return list(intention.get("Permissions") or [])
         return []
+
+    def _say_refused(self, what: str, line: str) -> None:
+        """Log an ACL refusal once per distinct text (it recurs per request until fixed)."""
+        if line not in self._refusals_said:
+            self._refusals_said.add(line)
+            logger.error("cannot %s for %s: %s", what, self.service, line)
 
     def close(self) -> None:
         """Release the HTTP client."""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
+from .._acl import Refused
 from .._config import MeshConfig
 from .._exceptions import ConfigError
 from ..telemetry._admin import admin_listener
@@ -151,11 +152,9 @@ class Instance:
             if not self._register_failed:
                 self._register_failed = True
                 logger.warning(
-                    "could not register %s in Consul (%s: %s); serving anyway and retrying "
-                    "every %gs",
+                    "could not register %s in Consul (%s); serving anyway and retrying every %gs",
                     self.config.service_name,
-                    type(exc).__name__,
-                    exc,
+                    exc if isinstance(exc, Refused) else f"{type(exc).__name__}: {exc}",
                     _REGISTER_RETRY,
                 )
             return False

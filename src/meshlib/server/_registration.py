@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 import consul
 
 from .. import __version__
+from .._acl import Refused, refusal
 from .._config import ConsulSettings, MeshConfig
 from ..consul import Engine
 
@@ -84,16 +85,19 @@ class Registration:
         """Register (idempotent: the same ID replaces the previous registration)."""
         if os.getpid() != self._owner:
             return
-        self._client.agent.service.register(
-            self.service,
-            service_id=self.service_id,
-            address=self.address,
-            port=self.port,
-            tags=self._tags,
-            meta=self._meta,
-            check=self._check,
-            connect={"Native": True},
-        )
+        try:
+            self._client.agent.service.register(
+                self.service,
+                service_id=self.service_id,
+                address=self.address,
+                port=self.port,
+                tags=self._tags,
+                meta=self._meta,
+                check=self._check,
+                connect={"Native": True},
+            )
+        except consul.ACLPermissionDenied as exc:
+            raise Refused(refusal(403, str(exc))) from None
         logger.info("registered %s in Consul as %s", self.service, self.service_id)
 
     def deregister(self) -> None:
