@@ -691,6 +691,19 @@ VARIABLES: tuple[Variable, ...] = (
         per_service=True,
     ),
     Variable(
+        "MESH_SLOW_START",
+        "10s",
+        "30s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds, or 'off'",
+        "Slow start under `p2c_ewma` (Envoy's `slow_start_window`; Envoy has it off unless "
+        "set): for this long after an endpoint joins (new, healthy again, or readmitted after "
+        "an ejection) its slow answers are forgiven within about a tenth of it, so a cold "
+        "start does not cost it tens of seconds of traffic, and a new one starts at its "
+        "peers' typical latency and ramps from 10% of its share. `off` disables it.",
+        _duration_or_off,
+        per_service=True,
+    ),
+    Variable(
         "MESH_BREAKER_FAILURES",
         "20",
         "10",
@@ -1202,6 +1215,8 @@ class ServicePolicy:
     outlier_ejection_time: float = 30.0
     outlier_max_ejection: float = 0.5
     panic_threshold: float = 0.5
+    #: seconds of slow start for a joining or readmitted endpoint; 0: none
+    slow_start: float = 10.0
     breaker_failures: int = 20
     breaker_reset: float = 10.0
     breaker_probes: int = 1
@@ -1225,6 +1240,7 @@ _POLICY_FIELDS: Mapping[str, str] = MappingProxyType(
         "MESH_OUTLIER_EJECTION_TIME": "outlier_ejection_time",
         "MESH_OUTLIER_MAX_EJECTION": "outlier_max_ejection",
         "MESH_PANIC_THRESHOLD": "panic_threshold",
+        "MESH_SLOW_START": "slow_start",
         "MESH_BREAKER_FAILURES": "breaker_failures",
         "MESH_BREAKER_RESET": "breaker_reset",
         "MESH_BREAKER_PROBES": "breaker_probes",
