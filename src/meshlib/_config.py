@@ -846,11 +846,13 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "MESH_ROLLOUT_PROMETHEUS_URL",
-        "`http://127.0.0.1:9090`",
+        "`http://127.0.0.1:9090`; without Consul and with `MESH_CONFIG_FILE`: unset (the "
+        "instances' own `/mesh/metrics`)",
         "http://prometheus.internal:9090",
         "an http:// or https:// URL",
         "The Prometheus whose HTTP API `meshlib rollout` reads the canary's success rate and "
-        "p99 from (the `--prometheus` flag overrides it).",
+        "p99 from (the `--prometheus` flag overrides it). A rollout of the local config file "
+        "without it scrapes each instance's admin listener at each check instead.",
         _http_url,
     ),
     Variable(
@@ -1297,7 +1299,8 @@ class MeshConfig:
     #: the admin listener's address (None: unset, a server then takes 127.0.0.1:0)
     admin_addr: tuple[str, int] | None = None
     metrics_labels: frozenset[str] = frozenset()
-    rollout_prometheus_url: str = "http://127.0.0.1:9090"
+    #: None: not given (Prometheus on 127.0.0.1:9090 with Consul; scrapes without)
+    rollout_prometheus_url: str | None = None
     #: None: unset (OpenTelemetry's default applies); () : none
     traces_exporter: tuple[str, ...] | None = None
     metrics_exporter: tuple[str, ...] | None = None
@@ -1441,7 +1444,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         access_log_file=get("MESH_ACCESS_LOG_FILE") or "stderr",
         admin_addr=_admin_addr(get, errors),
         metrics_labels=get("MESH_METRICS_LABELS") or frozenset(),
-        rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL") or "http://127.0.0.1:9090",
+        rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL"),
         traces_exporter=get("OTEL_TRACES_EXPORTER"),
         metrics_exporter=get("OTEL_METRICS_EXPORTER"),
         consul=consul,
