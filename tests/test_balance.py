@@ -390,6 +390,27 @@ def test_slow_start_forgives_slow_first_answers_and_ends_with_its_window() -> No
     assert new.ewma.cost() >= 0.3  # a slow answer now holds, as peak-EWMA does
 
 
+def test_a_forgiven_estimate_stays_forgiven_when_the_window_ends() -> None:
+    """A cold answer decayed at the slow-start time constant is not brought back by the
+    normal one when the first sample after the window arrives (it came back as 0.64 s)."""
+    ewma = PeakEwma(1.0, seed=0.001, peak=False, now=0.0)  # a 10 s window's constant
+    ewma.observe(1.5, 1.5)  # the cold answer, forgiven over the next seconds
+    ewma.settle(10.0)  # the window is over; the next sample comes now
+    ewma.observe(0.001, 10.0)
+    assert ewma.cost(10.0) < 0.01
+
+
+def test_a_readmitted_endpoint_is_probed_first_and_its_first_answer_counts_whole() -> None:
+    """Back from an ejection: unmeasured (probed first), and its first answer sets its
+    estimate, not a blend of it into 0 that would draw every request to it at once."""
+    state = EndpointState(Endpoint("10.0.0.1", 8000))
+    state.begin_slow_start(time.monotonic(), 10.0)
+    assert state.load(time.monotonic()) == 0.0
+    state.started()
+    state.finished(time.monotonic() - 0.02)
+    assert state.ewma.cost() == pytest.approx(0.02, rel=0.2)
+
+
 def test_a_failure_in_slow_start_still_costs_its_floor() -> None:
     """A failed attempt's floor (above the costliest peer, ``_pipeline._FAILURE_COST``) holds
     even while slow start forgives slow answers: failing fast never draws traffic."""

@@ -57,8 +57,15 @@ class PeakEwma:
         #: whether a sample above the estimate replaces it (off while slow-starting)
         self.peak = peak
 
-    def settle(self) -> None:
-        """End slow start: peak-sensitive again, with the normal time constant."""
+    def settle(self, now: float) -> None:
+        """End slow start: peak-sensitive again, with the normal time constant.
+
+        The decay so far is taken at the slow-start time constant first: applied at the
+        normal one, the time since the last sample would bring back most of a cold
+        start's forgiven estimate (1.5 s decayed to 1 ms came back as 0.75 s).
+        """
+        self._cost = self.cost(now)
+        self._stamp = now
         self._tau = TAU
         self.peak = True
 
@@ -67,7 +74,9 @@ class PeakEwma:
         now = time.monotonic() if now is None else now
         elapsed = max(now - self._stamp, 0.0)
         self._stamp = now
-        if rtt > self._cost and (self.peak or hold):
+        # an unmeasured estimate takes its first sample whole, peak or not: blended into
+        # 0 it would make a readmitted endpoint look near-free (and drew all traffic)
+        if (rtt > self._cost and (self.peak or hold)) or self._cost == 0.0:
             self._cost = rtt
         else:
             weight = math.exp(-elapsed / self._tau)
@@ -165,7 +174,7 @@ class EndpointState:
             self.in_flight -= 1
             if self.warm_until and now >= self.warm_until:  # its slow start is over
                 self.warm_until = 0.0
-                self.ewma.settle()
+                self.ewma.settle(now)
             if latency:
                 self.ewma.observe(max(now - start, floor), now, hold=floor > 0.0)
 
