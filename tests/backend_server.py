@@ -14,6 +14,8 @@ Routes:
                                "hold": "held", "released", and "disconnected" (the client
                                went away while its request was held)
 
+``--cold N:MS`` delays the first N requests by MS ms (a cold start: imports, caches).
+
 Everything a test asserts about "what the server received" comes from /admin/stats, so
 the counts are the server's own, not the client's belief.
 """
@@ -36,6 +38,8 @@ MODE: dict[str, Any] = {
     # send the headers and part of the body, then drop the connection (a crash mid-body)
     "cut": False,
 }
+#: ``--cold``: how many requests are still to be delayed, and by how long (ms)
+COLD: list[int] = [0, 0]
 #: Set by /admin/release (then replaced, so later requests are held again).
 RELEASE: list[asyncio.Event] = []
 
@@ -120,6 +124,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     STATS["total"] += 1
     if MODE["hold"] and await _hold(receive):
         return  # nobody is listening any more
+    if COLD[0] > 0:
+        COLD[0] -= 1
+        await asyncio.sleep(COLD[1] / 1000)
     if MODE["hang"]:
         await asyncio.Event().wait()  # accept, never answer (until the client gives up)
     if MODE["delay_ms"]:
@@ -168,8 +175,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="backend")
+    parser.add_argument("--cold", default="0:0", help="N:MS: delay the first N requests")
     args = parser.parse_args()
     NAME = args.name
+    COLD[:] = [int(part) for part in args.cold.split(":")]
     uvicorn.run(
         app,
         host=args.host,

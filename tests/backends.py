@@ -32,6 +32,8 @@ class Backend:
         self.name = name
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        #: extra command-line arguments for the next start (``["--cold", "3:1500"]``)
+        self.args: list[str] = []
 
     @property
     def address(self) -> str:
@@ -47,7 +49,15 @@ class Backend:
 
     def spawn(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(SERVER), "--port", str(self.port), "--name", self.name],
+            [
+                sys.executable,
+                str(SERVER),
+                "--port",
+                str(self.port),
+                "--name",
+                self.name,
+                *self.args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

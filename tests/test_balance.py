@@ -13,12 +13,14 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 import meshlib.balance
-from meshlib._config import LB_POLICIES, LbPolicy
+from meshlib._config import LB_POLICIES, LbPolicy, ServicePolicy
+from meshlib._service import ServiceState
 from meshlib.balance import (
     Balancer,
     EndpointState,
     LeastRequest,
     P2CEwma,
+    PeakEwma,
     RingHash,
     RoundRobin,
     WeightedRandom,
@@ -26,7 +28,7 @@ from meshlib.balance import (
 )
 from meshlib.balance._ring_hash import _MAX_NODES, _Ring
 from meshlib.balance._round_robin import _GENERATION
-from meshlib.discovery._endpoint import Endpoint
+from meshlib.discovery._endpoint import Endpoint, Snapshot
 
 
 def states(*weights: int, host: str = "10.0.0") -> list[EndpointState]:
@@ -327,6 +329,95 @@ def test_p2c_ewma_keeps_requests_in_flight_in_proportion_to_weight() -> None:
 def test_p2c_ewma_shares_idle_endpoints_by_weight() -> None:
     got = counts(P2CEwma(rng=random.Random(1)), states(1, 2, 3), 60_000)
     assert shares(got) == pytest.approx([1 / 6, 2 / 6, 3 / 6], abs=0.01)
+
+
+# --------------------------------------------------------------------------- slow start
+
+
+def joined(costs: list[float], policy: ServicePolicy) -> tuple[ServiceState, EndpointState]:
+    """A service whose endpoints measured ``costs``, then one more endpoint joins it."""
+    service = ServiceState("weather", policy)
+    endpoints = tuple(Endpoint("10.0.0.1", 8000 + i) for i in range(len(costs)))
+    service.update(Snapshot("weather", endpoints))
+    now = time.monotonic()
+    for state, cost in zip(service.endpoints, costs, strict=True):
+        state.ewma.observe(cost, now)
+    service.update(Snapshot("weather", (*endpoints, Endpoint("10.0.0.2", 8000)), index=1))
+    return service, service.endpoints[-1]
+
+
+def test_a_new_endpoint_starts_at_its_peers_median_cost_and_a_tenth_of_its_share() -> None:
+    """Slow start: a joining endpoint is neither probed by every request at once nor
+    starved; it starts at its peers' median estimate and, under load, carries about a
+    tenth of a peer's requests in flight (Envoy's 10% minimum), ramping from there."""
+    service, new = joined([0.010, 0.020, 0.030], ServicePolicy(slow_start=10.0))
+    assert new.ewma.cost() == pytest.approx(0.020, rel=0.05)
+    assert all(state.ramp_until == 0.0 for state in service.endpoints[:3])  # not joining
+    balancer = P2CEwma(rng=random.Random(1))
+    for peer in service.endpoints[:3]:
+        peer.ewma = PeakEwma(seed=0.020)  # all equal to it: only the ramp differs
+    for _ in range(600):
+        balancer.pick(service.endpoints, None).started()
+    peers = sum(state.in_flight for state in service.endpoints[:3]) / 3
+    assert 0.05 * peers <= new.in_flight <= 0.15 * peers, (new.in_flight, peers)
+
+
+def test_the_first_endpoints_of_a_service_and_slow_start_off_do_not_ramp() -> None:
+    service = ServiceState("weather", ServicePolicy(slow_start=10.0))
+    service.update(Snapshot("weather", (Endpoint("10.0.0.1", 8000), Endpoint("10.0.0.1", 8001))))
+    assert all(state.ramp_until == 0.0 == state.warm_until for state in service.endpoints)
+    _, new = joined([0.010, 0.020], ServicePolicy(slow_start=0.0))
+    assert new.ramp_until == 0.0 == new.warm_until
+    assert new.ewma.cost() == 0.0  # as before: unmeasured, so probed first
+
+
+def test_slow_start_forgives_slow_first_answers_and_ends_with_its_window() -> None:
+    """In its window an endpoint's estimate holds no peak and forgets with a tenth of the
+    window as time constant: a 1.5 s cold answer is down to peers' 10 ms within ~5 s (at
+    peak-EWMA's 10 s it would take ~50 s). After the window, peaks count again."""
+    _, new = joined([0.010, 0.010], ServicePolicy(slow_start=10.0))
+    start = new.warm_from
+    new.ewma.observe(1.5, start + 0.5)
+    assert new.ewma.cost(start + 0.5) < 1.5  # blended, not held at the peak
+    assert new.ewma.cost(start + 6.0) < 0.010
+    new.started()
+    new.finished(time.monotonic() - 0.05)  # a sample inside the window: still forgiving
+    assert new.ewma.peak is False
+    new.warm_until = time.monotonic()  # the window is over
+    new.started()
+    new.finished(time.monotonic() - 0.3)
+    assert new.ewma.peak is True
+    assert new.ewma.cost() >= 0.3  # a slow answer now holds, as peak-EWMA does
+
+
+def test_a_forgiven_estimate_stays_forgiven_when_the_window_ends() -> None:
+    """A cold answer decayed at the slow-start time constant is not brought back by the
+    normal one when the first sample after the window arrives (it came back as 0.64 s)."""
+    ewma = PeakEwma(1.0, seed=0.001, peak=False, now=0.0)  # a 10 s window's constant
+    ewma.observe(1.5, 1.5)  # the cold answer, forgiven over the next seconds
+    ewma.settle(10.0)  # the window is over; the next sample comes now
+    ewma.observe(0.001, 10.0)
+    assert ewma.cost(10.0) < 0.01
+
+
+def test_a_readmitted_endpoint_is_probed_first_and_its_first_answer_counts_whole() -> None:
+    """Back from an ejection: unmeasured (probed first), and its first answer sets its
+    estimate, not a blend of it into 0 that would draw every request to it at once."""
+    state = EndpointState(Endpoint("10.0.0.1", 8000))
+    state.begin_slow_start(time.monotonic(), 10.0)
+    assert state.load(time.monotonic()) == 0.0
+    state.started()
+    state.finished(time.monotonic() - 0.02)
+    assert state.ewma.cost() == pytest.approx(0.02, rel=0.2)
+
+
+def test_a_failure_in_slow_start_still_costs_its_floor() -> None:
+    """A failed attempt's floor (above the costliest peer, ``_pipeline._FAILURE_COST``) holds
+    even while slow start forgives slow answers: failing fast never draws traffic."""
+    _, new = joined([0.010, 0.010], ServicePolicy(slow_start=10.0))
+    new.started()
+    new.finished(time.monotonic(), floor=0.011)
+    assert new.ewma.cost() == pytest.approx(0.011, rel=0.05)
 
 
 # --------------------------------------------------------------------------- random

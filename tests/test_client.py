@@ -301,6 +301,63 @@ def test_a_killed_instance_leaves_the_rotation_at_once_and_a_restarted_one_retur
         assert shares[victim.name] >= 40, shares
 
 
+def test_p2c_ewma_forgives_a_cold_start_within_seconds_but_not_a_slow_instance(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    """Slow start (``MESH_SLOW_START``, 10 s by default), under two threads of traffic.
+
+    An instance restarted cold (its first 2 requests take 1.5 s, then it answers at once)
+    serves 300 requests again within 30 s (5 to 15 s measured); before, its 1.5 s answer held
+    its peak-EWMA estimate up for about a minute of decay (the test timed out). An
+    instance restarted slow (every answer 300 ms) takes at most 2% of the 1,000 requests
+    after its window, where its fair share is 25%.
+    """
+    servers = backends.many(4)
+    cold, slow = servers[2], servers[3]
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", servers))
+    served: list[str] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with meshlib.Client() as client:
+            while not stop.is_set():
+                try:
+                    served.append(client.get("http://weather/whoami").text)
+                except Exception as exc:
+                    failures.append(exc)
+
+    def restart(backend: Backend, cold: str) -> float:
+        backend.kill()
+        backend.args = ["--cold", cold]
+        backend.start()
+        return time.monotonic()
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(served) >= 100, timeout=30, what="traffic")
+        restart(cold, "2:1500")
+        wait_until(
+            lambda: cold.stats().get("GET", 0) >= 300, timeout=30, what="cold start forgiven"
+        )
+
+        window_over = restart(slow, "1000000:300") + 12  # its 10 s window, and some
+        wait_until(lambda: slow.stats().get("GET", 0) >= 1, timeout=30, what="slow probed")
+        # (a span of time, not a condition: its end is what is awaited)
+        wait_until(lambda: time.monotonic() > window_over, timeout=30, what="window over")
+        before, slow_before = len(served), slow.stats()["GET"]
+        wait_until(lambda: len(served) >= before + 1000, timeout=60, what="traffic after it")
+        slow_after, total_after = slow.stats()["GET"] - slow_before, len(served) - before
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert failures == []
+    assert slow_after <= 0.02 * total_after, (slow_after, total_after)
+
+
 def test_failing_fast_never_makes_an_instance_look_cheap_to_p2c_ewma(
     backends: BackendFactory, env: pytest.MonkeyPatch
 ) -> None:

@@ -52,6 +52,7 @@ BAD_VALUES: dict[str, tuple[str, str]] = {
     "MESH_OUTLIER_EJECTION_TIME": ("nan", "a duration"),
     "MESH_OUTLIER_MAX_EJECTION": ("150%", "a ratio from 0% to 100%"),
     "MESH_PANIC_THRESHOLD": ("1.5", "a ratio from 0% to 100%"),
+    "MESH_SLOW_START": ("soon", "a number of seconds, or 'off'"),
     "MESH_BREAKER_FAILURES": ("many", "a whole number from 1 to 100000"),
     "MESH_BREAKER_RESET": ("inf", "a duration"),
     "MESH_BREAKER_PROBES": ("0", "a whole number from 1 to 1000"),

@@ -38,7 +38,7 @@ SENT, FAILED = 40, 10
 
 def test_edges_from_two_scrapes_count_rates_errors_a_reset_and_p99_as_promql_does() -> None:
     from meshlib.dashboard._edges import edges
-    from meshlib.dashboard._exposition import parse
+    from meshlib.telemetry._exposition import parse
 
     def scrape(ok: int, failed: int, buckets: tuple[int, int, int]) -> str:
         metric, edge = (

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import anyio
 import pytest
 
 import meshlib
@@ -424,6 +425,115 @@ def test_service_defaults_limits_cap_the_requests_in_flight_with_a_clear_error(
         assert server.stats()["GET"] == 4  # the refused request never reached the server
     finally:
         consul.delete(f"/v1/config/service-defaults/{caller}")
+
+
+def test_service_defaults_max_connections_queue_requests_and_max_pending_fails_fast(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    """Envoy's max_connections and max_pending_requests, as Consul writes them: with 2
+    connections busy the next request waits (pending) and is served once one is free; with
+    1 already pending, the next fails at once with ``CircuitOpen``, never reaching the
+    server."""
+    service, caller = unique("forecast"), unique("frontend")
+    (server,) = backends.many(1)
+    register(consul, service, f"{service}-{server.name}", server.port, ids=registered)
+    defaults = {
+        "Kind": "service-defaults",
+        "Name": caller,
+        "UpstreamConfig": {
+            "Overrides": [
+                {"Name": service, "Limits": {"MaxConnections": 2, "MaxPendingRequests": 1}}
+            ]
+        },
+    }
+    assert consul.put("/v1/config", defaults) is True
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_SERVICE_NAME", caller)
+    results: dict[str, int] = {}
+    try:
+        with meshlib.Client() as client:
+            assert client.get(f"http://{service}/whoami").status_code == 200
+            mesh = client._transport.mesh  # type: ignore[attr-defined]
+            wait_until(lambda: mesh._capped, what="the service-defaults entry")
+
+            def get(name: str, path: str) -> None:
+                results[name] = client.get(f"http://{service}{path}").status_code
+
+            slow = [
+                threading.Thread(target=get, args=(f"slow{i}", "/slow?ms=1500")) for i in range(2)
+            ]
+            for thread in slow:
+                thread.start()
+            wait_until(lambda: server.stats().get("GET", 0) == 3, what="two slow requests")
+            queued = threading.Thread(target=get, args=("queued", "/whoami"))
+            queued.start()
+            wait_until(lambda: mesh._pending.waiting(service) == 1, what="one request pending")
+            with pytest.raises(meshlib.CircuitOpen) as info:
+                client.get(f"http://{service}/whoami")
+            for thread in (*slow, queued):
+                thread.join(15)
+            assert mesh._pending.waiting(service) == 0
+            assert client.get(f"http://{service}/whoami").status_code == 200  # room again
+        assert "Limits.MaxPendingRequests" in str(info.value)
+        assert "1 requests pending" in str(info.value)
+        assert results == {"slow0": 200, "slow1": 200, "queued": 200}  # it waited, then went
+        assert server.stats()["GET"] == 5  # the refused request never reached the server
+    finally:
+        consul.delete(f"/v1/config/service-defaults/{caller}")
+
+
+def test_an_async_client_queues_at_max_connections_too(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    """The async transport waits on the event loop (never blocking it) as the sync one waits."""
+    service, caller = unique("forecast"), unique("frontend")
+    (server,) = backends.many(1)
+    register(consul, service, f"{service}-{server.name}", server.port, ids=registered)
+    limits = {"MaxConnections": 1, "MaxPendingRequests": 1}
+    defaults = {
+        "Kind": "service-defaults",
+        "Name": caller,
+        "UpstreamConfig": {"Defaults": {"Limits": limits}},
+    }
+    assert consul.put("/v1/config", defaults) is True
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_SERVICE_NAME", caller)
+
+    async def scenario() -> tuple[list[int], str]:
+        async with meshlib.AsyncClient() as client:
+            assert (await client.get(f"http://{service}/whoami")).status_code == 200
+            mesh = client._transport.mesh  # type: ignore[attr-defined]
+            while not mesh._capped:
+                await anyio.sleep(0.05)
+            statuses: list[int] = []
+
+            async def get(path: str) -> None:
+                statuses.append((await client.get(f"http://{service}{path}")).status_code)
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(get, "/slow?ms=1000")
+                while server.stats().get("GET", 0) < 2:
+                    await anyio.sleep(0.02)
+                tasks.start_soon(get, "/whoami")  # pending behind the slow one
+                while mesh._pending.waiting(service) < 1:
+                    await anyio.sleep(0.005)
+                with pytest.raises(meshlib.CircuitOpen) as info:
+                    await client.get(f"http://{service}/whoami")
+            return statuses, str(info.value)
+
+    try:
+        statuses, error = anyio.run(scenario)
+    finally:
+        consul.delete(f"/v1/config/service-defaults/{caller}")
+    assert sorted(statuses) == [200, 200]
+    assert "Limits.MaxPendingRequests" in error
+    assert server.stats()["GET"] == 3
 
 
 def test_a_service_without_entries_is_routed_as_without_chains(

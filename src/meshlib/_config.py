@@ -701,6 +701,19 @@ VARIABLES: tuple[Variable, ...] = (
         per_service=True,
     ),
     Variable(
+        "MESH_SLOW_START",
+        "10s",
+        "30s",
+        "a duration such as 250ms, 2s, 1m or a number of seconds, or 'off'",
+        "Slow start under `p2c_ewma` (Envoy's `slow_start_window`; Envoy has it off unless "
+        "set): for this long after an endpoint joins (new, healthy again, or readmitted after "
+        "an ejection) its slow answers are forgiven within about a tenth of it, so a cold "
+        "start does not cost it tens of seconds of traffic, and a new one starts at its "
+        "peers' typical latency and ramps from 10% of its share. `off` disables it.",
+        _duration_or_off,
+        per_service=True,
+    ),
+    Variable(
         "MESH_BREAKER_FAILURES",
         "20",
         "10",
@@ -843,11 +856,13 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "MESH_ROLLOUT_PROMETHEUS_URL",
-        "`http://127.0.0.1:9090`",
+        "`http://127.0.0.1:9090`; without Consul and with `MESH_CONFIG_FILE`: unset (the "
+        "instances' own `/mesh/metrics`)",
         "http://prometheus.internal:9090",
         "an http:// or https:// URL",
         "The Prometheus whose HTTP API `meshlib rollout` reads the canary's success rate and "
-        "p99 from (the `--prometheus` flag overrides it).",
+        "p99 from (the `--prometheus` flag overrides it). A rollout of the local config file "
+        "without it scrapes each instance's admin listener at each check instead.",
         _http_url,
     ),
     Variable(
@@ -1212,6 +1227,8 @@ class ServicePolicy:
     outlier_ejection_time: float = 30.0
     outlier_max_ejection: float = 0.5
     panic_threshold: float = 0.5
+    #: seconds of slow start for a joining or readmitted endpoint; 0: none
+    slow_start: float = 10.0
     breaker_failures: int = 20
     breaker_reset: float = 10.0
     breaker_probes: int = 1
@@ -1235,6 +1252,7 @@ _POLICY_FIELDS: Mapping[str, str] = MappingProxyType(
         "MESH_OUTLIER_EJECTION_TIME": "outlier_ejection_time",
         "MESH_OUTLIER_MAX_EJECTION": "outlier_max_ejection",
         "MESH_PANIC_THRESHOLD": "panic_threshold",
+        "MESH_SLOW_START": "slow_start",
         "MESH_BREAKER_FAILURES": "breaker_failures",
         "MESH_BREAKER_RESET": "breaker_reset",
         "MESH_BREAKER_PROBES": "breaker_probes",
@@ -1292,7 +1310,8 @@ class MeshConfig:
     #: the admin listener's address (None: unset, a server then takes 127.0.0.1:0)
     admin_addr: tuple[str, int] | None = None
     metrics_labels: frozenset[str] = frozenset()
-    rollout_prometheus_url: str = "http://127.0.0.1:9090"
+    #: None: not given (Prometheus on 127.0.0.1:9090 with Consul; scrapes without)
+    rollout_prometheus_url: str | None = None
     #: None: unset (OpenTelemetry's default applies); () : none
     traces_exporter: tuple[str, ...] | None = None
     metrics_exporter: tuple[str, ...] | None = None
@@ -1437,7 +1456,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
         access_log_file=get("MESH_ACCESS_LOG_FILE") or "stderr",
         admin_addr=_admin_addr(get, errors),
         metrics_labels=get("MESH_METRICS_LABELS") or frozenset(),
-        rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL") or "http://127.0.0.1:9090",
+        rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL"),
         traces_exporter=get("OTEL_TRACES_EXPORTER"),
         metrics_exporter=get("OTEL_METRICS_EXPORTER"),
         consul=consul,

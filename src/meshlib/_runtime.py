@@ -30,6 +30,7 @@ from ._exceptions import CircuitOpen, ConfigError, NoHealthyEndpoints
 from ._service import ServiceState
 from .discovery import Discovery, Endpoint, Snapshot, StaticDiscovery, make_discovery
 from .discovery._consul import TargetKey
+from .resilience._pending import PendingRequests, Ticket
 from .routing import Chain, Decision, Target, compile_filter
 from .routing._consul import CompiledChain
 from .routing._filter import EndpointView, Predicate
@@ -87,6 +88,7 @@ class Mesh:
         self._upstream = UpstreamConfig()
         #: whether Consul caps the requests in flight to any destination
         self._capped = False
+        self._pending = PendingRequests()
         self._upstream_refused: str | None = None
         watch = getattr(self.discovery, "watch", None)
         if watch is not None and config.service_name and self._consul_chain is not None:
@@ -217,9 +219,7 @@ class Mesh:
         if upstream == self._upstream:
             return
         self._upstream = upstream
-        self._capped = upstream.defaults.max_concurrent is not None or any(
-            u.max_concurrent is not None for u in upstream.overrides.values()
-        )
+        self._capped = upstream.limits_anything()
         states = {id(s): s for s in list(self._services.values())}
         states.update((id(t[1]), t[1]) for t in list(self._targets.values()))
         for state in states.values():
@@ -260,6 +260,27 @@ class Mesh:
                     request=request,
                 )
         return chosen, decision
+
+    def pending(self, chosen: ServiceState, request: httpx.Request) -> Ticket | None:
+        """None when the request may go now; a ``Ticket`` when it must wait for a connection.
+
+        Consul's ``Limits.MaxConnections`` / ``MaxPendingRequests`` for the destination
+        (resilience/_pending.py): ``CircuitOpen`` when too many already wait. The transports
+        poll the ticket and leave it. Without those limits: one attribute check.
+        """
+        if not self._capped:
+            return None
+        limits = self._upstream.connection_limits(chosen.name)
+        if limits is None:
+            return None
+        return self._pending.enter(
+            chosen.name,
+            request,
+            limits.max_connections,
+            limits.max_pending,
+            lambda: sum(e.in_flight for e in chosen.endpoints),
+            chosen.policy.timeout,
+        )
 
     def _balance_as_resolved(
         self, chosen: ServiceState, decision: Decision, request: httpx.Request

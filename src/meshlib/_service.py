@@ -9,8 +9,10 @@ settings for a service is replacing these attributes.
 
 from __future__ import annotations
 
+import statistics
 import threading
-from collections.abc import Collection
+import time
+from collections.abc import Collection, Sequence
 
 from ._config import ServicePolicy
 from .balance import Balancer, EndpointState, make_balancer
@@ -49,14 +51,18 @@ class ServiceState:
             policy.outlier_consecutive_errors,
             policy.outlier_ejection_time,
             policy.outlier_max_ejection,
+            policy.slow_start,
         )
 
     def update(self, snapshot: Snapshot) -> None:
         """Adopt a new snapshot, keeping the runtime state of endpoints still listed."""
         with self._update_lock:
             old = {state.endpoint.key: state for state in (*self.endpoints, *self.unhealthy)}
+            was_healthy = {state.endpoint.key for state in self.endpoints}
+            now = time.monotonic()
+            typical = _typical_cost(self.endpoints, now) if self.policy.slow_start > 0 else 0.0
 
-            def states(endpoints: tuple[Endpoint, ...]) -> tuple[EndpointState, ...]:
+            def states(endpoints: tuple[Endpoint, ...], joining: bool) -> tuple[EndpointState, ...]:
                 found = []
                 for endpoint in endpoints:
                     state = old.get(endpoint.key)
@@ -64,11 +70,14 @@ class ServiceState:
                         state = EndpointState(endpoint)
                     elif state.endpoint != endpoint:
                         state.rebind(endpoint)  # weight or address changed; keep the stats
+                    if joining and typical and endpoint.key not in was_healthy:
+                        # new, or healthy again: starts at its peers' cost and ramps up
+                        state.begin_slow_start(now, self.policy.slow_start, typical)
                     found.append(state)
                 return tuple(found)
 
-            self.endpoints = states(snapshot.endpoints)
-            self.unhealthy = states(snapshot.unhealthy)
+            self.endpoints = states(snapshot.endpoints, joining=True)
+            self.unhealthy = states(snapshot.unhealthy, joining=False)
             self.snapshot = snapshot
 
     def routable(self) -> bool:
@@ -102,3 +111,9 @@ class ServiceState:
             if fresh:
                 return fresh
         return available
+
+
+def _typical_cost(endpoints: Sequence[EndpointState], now: float) -> float:
+    """The median latency estimate of the endpoints that have one (0.0: none has)."""
+    costs = [cost for state in endpoints if (cost := state.ewma.cost(now)) > 0.0]
+    return statistics.median(costs) if costs else 0.0

@@ -258,24 +258,37 @@ def _rollout(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"meshlib rollout: {line}", file=sys.stderr)
         return 1
-    # Like Consul's own CLI, an unset CONSUL_HTTP_ADDR means the local agent.
-    api = rollout.ConsulAPI(config.consul or ConsulSettings(address="http://127.0.0.1:8500"))
+    # Without Consul, the local config file is the control plane; otherwise, like Consul's
+    # own CLI, an unset CONSUL_HTTP_ADDR means the local agent.
+    api: rollout.ConsulAPI | None = None
+    plane: rollout.ControlPlane
+    if config.consul is None and config.config_file:
+        plane = rollout.FilePlane(config.config_file)
+    else:
+        api = rollout.ConsulAPI(config.consul or ConsulSettings(address="http://127.0.0.1:8500"))
+        plane = rollout.ConsulPlane(api)
     try:
         if action == "status":
-            return rollout.status(api, args.service, json_lines=args.json)
+            return rollout.status(plane, args.service, json_lines=args.json)
         view = rollout.make_view(json_lines=args.json)
         if action != "start":
-            return rollout.run_command(api, args.service, args.action, view)
-        source = rollout.PrometheusSource(args.prometheus or config.rollout_prometheus_url)
+            return rollout.run_command(plane, args.service, args.action, view)
+        prometheus = args.prometheus or config.rollout_prometheus_url
+        source: rollout.PrometheusSource | rollout.AdminScrapeSource
+        if prometheus is None and api is None:  # no Prometheus given, no Consul: scrape
+            source = rollout.AdminScrapeSource()
+        else:
+            source = rollout.PrometheusSource(prometheus or "http://127.0.0.1:9090")
         try:
-            return rollout.start(api, source, args.service, _rollout_options(args), view)
+            return rollout.start(plane, source, args.service, _rollout_options(args), view)
         finally:
             source.close()
     except rollout.RolloutError as exc:
         print(f"meshlib rollout: {exc}", file=sys.stderr)
         return 1
     finally:
-        api.close()
+        if api is not None:
+            api.close()
 
 
 def _rollout_options(args: argparse.Namespace) -> rollout.Options:
@@ -334,7 +347,9 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
         "each interval; promote when the last check passes, roll back after --threshold "
         "failed checks or --threshold inconclusive checks in a row. Before any weight moves, "
         "Prometheus must scrape the canary's and the stable version's instances, and "
-        "--interval and --window must span at least four of its scrapes. Exit status 0 when "
+        "--interval and --window must span at least four of its scrapes. Without Consul, "
+        "with MESH_CONFIG_FILE, the splitter is that file's and, without --prometheus, "
+        "each check scrapes the instances' own /mesh/metrics. Exit status 0 when "
         "promoted, 1 when rolled back on failed checks, aborted or refused, 3 when rolled "
         "back because the checks stayed inconclusive (no data).",
     )

@@ -39,6 +39,7 @@ from ._config import MeshConfig, load_config
 from ._exceptions import MeshRequestError, UntrustedCertificate
 from ._pipeline import MAX_HEDGES, WAIT, Attempt, Call, clone_request
 from ._runtime import Mesh, Pending
+from .resilience._pending import POLL as PENDING_POLL
 from .security._refusals import TLS_REQUIRED_HEADER, tls_required_message
 from .security._verify import async_identity_check, identity_check
 from .telemetry import OutboundTelemetry
@@ -87,6 +88,13 @@ class MeshTransport(httpx.BaseTransport):
         if service is None:
             return self._bypass(request)
         service, route = self.mesh.route(service, request)
+        ticket = self.mesh.pending(service, request)
+        if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
+            try:
+                while not ticket.ready():
+                    time.sleep(PENDING_POLL)
+            finally:
+                ticket.leave()
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
             return self._hedged(call, request)
@@ -235,6 +243,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         if service is None:
             return await self._bypass(request)
         service, route = self.mesh.route(service, request)
+        ticket = self.mesh.pending(service, request)
+        if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
+            try:
+                while not ticket.ready():
+                    await anyio.sleep(PENDING_POLL)
+            finally:
+                ticket.leave()
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
             return await self._hedged(call, request)

@@ -8,9 +8,9 @@ itself every few seconds from ``/api/mesh``, a JSON view anything else can read 
 
 Modules, one concept each:
 
-* ``_exposition``: the Prometheus text format, parsed;
 * ``_targets``: where the admin listeners are (a static list, Consul, Prometheus);
-* ``_edges``: edges from two scrapes (rates and p99 without Prometheus);
+* ``_edges``: edges from two scrapes (rates and p99 without Prometheus), parsed by
+  ``telemetry._exposition``;
 * ``_collector``: one poll of the mesh, assembled into the JSON view;
 * ``_server``: the HTTP server and the poller; ``assets/``: the page, hand-written.
 """

@@ -34,9 +34,9 @@ import httpx
 from ..rollout import ConsulAPI, RolloutError
 from ..rollout._state import StateStore
 from ..rollout._view import event_json
+from ..telemetry._exposition import Samples, parse
 from ..telemetry._top import edges as prometheus_edges
 from ._edges import Scrape, edges
-from ._exposition import Samples, parse
 from ._targets import TargetSource
 
 __all__ = ["Collector"]

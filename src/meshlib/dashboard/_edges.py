@@ -16,7 +16,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from ._exposition import Samples
+from ..telemetry._exposition import Samples
 
 __all__ = ["Scrape", "edges", "quantile"]
 

@@ -17,6 +17,10 @@ again, so no request fails), and a success clears the count. Counting five refus
 sent the first attempt of every request to a killed instance of two until it was ejected;
 a fixed latency penalty instead starved the restarted instance for ~80 s.
 
+An ejected endpoint comes back in slow start (``EndpointState.begin_slow_start``, without a
+ramp): probed first as before, so its ejection can end or grow at once, and its first
+answers forgiven if they are slow, as a restarted process's often are.
+
 State lives on each ``EndpointState``; the detector is stateless apart from its settings,
 so swapping settings is swapping the detector. An ejection ends by time alone; the first
 attempt after it learns of the readmission (``readmitted``), so the pipeline can log it.
@@ -27,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..balance._state import EndpointState, PeakEwma
+from ..balance._state import EndpointState
 
 __all__ = ["OutlierDetector"]
 
@@ -40,12 +44,20 @@ REFUSED_EJECTION_MAX = 1.0
 class OutlierDetector:
     """Decides ejections from attempt outcomes."""
 
-    __slots__ = ("consecutive_errors", "ejection_time", "max_ejection")
+    __slots__ = ("consecutive_errors", "ejection_time", "max_ejection", "slow_start")
 
-    def __init__(self, consecutive_errors: int, ejection_time: float, max_ejection: float) -> None:
+    def __init__(
+        self,
+        consecutive_errors: int,
+        ejection_time: float,
+        max_ejection: float,
+        slow_start: float = 0.0,
+    ) -> None:
         self.consecutive_errors = consecutive_errors
         self.ejection_time = ejection_time
         self.max_ejection = max_ejection
+        #: the slow-start window (seconds) a readmitted endpoint begins with; 0: none
+        self.slow_start = slow_start
 
     def success(self, state: EndpointState, now: float, started: float = 0.0) -> None:
         """An attempt on ``state`` (sent at ``started``) went well.
@@ -88,7 +100,8 @@ class OutlierDetector:
         state.ejected_at = now
         state.outlier_decay_at = state.ejected_until + self.ejection_time
         state.consecutive_errors = 0
-        state.ewma = PeakEwma()  # readmitted, it is measured afresh, not judged by the past
+        # readmitted, it is measured afresh (and probed first), not judged by the past
+        state.begin_slow_start(state.ejected_until, self.slow_start)
         return True
 
     def refused(self, state: EndpointState, now: float) -> bool:
@@ -102,5 +115,6 @@ class OutlierDetector:
         state.ejected_until = now + min(REFUSED_EJECTION * state.refusals, REFUSED_EJECTION_MAX)
         state.ejected_at = now
         state.consecutive_errors = 0
-        state.ewma = PeakEwma()  # readmitted, it is measured afresh (and probed first)
+        # readmitted, it is measured afresh (and probed first)
+        state.begin_slow_start(state.ejected_until, self.slow_start)
         return True

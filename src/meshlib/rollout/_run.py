@@ -1,6 +1,7 @@
 """The rollout commands: the controller loop (``start``) and the operator's commands.
 
-The loop reads the state from KV, acts (an operator's request first, then a check when one
+The loop reads the state (Consul KV, or a file beside the local config file: a
+``ControlPlane``, ``_plane``), acts (an operator's request first, then a check when one
 is due), writes the new state with check-and-set, then makes the routing entries say what
 the state says. Between checks it waits on a blocking query of the state key, so a
 ``pause`` or ``abort`` typed in another terminal is acted on at once. Routing is
@@ -29,20 +30,11 @@ from types import FrameType
 from typing import TextIO
 
 from ._consul import ConsulAPI, ConsulUnavailable, MetricsUnavailable, RolloutError
-from ._consul_entries import (
-    Match,
-    Resolver,
-    instances,
-    read_resolver,
-    read_split,
-    remove_route,
-    write_route,
-    write_split,
-)
+from ._consul_entries import Match, Resolver
 from ._controller import begin, command, judge, refusal, routes
-from ._lock import ControllerLock
 from ._metrics import MetricSource, ScrapedSource, format_seconds
-from ._state import ACTIVE, Measurement, Mode, Request, RolloutState, Settings, StateStore
+from ._plane import ConsulPlane, ControlPlane, Lock, Store
+from ._state import ACTIVE, Measurement, Mode, Request, RolloutState, Settings
 from ._view import View, event_json
 
 __all__ = [
@@ -83,14 +75,19 @@ class Options:
     match: Match | None = None
 
 
-def _settings(api: ConsulAPI, service: str, options: Options, resolver: Resolver) -> Settings:
+def _plane(plane: ControlPlane | ConsulAPI) -> ControlPlane:
+    """A ``ConsulAPI`` is taken as Consul's control plane (the callers before planes)."""
+    return ConsulPlane(plane) if isinstance(plane, ConsulAPI) else plane
+
+
+def _settings(plane: ControlPlane, service: str, options: Options, resolver: Resolver) -> Settings:
     subsets = sorted(resolver.subsets)
     known = ", ".join(subsets) or "none"
     if options.canary not in resolver.subsets:
         raise RolloutError(
             f"service-resolver {service!r} has no subset {options.canary!r} (subsets: {known})"
         )
-    split = read_split(api, service) or {}
+    split = plane.split(service) or {}
     if split.get(options.canary, 0) >= 100:
         raise RolloutError(
             f"{options.canary!r} already gets 100% of {service!r}: nothing to roll out"
@@ -131,12 +128,12 @@ def _settings(api: ConsulAPI, service: str, options: Options, resolver: Resolver
     )
 
 
-def apply_routes(api: ConsulAPI, state: RolloutState) -> None:
+def apply_routes(plane: ControlPlane, state: RolloutState) -> None:
     """Make the splitter (and router) say what ``state`` calls for."""
     s = state.settings
     wanted = routes(state)
     try:
-        write_split(api, state.service, s.stable, s.canary, wanted.weight)
+        plane.write_split(state.service, s.stable, s.canary, wanted.weight)
     except RolloutError as exc:
         if "protocol" in str(exc):
             raise RolloutError(
@@ -146,9 +143,9 @@ def apply_routes(api: ConsulAPI, state: RolloutState) -> None:
         raise
     if s.match is not None:
         if wanted.route:
-            write_route(api, state.service, s.canary, s.match)
+            plane.write_route(state.service, s.canary, s.match)
         else:
-            remove_route(api, state.service, s.match)
+            plane.remove_route(state.service, s.match)
 
 
 class _Stopped(Exception):
@@ -167,13 +164,13 @@ def exit_status(state: RolloutState) -> int:
 
 
 def _preflight(
-    api: ConsulAPI, source: MetricSource, resolver: Resolver, settings: Settings
+    plane: ControlPlane, source: MetricSource, resolver: Resolver, settings: Settings
 ) -> Settings:
     """Check the source sees both versions, and that the checks span four scrapes."""
     if not isinstance(source, ScrapedSource):
         return settings
     versions = {
-        resolver.version(subset): instances(api, resolver, subset)
+        resolver.version(subset): plane.instances(resolver, subset)
         for subset in (settings.stable, settings.canary)
     }
     try:
@@ -181,6 +178,8 @@ def _preflight(
     except MetricsUnavailable as exc:
         raise RolloutError(f"{exc}; no weight was moved") from None
     least = MIN_SCRAPES * scrape
+    if not scrape:  # scraped on demand, at each check: no interval to span
+        return settings
     for flag, value in (("--interval", settings.interval), ("--window", settings.window)):
         if value < least - 1e-9:
             raise RolloutError(
@@ -191,23 +190,23 @@ def _preflight(
     return settings.replace(scrape_interval=scrape)
 
 
-def _commit(api: ConsulAPI, store: StateStore, new: RolloutState, index: int) -> bool:
+def _commit(plane: ControlPlane, store: Store, new: RolloutState, index: int) -> bool:
     """Routing first, then the state (check-and-set); False when the state changed meanwhile.
 
     Nothing is saved if a routing write fails. If the state changed meanwhile, the routing
     goes back to what the stored state says, and the caller reads it again.
     """
-    apply_routes(api, new)
+    apply_routes(plane, new)
     if store.save(new, index):
         return True
     current, _ = store.load()
     if current is not None:
-        apply_routes(api, current)
+        apply_routes(plane, current)
     return False
 
 
 def start(
-    api: ConsulAPI,
+    plane: ControlPlane | ConsulAPI,
     source: MetricSource,
     service: str,
     options: Options,
@@ -217,9 +216,10 @@ def start(
     clock: Callable[[], float] = time.time,
 ) -> int:
     """Run (or resume) the rollout of ``service``; its exit status (``exit_status``)."""
-    resolver = read_resolver(api, service)
-    store = StateStore(api, service)
-    lock = ControllerLock(api, service)
+    plane = _plane(plane)
+    resolver = plane.resolver(service)
+    store = plane.store(service)
+    lock = plane.lock(service)
     holder = lock.acquire()
     if holder is not None:
         raise RolloutError(
@@ -237,7 +237,7 @@ def start(
                     f"abort it before starting one to {options.canary!r}"
                 )
             kind = "resumed"
-            settings = _preflight(api, source, resolver, state.settings)
+            settings = _preflight(plane, source, resolver, state.settings)
             state = state.replace(
                 settings=settings,
                 message=f"resumed at step {state.step}, weight {state.weight}%",
@@ -245,13 +245,13 @@ def start(
             )
         else:
             kind = "started"
-            settings = _settings(api, service, options, resolver)
-            settings = _preflight(api, source, resolver, settings)
+            settings = _settings(plane, service, options, resolver)
+            settings = _preflight(plane, source, resolver, settings)
             state = begin(service, settings, clock())
-        if not _commit(api, store, state, index):
+        if not _commit(plane, store, state, index):
             raise RolloutError(f"the rollout state of {service!r} changed while starting")
         view.event(kind, state)
-        state = _drive(api, source, store, lock, view, clock, err)
+        state = _drive(plane, source, store, lock, view, clock, err)
         return exit_status(state)
     except (KeyboardInterrupt, _Stopped):
         current, _ = store.load()
@@ -268,10 +268,10 @@ def start(
 
 
 def _drive(
-    api: ConsulAPI,
+    plane: ControlPlane,
     source: MetricSource,
-    store: StateStore,
-    lock: ControllerLock,
+    store: Store,
+    lock: Lock,
     view: View,
     clock: Callable[[], float],
     err: TextIO,
@@ -279,7 +279,7 @@ def _drive(
     failing_since: float | None = None
     while True:
         try:
-            final = _tick(api, source, store, lock, view, clock)
+            final = _tick(plane, source, store, lock, view, clock)
         except ConsulUnavailable as exc:
             # Ride out a short Consul outage; the routing entries keep their last weights.
             now = time.monotonic()
@@ -296,10 +296,10 @@ def _drive(
 
 
 def _tick(
-    api: ConsulAPI,
+    plane: ControlPlane,
     source: MetricSource,
-    store: StateStore,
-    lock: ControllerLock,
+    store: Store,
+    lock: Lock,
     view: View,
     clock: Callable[[], float],
 ) -> RolloutState | None:
@@ -308,10 +308,10 @@ def _tick(
         raise RolloutError("lost the controller lock (Consul ended its session); stopping")
     state, index = store.load()
     if state is None:
-        raise RolloutError("the rollout state was deleted from Consul; stopping")
+        raise RolloutError(f"the rollout state was deleted from {plane.where}; stopping")
     if state.request is not None:
         new = command(state, state.request, clock())
-        if _commit(api, store, new, index) and new.message != state.message:
+        if _commit(plane, store, new, index) and new.message != state.message:
             view.event(_EVENT[state.request], new)
         return None
     if state.phase not in ACTIVE:
@@ -329,13 +329,13 @@ def _tick(
     except MetricsUnavailable as exc:
         measured = Measurement(requests=0.0, error=str(exc))
     new = judge(state, measured, clock())
-    if _commit(api, store, new, index):  # else: changed meanwhile; read it again, decide anew
+    if _commit(plane, store, new, index):  # else: changed meanwhile; read it again, decide anew
         view.event("check" if new.phase in ACTIVE else new.phase, new)
     return None
 
 
 def run_command(
-    api: ConsulAPI,
+    plane: ControlPlane | ConsulAPI,
     service: str,
     request: Request,
     view: View,
@@ -345,16 +345,15 @@ def run_command(
     timeout: float = COMMAND_TIMEOUT,
 ) -> int:
     """``promote``, ``abort``, ``pause`` or ``resume`` the rollout of ``service``."""
-    store = StateStore(api, service)
+    plane = _plane(plane)
+    store = plane.store(service)
     state, index = store.load()
     if state is None:
-        raise RolloutError(
-            f"no rollout of {service!r} in Consul at {api.address}: nothing to {request}"
-        )
+        raise RolloutError(f"no rollout of {service!r} in {plane.where}: nothing to {request}")
     refused = refusal(state, request)
     if refused is not None:
         raise RolloutError(refused)
-    lock = ControllerLock(api, service)
+    lock = plane.lock(service)
     holder = lock.acquire()
     if holder is None:  # no controller running: carry the command out here
         try:
@@ -364,7 +363,7 @@ def run_command(
             if refused is not None:
                 raise RolloutError(refused)
             new = command(state, request, clock())
-            if not _commit(api, store, new, index):
+            if not _commit(plane, store, new, index):
                 raise RolloutError(f"the rollout state of {service!r} changed meanwhile; retry")
             view.event(_EVENT[request], new)
         finally:
@@ -395,12 +394,15 @@ def run_command(
     return 0
 
 
-def status(api: ConsulAPI, service: str, *, json_lines: bool, out: TextIO = sys.stdout) -> int:
+def status(
+    plane: ControlPlane | ConsulAPI, service: str, *, json_lines: bool, out: TextIO = sys.stdout
+) -> int:
     """Print where the rollout of ``service`` is, and who drives it."""
-    state, _ = StateStore(api, service).load()
+    plane = _plane(plane)
+    state, _ = plane.store(service).load()
     if state is None:
-        raise RolloutError(f"no rollout of {service!r} in Consul at {api.address}")
-    holder = ControllerLock(api, service).holder()
+        raise RolloutError(f"no rollout of {service!r} in {plane.where}")
+    holder = plane.lock(service).holder()
     controller = holder.describe() if holder is not None else None
     if json_lines:
         out.write(json.dumps({**event_json("status", state), "controller": controller}) + "\n")

@@ -18,8 +18,15 @@ settings for that destination:
 
 ``Limits.MaxConcurrentRequests`` caps the requests in flight to that destination (every
 attempt counts, as in Envoy's ``max_requests`` circuit breaker): a request beyond it fails
-at once with ``CircuitOpen`` instead of queueing. ``MaxConnections`` and
-``MaxPendingRequests`` belong to the connection pool and are not applied.
+at once with ``CircuitOpen`` instead of queueing.
+
+``Limits.MaxConnections`` and ``MaxPendingRequests`` are Envoy's ``max_connections`` and
+``max_pending_requests`` circuit breakers, which Consul writes only when set. meshlib
+speaks HTTP/1.1, one request per connection at a time, so the connections in use to a
+destination are its attempts in flight: a request that finds ``MaxConnections`` of them
+waits for one to end (it is *pending*), and one that finds ``MaxPendingRequests`` already
+waiting fails at once with ``CircuitOpen`` (Envoy's 503 "pending overflow"). When only one
+of the two is set, the other is Envoy's default, 1024 (``ConnectionLimits``).
 
 Settings Consul leaves out keep meshlib's own (``MESH_OUTLIER_*``).
 """
@@ -37,7 +44,18 @@ from .._config import ServicePolicy
 from ._consul import _obj
 from ._entries import _seconds
 
-__all__ = ["UpstreamConfig", "parse_upstream_config"]
+__all__ = ["ENVOY_DEFAULT_LIMIT", "ConnectionLimits", "UpstreamConfig", "parse_upstream_config"]
+
+#: Envoy's default for a circuit-breaker threshold Consul leaves unset
+ENVOY_DEFAULT_LIMIT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """``MaxConnections`` and ``MaxPendingRequests`` for one destination."""
+
+    max_connections: int
+    max_pending: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +66,17 @@ class Upstream:
     ejection_time: float | None = None
     max_ejection: float | None = None
     max_concurrent: int | None = None
+    max_connections: int | None = None
+    max_pending: int | None = None
+
+    def connection_limits(self) -> ConnectionLimits | None:
+        """The connection and pending limits, when Consul sets either (None: neither)."""
+        if self.max_connections is None and self.max_pending is None:
+            return None
+        return ConnectionLimits(
+            ENVOY_DEFAULT_LIMIT if self.max_connections is None else self.max_connections,
+            ENVOY_DEFAULT_LIMIT if self.max_pending is None else self.max_pending,
+        )
 
     def apply(self, policy: ServicePolicy) -> ServicePolicy:
         """``policy`` with the settings Consul sets."""
@@ -78,6 +107,17 @@ class UpstreamConfig:
         """The most requests in flight to ``service`` Consul allows (None: no cap)."""
         return self.overrides.get(service, self.defaults).max_concurrent
 
+    def connection_limits(self, service: str) -> ConnectionLimits | None:
+        """``MaxConnections`` / ``MaxPendingRequests`` for ``service`` (None: not set)."""
+        return self.overrides.get(service, self.defaults).connection_limits()
+
+    def limits_anything(self) -> bool:
+        """Whether any destination has a limit (so the request path checks them)."""
+        return any(
+            u.max_concurrent is not None or u.connection_limits() is not None
+            for u in (self.defaults, *self.overrides.values())
+        )
+
 
 def parse_upstream_config(body: Any) -> UpstreamConfig:
     """The ``UpstreamConfig`` of a ``service-defaults`` entry (None: no entry).
@@ -106,6 +146,8 @@ def _upstream(raw: Any, where: str) -> Upstream:
     settings = _obj(raw, where)
     limits = _obj(settings.get("Limits"), f"{where}.Limits")
     cap = _count(limits.get("MaxConcurrentRequests"), f"{where}.Limits.MaxConcurrentRequests")
+    connections = _count(limits.get("MaxConnections"), f"{where}.Limits.MaxConnections")
+    pending = _count(limits.get("MaxPendingRequests"), f"{where}.Limits.MaxPendingRequests")
     check = _obj(settings.get("PassiveHealthCheck"), f"{where}.PassiveHealthCheck")
     where = f"{where}.PassiveHealthCheck"
     failures = _count(check.get("MaxFailures"), f"{where}.MaxFailures")
@@ -120,6 +162,8 @@ def _upstream(raw: Any, where: str) -> Upstream:
         ejection_time=_duration(check.get("BaseEjectionTime"), f"{where}.BaseEjectionTime"),
         max_ejection=None if percent is None else percent / 100,
         max_concurrent=cap or None,  # Consul's 0 means "not set"
+        max_connections=connections or None,
+        max_pending=pending or None,
     )
 
 

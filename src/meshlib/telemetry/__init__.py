@@ -8,7 +8,9 @@ wrappers the middlewares put around their request handling. The rest lives here:
 * ``_metrics`` / ``_instruments``: fixed-bucket instruments and the metric reference;
 * ``_export``: OTLP metric push and the opt-in Prometheus listener (``MESH_METRICS_ADDR``);
 * ``_access``: JSON access log lines;
-* ``_top``: ``meshlib top``, the service graph from Prometheus in a terminal.
+* ``_top``: ``meshlib top``, the service graph from Prometheus in a terminal;
+* ``_exposition``: the Prometheus text format read back (the dashboard's and the rollout's
+  scrapes of ``/mesh/metrics``).
 
 ``meshlib_certificate_expiry_seconds`` is read from the security layer's current TLS
 material at each scrape; ``record_certificate_expiry`` publishes other certificates.

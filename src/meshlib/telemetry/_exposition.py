@@ -1,7 +1,8 @@
 """The Prometheus text format, read: ``/mesh/metrics`` as (name, labels) -> value.
 
-Only what the dashboard needs: sample lines, label values with the three escapes the format
-defines (``\\\\``, ``\\"``, ``\\n``); comments and timestamps are skipped.
+Only what the dashboard and ``meshlib rollout``'s scrapes need: sample lines, label values
+with the three escapes the format defines (``\\\\``, ``\\"``, ``\\n``); comments and
+timestamps are skipped.
 """
 
 from __future__ import annotations
