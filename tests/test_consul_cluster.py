@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -16,6 +17,9 @@ import meshlib
 from backends import BackendFactory
 from consul_agent import register, unique
 from consul_cluster import ConsulCluster
+from meshlib._config import load_config
+from meshlib.rollout import ConsulAPI, RolloutError
+from meshlib.rollout._lock import SESSION_TTL, ControllerLock
 from polling import wait_until
 
 
@@ -106,3 +110,42 @@ def test_the_leader_killed_under_load_fails_no_request_and_a_change_during_the_e
     )
     assert failures == []
     assert used_at - elected_at <= 2.0
+
+
+@pytest.mark.consul
+def test_a_rollout_controller_keeps_its_lock_through_a_leader_change_and_nobody_joins_it(
+    consul_cluster: ConsulCluster,
+) -> None:
+    settings = load_config({"CONSUL_HTTP_ADDR": consul_cluster.client.http_addr}).consul
+    assert settings is not None
+    service = unique("locked")
+    first = ControllerLock(ConsulAPI(settings), service)
+    assert first.acquire() is None
+    rival = ConsulAPI(settings)
+    outcomes: list[str] = []
+    try:
+        old = consul_cluster.wait_for_leader()
+        old.kill()
+        killed_at = time.monotonic()
+        # a second controller tries again and again, through the election and after it
+        while time.monotonic() - killed_at < 3 * SESSION_TTL:
+            try:
+                holder = ControllerLock(rival, service).acquire()
+            except RolloutError as exc:
+                outcomes.append(f"error: {exc}")
+            else:
+                assert holder is not None, "a second controller took the lock"
+                outcomes.append("refused")
+            threading.Event().wait(0.2)  # pacing between attempts
+        new = consul_cluster.wait_for_leader()
+        assert new is not old
+        assert not first.lost.is_set()
+        holder = first.holder()
+        assert holder is not None
+        assert holder["session"] == first.session
+    finally:
+        first.release()
+        first.api.close()
+        rival.close()
+    assert outcomes.count("refused") > 10, outcomes
+    print(f"\nlock through the leader change: {Counter(o[:40] for o in outcomes)}")

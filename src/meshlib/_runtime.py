@@ -118,13 +118,15 @@ class Mesh:
 
     def resolve(self, pending: Pending) -> ServiceState | None:
         """After ``discovery.wait``: the service's state, or ``None`` if it is not a service."""
-        snapshot = self.discovery.snapshot(pending.service)
-        if snapshot is not None:
-            return self._state(pending.service, pending.host, snapshot)
+        # "not in the catalog" first: discovery may answer an unknown service with an
+        # empty snapshot (Consul's health API does), which is no mesh service either
         known = self.discovery.knows(pending.service)
         if known is False:
             self._refuse_if_consul_name(pending.service, pending.host)
             return None
+        snapshot = self.discovery.snapshot(pending.service)
+        if snapshot is not None:
+            return self._state(pending.service, pending.host, snapshot)
         raise NoHealthyEndpoints(
             f"service {pending.service!r}: discovery did not answer within "
             f"{self.config.discovery_timeout:g}s (is Consul reachable?)",

@@ -50,6 +50,12 @@ from collections.abc import Callable, Coroutine, Mapping
 from contextlib import suppress
 from typing import Any, ClassVar
 
+# Imported now, not lazily by the watch thread's first request: a pre-forking server
+# (gunicorn) forks while that thread may be importing, and the child inherits the module
+# lock held, so its own watch thread hangs on the import forever (seen: a worker never read
+# its faults from Consul KV). These are what a first async request imports.
+import anyio._backends._asyncio
+import anyio.to_thread  # noqa: F401
 import httpx
 
 from .._acl import FILTERED_HEADER, Refused, refusal
@@ -470,6 +476,15 @@ async def _no_new_connection(event: str, info: Mapping[str, Any]) -> None:
     """httpx's trace hook for blocking queries: refuse to open a connection for one."""
     if event == "connection.connect_tcp.started":
         raise _Reconnected
+
+
+def _forked() -> None:
+    # A fork may happen while another thread holds the registry's lock; the child has only
+    # the forking thread, so it starts with a fresh lock (its engines are its own by pid).
+    Engine._shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _cancel(holder: list[asyncio.Task[Any]]) -> None:

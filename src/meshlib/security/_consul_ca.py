@@ -10,6 +10,7 @@ without its identity.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import threading
@@ -120,6 +121,12 @@ class ConsulSource:
         first = self._material is None
         self._material = material
         logger.info("Consul CA: leaf for %s valid until %s", identity, f"{not_after:%H:%M:%S}")
+        # Consul's agent renews the leaf (from half its life on, with jitter) and the watch
+        # brings the new one. While Consul is down the leaf in hand goes on serving; if it
+        # expires before a renewal arrives, say so once (meshlib_certificate_expiry_seconds
+        # shows it too), since every mTLS call with it fails from then on.
+        left = (not_after - dt.datetime.now(dt.UTC)).total_seconds()
+        self._engine.call_soon(self._expiry_alarm, material, max(left, 0.0))
         if first:
             self._ready.set()
             return
@@ -128,6 +135,21 @@ class ConsulSource:
                 listener(material)
             except Exception:
                 logger.exception("a TLS material listener failed")
+
+    def _expiry_alarm(self, material: TlsMaterial, delay: float) -> None:
+        """On the watch thread: at ``material``'s expiry, an error if nothing replaced it."""
+        asyncio.get_running_loop().call_later(delay, self._expired, material)
+
+    def _expired(self, material: TlsMaterial) -> None:
+        if self._material is material and self._stops:
+            logger.error(
+                "the mesh certificate of %s expired at %s UTC and Consul at %s has not "
+                "renewed it: mTLS calls to and from this process fail until it does (is "
+                "Consul reachable?)",
+                material.identity,
+                f"{material.not_after:%Y-%m-%d %H:%M:%S}",
+                self._engine.address,
+            )
 
 
 def _parse_time(text: str) -> dt.datetime:
