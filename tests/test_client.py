@@ -294,11 +294,20 @@ def test_a_killed_instance_leaves_the_rotation_at_once_and_a_restarted_one_retur
         while victim.name not in back:
             back.append(get(client).text)
             assert time.monotonic() - ready < 2.0, f"not back within 2 s: {Counter(back)}"
-        # Its share, under a little concurrency: p2c_ewma spreads by load, and sequential
-        # requests to two idle instances all go to whichever measured faster last.
+        # Its share back within 2 s, under a little concurrency: p2c_ewma spreads by load,
+        # and sequential requests to two idle instances all go to whichever measured faster
+        # last. A batch of 50 gives it at least a fifth. (On a loaded machine its first
+        # answers after the restart can be slow, and the estimate takes a second or so to
+        # forgive them: seen in CI, 7 of one batch of 200 taken at once.)
+        back_at = time.monotonic()
+        batches = []
         with ThreadPoolExecutor(4) as pool:
-            shares = Counter(pool.map(lambda _: get(client).text, range(200)))
-        assert shares[victim.name] >= 40, shares
+            while True:
+                shares = Counter(pool.map(lambda _: get(client).text, range(50)))
+                batches.append(shares[victim.name])
+                if shares[victim.name] >= 10 or time.monotonic() - back_at > 2.0:
+                    break
+        assert shares[victim.name] >= 10, batches
 
 
 def test_p2c_ewma_forgives_a_cold_start_within_seconds_but_not_a_slow_instance(
