@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from consul_agent import ConsulAgent, ConsulFactory, register, unique
 from meshlib._config import ConsulSettings
+from meshlib.consul import Engine
 from meshlib.discovery import ConsulDiscovery, Endpoint, Snapshot
 from polling import wait_until
 
@@ -646,3 +647,26 @@ def _builder(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
     )
+
+
+def test_a_closed_discovery_on_a_shared_engine_hears_no_more_resets(fake: FakeConsul) -> None:
+    fake.set_json(DUMP, dump(entry("a", 8001)), index=100)
+    settings = ConsulSettings(fake.url)
+    engine = Engine.shared(settings)
+    try:
+        closed = ConsulDiscovery(settings, engine=Engine.shared(settings))
+        still = ConsulDiscovery(settings, engine=Engine.shared(settings))
+        heard: list[str] = []
+        engine.on_reset(lambda: heard.append("reset"))
+        wait_until(lambda: still.snapshot("svc"), what="first snapshot")
+        fake.handled(DUMP)
+        closed.close()
+        assert not engine.closed  # others still use it
+        fake.set_json(DUMP, dump(entry("a", 8001)), index=5)  # backwards: a restart
+        wait_until(lambda: heard, what="the reset")
+        wait_until(lambda: still._reset_at is not None, what="the open one told")
+        assert closed._reset_at is None  # the closed one was not
+        still.close()
+    finally:
+        engine.release()
+    assert engine.closed

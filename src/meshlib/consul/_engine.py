@@ -209,10 +209,21 @@ class Engine:
         loop = self._blocking_loop(path, dict(params or {}), answer, missing_ok, failed, refused)
         return self.spawn(loop)
 
-    def on_reset(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` on the engine thread whenever Consul is seen to restart."""
+    def on_reset(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` on the engine thread whenever Consul is seen to restart.
+
+        Returns a function that unsubscribes it (a closed user of a shared engine).
+        """
         with self._lock:
             self._reset_listeners = (*self._reset_listeners, listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._reset_listeners = tuple(
+                    known for known in self._reset_listeners if known is not listener
+                )
+
+        return unsubscribe
 
     def close(self) -> None:
         """Stop every watch and the thread; close the HTTP clients. Idempotent."""

@@ -143,7 +143,7 @@ class ConsulDiscovery:
                 self._engine.watch(f"/v1/config/{kind}", partial(self._on_entries, kind))
                 for kind in CHAIN_KINDS
             ]
-        self._engine.on_reset(self._on_reset)
+        self._stops.append(self._engine.on_reset(self._on_reset))
 
     # ------------------------------------------------------------------ the Discovery API
 
