@@ -246,14 +246,18 @@ app = Flask(__name__)
 }
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("framework", sorted(CONFIG_ERROR_APPS))
 def test_a_config_error_while_the_app_starts_is_one_line_and_a_failed_exit(
-    tmp_path: Path, framework: str
+    tmp_path: Path, framework: str, workers: str
 ) -> None:
+    # with several uvicorn workers the app starts in each of them, after the supervisor
+    # forked: one line still, no traceback per worker, no address announced, exit 1
     (tmp_path / "settings_app.py").write_text(CONFIG_ERROR_APPS[framework])
     (tmp_path / "app.env").write_text("MESH_RETRY_BACKOFF=soon\n")
+    command = ["serve", "settings_app:app", "--port", "0", "--workers", workers]
     result = subprocess.run(
-        [sys.executable, "-m", "meshlib", "serve", "settings_app:app", "--port", "0"],
+        [sys.executable, "-m", "meshlib", *command],
         cwd=tmp_path,
         capture_output=True,
         text=True,

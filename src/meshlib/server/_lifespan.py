@@ -10,6 +10,9 @@ app the server runs: it holds the failure message back until it knows the cause,
 uvicorn "failed" without a message when the cause is a ``ConfigError``, and keeps that
 error for ``meshlib serve`` to report as it reports every other one. Any other exception
 reaches uvicorn untouched, with its traceback.
+
+With ``--workers`` the app starts in each worker process, so the error is also handed to
+``report`` (which writes it where the supervising process reads it: ``_serve.py``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 class StartupErrors:
     """Wraps an ASGI app; ``config_error`` is the ``ConfigError`` its startup raised."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, report: Callable[[ConfigError], None] | None = None) -> None:
         self.app = app
+        self.report = report
         self.config_error: ConfigError | None = None
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Send) -> None:
@@ -58,6 +62,8 @@ class StartupErrors:
                     await send(message)
                 raise
             self.config_error = error
+            if self.report is not None:
+                self.report(error)
             await send({"type": "lifespan.startup.failed", "message": ""})
             return
         for message in held:

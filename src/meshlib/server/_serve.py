@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import importlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -55,6 +56,8 @@ from ._wsgi import WSGIMiddleware
 __all__ = ["ServeError", "asgi_factory", "load_app", "serve"]
 
 _TARGET_ENV = "MESHLIB_SERVE_TARGET"
+#: where uvicorn workers write a ``ConfigError`` their app's startup raised
+_STARTUP_ERRORS_ENV = "MESHLIB_SERVE_STARTUP_ERRORS"
 
 logger = logging.getLogger("meshlib.tls")
 _REFUSALS = RefusalLog(logger)
@@ -137,8 +140,28 @@ def meshed(app: Any, config: MeshConfig) -> Any:
 
 
 def asgi_factory() -> Any:
-    """The app for uvicorn workers: the target, meshed (``factory=True``)."""
-    return meshed(load_app(os.environ[_TARGET_ENV]), load_config())
+    """The app for uvicorn workers: the target, meshed (``factory=True``).
+
+    A ``ConfigError`` in its startup is written to the supervisor's file (one JSON line)
+    instead of a traceback in every worker: the supervisor reports it once and fails.
+    """
+    app = StartupErrors(
+        meshed(load_app(os.environ[_TARGET_ENV]), load_config()), report=_report_to_supervisor
+    )
+    logging.getLogger("uvicorn.error").addFilter(app.quiet)
+    return app
+
+
+def _report_to_supervisor(error: ConfigError) -> None:
+    path = os.environ.get(_STARTUP_ERRORS_ENV)
+    if not path:
+        return
+    # one write to a file opened for appending: two workers failing at once do not mix lines
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, (json.dumps(error.errors) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -270,8 +293,6 @@ def _run_uvicorn(
 
         common["http"] = GuardedH11Protocol  # h11 with limits: see _http_guard.py
     if workers > 1:
-        from uvicorn.supervisors import Multiprocess
-
         multi = uvicorn.Config(
             "meshlib.server._serve:asgi_factory", factory=True, workers=workers, **common
         )
@@ -279,9 +300,7 @@ def _run_uvicorn(
         # workers the order is uvicorn's: stop accepting, finish in-flight requests, then
         # lifespan shutdown, where the middleware deregisters. Callers using meshlib retry
         # the refused connections elsewhere; one worker gets the full drain sequence.
-        _announce(announcement)
-        Multiprocess(multi, sockets=[sock]).run()
-        return 0
+        return _run_uvicorn_workers(multi, sock, announcement)
     startup = StartupErrors(app)
     logging.getLogger("uvicorn.error").addFilter(startup.quiet)
     server = _MeshUvicorn(uvicorn.Config(startup, **common))
@@ -299,6 +318,53 @@ try:
     import uvicorn as _uvicorn
 except ImportError:  # pragma: no cover - the `server` extra is not installed
     _uvicorn = None  # type: ignore[assignment]
+
+
+def _run_uvicorn_workers(config: Any, sock: socket.socket, announcement: str) -> int:
+    """Run uvicorn's supervisor; announce once every worker's app has started.
+
+    A worker whose startup fails exits with uvicorn's ``STARTUP_FAILURE`` and the
+    supervisor stops (uvicorn 0.30+). A ``ConfigError`` the workers wrote to the shared file
+    is raised here, for the same one line as with one worker; any other failure is a
+    failed exit after uvicorn's own report.
+    """
+    from uvicorn.config import STARTUP_FAILURE
+
+    fd, errors = tempfile.mkstemp(prefix="meshlib-serve-", suffix=".errors")
+    os.close(fd)
+    os.environ[_STARTUP_ERRORS_ENV] = errors
+    supervisor = _MeshMultiprocess(config, sockets=[sock])
+    supervisor.announcement = announcement
+    quiet = _SupervisorQuiet(Path(errors))
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    try:
+        supervisor.run()
+        reported = quiet.reported()
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
+        os.environ.pop(_STARTUP_ERRORS_ENV, None)
+        Path(errors).unlink(missing_ok=True)
+    if reported:
+        raise ConfigError(reported)
+    return 1 if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
+
+
+class _SupervisorQuiet:
+    """Drops the supervisor's "failed to start" line when a worker wrote a ``ConfigError``
+    (its one line says more), and reads that error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def reported(self) -> list[str]:
+        try:
+            first = self.path.read_text().split("\n", 1)[0]
+        except OSError:
+            return []
+        return [str(line) for line in json.loads(first)] if first else []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to start" not in record.getMessage() or not self.reported()
 
 
 if _uvicorn is not None:
@@ -328,6 +394,21 @@ if _uvicorn is not None:
             Instance.for_config(config).begin_drain()
             time.sleep(config.shutdown_delay)  # deliberate: callers drop us meanwhile
             super().handle_exit(sig, frame)
+
+    from uvicorn.supervisors import Multiprocess as _Multiprocess
+
+    class _MeshMultiprocess(_Multiprocess):
+        """uvicorn's supervisor, announcing the address once every worker has started."""
+
+        announcement = ""
+
+        def keep_subprocess_alive(self) -> None:
+            super().keep_subprocess_alive()
+            if not self.announcement or self.should_exit.is_set():
+                return
+            if all(process.is_ready(timeout=1) for process in self.processes):
+                _announce(self.announcement)
+                self.announcement = ""
 
 
 # --------------------------------------------------------------------------- gunicorn
