@@ -10,10 +10,12 @@ and which versions the caller reached.
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ from meshlib._config import load_config
 from meshlib.rollout import Settings
 from meshlib.rollout._controller import begin
 from meshlib.rollout._file import FileStateStore
+from meshlib.rollout._hooks import ask
 from meshlib.rollout._scrape import quantile
 from polling import wait_until
 from served import Served
@@ -287,6 +290,142 @@ def test_an_ab_release_routes_the_header_in_the_file_until_it_is_promoted(mesh: 
     assert controller.events()[-1]["event"] == "promoted"
     assert mesh.split() == {"v1": 0, "v2": 100}
     assert mesh.router() is None  # the controller's own router is gone with its route
+
+
+class HookServer:
+    """A real HTTP server on loopback recording the hooks' POSTs; answers ``status``."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.status = 200
+        hooks = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                hooks.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(hooks.status)
+                self.send_header("content-length", "8")
+                self.end_headers()
+                self.wfile.write(b"not yet\n")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_failing_pre_rollout_hook_moves_no_weight_and_gives_up_after_the_threshold(
+    mesh: FileMesh, tmp_path: Path
+) -> None:
+    hooks = HookServer()
+    hooks.status = 503
+    try:
+        result = mesh.run(
+            "start", SERVICE, "--canary", "v2", "--threshold", "2", *FAST,
+            "--pre-rollout", hooks.url,
+        )  # fmt: skip
+    finally:
+        hooks.close()
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"meshlib rollout: pre-rollout hook {hooks.url} answered 503: not yet (1/2); "
+        "asking again in 1s",
+        f"meshlib rollout: pre-rollout hook {hooks.url} answered 503: not yet (2/2): "
+        "the rollout did not start, no weight was moved",
+    ]
+    assert [b["phase"] for b in hooks.bodies] == ["pre-rollout", "pre-rollout"]
+    assert hooks.bodies[0] == {
+        "name": SERVICE, "phase": "pre-rollout", "mode": "canary", "canary": "v2",
+        "stable": "v1", "version": "v2", "weight": 0, "checks_passed": 0,
+    }  # fmt: skip
+    assert mesh.split() is None  # no splitter was ever written
+    assert mesh.state() is None
+    assert set(mesh.caller.since(time.time() - 1)) == {"v1"}
+
+    # a command that is not there is one line too
+    missing = mesh.run(
+        "start", SERVICE, "--canary", "v2", "--threshold", "1", *FAST,
+        "--pre-rollout", str(tmp_path / "no-such-check"),
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert missing.stderr == (
+        f"meshlib rollout: pre-rollout hook `{tmp_path / 'no-such-check'}`: command not found "
+        "(1/1): the rollout did not start, no weight was moved\n"
+    )
+
+
+def test_blue_green_in_the_file_waits_for_its_confirm_promotion_gate(
+    mesh: FileMesh, tmp_path: Path
+) -> None:
+    """Blue/green from the file: the canary stays at 0% of the split while its checks (on the
+    beta users' test traffic) pass, the pre-rollout URL having passed first; promotion waits
+    for the gate (a command), the checks going on, until the gate opens."""
+    gate, asked = tmp_path / "gate", tmp_path / "asked"
+    command = (
+        f'sh -c \'echo "$MESH_ROLLOUT_PHASE $MESH_ROLLOUT_CANARY $MESH_ROLLOUT_WEIGHT" >> {asked}; '
+        f"test -e {gate} || {{ echo gate closed >&2; exit 3; }}'"
+    )
+    hooks = HookServer()
+    controller = mesh.controller(
+        "--canary", "v2", "--mode", "blue-green", "--iterations", "2", *FAST,
+        "--header", "x-beta=1",  # the test traffic the checks judge
+        "--pre-rollout", hooks.url, "--confirm-promotion", command,
+    )  # fmt: skip
+    try:
+        held = wait_until(
+            lambda: [e for e in controller.events() if "promotion waits" in e["message"]][2:],
+            timeout=60,
+            what="three checks held at the gate",
+        )
+        assert hooks.bodies
+        assert hooks.bodies[0]["phase"] == "pre-rollout"
+        assert hooks.bodies[0]["mode"] == "blue-green"
+        assert held[0]["message"].endswith(
+            f"promotion waits: confirm-promotion hook `{command}` exited 3: gate closed"
+        )
+        assert all(e["phase"] == "progressing" and e["verdict"] == "passed" for e in held)
+        assert mesh.split() == {"v1": 100, "v2": 0}
+        assert set(mesh.caller.since(time.time() - 1)) == {"v1"}
+        gate.touch()
+        code, err = controller.finish()
+    finally:
+        controller.kill()
+        hooks.close()
+    assert code == 0, err
+    events = controller.events()
+    assert events[-1]["event"] == "promoted"
+    assert events[-1]["message"].startswith("promoted after ")
+    assert mesh.split() == {"v1": 0, "v2": 100}
+    assert set(asked.read_text().splitlines()) == {"confirm-promotion v2 0"}
+    assert len(hooks.bodies) == 1  # asked once, before the rollout started
+    promoted = time.time()
+    wait_until(lambda: _all_on(mesh, "v2", promoted), timeout=10, what="the caller on v2")
+
+
+def test_a_hook_that_hangs_or_is_not_there_fails_in_one_line(tmp_path: Path) -> None:
+    state = begin("shop", Settings(mode="canary", canary="v2", stable="v1", canary_version="v2"), 1)
+    assert ask("sleep 5", "confirm-promotion", state, 0.3) == "`sleep 5` did not finish within 0.3s"
+    assert ask("true", "confirm-promotion", state, 5) is None
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}/gate"
+    try:
+        why = ask(url, "pre-rollout", state, 2)
+    finally:
+        closed.close()
+    assert why is not None
+    assert why.startswith(f"{url} failed: ")
+    assert ask("'unbalanced", "pre-rollout", state, 2) == (
+        "`'unbalanced` cannot be split into arguments: No closing quotation"
+    )
 
 
 def test_the_file_state_store_is_a_check_and_set(tmp_path: Path) -> None:

@@ -312,6 +312,9 @@ def _rollout_options(args: argparse.Namespace) -> rollout.Options:
         max_p99=args.max_p99,
         threshold=args.threshold,
         match=match,
+        pre_rollout=tuple(args.pre_rollout or ()),
+        confirm_promotion=tuple(args.confirm_promotion or ()),
+        hook_timeout=args.hook_timeout,
     )
 
 
@@ -410,6 +413,24 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
     pin.add_argument("--cookie", type=_match, help="like --header, on a cookie")
     start.add_argument(
         "--prometheus", help="Prometheus base URL (default MESH_ROLLOUT_PROMETHEUS_URL)"
+    )
+    start.add_argument(
+        "--pre-rollout",
+        action="append",
+        metavar="HOOK",
+        help="a URL (POSTed the rollout as JSON; 2xx passes) or a command (exit 0 passes) "
+        "asked before the first weight moves; asked each interval until it passes, the "
+        "rollout does not start after --threshold failures (repeatable)",
+    )
+    start.add_argument(
+        "--confirm-promotion",
+        action="append",
+        metavar="HOOK",
+        help="like --pre-rollout, asked when a check would promote: until it passes the "
+        "weight holds and the checks go on (repeatable)",
+    )
+    start.add_argument(
+        "--hook-timeout", type=_seconds, default=30.0, help="each hook's time limit (30s)"
     )
     for name, help_text in (
         ("status", "show where the rollout is and which controller drives it"),

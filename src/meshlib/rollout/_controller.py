@@ -14,6 +14,9 @@ A check fails when the success rate is below ``min_success_rate`` or the p99 lat
 above ``max_p99``; after ``threshold`` failed checks (in total, as Flagger counts them) the
 canary is rolled back to 0.
 
+A check that would promote first asks the confirm-promotion hooks, if any (``_hooks``):
+while they do not pass, the weight holds and the checks go on (``hold_promotion``).
+
 No data is not good data. A check without a measurement that covers its window (no
 requests to the canary, a metric source that failed, samples that start after the window
 does) is *inconclusive*: it neither passes nor fails, and the rollout holds its weight and
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 from ._state import Measurement, Request, RolloutState, Settings
 
-__all__ = ["Routes", "begin", "command", "judge", "refusal", "routes"]
+__all__ = ["Routes", "begin", "command", "hold_promotion", "judge", "refusal", "routes"]
 
 _HISTORY = 20
 
@@ -154,6 +157,17 @@ def judge(state: RolloutState, m: Measurement, now: float) -> RolloutState:
             reason="promoted",
         )
     return _note(state, f"passed {state.step}/{s.iterations}: {shown}", now)
+
+
+def hold_promotion(
+    before: RolloutState, judged: RolloutState, why: str, now: float
+) -> RolloutState:
+    """``judged`` (a check that promoted ``before``) held back: the confirm-promotion hook
+    did not pass. The weight stays; the check counts as passed; the next check asks again."""
+    shown = judged.message.partition(": ")[2]
+    held = judged.replace(phase="progressing", weight=before.weight, reason="")
+    held = held.replace(history=before.history)  # the promotion did not happen
+    return _note(held, f"passed: {shown}; promotion waits: {why}", now)
 
 
 def refusal(state: RolloutState, request: Request) -> str | None:

@@ -16,6 +16,9 @@ Before the first weight moves, ``start`` asks the metric source (Prometheus) whe
 scrapes the canary's and the stable version's instances and how often, and refuses an
 interval or window shorter than four scrapes (``MIN_SCRAPES``): fewer samples than that
 measure the scrape timing more than the canary.
+
+Hooks (``_hooks``): a new rollout asks its pre-rollout hooks before the first weight
+moves; a check that would promote asks the confirm-promotion hooks first.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import TextIO
 
 from ._consul import ConsulAPI, ConsulUnavailable, MetricsUnavailable, RolloutError
 from ._consul_entries import Match, Resolver
-from ._controller import begin, command, judge, refusal, routes
+from ._controller import begin, command, hold_promotion, judge, refusal, routes
+from ._hooks import ask_all
 from ._metrics import MetricSource, ScrapedSource, format_seconds
 from ._plane import ConsulPlane, ControlPlane, Lock, Store
 from ._state import ACTIVE, Measurement, Mode, Request, RolloutState, Settings
@@ -73,6 +77,9 @@ class Options:
     max_p99: float | None = 0.5
     threshold: int = 2
     match: Match | None = None
+    pre_rollout: tuple[str, ...] = ()
+    confirm_promotion: tuple[str, ...] = ()
+    hook_timeout: float = 30.0
 
 
 def _plane(plane: ControlPlane | ConsulAPI) -> ControlPlane:
@@ -125,6 +132,9 @@ def _settings(plane: ControlPlane, service: str, options: Options, resolver: Res
         max_p99=options.max_p99,
         threshold=options.threshold,
         match=options.match,
+        pre_rollout=options.pre_rollout,
+        confirm_promotion=options.confirm_promotion,
+        hook_timeout=options.hook_timeout,
     )
 
 
@@ -247,6 +257,7 @@ def start(
             kind = "started"
             settings = _settings(plane, service, options, resolver)
             settings = _preflight(plane, source, resolver, settings)
+            _pre_rollout(begin(service, settings, clock()).replace(weight=0), err)
             state = begin(service, settings, clock())
         if not _commit(plane, store, state, index):
             raise RolloutError(f"the rollout state of {service!r} changed while starting")
@@ -265,6 +276,27 @@ def start(
         signal.signal(signal.SIGTERM, previous)
         view.close()
         lock.release()
+
+
+def _pre_rollout(state: RolloutState, err: TextIO) -> None:
+    """Ask the pre-rollout hooks until they pass; after ``threshold`` failures, refuse."""
+    s = state.settings
+    if not s.pre_rollout:
+        return
+    for attempt in range(1, s.threshold + 1):
+        why = ask_all(s.pre_rollout, "pre-rollout", state, s.hook_timeout)
+        if why is None:
+            return
+        if attempt == s.threshold:
+            raise RolloutError(
+                f"{why} ({attempt}/{s.threshold}): the rollout did not start, no weight was moved"
+            )
+        err.write(
+            f"meshlib rollout: {why} ({attempt}/{s.threshold}); "
+            f"asking again in {format_seconds(s.interval)}\n"
+        )
+        err.flush()
+        time.sleep(s.interval)  # the interval between asks, as between checks
 
 
 def _drive(
@@ -329,6 +361,10 @@ def _tick(
     except MetricsUnavailable as exc:
         measured = Measurement(requests=0.0, error=str(exc))
     new = judge(state, measured, clock())
+    if new.phase == "promoted" and s.confirm_promotion:
+        why = ask_all(s.confirm_promotion, "confirm-promotion", state, s.hook_timeout)
+        if why is not None:
+            new = hold_promotion(state, new, why, clock())
     if _commit(plane, store, new, index):  # else: changed meanwhile; read it again, decide anew
         view.event("check" if new.phase in ACTIVE else new.phase, new)
     return None

@@ -63,6 +63,10 @@ class Settings:
     #: seconds between Prometheus's scrapes of the canary's and stable's targets (0: unknown,
     #: a metric source that has no scrapes)
     scrape_interval: float = 0.0
+    #: hooks asked before the first weight moves, and before a check promotes (``_hooks``)
+    pre_rollout: tuple[str, ...] = ()
+    confirm_promotion: tuple[str, ...] = ()
+    hook_timeout: float = 30.0
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes``."""
@@ -129,6 +133,8 @@ class RolloutState:
         """Read back what ``to_json`` wrote."""
         raw = dict(data["settings"])
         match = raw.pop("match", None)
+        for hooks in ("pre_rollout", "confirm_promotion"):
+            raw[hooks] = tuple(raw.get(hooks) or ())
         settings = Settings(**raw, match=Match(**match) if match else None)
         last = data.get("last")
         fields = {k: v for k, v in data.items() if k not in ("settings", "last", "history")}
