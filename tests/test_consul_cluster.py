@@ -7,6 +7,7 @@ the election reaches traffic soon after the new leader takes over.
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections import Counter
@@ -18,9 +19,11 @@ from backends import BackendFactory
 from consul_agent import register, unique
 from consul_cluster import ConsulCluster
 from meshlib._config import load_config
-from meshlib.rollout import ConsulAPI, RolloutError
+from meshlib.rollout import AdminScrapeSource, ConsulAPI, ConsulPlane, Options, RolloutError, start
 from meshlib.rollout._lock import SESSION_TTL, ControllerLock
+from meshlib.rollout._state import RolloutState
 from polling import wait_until
+from served import Served
 
 
 @pytest.mark.consul
@@ -149,3 +152,135 @@ def test_a_rollout_controller_keeps_its_lock_through_a_leader_change_and_nobody_
         rival.close()
     assert outcomes.count("refused") > 10, outcomes
     print(f"\nlock through the leader change: {Counter(o[:40] for o in outcomes)}")
+
+
+class _Events:
+    """The controller's view: every event, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, str]] = []
+
+    def event(self, kind: str, state: RolloutState) -> None:
+        self.seen.append((kind, state.weight, state.message))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.consul
+def test_a_rollout_survives_a_restart_of_every_consul_server_and_is_promoted(
+    consul_cluster: ConsulCluster,
+) -> None:
+    """A canary rollout, the controller talking to its client agent; after the first passed
+    check all three servers are killed and started again (a whole-cluster restart, state
+    kept on disk). The controller rides the outage out (one line), keeps its lock, and carries
+    on to promotion; callers reading the same Consul lose no request meanwhile."""
+    agent = consul_cluster.client
+    service = unique("shop")
+    apps = [
+        Served(
+            "canary_app:app",
+            {
+                "MESH_SERVICE_NAME": service,
+                "MESH_SERVICE_VERSION": version,
+                "MESH_TEST_FAIL_PERCENT": "0",
+                "CONSUL_HTTP_ADDR": agent.http_addr,
+            },
+        )
+        for version in ("v1", "v2")
+    ]
+    settings = load_config({"CONSUL_HTTP_ADDR": agent.http_addr}).consul
+    assert settings is not None
+    api = ConsulAPI(settings)
+    stop = threading.Event()
+    seen: list[str] = []
+    failures: list[str] = []
+
+    def call() -> None:
+        config = load_config({"CONSUL_HTTP_ADDR": agent.http_addr})
+        with meshlib.Client(config=config, timeout=10) as client:
+            for _ in range(100_000):  # bounded; stopped long before
+                if stop.is_set():
+                    return
+                try:
+                    seen.append(client.get(f"http://{service}/work").json()["version"])
+                except Exception as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                stop.wait(0.01)  # pacing: under 100 requests/s
+
+    caller = threading.Thread(target=call, daemon=True)
+    restarted: list[float] = []
+
+    def restart_servers() -> None:
+        wait_until(
+            lambda: any(kind == "check" for kind, _, _ in events.seen), timeout=60, what="a check"
+        )
+        restarted.append(time.monotonic())  # [0]: killed, [1]: a leader again
+        for server in consul_cluster.servers:
+            server.kill()  # at once: all three crash together, their data kept on disk
+        # down until the controller has seen it fail (a stopped server's RPCs are held and
+        # retried by the client agent: a graceful restart went by unseen)
+        wait_until(
+            lambda: "retrying" in err.getvalue(), timeout=60, what="the controller to see it"
+        )
+        for server in consul_cluster.servers:
+            server.start()
+        consul_cluster.wait_for_leader(60)
+        restarted.append(time.monotonic())
+
+    events = _Events()
+    err = io.StringIO()
+    try:
+        for app in apps:
+            app.start()
+        agent.put("/v1/config", {"Kind": "service-defaults", "Name": service, "Protocol": "http"})
+        agent.put(
+            "/v1/config",
+            {
+                "Kind": "service-resolver",
+                "Name": service,
+                "DefaultSubset": "v1",
+                "Subsets": {v: {"Filter": f"Service.Meta.version == {v}"} for v in ("v1", "v2")},
+            },
+        )
+        wait_until(
+            lambda: len(agent.get(f"/v1/health/service/{service}?passing=1")) == 2,
+            timeout=60,
+            what="both versions passing",
+        )
+        caller.start()
+        wait_until(lambda: len(seen) >= 20, timeout=30, what="the caller's traffic")
+        restarter = threading.Thread(target=restart_servers, daemon=True)
+        restarter.start()
+        options = Options(canary="v2", step=10, interval=1.0, window=1.0, max_p99=5.0, threshold=2)
+        # the controller's own code, in this process (the main thread: it handles SIGTERM);
+        # the instances' own /mesh/metrics as its metric source
+        source = AdminScrapeSource()
+        try:
+            code = start(ConsulPlane(api), source, service, options, events, err=err)
+        finally:
+            source.close()
+        restarter.join(60)
+        assert len(restarted) == 2, "the servers were not restarted during the rollout"
+        promoted = time.monotonic()
+        wait_until(lambda: seen[-20:] == ["v2"] * 20, timeout=10, what="the callers on v2")
+    finally:
+        stop.set()
+        caller.join(15)
+        api.close()
+        for app in apps:
+            app.stop()
+    kinds = [kind for kind, _, _ in events.seen]
+    print(
+        f"\nrollout through a restart of all servers: events {Counter(kinds)}; no leader for "
+        f"{restarted[1] - restarted[0]:.1f}s; promoted {promoted - restarted[1]:.1f}s after; "
+        f"{len(seen)} requests, "
+        f"{len(failures)} failed; controller said: {err.getvalue().strip()!r}"
+    )
+    assert code == 0, (events.seen, err.getvalue())
+    assert kinds[0] == "started"
+    assert kinds[-1] == "promoted"
+    assert [w for kind, w, _ in events.seen if kind == "check"] == list(range(20, 101, 10))
+    # the outage was seen, ridden out, and said once
+    assert err.getvalue().count("retrying for 60s") == 1, err.getvalue()
+    assert failures == []
