@@ -32,6 +32,8 @@ ROWS = {
     "4": ("balance", "slow_backend_p99"),
     "5": ("consul_cost", "idle_cost"),
     "6": ("consul_cost", "scale"),
+    "8": ("consul_faults", "restarts"),
+    "9": ("consul_faults", "leader_loss"),
 }
 
 
@@ -50,7 +52,7 @@ def main() -> None:
     parser.add_argument(
         "--json", type=Path, help="where the raw figures go (bench-results[-quick].json)"
     )
-    parser.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated row numbers")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row numbers")
     args = parser.parse_args()
     if args.json is None:
         args.json = ROOT / ("bench-results-quick.json" if args.quick else "bench-results.json")
