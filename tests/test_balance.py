@@ -28,7 +28,7 @@ from meshlib.balance import (
 )
 from meshlib.balance._ring_hash import _MAX_NODES, _Ring
 from meshlib.balance._round_robin import _GENERATION
-from meshlib.discovery._endpoint import Endpoint, Snapshot
+from meshlib.discovery import Endpoint, Snapshot
 
 
 def states(*weights: int, host: str = "10.0.0") -> list[EndpointState]:

@@ -55,6 +55,7 @@ from typing import Any, Final
 
 import httpx
 
+from ._call_info import CallInfo
 from ._exceptions import CircuitOpen, DeadlineExceeded, NoHealthyEndpoints
 from ._service import ServiceState
 from ._urls import with_endpoint
@@ -117,26 +118,6 @@ def request_options(request: httpx.Request) -> Mapping[str, Any]:
 #: a failed attempt's latency floor, as a multiple of the service's costliest estimate
 #: (above 1 so the failed endpoint is never the cheaper of two; see ``Call._record``)
 _FAILURE_COST = 1.1
-
-
-class CallInfo:
-    """What the mesh did for one request; ``response.extensions["meshlib"]``."""
-
-    __slots__ = ("attempts", "endpoint", "retry_reasons", "service")
-
-    def __init__(self, service: str) -> None:
-        self.service = service
-        #: ``host:port`` of the endpoint that produced the response (or the last error).
-        self.endpoint = ""
-        self.attempts = 0
-        #: Why each retry happened: "connect", "reset", "timeout", "503", ...
-        self.retry_reasons: list[str] = []
-
-    def __repr__(self) -> str:
-        return (
-            f"CallInfo(service={self.service!r}, endpoint={self.endpoint!r}, "
-            f"attempts={self.attempts}, retry_reasons={self.retry_reasons!r})"
-        )
 
 
 class Attempt:

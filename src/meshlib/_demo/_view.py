@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from . import Traffic, WeatherSystem
+    from ._system import Traffic, WeatherSystem
 
 __all__ = ["View"]
 

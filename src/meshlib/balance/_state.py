@@ -26,7 +26,7 @@ import math
 import threading
 import time
 
-from ..discovery._endpoint import Endpoint
+from .._endpoint import Endpoint
 
 __all__ = ["EndpointState", "PeakEwma"]
 

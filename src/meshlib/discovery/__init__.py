@@ -10,10 +10,10 @@ Both publish immutable ``Snapshot`` objects that the request path reads without 
 from __future__ import annotations
 
 from .._config import MeshConfig
+from .._endpoint import Discovery, Endpoint, Snapshot, SnapshotListener
 from .._exceptions import ConfigError
 from ..consul import Engine
 from ._consul import ConsulDiscovery
-from ._endpoint import Discovery, Endpoint, Snapshot, SnapshotListener
 from ._static import StaticDiscovery
 
 __all__ = [

@@ -47,10 +47,10 @@ from typing import Any
 from urllib.parse import quote
 
 from .._config import ConsulSettings
+from .._endpoint import Snapshot, SnapshotListener
 from ..consul import BadAnswer, Engine, reason
 from ..routing._chain import Target
 from ..routing._consul import CompiledChain, compile_chain
-from ._endpoint import Snapshot, SnapshotListener
 from ._health import endpoints, fingerprint, group_dump
 
 __all__ = ["ConsulDiscovery", "TargetKey"]

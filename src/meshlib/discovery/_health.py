@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from .._endpoint import Endpoint
 from ..consul import BadAnswer
-from ._endpoint import Endpoint
 
 __all__ = ["endpoints", "fingerprint", "group_dump"]
 

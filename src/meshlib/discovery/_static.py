@@ -13,7 +13,7 @@ from dataclasses import replace
 from types import MappingProxyType
 
 from .._config import HostPort
-from ._endpoint import Endpoint, Snapshot, SnapshotListener
+from .._endpoint import Endpoint, Snapshot, SnapshotListener
 
 __all__ = ["StaticDiscovery"]
 

@@ -36,8 +36,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .._config import _host_port
+from .._endpoint import Endpoint
 from .._watched_file import WatchedFile
-from ..discovery._endpoint import Endpoint
 from ._chain import Chain
 from ._entries import compile_entries
 

@@ -24,6 +24,7 @@ from ._admin import serve_admin
 from ._metrics import REGISTRY, Counter, Gauge, Histogram, Registry
 from ._metrics import Exemplar as ExemplarData
 from ._names import SERVICE_NAME
+from ._otel import exporters_for, otlp_protocol, resource
 
 __all__ = ["otlp_metrics", "start_exporters"]
 
@@ -36,8 +37,6 @@ _PUSHES: list[tuple[str, MeshConfig]] = []
 
 def start_exporters(config: MeshConfig) -> None:
     """Start what ``config`` and the ``OTEL_*`` variables ask for (once per process)."""
-    from ._state import exporters_for
-
     for name in exporters_for(config.metrics_exporter, "metrics"):
         if _start_push(name, config):
             _PUSHES.append((name, config))
@@ -75,8 +74,6 @@ def _metric_exporter(name: str) -> Any:
         return ConsoleMetricExporter()
     if name != "otlp":
         return None
-    from ._state import otlp_protocol
-
     if otlp_protocol("metrics") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
@@ -135,8 +132,6 @@ def otlp_metrics(registry: Registry, config: MeshConfig) -> Any:
     from opentelemetry.sdk.metrics.export import Sum as SumData
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from ._state import _resource
-
     start, now = registry.started_ns, time.time_ns()
     cumulative = AggregationTemporality.CUMULATIVE
     metrics: list[Metric] = []
@@ -180,7 +175,7 @@ def otlp_metrics(registry: Registry, config: MeshConfig) -> Any:
         if data.data_points:
             metrics.append(Metric(metric.name, metric.description, metric.unit, data))
     scope = ScopeMetrics(InstrumentationScope("meshlib", __version__), metrics, "")
-    return MetricsData([ResourceMetrics(_resource(config), [scope], "")])
+    return MetricsData([ResourceMetrics(resource(config), [scope], "")])
 
 
 def _exemplars(traced: list[ExemplarData | None] | None) -> list[Any]:

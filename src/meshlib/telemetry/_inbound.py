@@ -35,7 +35,7 @@ from opentelemetry.semconv.attributes.url_attributes import URL_PATH
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .._config import MeshConfig
-from . import _access
+from ._access import INBOUND, emit
 from ._instruments import SERVER_DURATION, SERVER_ROUTE_DURATION
 from ._names import (
     ERROR_TYPE,
@@ -220,8 +220,8 @@ class InboundCall:
                 span.end()
             if STATE.access_log:
                 trace_id, span_id = span_ids(span)
-                _access.emit(
-                    _access.INBOUND,
+                emit(
+                    INBOUND,
                     {
                         "direction": "inbound",
                         "trace_id": trace_id,

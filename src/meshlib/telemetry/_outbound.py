@@ -40,7 +40,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.semconv.attributes.url_attributes import URL_FULL
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _access
+from ._access import OUTBOUND, emit
 from ._instruments import (
     CLIENT_ATTEMPT_DURATION,
     CLIENT_BREAKER_REFUSED,
@@ -70,7 +70,7 @@ from ._names import (
 from ._state import STATE
 
 if TYPE_CHECKING:
-    from .._pipeline import CallInfo
+    from .._call_info import CallInfo
     from .._service import ServiceState
     from ..discovery import Endpoint
     from ..resilience._retry import Outcome
@@ -339,8 +339,8 @@ class OutboundTelemetry:
         span: trace.Span | None,
     ) -> None:
         trace_id, span_id = span_ids(span)
-        _access.emit(
-            _access.OUTBOUND,
+        emit(
+            OUTBOUND,
             {
                 "direction": "outbound",
                 "trace_id": trace_id,

@@ -19,28 +19,22 @@ and cheap after the first call. Tracing follows OpenTelemetry's own rules:
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
-from opentelemetry.semconv.attributes.service_attributes import SERVICE_INSTANCE_ID
 
 from .._config import MeshConfig
 from .._version import __version__
-from ._names import SERVICE_NAME, SERVICE_VERSION
+from ._otel import exporters_for, otlp_protocol, resource
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["STATE", "TelemetryState", "setup"]
 
 logger = logging.getLogger("meshlib.telemetry")
-
-_OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT",)
 
 
 class TelemetryState:
@@ -114,28 +108,6 @@ def setup(config: MeshConfig) -> None:
         logger.exception("setting up telemetry failed; continuing without it")
 
 
-def _resource(config: MeshConfig) -> Resource:
-    from opentelemetry.sdk.resources import Resource
-
-    attributes: dict[str, str] = {}
-    if config.service_name and not os.environ.get("OTEL_SERVICE_NAME"):
-        attributes[SERVICE_NAME] = config.service_name
-    if config.service_version:
-        attributes[SERVICE_VERSION] = config.service_version
-    # one per process, so the cumulative series of several workers of one service stay
-    # apart (OTEL_RESOURCE_ATTRIBUTES may set its own)
-    attributes[SERVICE_INSTANCE_ID] = f"{socket.gethostname()}:{os.getpid()}"
-    return Resource.create(attributes)
-
-
-def exporters_for(chosen: tuple[str, ...] | None, signal: str) -> tuple[str, ...]:
-    """The exporters for a signal: as chosen, else ``otlp`` when an endpoint is set."""
-    if chosen is not None:
-        return tuple(name for name in chosen if name != "none")
-    names = (*_OTLP_ENDPOINTS, f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
-    return ("otlp",) if any(os.environ.get(name) for name in names) else ()
-
-
 def _install_tracing(config: MeshConfig) -> None:
     if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         return  # the application installed its own: leave it alone
@@ -145,7 +117,7 @@ def _install_tracing(config: MeshConfig) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    provider = TracerProvider(resource=_resource(config))
+    provider = TracerProvider(resource=resource(config))
     for name in names:
         if name == "console":
             provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
@@ -153,15 +125,6 @@ def _install_tracing(config: MeshConfig) -> None:
             provider.add_span_processor(BatchSpanProcessor(_otlp_span_exporter()))
     trace.set_tracer_provider(provider)
     logger.info("tracing to %s", ", ".join(names))
-
-
-def otlp_protocol(signal: str) -> str:
-    """``grpc`` or ``http/protobuf`` (the default), from OpenTelemetry's variables."""
-    return (
-        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
 
 
 def _otlp_span_exporter() -> SpanExporter:

@@ -3,6 +3,9 @@
 Discovery runs in the background and publishes a new ``Snapshot`` per service whenever
 its instances or their health change; the request path only ever reads the latest
 snapshot (an attribute read), so it never waits on Consul.
+
+A module of the bottom layer: discovery produces these values, and the local config file's
+reader (``routing/_local.py``) and the balancer read them, without importing each other.
 """
 
 from __future__ import annotations
