@@ -35,8 +35,9 @@ to the agent's HTTP API (with the management token, if ACLs are on);
 ``acl_token(agent, rules)`` creates a policy of those HCL rules and a token holding only it,
 and returns the token's secret;
 ``register(agent, name, service_id, port)`` registers an instance with a passing TTL check
-(``service:<id>``) and waits until the catalog shows it; ``unique(prefix)`` makes a service
-name no other test uses.
+(``service:<id>``) and waits until the catalog shows it; ``set_checks(agent, service,
+statuses)`` sets TTL checks passing, warning or critical through the agent and waits until
+Consul's health API shows them; ``unique(prefix)`` makes a service name no other test uses.
 """
 
 from __future__ import annotations
@@ -488,6 +489,21 @@ def register(
         lambda: service_id in {s["ServiceID"] for s in agent.get(f"/v1/catalog/service/{name}")},
         what=f"{service_id} in the catalog",
     )
+
+
+def set_checks(agent: ConsulAgent, service: str, statuses: dict[str, str]) -> None:
+    """Set TTL checks (check ID -> ``passing``, ``warning`` or ``critical``) as an
+    application would (``PUT /v1/agent/check/pass|warn|fail/<id>``), and wait until
+    ``/v1/health/checks/<service>`` answers with them."""
+    verbs = {"passing": "pass", "warning": "warn", "critical": "fail"}
+    for check, status in statuses.items():
+        agent.put(f"/v1/agent/check/{verbs[status]}/{check}")
+
+    def shown() -> bool:
+        checks = agent.get(f"/v1/health/checks/{service}")
+        return {c["CheckID"]: c["Status"] for c in checks}.items() >= statuses.items()
+
+    wait_until(shown, what=f"the checks of {service} at {statuses}")
 
 
 def acl_token(agent: ConsulAgent, rules: str, *, name: str | None = None) -> str:

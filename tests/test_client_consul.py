@@ -5,26 +5,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
 
 import meshlib
 from backends import Backend, BackendFactory
-from consul_agent import ConsulAgent, ConsulFactory, register, unique
+from consul_agent import ConsulAgent, ConsulFactory, register, set_checks, unique
 from meshlib._runtime import live_meshes
 from meshlib._status import render, status_report
 from polling import wait_until
 
 
 def register_backend(
-    agent: ConsulAgent, service: str, backend: Backend, ids: list[str], *, weight: int = 1
+    agent: ConsulAgent,
+    service: str,
+    backend: Backend,
+    ids: list[str],
+    *,
+    weight: int = 1,
+    warning_weight: int = 1,
 ) -> str:
     """Register ``backend`` as an instance of ``service``; returns its passing check's ID."""
     service_id = f"{service}-{backend.name}"
-    register(
-        agent, service, service_id, backend.port, ids=ids, Weights={"Passing": weight, "Warning": 1}
-    )
+    weights = {"Passing": weight, "Warning": warning_weight}
+    register(agent, service, service_id, backend.port, ids=ids, Weights=weights)
     return f"service:{service_id}"
 
 
@@ -51,6 +57,57 @@ def test_consul_instances_are_balanced_with_their_weights(
         served = [client.get(f"http://{service}/whoami").text for _ in range(400)]
     assert served.count("b0") == 300
     assert served.count("b1") == 100
+
+
+def test_an_instance_whose_check_warns_gets_traffic_and_a_critical_one_none(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+) -> None:
+    # Consul's default (no service-resolver, so no OnlyPassing): a warning check leaves an
+    # instance healthy, as Consul tells Envoy sidecars; a critical one takes it out. Two
+    # passing instances of four keep panic mode (under 50% healthy) off.
+    service = unique("wx")
+    servers = backends.many(4)
+    checks = [register_backend(consul, service, server, registered) for server in servers]
+    set_checks(consul, service, {checks[2]: "warning", checks[3]: "critical"})
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        served = Counter(client.get(f"http://{service}/whoami").text for _ in range(300))
+    assert served == {"b0": 100, "b1": 100, "b2": 100}
+
+
+@pytest.mark.parametrize(
+    ("passing", "warning", "expected"),
+    [
+        (4, 2, {"b0": 100, "b1": 100, "b2": 200}),  # at Weights.Warning, not Passing
+        (1, 0, {"b0": 200, "b1": 200}),  # Weights.Warning 0: unhealthy, as in Consul
+    ],
+)
+def test_an_instance_whose_check_warns_is_balanced_at_its_warning_weight(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+    passing: int,
+    warning: int,
+    expected: dict[str, int],
+) -> None:
+    service = unique("wx")
+    first, second, warned = backends.many(3)
+    register_backend(consul, service, first, registered)
+    register_backend(consul, service, second, registered)
+    check = register_backend(
+        consul, service, warned, registered, weight=passing, warning_weight=warning
+    )
+    set_checks(consul, service, {check: "warning"})
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_LB", "round_robin")
+    with meshlib.Client() as client:
+        served = Counter(client.get(f"http://{service}/whoami").text for _ in range(400))
+    assert served == expected
 
 
 def test_an_instance_whose_check_goes_critical_gets_no_traffic_within_a_second(

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import NameOID
 
-from consul_agent import ConsulAgent, ConsulFactory, register, unique
+from consul_agent import ConsulAgent, ConsulFactory, register, set_checks, unique
 from meshlib._config import ConsulSettings
 from meshlib.consul import Engine
 from meshlib.discovery import ConsulDiscovery, Endpoint, Snapshot
@@ -127,6 +127,59 @@ def test_endpoint_fields_come_from_the_health_answer(
     assert heavy.tags == ("canary", "blue")
     assert (plain.host, plain.port, plain.weight) == ("127.0.0.1", 9002, 1)
     assert snapshot.index > 0
+
+
+@pytest.mark.consul
+def test_check_statuses_and_weights_make_health_as_consul_tells_envoy(
+    consul: ConsulAgent, registered: list[str], make_discovery: DiscoveryFactory
+) -> None:
+    """Consul's calculateEndpointHealthAndWeight (agent/xds/endpoints.go), OnlyPassing false."""
+    name = unique("api")
+    weights = {
+        "pass": {"Passing": 3, "Warning": 1},
+        "warn": {"Passing": 3, "Warning": 2},
+        "warn0": {"Passing": 1, "Warning": 0},
+        "crit": {"Passing": 1, "Warning": 1},
+        "big": {"Passing": 500, "Warning": 1},
+        "flip": {"Passing": 1, "Warning": 1},
+    }
+    for port, (suffix, weight) in enumerate(weights.items(), start=9001):
+        register(consul, name, f"{name}-{suffix}", port, ids=registered, Weights=weight)
+    set_checks(
+        consul,
+        name,
+        {f"service:{name}-{s}": "warning" for s in ("warn", "warn0")}
+        | {f"service:{name}-crit": "critical"},
+    )
+    discovery = make_discovery(consul.url)
+
+    def seen() -> tuple[dict[str, tuple[int, bool]], dict[str, tuple[int, bool]]] | None:
+        snapshot = discovery.snapshot(name)
+        if snapshot is None:
+            return None
+        short = len(name) + 1
+        return (
+            {e.id[short:]: (e.weight, e.warning) for e in snapshot.endpoints},
+            {e.id[short:]: (e.weight, e.warning) for e in snapshot.unhealthy},
+        )
+
+    healthy = {"pass": (3, False), "warn": (2, True), "big": (128, False), "flip": (1, False)}
+    unhealthy = {"warn0": (1, True), "crit": (1, False)}
+    wait_until(lambda: seen() == (healthy, unhealthy), what="health as Consul computes it")
+    snapshot = discovery.snapshot(name)
+    assert snapshot is not None
+    passing_only = snapshot.only_passing()  # a subset with OnlyPassing
+    assert {e.id for e in passing_only.endpoints} == {
+        f"{name}-{s}" for s in ("pass", "big", "flip")
+    }
+    assert {e.id for e in passing_only.unhealthy} == {
+        f"{name}-{s}" for s in ("warn0", "crit", "warn")
+    }
+
+    # a check that starts warning changes neither weight nor health here, yet it is news:
+    # a subset with OnlyPassing must hear of it
+    set_checks(consul, name, {f"service:{name}-flip": "warning"})
+    wait_until(lambda: seen() == (healthy | {"flip": (1, True)}, unhealthy), what="flip warns")
 
 
 @pytest.mark.consul

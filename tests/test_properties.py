@@ -213,7 +213,13 @@ _service = st.fixed_dictionaries(
         "Address": _field(st.sampled_from(["", "127.0.0.1", "::1", "host.internal"])),
         "Port": _field(st.integers(min_value=-1, max_value=70_000)),
         "Weights": _field(
-            st.fixed_dictionaries({}, optional={"Passing": _field(st.integers(-5, 2**40))})
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "Passing": _field(st.integers(-5, 2**40)),
+                    "Warning": _field(st.integers(-5, 2**40)),
+                },
+            )
         ),
         "Meta": _field(st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3)),
         "Tags": _field(st.lists(st.text(max_size=6), max_size=3)),
@@ -226,9 +232,17 @@ _node = st.fixed_dictionaries(
         "Address": _field(st.sampled_from(["", "10.0.0.1", "::1"])),
     },
 )
+_checks = _field(
+    st.lists(
+        st.fixed_dictionaries(
+            {}, optional={"Status": _field(st.sampled_from(["passing", "warning", "critical"]))}
+        ),
+        max_size=3,
+    )
+)
 _entry = st.one_of(
     st.fixed_dictionaries(
-        {"Service": _field(_service), "Node": _field(_node)}, optional={"Checks": _json}
+        {"Service": _field(_service), "Node": _field(_node)}, optional={"Checks": _checks}
     ),
     _json,
 )
@@ -237,6 +251,7 @@ _health_answer = st.one_of(st.lists(_entry, max_size=5), _json)
 
 @settings(max_examples=80, deadline=None)  # each example is a nested document: keep it brisk
 @given(_health_answer)
+@example([{"Service": {"Port": 80, "Address": "h"}, "Node": {}, "Checks": [{"Status": []}]}])
 def test_any_consul_health_json_gives_endpoints_or_a_bad_answer(body: Any) -> None:
     try:
         healthy, unhealthy = _endpoints(body)
@@ -248,7 +263,7 @@ def test_any_consul_health_json_gives_endpoints_or_a_bad_answer(body: Any) -> No
             assert isinstance(endpoint, Endpoint)
             assert 0 < endpoint.port < 65536
             assert endpoint.host
-            assert endpoint.weight >= 1
+            assert 1 <= endpoint.weight <= 128
         keys = [(e.node, e.id, e.host, e.port) for e in endpoints]
         assert keys == sorted(keys)
 

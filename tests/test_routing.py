@@ -120,6 +120,20 @@ def test_the_resolver_gives_subset_filters_defaults_and_failover() -> None:
     assert target.key == "v1.forecast."
 
 
+def test_a_subsets_only_passing_goes_with_its_targets_failover_included() -> None:
+    subsets = {
+        "v1": {"Filter": "Service.Meta.version == v1", "OnlyPassing": True},
+        "v2": {"Filter": "Service.Meta.version == v2", "OnlyPassing": False},
+    }
+    c = chain({**RESOLVER, "Subsets": subsets})
+    v1 = decide(c).target  # the default subset
+    assert (v1.subset, v1.only_passing) == ("v1", True)
+    assert [(t.datacenter, t.only_passing) for t in v1.failover] == [("dc2", True)]
+    assert c.target("forecast", "v2").only_passing is False
+    assert decide(chain(RESOLVER)).target.only_passing is False  # Consul's default
+    assert Chain("geo").target("geo").only_passing is False  # no subset: false
+
+
 def test_a_redirect_sends_to_another_service() -> None:
     entries = [
         {"Kind": "service-resolver", "Name": "forecast", "Redirect": {"Service": "weather"}},
@@ -148,6 +162,10 @@ def test_without_entries_a_service_routes_to_itself() -> None:
         ([{**RESOLVER, "DefaultSubset": "v9"}], "DefaultSubset 'v9'"),
         ([{**RESOLVER, "Subsets": {"v1": {"Filter": "Service.Meta.version =="}}}], "Subsets.v1"),
         ([{**RESOLVER, "ConnectTimeout": "soon"}], "not a duration"),
+        (
+            [{**RESOLVER, "Subsets": {"v1": {"OnlyPassing": "yes"}}}],
+            "Subsets.v1: OnlyPassing must be true or false",
+        ),
         ([RESOLVER, RESOLVER], "defined twice"),
         (
             [

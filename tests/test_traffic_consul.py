@@ -25,7 +25,7 @@ import pytest
 
 import meshlib
 from backends import Backend, BackendFactory
-from consul_agent import ConsulAgent, ConsulFactory, register, unique
+from consul_agent import ConsulAgent, ConsulFactory, register, set_checks, unique
 from polling import wait_until
 
 
@@ -553,6 +553,46 @@ def test_a_service_without_entries_is_routed_as_without_chains(
 
 
 @pytest.mark.parametrize(
+    ("only_passing", "expression", "expected"),
+    [
+        (True, "Service.Meta.version == v1", {"b0": 150, "b1": 150}),
+        (False, "Service.Meta.version == v1", {"b0": 100, "b1": 100, "b2": 100}),
+        (None, "Service.Meta.version == v1", {"b0": 100, "b1": 100, "b2": 100}),  # false
+        # a subset without a filter: every instance, no filtered query of its own
+        (True, "", {"b0": 150, "b1": 150}),
+    ],
+)
+def test_a_subsets_only_passing_decides_whether_an_instance_whose_check_warns_is_used(
+    consul: ConsulAgent,
+    backends: BackendFactory,
+    env: pytest.MonkeyPatch,
+    registered: list[str],
+    only_passing: bool | None,
+    expression: str,
+    expected: dict[str, int],
+) -> None:
+    """service-resolver Subsets.<name>.OnlyPassing, as Consul configures Envoy with it."""
+    env.setenv("CONSUL_HTTP_ADDR", consul.http_addr)
+    env.setenv("MESH_LB", "round_robin")
+    name = unique("forecast")
+    for server in backends.many(3):
+        service_id = f"{name}-{server.name}"
+        register(consul, name, service_id, server.port, ids=registered, Meta={"version": "v1"})
+    set_checks(consul, name, {f"service:{name}-b2": "warning"})
+    subset: dict[str, Any] = {"Filter": expression}
+    if only_passing is not None:
+        subset["OnlyPassing"] = only_passing
+    resolver = {"Kind": "service-resolver", "DefaultSubset": "live", "Subsets": {"live": subset}}
+    assert consul.put("/v1/config", {**resolver, "Name": name}) is True
+    try:
+        with meshlib.Client() as client:
+            served = Counter(client.get(f"http://{name}/whoami").text for _ in range(300))
+    finally:
+        consul.delete(f"/v1/config/service-resolver/{name}")
+    assert served == expected
+
+
+@pytest.mark.parametrize(
     ("chain", "problem"),
     [
         ([], "the answer is not a JSON object"),
@@ -583,6 +623,18 @@ def test_a_service_without_entries_is_routed_as_without_chains(
                 }
             },
             "'t' is not one of Chain.Targets",
+        ),
+        (
+            {
+                "Chain": {
+                    "ServiceName": "s",
+                    "Datacenter": "dc1",
+                    "StartNode": "resolver:s",
+                    "Nodes": {"resolver:s": {"Type": "resolver", "Resolver": {"Target": "t"}}},
+                    "Targets": {"t": {"Service": "s", "Subset": {"OnlyPassing": "yes"}}},
+                }
+            },
+            r"Targets\['t'\].Subset.OnlyPassing is not true or false",
         ),
     ],
 )

@@ -32,6 +32,9 @@ class Endpoint:
     node: str = ""
     meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False)
     tags: tuple[str, ...] = field(default=(), compare=False)
+    #: Consul: a check of the instance or its node warns, none is critical. Healthy, at
+    #: ``Weights.Warning``, unless the target's subset has ``OnlyPassing``.
+    warning: bool = False
     #: ``host:port`` (IPv6 hosts in brackets); computed once.
     address: str = field(init=False, compare=False, repr=False)
     #: The identity that carries per-endpoint state across snapshots: ``id`` or ``address``.
@@ -53,10 +56,22 @@ class Snapshot:
     endpoints: tuple[Endpoint, ...]
     #: Consul's ``X-Consul-Index`` for this answer, or a counter for static discovery.
     index: int = 0
-    #: Instances discovery lists whose health checks do not all pass. Requests reach them
+    #: Instances discovery lists as unhealthy (a critical check, for Consul). Requests reach them
     #: only in panic mode, when too few healthy ones are left (``ServiceState.candidates``),
     #: as Envoy does with the unhealthy endpoints Consul gives it.
     unhealthy: tuple[Endpoint, ...] = ()
+
+    def only_passing(self) -> Snapshot:
+        """This snapshot as a resolver subset with ``OnlyPassing`` sees it: instances whose
+        checks warn (``Endpoint.warning``) are unhealthy too, as Consul tells Envoy."""
+        if not any(e.warning for e in self.endpoints):
+            return self
+        return Snapshot(
+            self.service,
+            tuple(e for e in self.endpoints if not e.warning),
+            self.index,
+            (*self.unhealthy, *(e for e in self.endpoints if e.warning)),
+        )
 
 
 SnapshotListener = Callable[[Snapshot], None]

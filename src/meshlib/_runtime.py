@@ -71,9 +71,12 @@ class Mesh:
         self.discovery = make_discovery(config) if discovery is None else discovery
         #: host as written in URLs ("weather", "weather.service.consul") -> state
         self._services: dict[str, ServiceState] = {}
-        #: (service, filter, datacenter) -> (target, the state of its endpoints, its subset
-        #: predicate, whether discovery watches it itself: Consul's filtered health query)
-        self._targets: dict[TargetKey, tuple[Target, ServiceState, Predicate | None, bool]] = {}
+        #: (service, filter, datacenter, OnlyPassing) -> (target, the state of its endpoints,
+        #: its subset predicate, whether discovery watches it itself: Consul's filtered
+        #: health query)
+        self._targets: dict[
+            tuple[str, str, str, bool], tuple[Target, ServiceState, Predicate | None, bool]
+        ] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.discovery.subscribe(self._on_snapshot)
@@ -191,12 +194,13 @@ class Mesh:
             state.update(snapshot)
         for target, target_state, predicate, remote in list(self._targets.values()):
             if target.service == snapshot.service and not remote:
-                target_state.update(_subset(snapshot, predicate))
+                target_state.update(_subset(snapshot, predicate, target.only_passing))
 
     def _on_target_snapshot(self, key: TargetKey, snapshot: Snapshot) -> None:
-        found = self._targets.get(key)
-        if found is not None and found[3]:
-            found[1].update(snapshot)
+        for only_passing in (False, True):  # the subsets of one filter may differ in it
+            found = self._targets.get((*key, only_passing))
+            if found is not None and found[3]:
+                found[1].update(snapshot.only_passing() if only_passing else snapshot)
 
     # ---------------------------------------------------------------- traffic management
 
@@ -331,7 +335,12 @@ class Mesh:
             request.method, url.path, request.headers, dict(url.params), sticky_key=sticky_key
         )
         target = decision.target
-        if not target.subset and target.service == state.name and not target.datacenter:
+        if (
+            not target.subset
+            and target.service == state.name
+            and not target.datacenter
+            and not target.only_passing
+        ):
             if state.endpoints or not target.failover:
                 return state, decision
             chosen = state
@@ -348,7 +357,7 @@ class Mesh:
 
     def _target_state(self, target: Target, home: str) -> ServiceState:
         """The endpoints of ``target``, one of the targets of ``home``'s chain."""
-        key = (target.service, target.filter, target.datacenter)
+        key = (target.service, target.filter, target.datacenter, target.only_passing)
         found = self._targets.get(key)
         if found is not None:
             return found[1]
@@ -369,15 +378,15 @@ class Mesh:
                 self._targets[key] = (target, state, None, True)
                 snapshot = self._consul_target(target)
                 if snapshot is not None:
-                    state.update(snapshot)
+                    state.update(_subset(snapshot, None, target.only_passing))
                     latest = self._consul_target(target)  # an answer that raced the first
                     if latest is not None and latest is not snapshot:
-                        state.update(latest)
+                        state.update(_subset(latest, None, target.only_passing))
                 return state
             predicate = compile_filter(target.filter) if target.filter else None
             snapshot = self.discovery.snapshot(target.service)
             if snapshot is not None:
-                state.update(_subset(snapshot, predicate))
+                state.update(_subset(snapshot, predicate, target.only_passing))
             self._targets[key] = (target, state, predicate, False)
             return state
 
@@ -416,7 +425,11 @@ def _local_config(config: MeshConfig) -> LocalConfigFile | None:
         ) from None
 
 
-def _subset(snapshot: Snapshot, predicate: Predicate | None) -> Snapshot:
+def _subset(snapshot: Snapshot, predicate: Predicate | None, only_passing: bool) -> Snapshot:
+    """A target's view of its service's ``snapshot``: the instances its subset's filter
+    selects, those whose checks warn unhealthy with the subset's ``OnlyPassing``."""
+    if only_passing:
+        snapshot = snapshot.only_passing()
     if predicate is None:
         return snapshot
 

@@ -18,6 +18,9 @@ from ..consul import BadAnswer
 
 __all__ = ["endpoints", "fingerprint", "group_dump"]
 
+#: the largest weight Consul gives Envoy (``calculateEndpointHealthAndWeight``)
+MAX_WEIGHT = 128
+
 
 def group_dump(body: Any, *, connect: bool) -> tuple[frozenset[str], dict[str, list[Any]]]:
     """(every service name in the catalog, health entries per service) from a node dump.
@@ -76,8 +79,17 @@ def _native(service: dict[str, Any]) -> bool:
 def endpoints(body: Any) -> tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]:
     """The (healthy, unhealthy) endpoints in a ``/v1/health/service`` answer, each sorted.
 
-    Healthy means every check of the instance and of its node passes: what ``?passing``
-    selects. BadAnswer if the answer is malformed.
+    Health and weight as Consul computes them for Envoy (``calculateEndpointHealthAndWeight``
+    in its agent/xds/endpoints.go), for a target without ``OnlyPassing``:
+
+    * a critical check of the instance or its node (maintenance is one) makes it unhealthy;
+    * a warning check, none critical, leaves it healthy, marked ``Endpoint.warning``, at
+      ``Weights.Warning`` instead of ``Weights.Passing`` (a subset with ``OnlyPassing``
+      counts it unhealthy: ``Snapshot.only_passing``);
+    * a weight below 1 (``Weights.Warning`` may be 0) makes it unhealthy, at weight 1;
+      a weight above 128 is 128, Envoy's largest as Consul configures it.
+
+    BadAnswer if the answer is malformed.
     """
     if not isinstance(body, list):
         raise BadAnswer("the health answer is not a JSON list")
@@ -97,17 +109,20 @@ def endpoints(body: Any) -> tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]:
         host = service.get("Address") or node.get("Address")
         if not isinstance(host, str) or not host:
             raise BadAnswer("a health entry has neither Service.Address nor Node.Address")
-        weights = service.get("Weights")
-        passing = _int(weights.get("Passing")) if isinstance(weights, dict) else None
-        (healthy if _passing(entry.get("Checks")) else unhealthy).append(
+        statuses = _statuses(entry.get("Checks"))
+        warns = "warning" in statuses
+        critical = not statuses <= {"passing", "warning"}
+        weight = _weight(service.get("Weights"), warns)
+        (unhealthy if critical or weight < 1 else healthy).append(
             Endpoint(
                 host=host,
                 port=port,
-                weight=1 if passing is None else max(1, passing),
+                weight=min(max(weight, 1), MAX_WEIGHT),
                 id=_text(service.get("ID"), "Service.ID"),
                 node=_text(node.get("Node"), "Node.Node"),
                 meta=_meta(service.get("Meta")),
                 tags=_tags(service.get("Tags")),
+                warning=warns and not critical,
             )
         )
     healthy.sort(key=_order)
@@ -119,13 +134,28 @@ def _order(endpoint: Endpoint) -> tuple[str, str, str, int]:
     return endpoint.node, endpoint.id, endpoint.host, endpoint.port
 
 
-def _passing(checks: object) -> bool:
-    """Whether every check in a health entry's ``Checks`` passes (none: it passes)."""
+def _statuses(checks: object) -> set[str]:
+    """The statuses of a health entry's ``Checks`` (none: it passes).
+
+    Consul's are passing, warning and critical (a maintenance check is critical); any
+    other counts as critical where it matters.
+    """
     if checks is None:
-        return True
+        return set()
     if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
         raise BadAnswer("Checks is not a list of objects")
-    return all(check.get("Status") == "passing" for check in checks)
+    return {status if isinstance(status := c.get("Status"), str) else "" for c in checks}
+
+
+def _weight(weights: object, warns: bool) -> int:
+    """``Weights.Warning`` for an instance with a warning check, else ``Weights.Passing``.
+
+    Without ``Weights`` (or the field), 1: Consul's default for both.
+    """
+    if not isinstance(weights, dict):
+        return 1
+    weight = _int(weights.get("Warning" if warns else "Passing"))
+    return 1 if weight is None else weight
 
 
 def fingerprint(healthy: tuple[Endpoint, ...], unhealthy: tuple[Endpoint, ...]) -> object:
@@ -133,7 +163,16 @@ def fingerprint(healthy: tuple[Endpoint, ...], unhealthy: tuple[Endpoint, ...]) 
     # Endpoint's own equality ignores meta and tags; a change in either is still news.
     return tuple(
         tuple(
-            (e.host, e.port, e.weight, e.id, e.node, tuple(sorted(e.meta.items())), e.tags)
+            (
+                e.host,
+                e.port,
+                e.weight,
+                e.id,
+                e.node,
+                tuple(sorted(e.meta.items())),
+                e.tags,
+                e.warning,
+            )
             for e in endpoints
         )
         for endpoints in (healthy, unhealthy)

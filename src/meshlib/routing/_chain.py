@@ -11,7 +11,8 @@ the same ``Chain`` (_entries.py), so both sources route identically. Per request
 2. **splitter**: without a subset, the destination service's splits choose one by weight
    (canary, blue/green);
 3. **resolver**: the subset (or the resolver's default subset) becomes a filter on the
-   service's instances; a redirect sends to another service; failover lists where to go
+   service's instances (and, with the subset's ``OnlyPassing``, leaves out those whose
+   checks warn); a redirect sends to another service; failover lists where to go
    when the target has no healthy instance.
 
 A ``Chain`` is immutable; new configuration is a new ``Chain`` (a pointer swap).
@@ -77,6 +78,9 @@ class Target:
     failover: tuple[Target, ...] = ()
     #: the resolver's LoadBalancer (None: meshlib's own MESH_LB)
     load_balancer: LoadBalancer | None = None
+    #: the subset's ``OnlyPassing``: instances whose checks warn count as unhealthy
+    #: (``Snapshot.only_passing``); without it (and without a subset) they are healthy
+    only_passing: bool = False
 
     @property
     def key(self) -> str:
@@ -210,6 +214,8 @@ class Resolver:
     )
     connect_timeout: float | None = None
     load_balancer: LoadBalancer | None = None
+    #: the subsets whose ``OnlyPassing`` is true
+    only_passing: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,8 +312,9 @@ class Chain:
                 resolver.redirect_datacenter or datacenter,
             )
         subset = subset or resolver.default_subset
+        only_passing = subset in resolver.only_passing
         failover = tuple(
-            Target(service, subset, resolver.subsets.get(subset, ""), dc)
+            Target(service, subset, resolver.subsets.get(subset, ""), dc, only_passing=only_passing)
             for dc in _for_subset(resolver.failover_datacenters, subset)
         ) + tuple(self.target(other) for other in _for_subset(resolver.failover_services, subset))
         return Target(
@@ -318,6 +325,7 @@ class Chain:
             resolver.connect_timeout,
             failover,
             resolver.load_balancer,
+            only_passing,
         )
 
 

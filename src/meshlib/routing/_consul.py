@@ -5,10 +5,11 @@ Consul compiles a service's ``service-router``, ``service-splitter`` and
 of ``Type`` ``router`` (``Routes``: ``Definition.Match`` / ``Definition.Destination`` and a
 ``NextNode``), ``splitter`` (``Splits``: ``Weight`` and a ``NextNode``) and ``resolver``
 (``Resolver.Target`` and ``Resolver.Failover.Targets``), starting at ``StartNode``; and
-``Targets`` by ID (``Service``, ``ServiceSubset``, ``Subset.Filter``, ``Datacenter``,
-``ConnectTimeout``). This is what Envoy sidecars are configured from, so following the
-graph as compiled -- rather than re-compiling the entries ourselves -- routes exactly as
-they do (redirects, nested splits and defaults are already resolved by Consul).
+``Targets`` by ID (``Service``, ``ServiceSubset``, ``Subset.Filter`` and
+``Subset.OnlyPassing``, ``Datacenter``, ``ConnectTimeout``). This is what Envoy sidecars
+are configured from, so following the graph as compiled -- rather than re-compiling the
+entries ourselves -- routes exactly as they do (redirects, nested splits and defaults are
+already resolved by Consul).
 
 ``compile_chain`` turns the JSON into a ``CompiledChain`` with the same ``decide`` as the
 local file's ``Chain``, or ``None`` for a chain that routes nowhere but to the service
@@ -217,6 +218,7 @@ def _resolver(name: str, raw: Mapping[str, Any], targets: Mapping[str, Target]) 
             primary.connect_timeout,
             others,
             balancer,
+            primary.only_passing,
         )
     )
 
@@ -229,15 +231,20 @@ def _target(tid: str, raw: Any, local_dc: str) -> Target:
         raise ValueError(f"{where}.Service is not a service name")
     subset = target.get("ServiceSubset") or ""
     datacenter = target.get("Datacenter") or ""
-    expression = _obj(target.get("Subset"), f"{where}.Subset").get("Filter") or ""
+    definition = _obj(target.get("Subset"), f"{where}.Subset")
+    expression = definition.get("Filter") or ""
     if not all(isinstance(v, str) for v in (subset, datacenter, expression)):
         raise ValueError(f"{where}: ServiceSubset, Datacenter and Subset.Filter must be text")
+    only_passing = definition.get("OnlyPassing") or False
+    if not isinstance(only_passing, bool):
+        raise ValueError(f"{where}.Subset.OnlyPassing is not true or false")
     return Target(
         service,
         subset,
         expression,
         "" if datacenter == local_dc else datacenter,  # "" = the local datacenter
         _seconds(target.get("ConnectTimeout"), f"{where}.ConnectTimeout"),
+        only_passing=only_passing,
     )
 
 

@@ -215,8 +215,15 @@ def _splits(name: str, raw: list[Any], where: str) -> tuple[Split, ...]:
 
 def _resolver(entry: Mapping[str, Any], where: str) -> Resolver:
     subsets: dict[str, str] = {}
+    only_passing: set[str] = set()
     for subset, body in _obj(entry.get("Subsets"), f"{where} Subsets").items():
-        expression = str(_obj(body, f"{where} Subsets.{subset}").get("Filter") or "")
+        definition = _obj(body, f"{where} Subsets.{subset}")
+        expression = str(definition.get("Filter") or "")
+        passing = definition.get("OnlyPassing")
+        if passing is not None and not isinstance(passing, bool):
+            raise ValueError(f"{where} Subsets.{subset}: OnlyPassing must be true or false")
+        if passing:
+            only_passing.add(str(subset))
         if expression:
             try:
                 compile_filter(expression)
@@ -245,6 +252,7 @@ def _resolver(entry: Mapping[str, Any], where: str) -> Resolver:
                 services[subset] = (*services.get(subset, ()), str(target["Service"]))
     return Resolver(
         subsets=MappingProxyType(subsets),
+        only_passing=frozenset(only_passing),
         default_subset=default,
         redirect_service=str(redirect.get("Service", "")),
         redirect_subset=str(redirect.get("ServiceSubset", "")),
