@@ -6,7 +6,10 @@ and on what the servers themselves counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import pickle
+import socket
 import threading
 import time
 from collections import Counter
@@ -412,12 +415,85 @@ def test_a_get_cut_off_mid_body_is_retried_on_another_instance(
                     r.read()
 
         # a POST may have been acted on: it is not replayed, the caller sees the loss
+        # (its body is read by httpx after the mesh handed the response over: the httpx
+        # error itself)
         with pytest.raises(httpx.RemoteProtocolError):
             posts()
         # a streaming caller has the body as it comes: the loss is the caller's to see
         with pytest.raises(httpx.RemoteProtocolError):
             streams()
     assert cut.stats()["POST"] == 1
+
+
+def _refusing(count: int) -> tuple[list[socket.socket], list[str]]:
+    """Ports bound and never listening: every connection to them is refused."""
+    held = [socket.socket() for _ in range(count)]
+    for sock in held:
+        sock.bind(("127.0.0.1", 0))
+    return held, [f"127.0.0.1:{sock.getsockname()[1]}" for sock in held]
+
+
+def _check_gave_up(error: BaseException, addresses: list[str]) -> None:
+    assert isinstance(error, meshlib.RequestFailed)
+    assert isinstance(error, httpx.ConnectError)  # still what httpx code catches
+    assert error.service == "weather"
+    assert error.attempts == len(error.endpoints) == 3  # the first and MESH_RETRIES=2
+    assert set(error.endpoints) == set(addresses)
+    assert error.reason == "no retries left"
+    assert isinstance(error.__cause__, httpx.ConnectError)
+    assert not isinstance(error.__cause__, meshlib.MeshError)
+    assert str(error).startswith("service 'weather': 3 attempts failed (on ")
+    assert str(error).endswith(f"no retries left; the last: ConnectError: {error.__cause__}")
+    assert all(address in str(error) for address in addresses)
+
+
+def test_when_every_attempt_is_refused_the_error_says_what_was_tried(
+    env: pytest.MonkeyPatch,
+) -> None:
+    """A bare ``ConnectError: [Errno 111]`` named neither the service nor what was tried;
+    the error is still an ``httpx.ConnectError``, the httpx error its cause."""
+    held, addresses = _refusing(2)
+    env.setenv("MESH_STATIC_SERVICES", f"weather={','.join(addresses)}")
+    try:
+        with meshlib.Client() as client, pytest.raises(httpx.ConnectError) as caught:
+            client.get("http://weather/whoami")
+        _check_gave_up(caught.value, addresses)
+
+        async def call() -> None:
+            async with meshlib.AsyncClient() as client:
+                await client.get("http://weather/whoami")
+
+        with pytest.raises(httpx.ConnectError) as caught_async:
+            asyncio.run(call())
+        _check_gave_up(caught_async.value, addresses)
+        # it pickles (as its httpx class too), for errors that cross processes
+        again = pickle.loads(pickle.dumps(caught.value))
+        assert isinstance(again, httpx.ConnectError)
+        assert isinstance(again, meshlib.RequestFailed)
+        assert (again.endpoints, str(again)) == (caught.value.endpoints, str(caught.value))
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_post_that_timed_out_is_not_resent_and_the_error_says_so(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    slow = backends("slow")
+    slow.set_mode(delay_ms=2000)
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [slow]))
+    env.setenv("MESH_TIMEOUT", "200ms")
+    with meshlib.Client() as client, pytest.raises(httpx.ReadTimeout) as caught:
+        client.post("http://weather/whoami", content=b"once")
+    error = caught.value
+    assert isinstance(error, meshlib.RequestFailed)
+    assert (error.attempts, error.endpoints) == (1, (slow.address,))
+    assert error.reason == "not resent: POST is not idempotent"
+    assert str(error).startswith(
+        f"service 'weather': 1 attempt failed (on {slow.address}); not resent: POST is not "
+        "idempotent; the last: ReadTimeout"
+    )
+    assert slow.stats()["POST"] == 1
 
 
 async def _async_gets(n: int) -> list[httpx.Response]:

@@ -18,6 +18,7 @@ PUBLIC = [
     "MeshRequestError",
     "MeshTransport",
     "NoHealthyEndpoints",
+    "RequestFailed",
     "SpiffeId",
     "UntrustedCertificate",
     "WSGIMiddleware",

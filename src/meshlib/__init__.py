@@ -17,6 +17,7 @@ from ._exceptions import (
     MeshError,
     MeshRequestError,
     NoHealthyEndpoints,
+    RequestFailed,
     UntrustedCertificate,
 )
 from ._peer import peer_identity
@@ -39,6 +40,7 @@ __all__ = [
     "MeshRequestError",
     "MeshTransport",
     "NoHealthyEndpoints",
+    "RequestFailed",
     "SpiffeId",
     "UntrustedCertificate",
     "WSGIMiddleware",

@@ -11,8 +11,10 @@ The tree::
         ├── UntrustedCertificate      the TLS handshake failed: the two sides trust different
         │                             CAs (also httpx.ConnectError)
         ├── EgressDenied              the host is outside the mesh and egress does not allow it
-        └── DeadlineExceeded          the whole request's deadline passed
-                                      (also httpx.TimeoutException)
+        ├── DeadlineExceeded          the whole request's deadline passed
+        │                             (also httpx.TimeoutException)
+        └── RequestFailed             the mesh stopped trying: the last attempt's error,
+                                      also an instance of that error's own httpx class
 
 Request-path errors subclass ``httpx.TransportError`` so code that already says
 ``except httpx.RequestError`` (or ``httpx.TransportError``) keeps catching them, and
@@ -20,10 +22,13 @@ Request-path errors subclass ``httpx.TransportError`` so code that already says
 Each carries the ``service`` it concerns and says why in its message.
 
 Errors from outside (httpx, Consul, ssl) are mapped at the boundary with
-``raise ... from exc``; a request-path error the mesh did not cause (the server reset the
-connection, say) reaches the caller as the original httpx error, never wrapped. When
-the retry budget is spent, the caller gets the last attempt's own outcome (its response
-or its error), as Envoy and Linkerd do.
+``raise ... from exc``. When the mesh stops trying a request whose attempts failed (no
+retries left, the error or the method not retryable, the budget spent), the caller gets
+the last attempt's error as a ``RequestFailed`` that is also of that error's own httpx
+class (a refused connection is still an ``httpx.ConnectError``, a read timeout still an
+``httpx.ReadTimeout``), naming the service, the attempts and the endpoints tried, with
+the httpx error as its ``__cause__``. A last attempt that got a response (a 503 after
+the retries) is that response, as Envoy and Linkerd do.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "MeshError",
     "MeshRequestError",
     "NoHealthyEndpoints",
+    "RequestFailed",
     "UntrustedCertificate",
 ]
 
@@ -109,3 +115,70 @@ class EgressDenied(MeshRequestError):
 
 class DeadlineExceeded(MeshRequestError, httpx.TimeoutException):
     """The request's overall deadline passed (across every attempt and backoff)."""
+
+
+class RequestFailed(MeshRequestError):
+    """The mesh stopped trying: every attempt failed, or the last may not be repeated.
+
+    Raised as an instance of a subclass of both this class and the last attempt's httpx
+    error class (``RequestFailed.wrapping``), so ``except httpx.ConnectError`` and
+    ``except httpx.TimeoutException`` keep catching what they caught. ``attempts`` is how
+    many were made, ``endpoints`` the ``host:port`` of each in order, ``reason`` why no
+    other attempt followed; ``__cause__`` is the last attempt's own error.
+    """
+
+    attempts: int
+    endpoints: tuple[str, ...]
+    reason: str
+
+    @classmethod
+    def wrapping(
+        cls,
+        error: httpx.TransportError,
+        *,
+        service: str,
+        endpoints: tuple[str, ...],
+        reason: str,
+    ) -> RequestFailed:
+        """The ``RequestFailed`` for ``error``, an instance of ``error``'s class too."""
+        kind = _KINDS.get(type(error))
+        if kind is None:
+            name = f"RequestFailed[{type(error).__name__}]"
+            kind = _KINDS.setdefault(type(error), type(name, (cls, type(error)), {}))
+        count = len(endpoints)
+        tried = ", ".join(dict.fromkeys(endpoints))
+        detail = str(error) or type(error).__name__
+        failed = kind(
+            f"service {service!r}: {count} attempt{'s' if count != 1 else ''} failed "
+            f"(on {tried}); {reason}; the last: {type(error).__name__}: {detail}",
+            service=service,
+            request=error._request,
+        )
+        failed.attempts = count
+        failed.endpoints = endpoints
+        failed.reason = reason
+        return failed
+
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as the httpx class it also is (the made class has no importable name)."""
+        base = next(k for k in type(self).__mro__ if k.__module__.startswith("httpx"))
+        return (_rebuild, (base, str(self), self.service, self.endpoints, self.reason))
+
+
+def _rebuild(
+    base: type[httpx.TransportError],
+    message: str,
+    service: str,
+    endpoints: tuple[str, ...],
+    reason: str,
+) -> RequestFailed:
+    kind = _KINDS.get(base) or type(
+        RequestFailed.wrapping(base(""), service="", endpoints=(), reason="")
+    )
+    failed = kind(message, service=service)
+    failed.attempts, failed.endpoints, failed.reason = len(endpoints), endpoints, reason
+    return failed
+
+
+#: httpx error class -> its RequestFailed class (made once each)
+_KINDS: dict[type[httpx.TransportError], type[RequestFailed]] = {}

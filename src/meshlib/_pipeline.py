@@ -56,7 +56,13 @@ from typing import Any, Final
 import httpx
 
 from ._call_info import CallInfo
-from ._exceptions import CircuitOpen, DeadlineExceeded, NoHealthyEndpoints
+from ._exceptions import (
+    CircuitOpen,
+    DeadlineExceeded,
+    MeshError,
+    NoHealthyEndpoints,
+    RequestFailed,
+)
 from ._service import ServiceState
 from ._urls import with_endpoint
 from .balance import EndpointState
@@ -146,10 +152,13 @@ class Call:
         "_hedges",
         "_in_flight",
         "_last_failed",
+        "_method",
         "_original_extensions",
         "_original_timeout",
         "_original_url",
         "_tried",
+        "_tried_at",
+        "_why_not",
         "connect_timeout",
         "deadline",
         "hash_key",
@@ -221,7 +230,12 @@ class Call:
             if route is not None and route.hash_key is not None
             else _hash_key(service, request)
         )
+        self._method = request.method
         self._tried: list[str] = []
+        #: ``host:port`` of each attempt, in order (for the error when they all failed)
+        self._tried_at: list[str] = []
+        #: why the last failed attempt was not retried (``_retry_delay``)
+        self._why_not = ""
         self._original_url = request.url
         self._original_timeout = request.extensions.get("timeout")
         self._original_extensions = dict(request.extensions)
@@ -304,6 +318,7 @@ class Call:
     ) -> Attempt:
         endpoint = state.endpoint
         self._tried.append(endpoint.key)
+        self._tried_at.append(endpoint.address)
         self.info.attempts += 1
         self.info.endpoint = endpoint.address
         tls = self._tls(endpoint.meta)
@@ -361,6 +376,13 @@ class Call:
                 f"{self.info.attempts} ({outcome.reason} on {self.info.endpoint})",
                 service=self.service.name,
                 request=exc.request if _has_request(exc) else None,
+            ) from exc
+        if delay is None and not isinstance(exc, MeshError):
+            raise RequestFailed.wrapping(
+                exc,
+                service=self.service.name,
+                endpoints=tuple(self._tried_at),
+                reason=self._why_not,
             ) from exc
         return delay
 
@@ -498,10 +520,21 @@ class Call:
         return False
 
     def _retry_delay(self, outcome: Outcome, retry_after: float | None) -> float | None:
-        if not outcome.retryable or self.retries_left <= 0:
+        """The delay before the next attempt, or None (and ``_why_not`` says why)."""
+        if not outcome.retryable:
+            self._why_not = f"{outcome.reason or 'this outcome'} is not retried"
+            return None
+        if self.retries_left <= 0:
+            self._why_not = "no retries left"
             return None
         if outcome.sent and not (self.may_resend and self.replayable):
-            return None  # the server may have seen it: resending could do it twice
+            # the server may have seen it: resending could do it twice
+            self._why_not = (
+                f"not resent: {self._method} is not idempotent"
+                if not self.may_resend
+                else "not resent: its body cannot be replayed"
+            )
+            return None
         policy = self.service.policy
         retry = self.info.attempts  # the first retry follows attempt 1
         delay = (
@@ -510,9 +543,11 @@ class Call:
             else backoff(retry, policy.retry_backoff, policy.retry_backoff_max)
         )
         if delay >= self.deadline.remaining():
+            self._why_not = "no time left before the deadline for another"
             return None
         if not self.service.budget.try_retry():
             self.telemetry.budget_exhausted()
+            self._why_not = "the retry budget is spent"
             return None
         self.retries_left -= 1
         self.info.retry_reasons.append(outcome.reason)
