@@ -11,9 +11,11 @@ import logging
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import fastapi
@@ -835,6 +837,80 @@ def test_calls_that_bypass_the_mesh_leave_a_span_a_metric_and_an_access_log_line
         ("/whoami", 200),
     ]
     assert [line["error"] for line in lines if line not in mine] == ["ConnectError"]
+
+
+_EARLY = """
+import asyncio, json, socket, sys, httpx, meshlib
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from meshlib.telemetry import prometheus_text
+memory = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(memory))
+trace.set_tracer_provider(provider)
+errors = []
+urls = ["http://nothere.service.consul/x", "http://api.example.com/x", "http://weather/x"]
+with meshlib.Client() as client:
+    for url in urls:
+        try:
+            client.get(url)
+        except meshlib.MeshRequestError as exc:
+            errors.append(type(exc).__qualname__)
+async def main():
+    async with meshlib.AsyncClient() as client:
+        try:
+            await client.get(urls[0])
+        except meshlib.NoHealthyEndpoints as exc:
+            errors.append("async " + type(exc).__qualname__)
+asyncio.run(main())
+spans = [
+    {"name": s.name, "kind": s.kind.name, "status": s.status.status_code.name,
+     **dict(s.attributes or {})}
+    for s in memory.get_finished_spans() if s.kind.name == "CLIENT" and "attempt" not in s.name
+]
+print(json.dumps({"errors": errors, "spans": spans, "metrics": prometheus_text()}))
+"""
+
+
+def test_every_failure_before_an_attempt_ends_in_one_span_and_one_duration() -> None:
+    """An unknown ``.service.consul`` name (refused while classifying, before any Call) and
+    an egress refusal get one CLIENT span with ``error.type`` and one duration each, as an
+    attempt's failure does (the refused connection, for comparison)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        result = _python(
+            _EARLY,
+            MESH_STATIC_SERVICES=f"weather=127.0.0.1:{closed.getsockname()[1]}",
+            MESH_EGRESS="deny",
+            MESH_RETRIES="0",
+        )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["errors"] == [
+        "NoHealthyEndpoints",
+        "EgressDenied",
+        "RequestFailed[ConnectError]",
+        "async NoHealthyEndpoints",
+    ]
+    spans = out["spans"]
+    assert [(s["name"], s.get("error.type"), s["status"]) for s in spans] == [
+        ("GET nothere", "NoHealthyEndpoints", "ERROR"),
+        ("GET", "EgressDenied", "ERROR"),
+        ("GET weather", "ConnectError", "ERROR"),
+        ("GET nothere", "NoHealthyEndpoints", "ERROR"),
+    ]
+    counts = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in out["metrics"].splitlines()
+        if line.startswith("http_client_request_duration_seconds_count{")
+    }
+    by_error = Counter()
+    for labels, count in counts.items():
+        error = labels.split('error_type="', 1)[1].split('"', 1)[0]
+        by_error[error] += count
+    assert by_error == {"NoHealthyEndpoints": 2, "EgressDenied": 1, "ConnectError": 1}, counts
 
 
 _EXEMPLARS = """

@@ -26,6 +26,7 @@ import pytest
 import meshlib
 from backends import Backend, BackendFactory
 from consul_agent import ConsulAgent, ConsulFactory, register, set_checks, unique
+from meshlib.telemetry import prometheus_text
 from polling import wait_until
 
 
@@ -415,8 +416,11 @@ def test_service_defaults_limits_cap_the_requests_in_flight_with_a_clear_error(
             for thread in slow:
                 thread.start()
             wait_until(lambda: server.stats().get("GET", 0) == 3, what="two slow requests")
+            refused_before = _refused_count(service)
             with pytest.raises(meshlib.CircuitOpen) as info:
                 client.get(f"http://{service}/whoami")
+            # refused before any attempt, it is still one observation of the duration
+            assert _refused_count(service) == refused_before + 1
             for thread in slow:
                 thread.join(10)
             assert client.get(f"http://{service}/whoami").status_code == 200  # room again
@@ -425,6 +429,17 @@ def test_service_defaults_limits_cap_the_requests_in_flight_with_a_clear_error(
         assert server.stats()["GET"] == 4  # the refused request never reached the server
     finally:
         consul.delete(f"/v1/config/service-defaults/{caller}")
+
+
+def _refused_count(service: str) -> float:
+    """The client duration's count of requests to ``service`` that ended in CircuitOpen."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in prometheus_text().splitlines()
+        if line.startswith("http_client_request_duration_seconds_count{")
+        and f'service_peer_name="{service}"' in line
+        and 'error_type="CircuitOpen"' in line
+    )
 
 
 def test_service_defaults_max_connections_queue_requests_and_max_pending_fails_fast(

@@ -143,8 +143,12 @@ class RequestFailed(MeshRequestError):
         """The ``RequestFailed`` for ``error``, an instance of ``error``'s class too."""
         kind = _KINDS.get(type(error))
         if kind is None:
-            name = f"RequestFailed[{type(error).__name__}]"
-            kind = _KINDS.setdefault(type(error), type(name, (cls, type(error)), {}))
+            # named as the httpx class (metrics' and spans' error.type, access logs and
+            # code reading type(e).__name__ see "ConnectError" as before); a traceback
+            # shows the qualified name, RequestFailed[ConnectError]
+            name = type(error).__name__
+            namespace = {"__qualname__": f"RequestFailed[{name}]", "__module__": __name__}
+            kind = _KINDS.setdefault(type(error), type(name, (cls, type(error)), namespace))
         count = len(endpoints)
         tried = ", ".join(dict.fromkeys(endpoints))
         detail = str(error) or type(error).__name__

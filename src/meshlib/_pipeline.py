@@ -4,9 +4,16 @@ The sync and async transports (client.py) are thin loops around ``Call``: they a
 an attempt, do the I/O, tell it what happened, and sleep as long as it says. Every policy
 decision lives here, once. The stages, outermost first, and why they sit where they do:
 
-1. **classify** (``Mesh.lookup``, before a Call exists): only mesh services get a Call;
-   other hosts pass the egress policy and go through untouched but for their telemetry
-   (``OutboundTelemetry.external`` in the transports: a span, the duration, a log line).
+1. **classify, route, limits** (before a Call exists, in the transports):
+   ``Mesh.lookup`` (waiting once for discovery of a service never called), then only mesh
+   services go on; other hosts pass the egress policy and go through untouched but for
+   their telemetry (``OutboundTelemetry.external``: a span, the duration, a log line).
+   ``Mesh.route`` follows the discovery chain (router, splitter, resolver: the target
+   and the route's timeout and retry settings the Call takes over) and applies Consul's
+   ``MaxConcurrentRequests``; ``Mesh.pending`` its ``MaxConnections`` /
+   ``MaxPendingRequests``. A refusal there (``NoHealthyEndpoints``, ``CircuitOpen``) is
+   recorded as any failure is, one CLIENT span and one duration observation
+   (``OutboundTelemetry.failed_early``).
 2. **deadline** (``Call.__init__``): one budget for the whole logical request, capped by the
    deadline of the inbound request being served, so no retry or backoff can outlive it.
    It is checked before every attempt and sent downstream with each. An attempt cut short
@@ -40,8 +47,8 @@ decision lives here, once. The stages, outermost first, and why they sit where t
 **telemetry** wraps the whole Call (``telemetry/_outbound.py``): it is created first, so
 its duration and span cover every attempt and backoff, hears of each attempt as it starts
 and ends (attempt spans, ``traceparent``), and records the logical request in the
-transports' ``finally``, whatever ended it. Route and split (traffic management) slot in
-between deadline and balance; their hooks arrive with those features.
+transports' ``finally``, whatever ended it. When the Call gives up on a failed attempt,
+its error is the attempt's own, wrapped to say what was tried (``RequestFailed``).
 """
 
 from __future__ import annotations

@@ -81,20 +81,26 @@ class MeshTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
-        service = self.mesh.lookup(request.url.host)
-        if isinstance(service, Pending):
-            self.mesh.discovery.wait(service.service, self.mesh.wait_timeout())
-            service = self.mesh.resolve(service)
+        started = time.perf_counter()
+        try:
+            service = self.mesh.lookup(request.url.host)
+            if isinstance(service, Pending):
+                self.mesh.discovery.wait(service.service, self.mesh.wait_timeout())
+                service = self.mesh.resolve(service)
+            if service is not None:
+                service, route = self.mesh.route(service, request)
+                ticket = self.mesh.pending(service, request)
+                if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
+                    try:
+                        while not ticket.ready():
+                            time.sleep(PENDING_POLL)
+                    finally:
+                        ticket.leave()
+        except MeshRequestError as exc:  # refused before the Call (which records the rest)
+            OutboundTelemetry.failed_early(request, exc, started)
+            raise
         if service is None:
             return self._bypass(request)
-        service, route = self.mesh.route(service, request)
-        ticket = self.mesh.pending(service, request)
-        if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
-            try:
-                while not ticket.ready():
-                    time.sleep(PENDING_POLL)
-            finally:
-                ticket.leave()
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
             return self._hedged(call, request)
@@ -234,22 +240,28 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
-        service = self.mesh.lookup(request.url.host)
-        if isinstance(service, Pending):
-            await anyio.to_thread.run_sync(
-                self.mesh.discovery.wait, service.service, self.mesh.wait_timeout()
-            )
-            service = self.mesh.resolve(service)
+        started = time.perf_counter()
+        try:
+            service = self.mesh.lookup(request.url.host)
+            if isinstance(service, Pending):
+                await anyio.to_thread.run_sync(
+                    self.mesh.discovery.wait, service.service, self.mesh.wait_timeout()
+                )
+                service = self.mesh.resolve(service)
+            if service is not None:
+                service, route = self.mesh.route(service, request)
+                ticket = self.mesh.pending(service, request)
+                if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
+                    try:
+                        while not ticket.ready():
+                            await anyio.sleep(PENDING_POLL)
+                    finally:
+                        ticket.leave()
+        except MeshRequestError as exc:  # refused before the Call (which records the rest)
+            OutboundTelemetry.failed_early(request, exc, started)
+            raise
         if service is None:
             return await self._bypass(request)
-        service, route = self.mesh.route(service, request)
-        ticket = self.mesh.pending(service, request)
-        if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
-            try:
-                while not ticket.ready():
-                    await anyio.sleep(PENDING_POLL)
-            finally:
-                ticket.leave()
         call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
             return await self._hedged(call, request)

@@ -71,6 +71,7 @@ from ._state import STATE
 
 if TYPE_CHECKING:
     from .._call_info import CallInfo
+    from .._exceptions import MeshRequestError
     from .._service import ServiceState
     from ..discovery import Endpoint
     from ..resilience._retry import Outcome
@@ -101,10 +102,14 @@ class OutboundTelemetry:
         "_version",
     )
 
-    def __init__(self, service: str, request: httpx.Request) -> None:
+    def __init__(
+        self, service: str, request: httpx.Request, *, started: float | None = None
+    ) -> None:
         """Start timing (and the CLIENT span of) ``request`` to mesh ``service`` (empty:
-        a request that bypasses the mesh; see ``external``)."""
-        self._start = time.perf_counter()
+        a request that bypasses the mesh; see ``external``). ``started``: when the request
+        began (``time.perf_counter()``), if before now (``failed_early``)."""
+        now = time.perf_counter()
+        self._start = now if started is None else started
         self._service = service
         self._method = request.method
         self._version = ""
@@ -138,9 +143,17 @@ class OutboundTelemetry:
                 f"{self._method} {service}" if service else self._method,
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
+                start_time=None if started is None else time.time_ns() - int((now - started) * 1e9),
             )
         except Exception:
             logger.exception("outbound telemetry failed")
+
+    @classmethod
+    def failed_early(cls, request: httpx.Request, error: MeshRequestError, started: float) -> None:
+        """``request`` to ``error.service`` failed before any attempt could start (its
+        discovery, routing or a limit refused it): one CLIENT span with ``error.type`` and
+        one duration observation since ``started``, as for every other failure."""
+        cls(error.service, request, started=started).finish(None, None, error)
 
     @classmethod
     def external(cls, request: httpx.Request) -> OutboundTelemetry:
