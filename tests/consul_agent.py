@@ -38,6 +38,10 @@ and returns the token's secret;
 (``service:<id>``) and waits until the catalog shows it; ``set_checks(agent, service,
 statuses)`` sets TTL checks passing, warning or critical through the agent and waits until
 Consul's health API shows them; ``unique(prefix)`` makes a service name no other test uses.
+
+``ConsulAgent(binary, https=True, extra_args=[tls hcl])`` also opens the HTTPS API on a free
+port (``agent.https_port``), the TLS files given as ``-hcl=tls { defaults { ... } }``; its
+HTTP port stays open for the helpers above (set-up and readiness, with the management token).
 """
 
 from __future__ import annotations
@@ -91,8 +95,11 @@ class ConsulAgent:
         log_dir: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
         acl: bool = False,
+        https: bool = False,
     ) -> None:
         self.binary = binary
+        #: whether the HTTPS API is on (its TLS files given in ``extra_args``)
+        self.https = https
         #: with ACLs on (default deny): the initial management token, sent by get/put/delete
         self.management_token = str(uuid.uuid4()) if acl else None
         self.datacenter = datacenter
@@ -121,6 +128,11 @@ class ConsulAgent:
     def url(self) -> str:
         """``http://127.0.0.1:PORT``."""
         return f"http://{self.http_addr}"
+
+    @property
+    def https_port(self) -> int:
+        """The HTTPS API port (``https=True``; picked at the first start)."""
+        return self.ports["https"]
 
     @property
     def serf_wan_addr(self) -> str:
@@ -152,7 +164,8 @@ class ConsulAgent:
         hung = 0
         for attempt in range(1, _BIND_ATTEMPTS + 1):
             if first:
-                self.ports = {name: _free_port(udp=name in _UDP_TOO) for name in _PORT_NAMES}
+                names = (*_PORT_NAMES, "https") if self.https else _PORT_NAMES
+                self.ports = {name: _free_port(udp=name in _UDP_TOO) for name in names}
             try:
                 self._launch(timeout)
             except _StartHung:
@@ -253,7 +266,7 @@ class ConsulAgent:
             f"-http-port={p['http']}",
             f"-grpc-port={p['grpc']}",
             "-grpc-tls-port=-1",
-            "-https-port=-1",
+            f"-https-port={p['https'] if self.https else -1}",
             "-dns-port=-1",
             f"-serf-lan-port={p['serf_lan']}",
             f"-serf-wan-port={p['serf_wan']}",

@@ -52,7 +52,11 @@ class Served:
         return f"127.0.0.1:{self.admin_port}"
 
     def start(self) -> Served:
-        env = {**os.environ, **self.env, "PYTHONPATH": str(APPS)}
+        # the apps first, then the caller's PYTHONPATH: a checkout run with PYTHONPATH=src
+        # serves its own meshlib, not the one installed
+        inherited = os.environ.get("PYTHONPATH")
+        path = os.pathsep.join([str(APPS), inherited] if inherited else [str(APPS)])
+        env = {**os.environ, **self.env, "PYTHONPATH": path}
         self.output.clear()
         self.proc = subprocess.Popen(
             [

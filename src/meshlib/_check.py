@@ -16,6 +16,7 @@ import httpx
 
 from ._config import ConsulSettings, MeshConfig, ServicePolicy
 from ._exceptions import ConfigError
+from .consul import client_options, request_extensions
 from .security import security_for
 
 __all__ = ["Check", "run_checks", "settings_table"]
@@ -59,14 +60,13 @@ def _tls(config: MeshConfig) -> Check:
 
 
 def _consul(settings: ConsulSettings, timeout: float) -> Iterator[Check]:
-    headers = {"X-Consul-Token": settings.token} if settings.token else {}
-    verify: bool | str = settings.cacert or settings.verify
+    # the client every feature uses: the same token, CA, client certificate and server name
+    options = client_options(settings, timeout=httpx.Timeout(timeout))
+    extensions = request_extensions(settings)
     try:
-        with httpx.Client(
-            base_url=settings.address, headers=headers, timeout=timeout, verify=verify
-        ) as client:
-            leader = client.get("/v1/status/leader")
-            token = client.get("/v1/acl/token/self")
+        with httpx.Client(**options) as client:
+            leader = client.get("/v1/status/leader", extensions=extensions)
+            token = client.get("/v1/acl/token/self", extensions=extensions)
     except httpx.HTTPError as exc:
         yield Check(
             "consul", False, f"cannot reach {settings.address} ({exc}): check CONSUL_HTTP_ADDR"

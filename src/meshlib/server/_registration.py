@@ -1,12 +1,14 @@
 """Registering this instance with the local Consul agent, and removing it again.
 
-Uses py-consul (its agent API covers registration with a check). The registration carries
-what the rest of the mesh reads: the address and port actually served, ``Meta.version``
-(subsets and canaries select on it), tags, ``Connect: {Native: true}`` (a meshlib server
-speaks the mesh's mTLS itself, so Consul's own proxies may call it directly), and an HTTP
-check on ``/mesh/health`` of the admin listener (plaintext, so it works under strict mTLS)
-with ``DeregisterCriticalServiceAfter`` so an instance that crashed without deregistering is
-removed by Consul itself.
+Uses py-consul (its agent API covers registration with a check), set up to reach the agent
+as every other feature does (``_client``: the token, CA and client certificate of
+``ConsulSettings``, and the TLS server name, which requests cannot set by itself). The
+registration carries what the rest of the mesh reads: the address and port actually served,
+``Meta.version`` (subsets and canaries select on it), tags, ``Connect: {Native: true}`` (a
+meshlib server speaks the mesh's mTLS itself, so Consul's own proxies may call it directly),
+and an HTTP check on ``/mesh/health`` of the admin listener (plaintext, so it works under
+strict mTLS) with ``DeregisterCriticalServiceAfter`` so an instance that crashed without
+deregistering is removed by Consul itself.
 
 ``follow`` keeps the registration true: a blocking query on the service's catalog entry
 (on the process's one Consul watcher) notices when Consul forgets the instance, as a dev
@@ -23,6 +25,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import consul
+from requests.adapters import DEFAULT_POOLBLOCK, HTTPAdapter
 
 from .. import __version__
 from .._acl import Refused, refusal
@@ -147,10 +150,12 @@ class Registration:
 
 
 def _client(settings: ConsulSettings) -> Any:
+    """A py-consul client speaking to the agent as ``meshlib.consul.client_options`` does:
+    the same token, CA, client certificate and TLS server name."""
     parts = urlsplit(settings.address)
-    verify: bool | str = settings.cacert or settings.verify
+    verify: bool | str = (settings.cacert or True) if settings.verify else False
     cert = (settings.client_cert, settings.client_key) if settings.client_cert else None
-    return consul.Consul(
+    client = consul.Consul(
         host=parts.hostname or "127.0.0.1",
         port=parts.port or 8500,
         scheme=parts.scheme,
@@ -158,6 +163,34 @@ def _client(settings: ConsulSettings) -> Any:
         verify=verify,
         cert=cert,
     )
+    # py-consul prefers the environment's CONSUL_HTTP_TOKEN to the token it is given, even
+    # an empty one (set, with the token in CONSUL_HTTP_TOKEN_FILE): the settings decide.
+    client.token = settings.token
+    if parts.scheme == "https" and settings.tls_server_name:
+        client.http.session.mount("https://", _ServerName(settings.tls_server_name))
+    return client
+
+
+class _ServerName(HTTPAdapter):
+    """A requests adapter whose TLS connections send and verify ``server_name``.
+
+    requests has no setting for the TLS server name (the agent's certificate names
+    ``consul.example.internal`` while ``CONSUL_HTTP_ADDR`` is ``https://127.0.0.1:8501``),
+    and py-consul passes none through; urllib3 2 takes it as pool keywords:
+    ``server_hostname`` is sent as SNI, ``assert_hostname`` is the name the certificate
+    must carry. The CA and client certificate still come per request (``verify``, ``cert``).
+    """
+
+    def __init__(self, server_name: str) -> None:
+        self.server_name = server_name
+        super().__init__()
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = DEFAULT_POOLBLOCK, **pool_kwargs: Any
+    ) -> None:
+        """requests' pool manager, with the server name in every pool's keywords."""
+        pool_kwargs.update(server_hostname=self.server_name, assert_hostname=self.server_name)
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
 
 
 def _go_duration(seconds: float) -> str:
