@@ -284,9 +284,9 @@ class WeatherSystem:
     @contextlib.contextmanager
     def _consul_client(self) -> Iterator[Any]:
         """A py-consul client of the agent at CONSUL_HTTP_ADDR."""
-        from ..server._registration import _client
+        from ..server._py_consul import agent_client
 
-        client = _client(self._consul_settings())
+        client = agent_client(self._consul_settings())
         try:
             yield client
         finally:

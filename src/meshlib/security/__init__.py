@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .._config import MeshConfig
 from .._exceptions import ConfigError
@@ -17,10 +18,11 @@ from ._authz import Authorizer, Decision, LocalAuthorizer
 from ._contexts import TlsContexts
 from ._egress import EgressPolicy
 from ._intentions import ChainAuthorizer, ConsulAuthorizer
-from ._local_ca import LocalCA, UnsafeCADirectory
 from ._material import LocalSource, MaterialSource, SignerSource, TlsMaterial
-from ._signer import SignerError
 from ._spiffe import NoServiceIdentity, SpiffeId, from_peercert
+
+if TYPE_CHECKING:
+    from ._local_ca import LocalCA
 
 __all__ = [
     "Authorizer",
@@ -35,6 +37,17 @@ __all__ = [
     "from_peercert",
     "security_for",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``LocalCA`` on first use: it imports ``cryptography`` (some 8 MiB), which a process
+    without mesh TLS never needs (docs/performance.md, row 5)."""
+    if name == "LocalCA":
+        from ._local_ca import LocalCA
+
+        return LocalCA
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 logger = logging.getLogger("meshlib.authz")
 tls_logger = logging.getLogger("meshlib.tls")
@@ -101,6 +114,8 @@ def _source(config: MeshConfig) -> MaterialSource:
         assert config.consul is not None
         return ConsulSource(config.consul, config.service_name)
     if config.tls_ca == "signer":
+        from ._signer import SignerError
+
         try:
             return SignerSource(
                 config.tls_signer, config.service_name, config.datacenter, config.tls_leaf_ttl
@@ -114,6 +129,8 @@ def _source(config: MeshConfig) -> MaterialSource:
         "MESH_TLS_CA=local: this process signs its own leaf with the CA's root key, so it "
         "could sign any identity (development only; use MESH_TLS_CA=signer)"
     )
+    from ._local_ca import LocalCA, UnsafeCADirectory
+
     ca = LocalCA(Path(config.tls_dir).expanduser())
     try:
         info = ca.load_info()

@@ -22,13 +22,15 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from cryptography import x509
-
-from ._local_ca import LocalCA, issue_leaf
-from ._signer import request_leaf, request_status
 from ._spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from ._local_ca import LocalCA
+
+# cryptography (through _local_ca and _signer) is imported where a leaf is made or read,
+# not with this module: a process without mesh TLS never loads it (some 8 MiB).
 
 __all__ = [
     "Issuer",
@@ -104,6 +106,8 @@ class LocalIssuer:
     def issue(self, identity: SpiffeId, ttl: dt.timedelta) -> TlsMaterial:
         """Sign a leaf with the root key."""
         signer, key, bundle = self.ca.signer()
+        from ._local_ca import issue_leaf
+
         cert_pem, key_pem, not_after = issue_leaf(signer, key, identity, ttl)
         return TlsMaterial(identity, cert_pem, key_pem, bundle, not_after)
 
@@ -118,6 +122,8 @@ class SignerIssuer:
 
     def fingerprint(self) -> tuple[object, ...]:
         """The signer's trust domain, bundle and signing root (one request)."""
+        from ._signer import request_status
+
         status = request_status(self.path)
         self._switch = float(status.get("switch") or 0.0)
         return (status["trust_domain"], status["roots"], status.get("signer"), self._switch)
@@ -128,6 +134,8 @@ class SignerIssuer:
 
     def issue(self, identity: SpiffeId, ttl: dt.timedelta) -> TlsMaterial:
         """Send a CSR for a new key; the signer decides whether this process may hold it."""
+        from ._signer import request_leaf
+
         cert_pem, key_pem, roots_pem, not_after = request_leaf(
             self.path, identity.service, identity.datacenter, ttl.total_seconds()
         )
@@ -180,6 +188,8 @@ class RenewingSource:
 
     def _renew_at(self) -> dt.datetime:
         # From the leaf itself: a signer may have granted less than ``ttl``.
+        from cryptography import x509
+
         start = x509.load_pem_x509_certificate(self._material.cert_pem).not_valid_before_utc
         return start + (self._material.not_after - start) * 2 / 3
 

@@ -22,10 +22,7 @@ import os
 import socket
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, urlsplit
-
-import consul
-from requests.adapters import DEFAULT_POOLBLOCK, HTTPAdapter
+from urllib.parse import quote
 
 from .. import __version__
 from .._acl import Refused, refusal
@@ -77,7 +74,11 @@ class Registration:
             meta["version"] = config.service_version
         self._meta = meta
         self._tags = list(config.service_tags)
-        self._client = _client(settings)
+        # py-consul (and requests under it, some 6 MiB) loads only in a process that
+        # registers, not in every process that imports meshlib
+        from ._py_consul import agent_client
+
+        self._client = agent_client(settings)
         self._settings = settings
         self._following: tuple[Engine, Callable[[], None]] | None = None
         #: the process that registers and deregisters: a pre-forking server's workers
@@ -88,6 +89,8 @@ class Registration:
         """Register (idempotent: the same ID replaces the previous registration)."""
         if os.getpid() != self._owner:
             return
+        from consul import ACLPermissionDenied
+
         try:
             self._client.agent.service.register(
                 self.service,
@@ -99,7 +102,7 @@ class Registration:
                 check=self._check,
                 connect={"Native": True},
             )
-        except consul.ACLPermissionDenied as exc:
+        except ACLPermissionDenied as exc:
             raise Refused(refusal(403, str(exc))) from None
         logger.info("registered %s in Consul as %s", self.service, self.service_id)
 
@@ -147,50 +150,6 @@ class Registration:
             stop()
             engine.release()
         self._client.http.session.close()
-
-
-def _client(settings: ConsulSettings) -> Any:
-    """A py-consul client speaking to the agent as ``meshlib.consul.client_options`` does:
-    the same token, CA, client certificate and TLS server name."""
-    parts = urlsplit(settings.address)
-    verify: bool | str = (settings.cacert or True) if settings.verify else False
-    cert = (settings.client_cert, settings.client_key) if settings.client_cert else None
-    client = consul.Consul(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 8500,
-        scheme=parts.scheme,
-        token=settings.token,
-        verify=verify,
-        cert=cert,
-    )
-    # py-consul prefers the environment's CONSUL_HTTP_TOKEN to the token it is given, even
-    # an empty one (set, with the token in CONSUL_HTTP_TOKEN_FILE): the settings decide.
-    client.token = settings.token
-    if parts.scheme == "https" and settings.tls_server_name:
-        client.http.session.mount("https://", _ServerName(settings.tls_server_name))
-    return client
-
-
-class _ServerName(HTTPAdapter):
-    """A requests adapter whose TLS connections send and verify ``server_name``.
-
-    requests has no setting for the TLS server name (the agent's certificate names
-    ``consul.example.internal`` while ``CONSUL_HTTP_ADDR`` is ``https://127.0.0.1:8501``),
-    and py-consul passes none through; urllib3 2 takes it as pool keywords:
-    ``server_hostname`` is sent as SNI, ``assert_hostname`` is the name the certificate
-    must carry. The CA and client certificate still come per request (``verify``, ``cert``).
-    """
-
-    def __init__(self, server_name: str) -> None:
-        self.server_name = server_name
-        super().__init__()
-
-    def init_poolmanager(
-        self, connections: int, maxsize: int, block: bool = DEFAULT_POOLBLOCK, **pool_kwargs: Any
-    ) -> None:
-        """requests' pool manager, with the server name in every pool's keywords."""
-        pool_kwargs.update(server_hostname=self.server_name, assert_hostname=self.server_name)
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
 
 
 def _go_duration(seconds: float) -> str:
