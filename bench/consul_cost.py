@@ -192,8 +192,8 @@ def idle_cost(quick: bool) -> tuple[list[Line], dict[str, Any]]:
             "5",
             "RSS added: import + runtime, 50 watches",
             f"{added:.1f} MiB (import {imported:.1f})",
-            "≤ 25 MiB",
-            added <= 25,
+            "≤ 15 MiB",
+            added <= 15,
         ),
         Line(
             "5",
