@@ -7,8 +7,10 @@ keeps them one source in substance: the async function's syntax tree, with ``awa
 dropped, ``async def`` read as ``def`` and the async names mapped to their sync ones, must
 equal the sync one's.
 
-The hedged loops are the exception, by design: the sync one races attempts on worker
-threads (``_Race``), the async one in a task group; their shared decisions are the Call's.
+The same holds for the server-identity check that runs in httpcore's trace hook
+(``security/_verify.py``). The hedged loops are the exception, by design: the sync one
+races attempts on worker threads (``_Race``), the async one in a task group; their shared
+decisions are the Call's.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from typing import Any
 import pytest
 
 from meshlib import client
+from meshlib.security import _verify
 
 #: async name -> its sync twin's name
 _NAMES = {
     "handle_async_request": "handle_request",
     "AsyncBaseTransport": "BaseTransport",
     "_aread_within_attempt": "_read_within_attempt",
+    "async_identity_check": "identity_check",
+    "AsyncTrace": "Trace",
     "aclose": "close",
     "aread": "read",
     "anyio": "time",
@@ -38,6 +43,7 @@ PAIRS = [
     (client.MeshTransport._bypass, client.AsyncMeshTransport._bypass),
     (client.MeshTransport._pool, client.AsyncMeshTransport._pool),
     (client._read_within_attempt, client._aread_within_attempt),
+    (_verify.identity_check, _verify.async_identity_check),
 ]
 
 
