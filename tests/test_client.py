@@ -197,6 +197,7 @@ def test_each_ejection_and_readmission_is_one_log_line(
 def test_an_ejected_endpoint_that_answers_well_again_is_readmitted_at_once(
     backends: BackendFactory, env: pytest.MonkeyPatch
 ) -> None:
+    from meshlib._runtime import live_meshes
     from meshlib._status import render, status_report
 
     only = backends("only")
@@ -207,11 +208,11 @@ def test_an_ejected_endpoint_that_answers_well_again_is_readmitted_at_once(
     with meshlib.Client() as client:
         for _ in range(2):
             assert client.get("http://lonely/whoami").status_code == 500
-        (endpoint,) = status_report()["services"]["lonely"]["endpoints"]
+        (endpoint,) = status_report(live_meshes())["services"]["lonely"]["endpoints"]
         assert endpoint["ejected_for_s"] > 50  # ejected; still used (panic mode: no other)
         only.set_mode(status=None)
         assert client.get("http://lonely/whoami").status_code == 200
-        report = status_report()
+        report = status_report(live_meshes())
     (endpoint,) = report["services"]["lonely"]["endpoints"]
     assert endpoint["ejected_for_s"] == 0  # it answered well: not "ejected 59.9s" any more
     assert "1/1 usable" in render(report)

@@ -174,7 +174,7 @@ def test_when_every_check_fails_at_once_requests_still_reach_the_instances(
         wait_until(lambda: len(state.unhealthy) == 3, what="every check failing")
         served = [client.get(f"http://{service}/whoami").text for _ in range(30)]
         assert sorted(set(served)) == ["b0", "b1", "b2"]
-        report = status_report()
+        report = status_report(live_meshes())
         assert [e["healthy"] for e in report["services"][service]["endpoints"]] == [False] * 3
         assert render(report).count("failing checks") == 3
 

@@ -28,6 +28,7 @@ import httpx
 from ._config import MeshConfig, ServicePolicy
 from ._exceptions import CircuitOpen, ConfigError, NoHealthyEndpoints
 from ._service import ServiceState
+from ._status import status_report
 from .discovery import Discovery, Endpoint, Snapshot, StaticDiscovery, make_discovery
 from .discovery._consul import TargetKey
 from .resilience._pending import PendingRequests, Ticket
@@ -39,6 +40,8 @@ from .routing._propagate import carry
 from .routing._sticky import request_key
 from .routing._upstream import UpstreamConfig, parse_upstream_config
 from .security import security_for
+from .telemetry._admin import report_status
+from .telemetry._instruments import report_service_states
 
 __all__ = ["Mesh", "Pending", "live_meshes", "reset"]
 
@@ -473,6 +476,12 @@ _registry_lock = threading.Lock()
 def live_meshes() -> list[Mesh]:
     """The process's runtimes still open (what its metrics and ``/mesh/status`` report)."""
     return [mesh for mesh in list(_registry) if not mesh._closed]
+
+
+report_service_states(
+    lambda: [state for mesh in live_meshes() for state in mesh.services().values()]
+)
+report_status(lambda: status_report(live_meshes()))
 
 
 def reset() -> None:

@@ -11,20 +11,31 @@ application answers it: ``/mesh/status`` on the process's admin listener
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
+from ._config import MeshConfig
+from ._service import ServiceState
 from ._version import __version__
 
 __all__ = ["render", "status_report"]
 
 
-def status_report() -> dict[str, Any]:
-    """The services every live mesh runtime of this process calls, with their endpoints."""
-    from ._runtime import live_meshes  # imported late: the runtime imports telemetry
+class Runtime(Protocol):
+    """What the report reads of a mesh runtime (``_runtime.Mesh``)."""
 
+    config: MeshConfig
+
+    def services(self) -> Mapping[str, ServiceState]:
+        """The destinations it has called, by name."""
+        ...
+
+
+def status_report(meshes: Iterable[Runtime]) -> dict[str, Any]:
+    """The services the process's live mesh runtimes (``meshes``) call, with endpoints."""
     now = time.monotonic()
     services: dict[str, Any] = {}
-    for mesh in live_meshes():
+    for mesh in meshes:
         for name, state in sorted(mesh.services().items()):
             endpoints = []
             listed = [(s, True) for s in state.endpoints] + [(s, False) for s in state.unhealthy]

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 import meshlib
+from meshlib._runtime import live_meshes
 from meshlib._status import status_report
 
 app = FastAPI()
@@ -32,4 +33,4 @@ async def relay(ms: int = 150) -> Any:
 
 @app.get("/upstream-state")
 async def upstream_state() -> Any:
-    return status_report()["services"].get("upstream")
+    return status_report(live_meshes())["services"].get("upstream")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._config import MeshConfig
 from .._exceptions import ConfigError
+from ..telemetry._instruments import report_certificates
 from ._authz import Authorizer, Decision, LocalAuthorizer
 from ._contexts import TlsContexts
 from ._egress import EgressPolicy
@@ -157,6 +158,18 @@ def security_for(config: MeshConfig) -> Security:
         security = Security(config)
         _registry.append(security)
         return security
+
+
+def _certificates() -> list[tuple[str, float]]:
+    """(service, expiry) of each certificate in use: the newest, swapped in on rotation."""
+    return [
+        (s.tls.material.identity.service, s.tls.material.not_after.timestamp())
+        for s in list(_registry)
+        if s.tls is not None
+    ]
+
+
+report_certificates(_certificates)
 
 
 def reset() -> None:

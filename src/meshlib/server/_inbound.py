@@ -51,6 +51,7 @@ from typing import NamedTuple
 from .. import __version__
 from .._config import MeshConfig
 from .._logsafe import escaped
+from .._runtime import live_meshes
 from .._status import status_report
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
@@ -220,7 +221,8 @@ class Inbound:
                 return json_response(
                     403, {"error": "/mesh/status lists internal addresses: loopback callers only"}
                 )
-            return json_response(200, {**status_report(), "inbound": self.controls()})
+            report = status_report(live_meshes())
+            return json_response(200, {**report, "inbound": self.controls()})
         return json_response(404, {"error": f"no mesh route {path}"})
 
     def controls(self) -> dict[str, object]:

@@ -189,6 +189,16 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # probes and scrapes are not worth a log line each
 
 
+#: What ``/mesh/status`` answers: registered by the runtime as it loads (``_runtime``), so
+#: telemetry imports nothing above it.
+_STATUS: list[Callable[[], dict[str, Any]]] = []
+
+
+def report_status(source: Callable[[], dict[str, Any]]) -> None:
+    """Answer ``/mesh/status`` with ``source()`` (``_status.status_report`` of the meshes)."""
+    _STATUS.append(source)
+
+
 def client_routes(path: str, peer: str | None) -> tuple[int, list[tuple[str, str]], bytes]:
     """The admin routes of a process that serves no app."""
     if path == "/mesh/metrics":
@@ -196,9 +206,8 @@ def client_routes(path: str, peer: str | None) -> tuple[int, list[tuple[str, str
     if path == "/mesh/status":
         if not is_loopback(peer):
             return _json(403, {"error": "/mesh/status lists internal addresses: loopback only"})
-        from .._status import status_report  # imported late, as _status does the runtime
-
-        return _json(200, status_report())
+        report = _STATUS[-1]() if _STATUS else {"meshlib": __version__, "services": {}}
+        return _json(200, report)
     if path in ("/mesh/health", "/mesh/health/live", "/mesh/health/ready"):
         return _json(200, {"status": "alive", "meshlib": __version__})
     return _json(404, {"error": f"no mesh route {path}"})

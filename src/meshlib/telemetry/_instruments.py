@@ -9,7 +9,7 @@ end carry unbounded labels (endpoint addresses, URL paths): they are recorded on
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from opentelemetry.semconv.metrics.http_metrics import (
@@ -195,12 +195,28 @@ CLIENT_EJECTIONS = REGISTRY.counter(
 )
 
 
-def _services() -> Iterator[tuple[str, ServiceState]]:
-    from .._runtime import live_meshes  # imported late: no cycle
-    from ._state import STATE
+#: Where the gauges read the process's state, registered by the state's owners as they
+#: load (``_runtime``: the destinations of its live meshes; ``security``: the certificates
+#: in use), so telemetry imports nothing above it.
+_SERVICE_STATES: list[Callable[[], Iterable[ServiceState]]] = []
+_CERTIFICATES: list[Callable[[], Iterable[tuple[str, float]]]] = []
 
-    for mesh in live_meshes():
-        for state in mesh.services().values():
+
+def report_service_states(source: Callable[[], Iterable[ServiceState]]) -> None:
+    """Let the client gauges read ``source()``: the destinations' states, when scraped."""
+    _SERVICE_STATES.append(source)
+
+
+def report_certificates(source: Callable[[], Iterable[tuple[str, float]]]) -> None:
+    """Let the certificate gauge read ``source()``: (service, expiry timestamp) pairs."""
+    _CERTIFICATES.append(source)
+
+
+def _services() -> Iterator[tuple[str, ServiceState]]:
+    from ._state import STATE  # imported late: no cycle
+
+    for source in _SERVICE_STATES:
+        for state in source():
             yield STATE.source, state
 
 
@@ -253,13 +269,9 @@ CLIENT_IN_FLIGHT = REGISTRY.gauge(
 
 
 def _certificates() -> Iterator[tuple[Labels, float]]:
-    from ..security import _registry as securities  # imported late: no cycle
-
-    for security in list(securities):
-        tls = security.tls
-        if tls is not None:
-            material = tls.material  # the newest, swapped in on every rotation
-            yield (material.identity.service,), material.not_after.timestamp()
+    for source in _CERTIFICATES:
+        for service, expiry in source():
+            yield (service,), expiry
 
 
 CERTIFICATE_EXPIRY = REGISTRY.gauge(

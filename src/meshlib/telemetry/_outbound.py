@@ -71,9 +71,9 @@ from ._state import STATE
 
 if TYPE_CHECKING:
     from .._call_info import CallInfo
+    from .._endpoint import Endpoint
     from .._exceptions import MeshRequestError
     from .._service import ServiceState
-    from ..discovery import Endpoint
     from ..resilience._retry import Outcome
 
 __all__ = ["OutboundTelemetry", "exemplar", "span_ids"]
