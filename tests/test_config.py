@@ -460,3 +460,67 @@ def test_a_planted_token_never_appears_in_what_real_processes_write(
         assert output.strip(), run
         assert PLANTED not in output, f"{run} wrote the token:\n{output}"
         assert PLANTED[:8] not in output, f"{run} wrote part of the token:\n{output}"
+
+
+# ----------------------------------------------------------------------------- one table
+
+#: MeshConfig fields load_config sets by a rule of its own, not straight from one row
+_DERIVED = {
+    "service_name",  # MESH_SERVICE_NAME, else OTEL_SERVICE_NAME
+    "discovery",  # consul when CONSUL_HTTP_ADDR is set
+    "static_services",
+    "tls_ca",  # consul with Consul discovery
+    "admin_addr",  # MESH_ADMIN_ADDR or its old name
+    "consul",  # the CONSUL_* rows together
+    "faults",  # the MESH_FAULT_* rows together
+    "defaults",  # the per-service rows
+    "overrides",
+}
+
+
+def _shown(value: object) -> set[str]:
+    """How the docs table may write a typed default."""
+    if isinstance(value, bool) or value is None:
+        return set()  # said in words ("unset (no limit)", "any caller")
+    if isinstance(value, tuple | frozenset) and not value:
+        return {"none", "empty"}
+    if isinstance(value, float) and math.isinf(value):
+        return {"ignore"}
+    if isinstance(value, float):
+        texts = {f"{value * 100:g}%"}
+        for unit, seconds in (("h", 3600), ("m", 60), ("s", 1), ("ms", 0.001)):
+            if value and (value / seconds) == int(value / seconds):
+                texts.add(f"{int(value / seconds)}{unit}")
+        return texts | ({"off"} if value == 0 else set())
+    return {str(value), f"`{value}`"}
+
+
+def test_each_row_sets_one_field_and_its_docs_default_is_the_fields_default() -> None:
+    import dataclasses
+
+    from meshlib._config import VARIABLES, MeshConfig, ServicePolicy
+
+    config_fields = {f.name: f for f in dataclasses.fields(MeshConfig)}
+    set_by_rows: set[str] = set()
+    for var in VARIABLES:
+        if not var.field:
+            continue
+        if var.per_service:
+            typed = getattr(ServicePolicy(), var.field)
+        else:
+            assert var.field in config_fields, var.name
+            assert var.field not in set_by_rows, f"{var.field} set by two rows"
+            set_by_rows.add(var.field)
+            field = config_fields[var.field]
+            typed = (
+                field.default
+                if field.default is not dataclasses.MISSING
+                else field.default_factory()  # type: ignore[misc]
+            )
+        shown = _shown(typed)
+        if shown:  # a value, not a word: the table must say that very value
+            assert var.default.split(" ", 1)[0] in shown, (var.name, var.default, typed)
+    # every field is either a row's or one load_config derives: a new field needs a row
+    assert set(config_fields) == set_by_rows | _DERIVED, set(config_fields) ^ (
+        set_by_rows | _DERIVED
+    )

@@ -481,6 +481,10 @@ class Variable:
     owner: Literal["meshlib", "consul", "otel"] = "meshlib"
     #: Never echo the value in an error message (tokens).
     secret: bool = False
+    #: The ``MeshConfig`` field it sets (``ServicePolicy``'s, when ``per_service``), whose
+    #: default is the typed default (``default`` says it for the docs; a test keeps the two
+    #: in step); empty for a variable ``load_config`` reads by a rule of its own.
+    field: str = ""
 
 
 VARIABLES: tuple[Variable, ...] = (
@@ -502,6 +506,7 @@ VARIABLES: tuple[Variable, ...] = (
         "The version of this instance, registered in Consul's `Meta.version`; subsets and "
         "canaries select on it.",
         _version,
+        field="service_version",
     ),
     Variable(
         "MESH_DISCOVERY",
@@ -529,6 +534,7 @@ VARIABLES: tuple[Variable, ...] = (
         "and `service-resolver` entries under `config_entries`. Re-read when it changes; a "
         "malformed version is refused and the last good one stays in force.",
         _existing_file,
+        field="config_file",
     ),
     Variable(
         "MESH_DISCOVERY_TIMEOUT",
@@ -538,6 +544,7 @@ VARIABLES: tuple[Variable, ...] = (
         "How long the first request to a service never seen before may wait for discovery "
         "to find it. Requests to known services never wait on discovery.",
         _duration,
+        field="discovery_timeout",
     ),
     Variable(
         "MESH_DISCOVERY_RESET_GRACE",
@@ -548,6 +555,7 @@ VARIABLES: tuple[Variable, ...] = (
         "service that had instances and now has none keeps its last known ones, unless "
         "instances reappear sooner (as Eureka's self-preservation does).",
         _duration_or_off,
+        field="discovery_reset_grace",
     ),
     Variable(
         "MESH_LB",
@@ -559,6 +567,7 @@ VARIABLES: tuple[Variable, ...] = (
         "`ring_hash` (sticky by `MESH_LB_HASH_ON`). All honour endpoint weights.",
         _choice(*LB_POLICIES),
         per_service=True,
+        field="lb",
     ),
     Variable(
         "MESH_LB_HASH_ON",
@@ -568,6 +577,7 @@ VARIABLES: tuple[Variable, ...] = (
         "What `ring_hash` hashes to pick an endpoint, so one user sticks to one instance.",
         _hash_on,
         per_service=True,
+        field="hash_on",
     ),
     Variable(
         "MESH_SPLIT_HASH_ON",
@@ -579,6 +589,7 @@ VARIABLES: tuple[Variable, ...] = (
         "version while all users follow the weights. Requests without it split at random.",
         _hash_on,
         per_service=True,
+        field="split_hash_on",
     ),
     Variable(
         "MESH_TIMEOUT",
@@ -588,6 +599,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Timeout of one attempt (connect, write, and each read).",
         _duration,
         per_service=True,
+        field="timeout",
     ),
     Variable(
         "MESH_DEADLINE",
@@ -598,6 +610,7 @@ VARIABLES: tuple[Variable, ...] = (
         "downstream in `x-mesh-deadline-ms` so the callee can give up early.",
         _duration,
         per_service=True,
+        field="deadline",
     ),
     Variable(
         "MESH_RETRIES",
@@ -608,6 +621,7 @@ VARIABLES: tuple[Variable, ...] = (
         "resets before a response, 502/503/504); non-idempotent requests only by opt-in.",
         _int_between(0, 10),
         per_service=True,
+        field="retries",
     ),
     Variable(
         "MESH_RETRY_BUDGET",
@@ -618,6 +632,7 @@ VARIABLES: tuple[Variable, ...] = (
         "`MESH_RETRY_MIN_PER_SECOND`, so a dead service does not get a retry storm.",
         _ratio(0.0, 10.0),
         per_service=True,
+        field="retry_budget",
     ),
     Variable(
         "MESH_RETRY_MIN_PER_SECOND",
@@ -628,6 +643,7 @@ VARIABLES: tuple[Variable, ...] = (
         "can still retry.",
         _int_between(0, 100_000),
         per_service=True,
+        field="retry_min_per_second",
     ),
     Variable(
         "MESH_RETRY_BACKOFF",
@@ -637,6 +653,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Base of the exponential backoff between attempts (full jitter).",
         _duration,
         per_service=True,
+        field="retry_backoff",
     ),
     Variable(
         "MESH_RETRY_BACKOFF_MAX",
@@ -647,6 +664,7 @@ VARIABLES: tuple[Variable, ...] = (
         "deadline is not waited for.",
         _duration,
         per_service=True,
+        field="retry_backoff_max",
     ),
     Variable(
         "MESH_HEDGE_DELAY",
@@ -659,6 +677,7 @@ VARIABLES: tuple[Variable, ...] = (
         "near the service's p95 latency; per request, the `hedge` option overrides it.",
         _duration_or_off,
         per_service=True,
+        field="hedge_delay",
     ),
     Variable(
         "MESH_OUTLIER_CONSECUTIVE_ERRORS",
@@ -669,6 +688,7 @@ VARIABLES: tuple[Variable, ...] = (
         "an endpoint from load balancing.",
         _int_between(1, 1000),
         per_service=True,
+        field="outlier_consecutive_errors",
     ),
     Variable(
         "MESH_OUTLIER_EJECTION_TIME",
@@ -679,6 +699,7 @@ VARIABLES: tuple[Variable, ...] = (
         "(capped at 10 times the base).",
         _duration,
         per_service=True,
+        field="outlier_ejection_time",
     ),
     Variable(
         "MESH_OUTLIER_MAX_EJECTION",
@@ -688,6 +709,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Most of a service's endpoints that may be ejected at once (at least one always may).",
         _ratio(0.0, 1.0),
         per_service=True,
+        field="outlier_max_ejection",
     ),
     Variable(
         "MESH_PANIC_THRESHOLD",
@@ -699,6 +721,7 @@ VARIABLES: tuple[Variable, ...] = (
         "few left. `0` disables panic mode.",
         _ratio(0.0, 1.0),
         per_service=True,
+        field="panic_threshold",
     ),
     Variable(
         "MESH_SLOW_START",
@@ -712,6 +735,7 @@ VARIABLES: tuple[Variable, ...] = (
         "peers' typical latency and ramps from 10% of its share. `off` disables it.",
         _duration_or_off,
         per_service=True,
+        field="slow_start",
     ),
     Variable(
         "MESH_BREAKER_FAILURES",
@@ -722,6 +746,7 @@ VARIABLES: tuple[Variable, ...] = (
         "breaker; while open, requests fail fast with `meshlib.CircuitOpen`.",
         _int_between(1, 100_000),
         per_service=True,
+        field="breaker_failures",
     ),
     Variable(
         "MESH_BREAKER_RESET",
@@ -731,6 +756,7 @@ VARIABLES: tuple[Variable, ...] = (
         "How long an open breaker stays open before letting probes through (half-open).",
         _duration,
         per_service=True,
+        field="breaker_reset",
     ),
     Variable(
         "MESH_BREAKER_PROBES",
@@ -741,6 +767,7 @@ VARIABLES: tuple[Variable, ...] = (
         "succeeds (closing the breaker) or fails (re-opening it).",
         _int_between(1, 1000),
         per_service=True,
+        field="breaker_probes",
     ),
     Variable(
         "MESH_SERVICE_ADDRESS",
@@ -749,6 +776,7 @@ VARIABLES: tuple[Variable, ...] = (
         "an IP address or host name",
         "The address registered in Consul for this instance.",
         _host_name,
+        field="service_address",
     ),
     Variable(
         "MESH_SERVICE_PORT",
@@ -758,6 +786,7 @@ VARIABLES: tuple[Variable, ...] = (
         "The port registered in Consul when the app runs under a server other than "
         "`meshlib serve` (which sets it itself). Without it such an app is not registered.",
         _int_between(1, 65535),
+        field="service_port",
     ),
     Variable(
         "MESH_SERVICE_TAGS",
@@ -766,6 +795,7 @@ VARIABLES: tuple[Variable, ...] = (
         "tags separated by commas (letters, digits, '.', '_', '-', ':', '=')",
         "Tags registered in Consul for this instance.",
         _tags,
+        field="service_tags",
     ),
     Variable(
         "MESH_HEALTH_INTERVAL",
@@ -774,6 +804,7 @@ VARIABLES: tuple[Variable, ...] = (
         "a duration such as 250ms, 2s, 1m or a number of seconds",
         "How often Consul checks `/mesh/health` of this instance.",
         _duration,
+        field="health_interval",
     ),
     Variable(
         "MESH_DEREGISTER_AFTER",
@@ -783,6 +814,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Consul's `DeregisterCriticalServiceAfter`: an instance whose check stays critical "
         "this long (it crashed without deregistering) is removed.",
         _duration,
+        field="deregister_after",
     ),
     Variable(
         "MESH_SHUTDOWN_DELAY",
@@ -792,6 +824,7 @@ VARIABLES: tuple[Variable, ...] = (
         "On shutdown, how long to keep serving after deregistering, so callers' discovery "
         "drops this instance before it stops accepting connections.",
         _duration,
+        field="shutdown_delay",
     ),
     Variable(
         "MESH_DRAIN_TIMEOUT",
@@ -800,6 +833,7 @@ VARIABLES: tuple[Variable, ...] = (
         "a duration such as 250ms, 2s, 1m or a number of seconds",
         "On shutdown, the longest wait for in-flight requests to finish.",
         _duration,
+        field="drain_timeout",
     ),
     Variable(
         "MESH_ACCESS_LOG",
@@ -810,6 +844,7 @@ VARIABLES: tuple[Variable, ...] = (
         "`meshlib.access.inbound` / `meshlib.access.outbound` (to stderr unless the app gave "
         "`meshlib.access` a handler).",
         _choice("off", "json"),
+        field="access_log",
     ),
     Variable(
         "MESH_ACCESS_LOG_FILE",
@@ -820,6 +855,7 @@ VARIABLES: tuple[Variable, ...] = (
         "`stdout` keeps them apart from server logs and tracebacks (on stderr); a path "
         "appends them to that file.",
         _log_destination,
+        field="access_log_file",
     ),
     Variable(
         "MESH_ADMIN_ADDR",
@@ -853,6 +889,7 @@ VARIABLES: tuple[Variable, ...] = (
         "else the path; an unmatched 404 takes no slot). Each label keeps at most 500 "
         "distinct values per process; more become `_OTHER`.",
         _metric_labels,
+        field="metrics_labels",
     ),
     Variable(
         "MESH_ROLLOUT_PROMETHEUS_URL",
@@ -864,6 +901,7 @@ VARIABLES: tuple[Variable, ...] = (
         "p99 from (the `--prometheus` flag overrides it). A rollout of the local config file "
         "without it scrapes each instance's admin listener at each check instead.",
         _http_url,
+        field="rollout_prometheus_url",
     ),
     Variable(
         "MESH_TLS",
@@ -873,6 +911,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Mesh TLS: `off` is plain HTTP; `permissive` serves mTLS and plaintext (to migrate a "
         "fleet without downtime); `strict` requires mTLS both ways.",
         _choice("off", "permissive", "strict"),
+        field="tls",
     ),
     Variable(
         "MESH_TLS_CA",
@@ -894,6 +933,7 @@ VARIABLES: tuple[Variable, ...] = (
         "The local CA's directory (`meshlib ca init` creates it; keys are mode 0600). Read by "
         "`meshlib ca serve`, and by services only with `MESH_TLS_CA=local`.",
         _text,
+        field="tls_dir",
     ),
     Variable(
         "MESH_TLS_SIGNER",
@@ -904,6 +944,7 @@ VARIABLES: tuple[Variable, ...] = (
         "with `MESH_TLS_CA=signer`; it gives a process only the service names its user is "
         "entitled to in the signer's policy file.",
         _text,
+        field="tls_signer",
     ),
     Variable(
         "MESH_TLS_LEAF_TTL",
@@ -913,6 +954,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Lifetime of the leaf certificate the process asks the local CA's signer for (at most "
         "the signer's `--leaf-ttl`); it is renewed after two thirds of it.",
         _duration,
+        field="tls_leaf_ttl",
     ),
     Variable(
         "MESH_DATACENTER",
@@ -921,6 +963,7 @@ VARIABLES: tuple[Variable, ...] = (
         "a datacenter name of letters, digits, '.', '_' or '-'",
         "The datacenter in this process's SPIFFE ID with the local CA (Consul's CA says its own).",
         _version,
+        field="datacenter",
     ),
     Variable(
         "MESH_ALLOWED_CALLERS",
@@ -930,6 +973,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Without Consul: the only services allowed to call this one (by their verified "
         "identity). With Consul, its intentions decide, and this list applies as well.",
         _callers,
+        field="allowed_callers",
     ),
     Variable(
         "MESH_DENIED_CALLERS",
@@ -938,6 +982,7 @@ VARIABLES: tuple[Variable, ...] = (
         "service names separated by commas, or '*'",
         "Services never allowed to call this one; wins over `MESH_ALLOWED_CALLERS`.",
         _callers,
+        field="denied_callers",
     ),
     Variable(
         "MESH_INTENTIONS_CACHE",
@@ -946,6 +991,7 @@ VARIABLES: tuple[Variable, ...] = (
         "a duration such as 250ms, 2s, 1m or a number of seconds",
         "How long a Consul intention decision for one caller is reused.",
         _duration,
+        field="intentions_cache",
     ),
     Variable(
         "MESH_UNIDENTIFIED_CALLERS",
@@ -957,6 +1003,7 @@ VARIABLES: tuple[Variable, ...] = (
         "intentions, so Consul's default intention policy holds; `allow`: let it through "
         "unchecked, as meshlib did before (a warning is logged at start).",
         _choice("intentions", "allow"),
+        field="unidentified_callers",
     ),
     Variable(
         "MESH_EGRESS",
@@ -966,6 +1013,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Calls to hosts outside the mesh: `allow` all, or `deny` all but "
         "`MESH_EGRESS_ALLOW` (refused before any connection opens).",
         _choice("allow", "deny"),
+        field="egress",
     ),
     Variable(
         "MESH_EGRESS_ALLOW",
@@ -974,6 +1022,7 @@ VARIABLES: tuple[Variable, ...] = (
         "host names separated by commas, each exact or '*.' and a domain",
         "External hosts allowed when `MESH_EGRESS=deny`.",
         _host_patterns,
+        field="egress_allow",
     ),
     # ---- inbound traffic controls (server/_limits.py, server/_faults.py)
     Variable(
@@ -984,6 +1033,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Requests this process serves, in all (a token bucket; the burst defaults to one "
         "second's worth, at least 1). Beyond it: 429 with `Retry-After`, before the handler.",
         parse_rate_limit,
+        field="rate_limit",
     ),
     Variable(
         "MESH_RATE_LIMIT_PER_SOURCE",
@@ -993,6 +1043,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Requests this process serves per calling service (its verified mTLS identity; "
         "callers without one share a single bucket). Beyond it: 429 with `Retry-After`.",
         parse_rate_limit,
+        field="rate_limit_per_source",
     ),
     Variable(
         "MESH_MAX_CONCURRENT_REQUESTS",
@@ -1002,6 +1053,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Requests this process handles at once; beyond it a request is shed with 503 and "
         "`Retry-After: 1` before the handler runs. `/mesh/health` is never limited.",
         _int_between(1, 1_000_000),
+        field="max_concurrent_requests",
     ),
     Variable(
         "MESH_PROPAGATE_HEADERS",
@@ -1013,6 +1065,7 @@ VARIABLES: tuple[Variable, ...] = (
         "debug or canary pin) holds on every hop. Taken only from an identified mesh caller "
         "unless `MESH_PROPAGATE_UNIDENTIFIED=honour`; never sent to hosts outside the mesh.",
         _header_names,
+        field="propagate_headers",
     ),
     Variable(
         "MESH_PROPAGATE_UNIDENTIFIED",
@@ -1023,6 +1076,7 @@ VARIABLES: tuple[Variable, ...] = (
         "mesh identity. `ignore`: an edge's own code sets them on its outbound calls; "
         "`honour`: for plaintext meshes (`MESH_TLS=off`) behind an edge that strips them.",
         _choice("ignore", "honour"),
+        field="propagate_unidentified",
     ),
     Variable(
         "MESH_UNIDENTIFIED_DEADLINE",
@@ -1035,6 +1089,7 @@ VARIABLES: tuple[Variable, ...] = (
         "`MESH_TLS=off` every caller is unidentified: set `honour` there to keep deadlines "
         "propagating between plaintext services.",
         _unidentified_deadline,
+        field="unidentified_deadline",
     ),
     Variable(
         "MESH_FAULT_DELAY",
@@ -1182,6 +1237,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Where spans go when the application has not installed a tracer provider itself.",
         _exporters,
         owner="otel",
+        field="traces_exporter",
     ),
     Variable(
         "OTEL_METRICS_EXPORTER",
@@ -1192,6 +1248,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Prometheus text on `/mesh/metrics`, which is always there.",
         _exporters,
         owner="otel",
+        field="metrics_exporter",
     ),
 )
 
@@ -1234,29 +1291,13 @@ class ServicePolicy:
     breaker_probes: int = 1
 
 
-#: ServicePolicy field <- variable name
+#: ServicePolicy field <- variable name: the rows that may be set per service
 _POLICY_FIELDS: Mapping[str, str] = MappingProxyType(
-    {
-        "MESH_LB": "lb",
-        "MESH_LB_HASH_ON": "hash_on",
-        "MESH_SPLIT_HASH_ON": "split_hash_on",
-        "MESH_TIMEOUT": "timeout",
-        "MESH_DEADLINE": "deadline",
-        "MESH_RETRIES": "retries",
-        "MESH_RETRY_BUDGET": "retry_budget",
-        "MESH_RETRY_MIN_PER_SECOND": "retry_min_per_second",
-        "MESH_RETRY_BACKOFF": "retry_backoff",
-        "MESH_RETRY_BACKOFF_MAX": "retry_backoff_max",
-        "MESH_HEDGE_DELAY": "hedge_delay",
-        "MESH_OUTLIER_CONSECUTIVE_ERRORS": "outlier_consecutive_errors",
-        "MESH_OUTLIER_EJECTION_TIME": "outlier_ejection_time",
-        "MESH_OUTLIER_MAX_EJECTION": "outlier_max_ejection",
-        "MESH_PANIC_THRESHOLD": "panic_threshold",
-        "MESH_SLOW_START": "slow_start",
-        "MESH_BREAKER_FAILURES": "breaker_failures",
-        "MESH_BREAKER_RESET": "breaker_reset",
-        "MESH_BREAKER_PROBES": "breaker_probes",
-    }
+    {v.name: v.field for v in VARIABLES if v.per_service}
+)
+#: MeshConfig field <- variable name: the rows ``load_config`` reads as they are
+_CONFIG_FIELDS: Mapping[str, str] = MappingProxyType(
+    {v.name: v.field for v in VARIABLES if v.field and not v.per_service}
 )
 
 
@@ -1425,47 +1466,16 @@ def load_config(environ: Mapping[str, str] | None = None) -> MeshConfig:
                 f"expected {_BY_NAME['MESH_SERVICE_NAME'].expected}"
             )
     static = get("MESH_STATIC_SERVICES")
+    # every row with a field, as parsed; an unset one keeps the field's own default
+    given = {field: get(name) for name, field in _CONFIG_FIELDS.items()}
     config = MeshConfig(
+        **{field: value for field, value in given.items() if value is not None},
         service_name=service_name,
-        service_version=get("MESH_SERVICE_VERSION"),
         discovery=discovery,
         static_services=static if static is not None else MappingProxyType({}),
-        discovery_timeout=get("MESH_DISCOVERY_TIMEOUT") or 2.0,
-        discovery_reset_grace=_or(get("MESH_DISCOVERY_RESET_GRACE"), 30.0),
-        config_file=get("MESH_CONFIG_FILE"),
-        tls=get("MESH_TLS") or "off",
-        service_address=get("MESH_SERVICE_ADDRESS"),
-        service_port=get("MESH_SERVICE_PORT"),
-        service_tags=get("MESH_SERVICE_TAGS") or (),
-        health_interval=get("MESH_HEALTH_INTERVAL") or 2.0,
-        deregister_after=get("MESH_DEREGISTER_AFTER") or 60.0,
-        shutdown_delay=get("MESH_SHUTDOWN_DELAY") or 1.0,
-        drain_timeout=get("MESH_DRAIN_TIMEOUT") or 20.0,
         tls_ca=get("MESH_TLS_CA") or ("consul" if discovery == "consul" else "signer"),
-        tls_dir=get("MESH_TLS_DIR") or "~/.local/share/meshlib/ca",
-        tls_signer=get("MESH_TLS_SIGNER") or "/run/meshlib/signer.sock",
-        tls_leaf_ttl=get("MESH_TLS_LEAF_TTL") or 8 * 3600.0,
-        datacenter=get("MESH_DATACENTER") or "dc1",
-        allowed_callers=get("MESH_ALLOWED_CALLERS"),
-        denied_callers=get("MESH_DENIED_CALLERS") or frozenset(),
-        intentions_cache=get("MESH_INTENTIONS_CACHE") or 2.0,
-        unidentified_callers=get("MESH_UNIDENTIFIED_CALLERS") or "intentions",
-        egress=get("MESH_EGRESS") or "allow",
-        egress_allow=get("MESH_EGRESS_ALLOW") or (),
-        access_log=get("MESH_ACCESS_LOG") or "off",
-        access_log_file=get("MESH_ACCESS_LOG_FILE") or "stderr",
         admin_addr=_admin_addr(get, errors),
-        metrics_labels=get("MESH_METRICS_LABELS") or frozenset(),
-        rollout_prometheus_url=get("MESH_ROLLOUT_PROMETHEUS_URL"),
-        traces_exporter=get("OTEL_TRACES_EXPORTER"),
-        metrics_exporter=get("OTEL_METRICS_EXPORTER"),
         consul=consul,
-        rate_limit=get("MESH_RATE_LIMIT"),
-        rate_limit_per_source=get("MESH_RATE_LIMIT_PER_SOURCE"),
-        max_concurrent_requests=get("MESH_MAX_CONCURRENT_REQUESTS"),
-        unidentified_deadline=_or(get("MESH_UNIDENTIFIED_DEADLINE"), math.inf),
-        propagate_headers=get("MESH_PROPAGATE_HEADERS") or (),
-        propagate_unidentified=get("MESH_PROPAGATE_UNIDENTIFIED") or "ignore",
         faults=_faults(env, get, errors),
         defaults=defaults,
         overrides=MappingProxyType(overrides),
