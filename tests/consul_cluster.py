@@ -11,6 +11,7 @@ Fixture: ``consul_cluster`` (function) starts one and stops it at teardown.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ import pytest
 
 from consul_agent import _PORT_NAMES, _UDP_TOO, HOST, ConsulAgent, _free_port
 from polling import wait_until
+
+#: starts of the whole cluster when a picked port was taken meanwhile
+_ATTEMPTS = 3
 
 
 class ClusterAgent(ConsulAgent):
@@ -98,15 +102,36 @@ class ConsulCluster:
         for agent in self.agents:
             agent.join = [s.serf_lan_addr for s in self.servers if s is not agent]
 
+    def _fresh_ports(self) -> None:
+        """New free ports for every agent, told to the others; data from the failed try gone."""
+        for agent in self.agents:
+            agent.ports = {p: _free_port(udp=p in _UDP_TOO) for p in _PORT_NAMES}
+            shutil.rmtree(agent.data_dir, ignore_errors=True)
+        for agent in self.agents:
+            agent.join = [s.serf_lan_addr for s in self.servers if s is not agent]
+
     @property
     def agents(self) -> list[ClusterAgent]:
         """Every agent, servers first."""
         return [*self.servers, self.client]
 
     def start(self, timeout: float = 60.0) -> ConsulCluster:
-        """Start every agent; return once there is a leader and the client is in the catalog."""
-        for agent in self.agents:
-            agent.start()
+        """Start every agent; return once there is a leader and the client is in the catalog.
+
+        The agents' ports are picked before any starts (each is told the others'), so a port
+        another process took meanwhile fails a start ("address already in use", seen in CI
+        once): then every agent stops, and the cluster starts again on fresh ports.
+        """
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                for agent in self.agents:
+                    agent.start()
+                break
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == _ATTEMPTS:
+                    raise
+                self.stop()
+                self._fresh_ports()
         self.wait_for_leader(timeout)
         node = self.client.node_name
         wait_until(
