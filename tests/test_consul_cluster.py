@@ -21,9 +21,9 @@ from consul_cluster import ConsulCluster
 from meshlib._config import load_config
 from meshlib.rollout import AdminScrapeSource, ConsulAPI, ConsulPlane, Options, RolloutError, start
 from meshlib.rollout._lock import SESSION_TTL, ControllerLock
-from meshlib.rollout._state import RolloutState
 from polling import wait_until
 from served import Served
+from test_rollout import Events
 
 
 @pytest.mark.consul
@@ -154,19 +154,6 @@ def test_a_rollout_controller_keeps_its_lock_through_a_leader_change_and_nobody_
     print(f"\nlock through the leader change: {Counter(o[:40] for o in outcomes)}")
 
 
-class _Events:
-    """The controller's view: every event, in order."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, int, str]] = []
-
-    def event(self, kind: str, state: RolloutState) -> None:
-        self.seen.append((kind, state.weight, state.message))
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.mark.consul
 def test_a_rollout_survives_a_restart_of_every_consul_server_and_is_promoted(
     consul_cluster: ConsulCluster,
@@ -213,7 +200,7 @@ def test_a_rollout_survives_a_restart_of_every_consul_server_and_is_promoted(
 
     def restart_servers() -> None:
         wait_until(
-            lambda: any(kind == "check" for kind, _, _ in events.seen), timeout=60, what="a check"
+            lambda: any(e["event"] == "check" for e in events.seen), timeout=60, what="a check"
         )
         restarted.append(time.monotonic())  # [0]: killed, [1]: a leader again
         for server in consul_cluster.servers:
@@ -228,7 +215,7 @@ def test_a_rollout_survives_a_restart_of_every_consul_server_and_is_promoted(
         consul_cluster.wait_for_leader(60)
         restarted.append(time.monotonic())
 
-    events = _Events()
+    events = Events()
     err = io.StringIO()
     try:
         for app in apps:
@@ -270,7 +257,7 @@ def test_a_rollout_survives_a_restart_of_every_consul_server_and_is_promoted(
         api.close()
         for app in apps:
             app.stop()
-    kinds = [kind for kind, _, _ in events.seen]
+    kinds = [e["event"] for e in events.seen]
     print(
         f"\nrollout through a restart of all servers: events {Counter(kinds)}; no leader for "
         f"{restarted[1] - restarted[0]:.1f}s; promoted {promoted - restarted[1]:.1f}s after; "
@@ -280,7 +267,7 @@ def test_a_rollout_survives_a_restart_of_every_consul_server_and_is_promoted(
     assert code == 0, (events.seen, err.getvalue())
     assert kinds[0] == "started"
     assert kinds[-1] == "promoted"
-    assert [w for kind, w, _ in events.seen if kind == "check"] == list(range(20, 101, 10))
+    assert [e["weight"] for e in events.seen if e["event"] == "check"] == list(range(20, 101, 10))
     # the outage was seen, ridden out, and said once
     assert err.getvalue().count("retrying for 60s") == 1, err.getvalue()
     assert failures == []

@@ -141,14 +141,7 @@ class RequestFailed(MeshRequestError):
         reason: str,
     ) -> RequestFailed:
         """The ``RequestFailed`` for ``error``, an instance of ``error``'s class too."""
-        kind = _KINDS.get(type(error))
-        if kind is None:
-            # named as the httpx class (metrics' and spans' error.type, access logs and
-            # code reading type(e).__name__ see "ConnectError" as before); a traceback
-            # shows the qualified name, RequestFailed[ConnectError]
-            name = type(error).__name__
-            namespace = {"__qualname__": f"RequestFailed[{name}]", "__module__": __name__}
-            kind = _KINDS.setdefault(type(error), type(name, (cls, type(error)), namespace))
+        kind = _kind(type(error))
         count = len(endpoints)
         tried = ", ".join(dict.fromkeys(endpoints))
         detail = str(error) or type(error).__name__
@@ -176,12 +169,24 @@ def _rebuild(
     endpoints: tuple[str, ...],
     reason: str,
 ) -> RequestFailed:
-    kind = _KINDS.get(base) or type(
-        RequestFailed.wrapping(base(""), service="", endpoints=(), reason="")
-    )
-    failed = kind(message, service=service)
+    failed = _kind(base)(message, service=service)
     failed.attempts, failed.endpoints, failed.reason = len(endpoints), endpoints, reason
     return failed
+
+
+def _kind(base: type[httpx.TransportError]) -> type[RequestFailed]:
+    """The class both ``RequestFailed`` and ``base``, made once per ``base``.
+
+    It is named as the httpx class (metrics' and spans' ``error.type``, access logs and code
+    reading ``type(e).__name__`` see "ConnectError" as before); a traceback shows the
+    qualified name, ``RequestFailed[ConnectError]``.
+    """
+    kind = _KINDS.get(base)
+    if kind is None:
+        name = base.__name__
+        namespace = {"__qualname__": f"RequestFailed[{name}]", "__module__": __name__}
+        kind = _KINDS.setdefault(base, type(name, (RequestFailed, base), namespace))
+    return kind
 
 
 #: httpx error class -> its RequestFailed class (made once each)
