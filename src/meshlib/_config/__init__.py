@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -60,6 +59,7 @@ from ._table import (
     _BY_NAME,
     VARIABLES,
     Variable,
+    default_of,
     markdown_table,
     override_key,
 )
@@ -92,28 +92,28 @@ logger = logging.getLogger("meshlib.config")
 class ServicePolicy:
     """How calls to one service behave. Swapping one for another is a pointer swap."""
 
-    lb: LbPolicy = "p2c_ewma"
-    hash_on: HashOn | None = None
+    lb: LbPolicy = default_of("MESH_LB")
+    hash_on: HashOn | None = default_of("MESH_LB_HASH_ON")
     #: what a split hashes to stay sticky per user (None: random per request)
-    split_hash_on: HashOn | None = None
-    timeout: float = 5.0
-    deadline: float = 15.0
-    retries: int = 2
-    retry_budget: float = 0.2
-    retry_min_per_second: int = 10
-    retry_backoff: float = 0.025
-    retry_backoff_max: float = 0.25
+    split_hash_on: HashOn | None = default_of("MESH_SPLIT_HASH_ON")
+    timeout: float = default_of("MESH_TIMEOUT")
+    deadline: float = default_of("MESH_DEADLINE")
+    retries: int = default_of("MESH_RETRIES")
+    retry_budget: float = default_of("MESH_RETRY_BUDGET")
+    retry_min_per_second: int = default_of("MESH_RETRY_MIN_PER_SECOND")
+    retry_backoff: float = default_of("MESH_RETRY_BACKOFF")
+    retry_backoff_max: float = default_of("MESH_RETRY_BACKOFF_MAX")
     #: seconds before a hedged attempt; 0: no hedging
-    hedge_delay: float = 0.0
-    outlier_consecutive_errors: int = 5
-    outlier_ejection_time: float = 30.0
-    outlier_max_ejection: float = 0.5
-    panic_threshold: float = 0.5
+    hedge_delay: float = default_of("MESH_HEDGE_DELAY")
+    outlier_consecutive_errors: int = default_of("MESH_OUTLIER_CONSECUTIVE_ERRORS")
+    outlier_ejection_time: float = default_of("MESH_OUTLIER_EJECTION_TIME")
+    outlier_max_ejection: float = default_of("MESH_OUTLIER_MAX_EJECTION")
+    panic_threshold: float = default_of("MESH_PANIC_THRESHOLD")
     #: seconds of slow start for a joining or readmitted endpoint; 0: none
-    slow_start: float = 10.0
-    breaker_failures: int = 20
-    breaker_reset: float = 10.0
-    breaker_probes: int = 1
+    slow_start: float = default_of("MESH_SLOW_START")
+    breaker_failures: int = default_of("MESH_BREAKER_FAILURES")
+    breaker_reset: float = default_of("MESH_BREAKER_RESET")
+    breaker_probes: int = default_of("MESH_BREAKER_PROBES")
 
 
 #: ServicePolicy field <- variable name: the rows that may be set per service
@@ -144,52 +144,52 @@ class MeshConfig:
     """The whole validated configuration of a process."""
 
     service_name: str | None = None
-    service_version: str | None = None
+    service_version: str | None = default_of("MESH_SERVICE_VERSION")
     discovery: DiscoveryMode = "static"
     static_services: Mapping[str, tuple[HostPort, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
-    discovery_timeout: float = 2.0
-    discovery_reset_grace: float = 30.0
-    config_file: str | None = None
-    tls: TlsMode = "off"
-    service_address: str | None = None
-    service_port: int | None = None
-    service_tags: tuple[str, ...] = ()
-    health_interval: float = 2.0
-    deregister_after: float = 60.0
-    shutdown_delay: float = 1.0
-    drain_timeout: float = 20.0
+    discovery_timeout: float = default_of("MESH_DISCOVERY_TIMEOUT")
+    discovery_reset_grace: float = default_of("MESH_DISCOVERY_RESET_GRACE")
+    config_file: str | None = default_of("MESH_CONFIG_FILE")
+    tls: TlsMode = default_of("MESH_TLS")
+    service_address: str | None = default_of("MESH_SERVICE_ADDRESS")
+    service_port: int | None = default_of("MESH_SERVICE_PORT")
+    service_tags: tuple[str, ...] = default_of("MESH_SERVICE_TAGS")
+    health_interval: float = default_of("MESH_HEALTH_INTERVAL")
+    deregister_after: float = default_of("MESH_DEREGISTER_AFTER")
+    shutdown_delay: float = default_of("MESH_SHUTDOWN_DELAY")
+    drain_timeout: float = default_of("MESH_DRAIN_TIMEOUT")
     tls_ca: Literal["signer", "consul", "local"] = "signer"
-    tls_dir: str = "~/.local/share/meshlib/ca"
-    tls_signer: str = "/run/meshlib/signer.sock"
-    tls_leaf_ttl: float = 8 * 3600.0
-    datacenter: str = "dc1"
-    allowed_callers: frozenset[str] | None = None
-    denied_callers: frozenset[str] = frozenset()
-    intentions_cache: float = 2.0
-    unidentified_callers: Literal["intentions", "allow"] = "intentions"
-    egress: Literal["allow", "deny"] = "allow"
-    egress_allow: tuple[str, ...] = ()
-    access_log: Literal["off", "json"] = "off"
-    access_log_file: str = "stderr"
+    tls_dir: str = default_of("MESH_TLS_DIR")
+    tls_signer: str = default_of("MESH_TLS_SIGNER")
+    tls_leaf_ttl: float = default_of("MESH_TLS_LEAF_TTL")
+    datacenter: str = default_of("MESH_DATACENTER")
+    allowed_callers: frozenset[str] | None = default_of("MESH_ALLOWED_CALLERS")
+    denied_callers: frozenset[str] = default_of("MESH_DENIED_CALLERS")
+    intentions_cache: float = default_of("MESH_INTENTIONS_CACHE")
+    unidentified_callers: Literal["intentions", "allow"] = default_of("MESH_UNIDENTIFIED_CALLERS")
+    egress: Literal["allow", "deny"] = default_of("MESH_EGRESS")
+    egress_allow: tuple[str, ...] = default_of("MESH_EGRESS_ALLOW")
+    access_log: Literal["off", "json"] = default_of("MESH_ACCESS_LOG")
+    access_log_file: str = default_of("MESH_ACCESS_LOG_FILE")
     #: the admin listener's address (None: unset, a server then takes 127.0.0.1:0)
     admin_addr: tuple[str, int] | None = None
-    metrics_labels: frozenset[str] = frozenset()
+    metrics_labels: frozenset[str] = default_of("MESH_METRICS_LABELS")
     #: None: not given (Prometheus on 127.0.0.1:9090 with Consul; scrapes without)
-    rollout_prometheus_url: str | None = None
+    rollout_prometheus_url: str | None = default_of("MESH_ROLLOUT_PROMETHEUS_URL")
     #: None: unset (OpenTelemetry's default applies); () : none
-    traces_exporter: tuple[str, ...] | None = None
-    metrics_exporter: tuple[str, ...] | None = None
+    traces_exporter: tuple[str, ...] | None = default_of("OTEL_TRACES_EXPORTER")
+    metrics_exporter: tuple[str, ...] | None = default_of("OTEL_METRICS_EXPORTER")
     consul: ConsulSettings | None = None
-    rate_limit: RateLimit | None = None
-    rate_limit_per_source: RateLimit | None = None
-    max_concurrent_requests: int | None = None
+    rate_limit: RateLimit | None = default_of("MESH_RATE_LIMIT")
+    rate_limit_per_source: RateLimit | None = default_of("MESH_RATE_LIMIT_PER_SOURCE")
+    max_concurrent_requests: int | None = default_of("MESH_MAX_CONCURRENT_REQUESTS")
     #: the shortest deadline budget honoured from an unidentified caller (inf: ignored)
-    unidentified_deadline: float = math.inf
+    unidentified_deadline: float = default_of("MESH_UNIDENTIFIED_DEADLINE")
     #: headers carried from the inbound request onto its outbound mesh calls
-    propagate_headers: tuple[str, ...] = ()
-    propagate_unidentified: Literal["ignore", "honour"] = "ignore"
+    propagate_headers: tuple[str, ...] = default_of("MESH_PROPAGATE_HEADERS")
+    propagate_unidentified: Literal["ignore", "honour"] = default_of("MESH_PROPAGATE_UNIDENTIFIED")
     faults: Faults = field(default_factory=Faults)
     defaults: ServicePolicy = field(default_factory=ServicePolicy)
     #: override_key(service) -> that service's policy

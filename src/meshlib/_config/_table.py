@@ -2,12 +2,16 @@
 
 A row gives the variable's name, its default as the docs say it, an example, what a
 valid value looks like, a description, its parser (``_parsers``), whether it may be set
-per service, whose variable it is, and the configuration field it sets. Loading
-(``__init__``) and the docs table (``markdown_table``) are both read from it.
+per service, whose variable it is, the configuration field it sets and that field's typed
+default (the docs default read by the parser, or ``value`` when the docs say a word such
+as "unset"). ``MeshConfig`` and ``ServicePolicy`` take their defaults from here
+(``default_of``), loading (``__init__``) sets their fields from here, and the docs table
+(``markdown_table``) is printed from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,6 +51,9 @@ from ._parsers import (
 
 # --------------------------------------------------------------------------- the table
 
+#: ``Variable.value`` when the docs default is the value itself, to be parsed
+_FROM_TEXT: Any = object()
+
 
 @dataclass(frozen=True)
 class Variable:
@@ -65,9 +72,19 @@ class Variable:
     #: Never echo the value in an error message (tokens).
     secret: bool = False
     #: The ``MeshConfig`` field it sets (``ServicePolicy``'s, when ``per_service``), whose
-    #: default is the typed default (``default`` says it for the docs; a test keeps the two
-    #: in step); empty for a variable ``load_config`` reads by a rule of its own.
+    #: default is this row's ``typed_default``; empty for a variable ``load_config`` reads
+    #: by a rule of its own.
     field: str = ""
+    #: The typed default when ``default`` is a word ("unset", "none"), not a value its
+    #: parser reads.
+    value: Any = dataclasses.field(default=_FROM_TEXT, repr=False, compare=False)
+
+    @property
+    def typed_default(self) -> Any:
+        """The default as the field holds it: ``value``, or ``default`` parsed."""
+        if self.value is not _FROM_TEXT:
+            return self.value
+        return self.parse(self.default.strip("`"))
 
 
 VARIABLES: tuple[Variable, ...] = (
@@ -90,6 +107,7 @@ VARIABLES: tuple[Variable, ...] = (
         "canaries select on it.",
         _version,
         field="service_version",
+        value=None,
     ),
     Variable(
         "MESH_DISCOVERY",
@@ -118,6 +136,7 @@ VARIABLES: tuple[Variable, ...] = (
         "malformed version is refused and the last good one stays in force.",
         _existing_file,
         field="config_file",
+        value=None,
     ),
     Variable(
         "MESH_DISCOVERY_TIMEOUT",
@@ -161,6 +180,7 @@ VARIABLES: tuple[Variable, ...] = (
         _hash_on,
         per_service=True,
         field="hash_on",
+        value=None,
     ),
     Variable(
         "MESH_SPLIT_HASH_ON",
@@ -173,6 +193,7 @@ VARIABLES: tuple[Variable, ...] = (
         _hash_on,
         per_service=True,
         field="split_hash_on",
+        value=None,
     ),
     Variable(
         "MESH_TIMEOUT",
@@ -360,6 +381,7 @@ VARIABLES: tuple[Variable, ...] = (
         "The address registered in Consul for this instance.",
         _host_name,
         field="service_address",
+        value=None,
     ),
     Variable(
         "MESH_SERVICE_PORT",
@@ -370,6 +392,7 @@ VARIABLES: tuple[Variable, ...] = (
         "`meshlib serve` (which sets it itself). Without it such an app is not registered.",
         _int_between(1, 65535),
         field="service_port",
+        value=None,
     ),
     Variable(
         "MESH_SERVICE_TAGS",
@@ -379,6 +402,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Tags registered in Consul for this instance.",
         _tags,
         field="service_tags",
+        value=(),
     ),
     Variable(
         "MESH_HEALTH_INTERVAL",
@@ -485,6 +509,7 @@ VARIABLES: tuple[Variable, ...] = (
         "without it scrapes each instance's admin listener at each check instead.",
         _http_url,
         field="rollout_prometheus_url",
+        value=None,
     ),
     Variable(
         "MESH_TLS",
@@ -557,6 +582,7 @@ VARIABLES: tuple[Variable, ...] = (
         "identity). With Consul, its intentions decide, and this list applies as well.",
         _callers,
         field="allowed_callers",
+        value=None,
     ),
     Variable(
         "MESH_DENIED_CALLERS",
@@ -566,6 +592,7 @@ VARIABLES: tuple[Variable, ...] = (
         "Services never allowed to call this one; wins over `MESH_ALLOWED_CALLERS`.",
         _callers,
         field="denied_callers",
+        value=frozenset(),
     ),
     Variable(
         "MESH_INTENTIONS_CACHE",
@@ -606,6 +633,7 @@ VARIABLES: tuple[Variable, ...] = (
         "External hosts allowed when `MESH_EGRESS=deny`.",
         _host_patterns,
         field="egress_allow",
+        value=(),
     ),
     # ---- inbound traffic controls (server/_limits.py, server/_faults.py)
     Variable(
@@ -617,6 +645,7 @@ VARIABLES: tuple[Variable, ...] = (
         "second's worth, at least 1). Beyond it: 429 with `Retry-After`, before the handler.",
         parse_rate_limit,
         field="rate_limit",
+        value=None,
     ),
     Variable(
         "MESH_RATE_LIMIT_PER_SOURCE",
@@ -627,6 +656,7 @@ VARIABLES: tuple[Variable, ...] = (
         "callers without one share a single bucket). Beyond it: 429 with `Retry-After`.",
         parse_rate_limit,
         field="rate_limit_per_source",
+        value=None,
     ),
     Variable(
         "MESH_MAX_CONCURRENT_REQUESTS",
@@ -637,6 +667,7 @@ VARIABLES: tuple[Variable, ...] = (
         "`Retry-After: 1` before the handler runs. `/mesh/health` is never limited.",
         _int_between(1, 1_000_000),
         field="max_concurrent_requests",
+        value=None,
     ),
     Variable(
         "MESH_PROPAGATE_HEADERS",
@@ -649,6 +680,7 @@ VARIABLES: tuple[Variable, ...] = (
         "unless `MESH_PROPAGATE_UNIDENTIFIED=honour`; never sent to hosts outside the mesh.",
         _header_names,
         field="propagate_headers",
+        value=(),
     ),
     Variable(
         "MESH_PROPAGATE_UNIDENTIFIED",
@@ -821,6 +853,7 @@ VARIABLES: tuple[Variable, ...] = (
         _exporters,
         owner="otel",
         field="traces_exporter",
+        value=None,
     ),
     Variable(
         "OTEL_METRICS_EXPORTER",
@@ -832,10 +865,16 @@ VARIABLES: tuple[Variable, ...] = (
         _exporters,
         owner="otel",
         field="metrics_exporter",
+        value=None,
     ),
 )
 
 _BY_NAME: Mapping[str, Variable] = MappingProxyType({v.name: v for v in VARIABLES})
+
+
+def default_of(name: str) -> Any:
+    """The typed default of the variable ``name`` (what its field starts as)."""
+    return _BY_NAME[name].typed_default
 
 
 def override_key(service: str) -> str:
