@@ -26,7 +26,7 @@ import httpx
 from harness import Line, PlainServer, pin_client, pin_server, print_table
 
 import meshlib
-from meshlib import _runtime, security
+from meshlib._runtime import live_meshes
 
 #: Misses understood and reported (docs/performance.md), which do not fail the session;
 #: any other row that loses requests does.
@@ -373,8 +373,8 @@ def certificates_rotated(quick: bool) -> Line:
     finally:
         for served in instances:
             served.stop()
-        _runtime.reset()
-        security.reset()  # stop renewing leaves from the directory about to go
+        for mesh in live_meshes():  # stop renewing leaves from the directory about to go
+            mesh.close()
         shutil.rmtree(directory, ignore_errors=True)
     return load.line("certificates rotated under load", "[3 s leaves, 1 root rotation]")
 
@@ -409,9 +409,9 @@ def main() -> None:
     for name in chosen:
         with _timed(name):
             lines[name] = scenarios[name]()
-        # each scenario's mesh runtime (watches) and TLS material (renewal) stop with it
-        _runtime.reset()
-        security.reset()
+        # each scenario's meshes (watches, TLS renewal) stop with it
+        for mesh in live_meshes():
+            mesh.close()
     headings = ("scenario", "requests", "lost", "goal")
     print_table("meshlib chaos: idempotent GETs lost", lines.values(), headings)
     missed = [name for name, line in lines.items() if line.met is False]

@@ -19,7 +19,7 @@ from typing import Any
 
 from harness import ROOT, Line, machine, pin_client, print_table, write_json
 
-from meshlib import _runtime, security
+from meshlib._runtime import live_meshes
 
 Row = Callable[[bool], tuple[list[Line], dict[str, Any]]]
 
@@ -68,9 +68,9 @@ def main() -> None:
         load = max(load_before, os.getloadavg()[0])
         for line in got:
             line.load = load
-        # a row's mesh runtime (watches) and TLS material (renewal) stop with it
-        _runtime.reset()
-        security.reset()
+        # a row's meshes (watches, TLS renewal) stop with it
+        for mesh in live_meshes():
+            mesh.close()
         lines += got
         raw.update(figures)
         print(f"row {key}: {time.monotonic() - started:.0f} s", flush=True)

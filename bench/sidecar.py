@@ -168,8 +168,8 @@ def measure(quick: bool) -> dict[str, Any]:
     """p50/p99 of c=1 calls: meshlib strict mTLS, the sidecar pair, and direct plaintext."""
     import meshlib
     from backends import free_port
-    from meshlib import _runtime
     from meshlib._config import load_config
+    from meshlib._runtime import live_meshes
     from meshlib.security import LocalCA
 
     count = 300 if quick else 3000
@@ -227,7 +227,8 @@ def measure(quick: bool) -> dict[str, Any]:
     finally:
         for process in reversed(started):
             process.stop()
-        _runtime.reset()  # stop renewing the client's leaf from the directory about to go
+        for mesh in live_meshes():  # stop renewing the client's leaf from the directory
+            mesh.close()
         shutil.rmtree(directory, ignore_errors=True)
     return {name: _figures(got) for name, got in latencies.items()}
 

@@ -4,8 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshlib import _runtime, security
-from meshlib.server import _instance
+from meshlib._runtime import live_meshes
 from meshlib.telemetry import _admin
 
 pytest_plugins = ["missing_tools", "backends", "consul_agent", "consul_cluster", "served"]
@@ -18,11 +17,11 @@ def anyio_backend() -> str:
 
 @pytest.fixture(autouse=True)
 def _fresh_mesh_runtime() -> Iterator[None]:
-    """Each test gets its own process runtime (ejections, budgets, watches)."""
+    """Each test gets its own process meshes (ejections, budgets, watches, instance):
+    those the test's clients and middlewares shared are closed after it."""
     yield
-    _runtime.reset()
-    _instance.reset()
-    security.reset()
+    for mesh in live_meshes():
+        mesh.close()
     _admin.stop_admin()
 
 

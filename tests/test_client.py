@@ -765,9 +765,10 @@ def test_client_is_a_real_httpx_client() -> None:
 
 
 def _runtime_reset() -> None:
-    from meshlib import _runtime
+    from meshlib._runtime import live_meshes
 
-    _runtime.reset()
+    for mesh in live_meshes():
+        mesh.close()
 
 
 def _breaker_state(client: meshlib.Client) -> str:

@@ -14,6 +14,7 @@ PUBLIC = [
     "DeadlineExceeded",
     "EgressDenied",
     "IdentityMismatch",
+    "Mesh",
     "MeshError",
     "MeshRequestError",
     "MeshTransport",

@@ -351,11 +351,8 @@ def test_a_caller_that_is_not_allowed_gets_403_and_the_handler_never_runs(
     denial = b"denied GET /hello from spiffe://meshlib.test/ns/default/dc/dc1/svc/intruder"
     wait_until(lambda: denial in served.output, what="the denial in the server's log")
     assert handled(served, ca_dir) == 0
-    from meshlib import _runtime
-
-    _runtime.reset()
     as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{served.port}")
-    with meshlib.Client() as client:
+    with meshlib.Mesh() as mesh, meshlib.Client(mesh=mesh) as client:
         assert client.get("http://hello/hello").status_code == 200
 
 
@@ -404,6 +401,36 @@ def test_egress_to_a_host_not_allowed_fails_fast_without_a_connection(
 
 
 # ----------------------------------------------------------------------------- rotation
+
+
+def _served_leaf_expiry(port: int, context: ssl.SSLContext) -> float:
+    """When the leaf a new connection to ``port`` is served with expires (0: refused)."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            return ssl.cert_time_to_seconds(str(tls.getpeercert()["notAfter"]))
+    except (OSError, ssl.SSLError):
+        return 0.0
+
+
+def test_every_worker_of_a_pre_forking_server_renews_its_leaf(
+    serve: ServedFactory, ca_dir: Path
+) -> None:
+    # gunicorn forks its workers after loading the app; the renewal thread stayed in the
+    # parent, so each worker served its first leaf until it expired, then no handshake
+    served = serve(
+        "flask_app:app", server_env(ca_dir, MESH_TLS_LEAF_TTL="3s"), args=("--workers", "2")
+    )
+    context = client_context(ca_dir, "auditor")
+    first = _served_leaf_expiry(served.port, context)
+    assert first > 0
+    wait_until(
+        lambda: all(_served_leaf_expiry(served.port, context) > first for _ in range(8)),
+        timeout=20,
+        what="every worker serving a renewed leaf",
+    )
 
 
 def test_leaves_and_a_root_rotate_under_load_without_a_failed_request(

@@ -187,7 +187,7 @@ _PROBE = """
 import json, os
 import meshlib
 import meshlib.security._signer, meshlib.security._material, meshlib.server
-from meshlib.security import security_for
+from meshlib.security import Security
 from meshlib._config import load_config
 os.setgroups([])
 os.setgid({nobody})
@@ -198,7 +198,7 @@ try:
 except OSError as exc:
     key = type(exc).__name__
 try:
-    security = security_for(load_config())
+    security = Security(load_config())
 except (meshlib.ConfigError, OSError) as exc:
     print(json.dumps({{"key": key, "error": f"{{type(exc).__name__}}: {{exc}}"}}))
 else:

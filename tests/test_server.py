@@ -390,7 +390,7 @@ def new_pid(served: Any) -> int:
 def test_the_registration_asks_consul_to_remove_a_crashed_instance() -> None:
     # Consul does not report DeregisterCriticalServiceAfter back, and acting on it takes over
     # a minute, so the payload is checked here.
-    from meshlib.server._registration import Registration
+    from meshlib.instance import Registration
 
     config = load_config(
         {

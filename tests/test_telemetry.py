@@ -639,7 +639,7 @@ def test_server_metrics_of_a_wsgi_app_and_no_metrics_for_mesh_routes() -> None:
 def test_the_current_mesh_certificate_expiry_is_published(
     tmp_path: pathlib.Path,
 ) -> None:
-    from meshlib.security import LocalCA, security_for
+    from meshlib.security import LocalCA
 
     LocalCA(tmp_path).init("meshlib.local")
     config = load_config(
@@ -651,9 +651,11 @@ def test_the_current_mesh_certificate_expiry_is_published(
             "MESH_TLS_LEAF_TTL": "1h",
         }
     )
-    security_for(config)
-    expiry = samples("meshlib_certificate_expiry_seconds", service_name="gateway")
-    assert time.time() + 50 * 60 < expiry <= time.time() + 61 * 60
+    with meshlib.Mesh(config):
+        expiry = samples("meshlib_certificate_expiry_seconds", service_name="gateway")
+        assert time.time() + 50 * 60 < expiry <= time.time() + 61 * 60
+    # a closed mesh's certificate is no longer in use: not published
+    assert not samples("meshlib_certificate_expiry_seconds", service_name="gateway")
 
 
 def test_a_failing_gauge_callback_does_not_hide_the_other_metrics(

@@ -2,7 +2,8 @@
 
 Call other services by name with :class:`Client` / :class:`AsyncClient` (real httpx
 clients), and join the mesh on the server side with :class:`ASGIMiddleware` or
-:class:`WSGIMiddleware`. Everything is configured by environment variables; see
+:class:`WSGIMiddleware`; all of them share the process's :class:`Mesh` for their
+configuration unless given one of their own. Everything is configured by environment variables; see
 docs/configuration.md.
 """
 
@@ -21,6 +22,7 @@ from ._exceptions import (
     UntrustedCertificate,
 )
 from ._peer import peer_identity
+from ._runtime import Mesh
 from ._version import __version__
 from .client import AsyncClient, AsyncMeshTransport, Client, MeshTransport
 from .security import SpiffeId
@@ -36,6 +38,7 @@ __all__ = [
     "DeadlineExceeded",
     "EgressDenied",
     "IdentityMismatch",
+    "Mesh",
     "MeshError",
     "MeshRequestError",
     "MeshTransport",

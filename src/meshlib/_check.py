@@ -17,7 +17,7 @@ import httpx
 from ._config import ConsulSettings, MeshConfig, ServicePolicy
 from ._exceptions import ConfigError
 from .consul import client_options, request_extensions
-from .security import security_for
+from .security import Security
 
 __all__ = ["Check", "run_checks", "settings_table"]
 
@@ -46,9 +46,11 @@ def _tls(config: MeshConfig) -> Check:
     if config.tls == "off":
         return Check("tls", True, "MESH_TLS=off: plaintext, nothing to load")
     try:
-        tls = security_for(config).tls
+        security = Security(config)
     except ConfigError as exc:
         return Check("tls", False, " / ".join(exc.errors))
+    security.close()  # loaded to be checked, not to be renewed
+    tls = security.tls
     assert tls is not None
     material = tls.material
     source = "Consul's Connect CA" if config.tls_ca == "consul" else f"CA in {config.tls_dir}"

@@ -1,9 +1,15 @@
-"""The mesh runtime of a process: configuration, discovery, and per-service state.
+"""The mesh of a process: the one owner of everything a configuration sets going.
 
-Clients built from the same configuration share one runtime, so a process has one set of
-discovery watches (one background thread), one view of which endpoints are ejected, and
-one retry budget and breaker per destination service -- as a sidecar would -- however many
-clients it creates.
+A ``Mesh`` owns its discovery, its ``Security`` (TLS contexts, egress policy, authorizer),
+its server ``Instance`` (made when a middleware or ``meshlib serve`` first asks), and the
+state of every service it calls; closing it closes them. The telemetry gauges over those
+parts are registered here, by their owner, as callbacks over the open meshes.
+
+Clients and servers built from the same configuration share one mesh (``Mesh.for_config``),
+so a process has one set of discovery watches (one background thread), one view of which
+endpoints are ejected, one retry budget and breaker per destination service, and one
+instance in Consul's catalog -- as a sidecar would -- however many clients and middlewares
+it creates. A mesh made directly (``Mesh(config)``) is its maker's own, shared by nobody.
 
 ``lookup`` classifies a request's host:
 
@@ -18,19 +24,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import threading
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import httpx
 
-from ._config import MeshConfig, ServicePolicy
+from ._config import MeshConfig, ServicePolicy, load_config
 from ._exceptions import CircuitOpen, ConfigError, NoHealthyEndpoints
 from ._service import ServiceState
 from ._status import status_report
-from .discovery import Discovery, Endpoint, Snapshot, StaticDiscovery, make_discovery
+from .discovery import (
+    Discovery,
+    Endpoint,
+    Snapshot,
+    StaticDiscovery,
+    check_discovery,
+    make_discovery,
+)
 from .discovery._consul import TargetKey
+from .instance import Instance
 from .resilience._pending import PendingRequests, Ticket
 from .routing import Chain, Decision, Target, compile_filter
 from .routing._consul import CompiledChain
@@ -39,11 +55,14 @@ from .routing._local import LocalConfigFile
 from .routing._propagate import carry
 from .routing._sticky import request_key
 from .routing._upstream import UpstreamConfig, parse_upstream_config
-from .security import security_for
+from .security import Security
+from .telemetry import setup as setup_telemetry
 from .telemetry._admin import report_status
-from .telemetry._instruments import report_service_states
+from .telemetry._instruments import report_certificates, report_service_states
+from .telemetry._metrics import REGISTRY
+from .telemetry._names import SERVICE_NAME
 
-__all__ = ["Mesh", "Pending", "live_meshes", "reset"]
+__all__ = ["Mesh", "Pending", "live_meshes"]
 
 _CONSUL_SUFFIX = ".service.consul"
 
@@ -61,17 +80,43 @@ class Pending(NamedTuple):
 
 
 class Mesh:
-    """One process's mesh: discovery plus the state of every service it calls."""
+    """One configuration's mesh: the owner of its discovery, its security (TLS contexts
+    and their renewal, egress policy, authorizer), its server instance and the state of
+    every service it calls (ejections, retry budgets, breakers).
 
-    def __init__(self, config: MeshConfig, discovery: Discovery | None = None) -> None:
+    Clients and middlewares made without ``mesh=`` share the process's mesh for their
+    configuration (``Mesh.for_config``), as a sidecar would be shared; that one lives as
+    long as the process. A mesh made here belongs to its maker: pass it as ``mesh=`` to
+    ``Client``, ``AsyncClient``, ``ASGIMiddleware`` or ``WSGIMiddleware``, and close it
+    (or use it as a context manager) when done -- a test's or an embedded server's own.
+
+    Args:
+        config: the configuration (default: read from the environment now).
+        discovery: a discovery source to use instead of the one ``config`` names.
+
+    Raises:
+        meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value, or
+            TLS material it names cannot be loaded.
+    """
+
+    def __init__(
+        self, config: MeshConfig | None = None, discovery: Discovery | None = None
+    ) -> None:
+        config = load_config() if config is None else config
         self.config = config
-        self.security = security_for(config)  # first: a missing CA stops start-up here
-        self.local = _local_config(config)
-        if discovery is None and self.local is not None and config.discovery == "static":
-            static = StaticDiscovery(config.static_services, self.local.current().services)
-            self.local.subscribe(lambda new: static.update(new.services))
-            discovery = static
-        self.discovery = make_discovery(config) if discovery is None else discovery
+        self.security = Security(config)  # first: a missing CA stops start-up here
+        try:
+            check_discovery(config)
+            self.local = _local_config(config)
+        except BaseException:
+            self.security.close()  # a bad value stops start-up, leaving no renewal behind
+            raise
+        setup_telemetry(config)  # the process's tracer and exporters (OpenTelemetry's are
+        # process-wide: the first configuration installs them, later ones add labels)
+        self._given = discovery
+        #: the discovery in use, once the first call out started it
+        self._discovery: Discovery | None = None
+        self._instance: Instance | None = None
         #: host as written in URLs ("weather", "weather.service.consul") -> state
         self._services: dict[str, ServiceState] = {}
         #: (service, filter, datacenter, OnlyPassing) -> (target, the state of its endpoints,
@@ -81,25 +126,61 @@ class Mesh:
             tuple[str, str, str, bool], tuple[Target, ServiceState, Predicate | None, bool]
         ] = {}
         self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()  # not _lock: discovery may answer at once
         self._closed = False
-        self.discovery.subscribe(self._on_snapshot)
-        # Consul's discovery chains and per-target watches (ConsulDiscovery with chains).
-        self._consul_chain = getattr(self.discovery, "chain", None)
-        self._consul_target = getattr(self.discovery, "target", None)
-        self._chain_known = getattr(self.discovery, "chain_known", None)
-        subscribe_targets = getattr(self.discovery, "subscribe_targets", None)
-        if subscribe_targets is not None:
-            subscribe_targets(self._on_target_snapshot)
+        # Consul's discovery chains and per-target watches (ConsulDiscovery with chains),
+        # known once discovery is connected
+        self._consul_chain: Any = None
+        self._consul_target: Any = None
+        self._chain_known: Any = None
         #: this process's service-defaults UpstreamConfig (passive health per destination)
         self._upstream = UpstreamConfig()
         #: whether Consul caps the requests in flight to any destination
         self._capped = False
         self._pending = PendingRequests()
         self._upstream_refused: str | None = None
-        watch = getattr(self.discovery, "watch", None)
-        if watch is not None and config.service_name and self._consul_chain is not None:
-            path = "/v1/config/service-defaults/" + quote(config.service_name, safe="")
-            watch(path, self._on_service_defaults, missing_ok=True)
+        with _registry_lock:
+            _open.append(self)
+
+    @property
+    def discovery(self) -> Discovery:
+        """Where this mesh learns its services' endpoints: started on the first call out.
+
+        A server that never calls out starts no watch, and a pre-forking server's parent
+        (which builds its app before forking) leaves none behind in its workers: each
+        starts its own on its first call (threads do not follow a fork).
+        """
+        discovery = self._discovery
+        if discovery is not None:
+            return discovery
+        return self._connect()
+
+    def _connect(self) -> Discovery:
+        with self._connect_lock:
+            if self._discovery is not None:
+                return self._discovery
+            if self._closed:
+                raise RuntimeError("this mesh is closed")
+            discovery, config = self._given, self.config
+            if discovery is None and self.local is not None and config.discovery == "static":
+                static = StaticDiscovery(config.static_services, self.local.current().services)
+                self.local.subscribe(lambda new: static.update(new.services))
+                discovery = static
+            if discovery is None:
+                discovery = make_discovery(config)
+            discovery.subscribe(self._on_snapshot)
+            self._consul_chain = getattr(discovery, "chain", None)
+            self._consul_target = getattr(discovery, "target", None)
+            self._chain_known = getattr(discovery, "chain_known", None)
+            subscribe_targets = getattr(discovery, "subscribe_targets", None)
+            if subscribe_targets is not None:
+                subscribe_targets(self._on_target_snapshot)
+            watch = getattr(discovery, "watch", None)
+            if watch is not None and config.service_name and self._consul_chain is not None:
+                path = "/v1/config/service-defaults/" + quote(config.service_name, safe="")
+                watch(path, self._on_service_defaults, missing_ok=True)
+            self._discovery = discovery
+            return discovery
 
     # ---------------------------------------------------------------- classification
 
@@ -397,23 +478,51 @@ class Mesh:
         """The services this process has called, by name."""
         return {state.name: state for state in list(self._services.values())}
 
+    @property
+    def instance(self) -> Instance:
+        """This process's server instance for the configuration: made on first use, and
+        made anew after the last one stopped (a server restarted in the same process)."""
+        with self._lock:
+            if self._instance is None or self._instance.stopped:
+                self._instance = Instance(self.config)
+            return self._instance
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Stop discovery. The runtime is unusable afterwards."""
-        if not self._closed:
+        """Stop discovery, certificate renewal and the instance's registration watch (the
+        registration itself stays to the server's drain). The mesh is unusable afterwards."""
+        with _registry_lock:
+            if self._closed:
+                return
             self._closed = True
-            self.discovery.close()
+            for registry in (_open, _shared):
+                if self in registry:  # not in a forked child's: it inherited this one
+                    registry.remove(self)
+        if self._discovery is not None:
+            self._discovery.close()
+        elif self._given is not None:
+            self._given.close()
+        self.security.close()
+        if self._instance is not None:
+            self._instance.close()
 
     # ---------------------------------------------------------------- process default
 
     @classmethod
     def for_config(cls, config: MeshConfig) -> Mesh:
-        """The process's runtime for ``config``: shared by every client built from it."""
+        """The process's mesh for ``config``: shared by every client and server built from
+        it (made on first use; ``close`` ends it, and the next call makes a new one)."""
         with _registry_lock:
-            for mesh in _registry:
-                if mesh.config == config and not mesh._closed:
+            for mesh in _shared:
+                if mesh.config == config:
                     return mesh
             mesh = cls(config)
-            _registry.append(mesh)
+            _shared.append(mesh)
             return mesh
 
 
@@ -469,25 +578,88 @@ def _is_dns_failure(exc: BaseException) -> bool:
     return False
 
 
-_registry: list[Mesh] = []
-_registry_lock = threading.Lock()
+#: every mesh of this process not closed yet (what its metrics and /mesh/status report)
+_open: list[Mesh] = []
+#: those ``for_config`` made, shared by configuration
+_shared: list[Mesh] = []
+_registry_lock = threading.RLock()  # for_config holds it while a new mesh joins _open
+
+
+def _after_fork_in_child() -> None:
+    """A pre-forking server's worker keeps its parent's meshes (the app was built before
+    the fork, and the parent registered the instance and drains it for the workers), but
+    not their discovery: its watch thread stayed behind, so the worker starts its own on
+    its first call out, with a fresh view of its destinations."""
+    global _registry_lock
+    _registry_lock = threading.RLock()  # another thread may have held it at the fork
+    for mesh in _open:
+        mesh._lock = threading.Lock()
+        mesh._connect_lock = threading.Lock()
+        if mesh._given is None:
+            mesh._discovery = None
+            mesh._services = {}
+            mesh._targets = {}
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def live_meshes() -> list[Mesh]:
-    """The process's runtimes still open (what its metrics and ``/mesh/status`` report)."""
-    return [mesh for mesh in list(_registry) if not mesh._closed]
+    """The process's meshes still open (what its metrics and ``/mesh/status`` report)."""
+    with _registry_lock:
+        return list(_open)
 
 
+# The gauges over the meshes' parts, registered by their owner: exported like every other
+# metric (Prometheus text and OTLP), read when scraped.
 report_service_states(
     lambda: [state for mesh in live_meshes() for state in mesh.services().values()]
 )
 report_status(lambda: status_report(live_meshes()))
 
 
-def reset() -> None:
-    """Close and forget every process runtime (for tests; clients keep theirs)."""
-    with _registry_lock:
-        meshes = list(_registry)
-        _registry.clear()
-    for mesh in meshes:
-        mesh.close()
+def _certificates() -> list[tuple[str, float]]:
+    """(service, expiry) of each certificate in use: the newest, swapped in on rotation."""
+    return [
+        (tls.material.identity.service, tls.material.not_after.timestamp())
+        for mesh in live_meshes()
+        if (tls := mesh.security.tls) is not None
+    ]
+
+
+report_certificates(_certificates)
+
+
+def _instances() -> dict[str, list[Instance]]:
+    by_service: dict[str, list[Instance]] = {}
+    for mesh in live_meshes():
+        instance = mesh._instance
+        if instance is not None and not instance.stopped:
+            by_service.setdefault(mesh.config.service_name or "", []).append(instance)
+    return by_service
+
+
+def _readiness() -> Iterator[tuple[tuple[str, ...], float]]:
+    for service, instances in _instances().items():
+        yield (service,), 1.0 if any(i.ready for i in instances) else 0.0
+
+
+def _in_flight() -> Iterator[tuple[tuple[str, ...], float]]:
+    for service, instances in _instances().items():
+        yield (service,), float(sum(i.in_flight for i in instances))
+
+
+REGISTRY.gauge(
+    "meshlib.ready",
+    "1",
+    "1 while this instance is ready to receive traffic (0 while starting or draining).",
+    (SERVICE_NAME,),
+    _readiness,
+)
+REGISTRY.gauge(
+    "meshlib.inbound.requests.in_flight",
+    "1",
+    "Requests this instance is handling.",
+    (SERVICE_NAME,),
+    _in_flight,
+)

@@ -205,10 +205,12 @@ def _status(args: argparse.Namespace) -> int:
     verify: ssl.SSLContext | bool = True
     if url.scheme == "https":
         # a strict-mTLS server asks for a mesh certificate: present this environment's
-        from .security import security_for
+        from .security import Security
 
-        tls = security_for(load_config()).tls
+        security = Security(load_config())
+        tls = security.tls
         verify = tls.client if tls is not None else True
+        security.close()  # the context holds the leaf: renewal is not needed for one call
     try:
         response = httpx.get(url, timeout=args.timeout, verify=verify)
         if response.status_code in (400, 404) and (

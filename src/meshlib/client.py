@@ -43,7 +43,6 @@ from .resilience._pending import POLL as PENDING_POLL
 from .security._refusals import TLS_REQUIRED_HEADER, tls_required_message
 from .security._verify import async_identity_check, identity_check
 from .telemetry import OutboundTelemetry
-from .telemetry import setup as setup_telemetry
 
 __all__ = ["AsyncClient", "AsyncMeshTransport", "Client", "MeshTransport"]
 
@@ -75,7 +74,6 @@ class MeshTransport(httpx.BaseTransport):
         mesh: Mesh | None = None,
     ) -> None:
         self.mesh = _runtime(config, mesh)
-        setup_telemetry(self.mesh.config)
         self._inner = _Plaintext(httpx.HTTPTransport() if inner is None else inner)
         self._tls = _TlsPools(self.mesh, _trust_checked(self.mesh, _Trust), identity_check)
 
@@ -232,7 +230,6 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         mesh: Mesh | None = None,
     ) -> None:
         self.mesh = _runtime(config, mesh)
-        setup_telemetry(self.mesh.config)
         self._inner = _AsyncPlaintext(AsyncPoolTransport() if inner is None else inner)
         self._tls = _TlsPools(
             self.mesh, _trust_checked(self.mesh, _AsyncTrust), async_identity_check
@@ -729,6 +726,14 @@ class Client(httpx.Client):
     ``retries`` and ``hedge`` (seconds before a hedged attempt, or ``False``; see
     ``MESH_HEDGE_DELAY``). What the mesh did is in ``response.extensions["meshlib"]``.
 
+    Args:
+        transport: the inner transport that does the I/O (default: a pooled one).
+        timeout: a cap on each attempt (default: none beyond the mesh's own).
+        config: configuration to use instead of reading the environment.
+        mesh: the mesh to call through (default: the process's mesh for ``config``, shared
+            by every client and middleware built from it); see :class:`meshlib.Mesh`.
+        **kwargs: any other ``httpx.Client`` argument.
+
     Raises:
         meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value.
 
@@ -740,10 +745,11 @@ class Client(httpx.Client):
         transport: httpx.BaseTransport | None = None,
         timeout: float | httpx.Timeout | None = None,
         config: MeshConfig | None = None,
+        mesh: Mesh | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            transport=MeshTransport(transport, config=config), timeout=timeout, **kwargs
+            transport=MeshTransport(transport, config=config, mesh=mesh), timeout=timeout, **kwargs
         )
 
     def send(
@@ -767,10 +773,13 @@ class AsyncClient(httpx.AsyncClient):
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float | httpx.Timeout | None = None,
         config: MeshConfig | None = None,
+        mesh: Mesh | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            transport=AsyncMeshTransport(transport, config=config), timeout=timeout, **kwargs
+            transport=AsyncMeshTransport(transport, config=config, mesh=mesh),
+            timeout=timeout,
+            **kwargs,
         )
 
     async def send(

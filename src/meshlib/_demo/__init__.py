@@ -34,9 +34,9 @@ from typing import TextIO
 
 import httpx
 
-from .. import _runtime, dashboard
+from .. import dashboard
+from .._runtime import live_meshes
 from ..client import Client
-from ..security import reset as reset_security
 from ._processes import ServiceProcess
 from ._system import EXAMPLE, Traffic, WeatherSystem
 from ._traces import SpanRecord, TraceReceiver, span_tree
@@ -101,8 +101,8 @@ def run(duration: float = 50.0, *, out: TextIO | None = None) -> int:
             board.close()
         system.stop()
         receiver.close()
-        _runtime.reset()
-        reset_security()  # stops this process's certificate renewal before its CA goes
+        for mesh in live_meshes():  # stops this process's certificate renewal before its CA goes
+            mesh.close()
         shutil.rmtree(workdir, ignore_errors=True)
     if traffic is None:
         return 1

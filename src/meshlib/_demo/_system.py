@@ -284,7 +284,7 @@ class WeatherSystem:
     @contextlib.contextmanager
     def _consul_client(self) -> Iterator[Any]:
         """A py-consul client of the agent at CONSUL_HTTP_ADDR."""
-        from ..server._py_consul import agent_client
+        from ..instance._py_consul import agent_client
 
         client = agent_client(self._consul_settings())
         try:

@@ -23,8 +23,19 @@ __all__ = [
     "Snapshot",
     "SnapshotListener",
     "StaticDiscovery",
+    "check_discovery",
     "make_discovery",
 ]
+
+
+def check_discovery(config: MeshConfig) -> None:
+    """Raise ``ConfigError`` if ``make_discovery(config)`` would (at start-up, before the
+    discovery itself starts on the first call out)."""
+    if config.discovery == "consul" and config.consul is None:
+        raise ConfigError(
+            "MESH_DISCOVERY='consul': expected CONSUL_HTTP_ADDR to be set as well "
+            "(the address of the local Consul agent), or MESH_DISCOVERY=static"
+        )
 
 
 def make_discovery(config: MeshConfig) -> Discovery:
@@ -32,12 +43,9 @@ def make_discovery(config: MeshConfig) -> Discovery:
 
     Otherwise static discovery from ``config.static_services``.
     """
+    check_discovery(config)
     if config.discovery == "consul":
-        if config.consul is None:
-            raise ConfigError(
-                "MESH_DISCOVERY='consul': expected CONSUL_HTTP_ADDR to be set as well "
-                "(the address of the local Consul agent), or MESH_DISCOVERY=static"
-            )
+        assert config.consul is not None
         return ConsulDiscovery(
             config.consul,
             connect=config.tls == "strict",

@@ -1,10 +1,11 @@
 """The life of this server instance: starting, ready, draining, stopped.
 
-One ``Instance`` per process and configuration, shared by every middleware and by
-``meshlib serve``. It counts requests in flight, answers readiness, registers with Consul
-when it starts (Consul discovery only: static mode registers nothing) and, on shutdown,
-goes unready and deregisters *before* the server stops accepting connections, so callers
-stop picking it while it still answers, then waits for requests in flight to finish.
+One ``Instance`` per process and configuration, owned by the process's ``Mesh``
+(``mesh.instance``) and so shared by every middleware and by ``meshlib serve``. It counts
+requests in flight, answers readiness, registers with Consul when it starts (Consul
+discovery only: static mode registers nothing) and, on shutdown, goes unready and
+deregisters *before* the server stops accepting connections, so callers stop picking it
+while it still answers, then waits for requests in flight to finish.
 """
 
 from __future__ import annotations
@@ -15,18 +16,15 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from .._acl import Refused
 from .._config import MeshConfig
 from .._exceptions import ConfigError
 from ..telemetry._admin import admin_listener
-from ..telemetry._metrics import REGISTRY
-from ..telemetry._names import SERVICE_NAME
 from ._registration import Registration
 
-__all__ = ["Instance"]
+__all__ = ["Instance", "share_drain_with_workers"]
 
 logger = logging.getLogger("meshlib.server")
 
@@ -227,22 +225,24 @@ class Instance:
         if self.registration is not None:
             self.registration.close()
 
+    def close(self) -> None:
+        """Let go of this instance without a drain (its ``Mesh`` closed): stop retrying and
+        following the registration; the registration itself stays to the server's ``stop``."""
+        self._stopping.set()
+        if self._state != "stopped":
+            self._state = "stopped"
+            atexit.unregister(self._deregister_at_exit)
+            if self.registration is not None:
+                self.registration.close()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``stop`` or ``close`` ended this instance (its mesh then makes a new one)."""
+        return self._state == "stopped"
+
     def _deregister_at_exit(self) -> None:
         if self._state in ("starting", "ready"):
             self.begin_drain()
-
-    # ---------------------------------------------------------------- process default
-
-    @classmethod
-    def for_config(cls, config: MeshConfig) -> Instance:
-        """The process's instance for ``config`` (shared by every middleware built from it)."""
-        with _registry_lock:
-            for instance in _registry:
-                if instance.config == config and instance._state != "stopped":
-                    return instance
-            instance = cls(config)
-            _registry.append(instance)
-            return instance
 
 
 def _admin_address(config: MeshConfig) -> tuple[str, int] | None:
@@ -274,50 +274,3 @@ def share_drain_with_workers() -> None:
     if _shared_drain is None:
         _shared_drain = multiprocessing.RawValue(ctypes.c_bool, False)
         _shared_registered = multiprocessing.RawValue(ctypes.c_bool, False)
-
-
-_registry: list[Instance] = []
-_registry_lock = threading.Lock()
-
-
-def reset() -> None:
-    """Forget every instance (for tests)."""
-    with _registry_lock:
-        _registry.clear()
-
-
-def _live() -> dict[str, list[Instance]]:
-    by_service: dict[str, list[Instance]] = {}
-    with _registry_lock:
-        for instance in _registry:
-            if instance._state != "stopped":
-                by_service.setdefault(instance.config.service_name or "", []).append(instance)
-    return by_service
-
-
-def _readiness() -> Iterator[tuple[tuple[str, ...], float]]:
-    for service, instances in _live().items():
-        yield (service,), 1.0 if any(i.ready for i in instances) else 0.0
-
-
-def _in_flight() -> Iterator[tuple[tuple[str, ...], float]]:
-    for service, instances in _live().items():
-        yield (service,), float(sum(i.in_flight for i in instances))
-
-
-# Registered here, by the owner of the instances: exported like every other metric
-# (Prometheus text and OTLP), labelled service_name like the rest.
-REGISTRY.gauge(
-    "meshlib.ready",
-    "1",
-    "1 while this instance is ready to receive traffic (0 while starting or draining).",
-    (SERVICE_NAME,),
-    _readiness,
-)
-REGISTRY.gauge(
-    "meshlib.inbound.requests.in_flight",
-    "1",
-    "Requests this instance is handling.",
-    (SERVICE_NAME,),
-    _in_flight,
-)

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from .. import __version__
 from .._acl import Refused, refusal
 from .._config import ConsulSettings, MeshConfig
+from .._version import __version__
 from ..consul import Engine
 
 __all__ = ["Registration"]

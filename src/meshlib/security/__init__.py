@@ -1,20 +1,18 @@
 """Zero trust: identities, certificate authorities, rotating TLS contexts, authorization.
 
-``security_for(config)`` gives the process's ``Security``: its TLS contexts (when
-``MESH_TLS`` is not ``off``), its egress policy and its authorizer, shared by clients and
-servers built from the same configuration.
+A ``Security`` holds a configuration's TLS contexts (when ``MESH_TLS`` is not ``off``), its
+egress policy and its authorizer. The process's ``Mesh`` owns one (``mesh.security``),
+shared by the clients and servers built from that configuration.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._config import MeshConfig
 from .._exceptions import ConfigError
-from ..telemetry._instruments import report_certificates
 from ._authz import Authorizer, Decision, LocalAuthorizer
 from ._contexts import TlsContexts
 from ._egress import EgressPolicy
@@ -36,7 +34,6 @@ __all__ = [
     "TlsContexts",
     "TlsMaterial",
     "from_peercert",
-    "security_for",
 ]
 
 
@@ -143,39 +140,3 @@ def _source(config: MeshConfig) -> MaterialSource:
         raise ConfigError(f"MESH_TLS_DIR={config.tls_dir!r}: {exc}") from None
     identity = SpiffeId(info.trust_domain, config.service_name, config.datacenter)
     return LocalSource(ca, identity, config.tls_leaf_ttl)
-
-
-_registry: list[Security] = []
-_lock = threading.Lock()
-
-
-def security_for(config: MeshConfig) -> Security:
-    """The process's ``Security`` for ``config`` (one per configuration)."""
-    with _lock:
-        for security in _registry:
-            if security.config == config:
-                return security
-        security = Security(config)
-        _registry.append(security)
-        return security
-
-
-def _certificates() -> list[tuple[str, float]]:
-    """(service, expiry) of each certificate in use: the newest, swapped in on rotation."""
-    return [
-        (s.tls.material.identity.service, s.tls.material.not_after.timestamp())
-        for s in list(_registry)
-        if s.tls is not None
-    ]
-
-
-report_certificates(_certificates)
-
-
-def reset() -> None:
-    """Stop and forget every ``Security`` (for tests)."""
-    with _lock:
-        items = list(_registry)
-        _registry.clear()
-    for security in items:
-        security.close()

@@ -19,7 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -162,6 +164,10 @@ class RenewingSource:
         self._fingerprint = issuer.fingerprint()
         self._switch = issuer.signing_switch()
         self._material = self._issue()
+        self._start()
+        _RENEWING.add(self)
+
+    def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="meshlib-tls", daemon=True)
         self._thread.start()
 
@@ -216,6 +222,20 @@ class RenewingSource:
                     listener(self._material)
                 except Exception:
                     logger.exception("a TLS material listener failed")
+
+
+#: the sources renewing now, restarted in a forked child (threads do not follow a fork: a
+#: pre-forking server's workers kept their parent's leaf until it expired)
+_RENEWING: weakref.WeakSet[RenewingSource] = weakref.WeakSet()
+
+
+def _restart_in_child() -> None:
+    for source in list(_RENEWING):
+        if not source._stop.is_set():
+            source._start()
+
+
+os.register_at_fork(after_in_child=_restart_in_child)
 
 
 class LocalSource(RenewingSource):

@@ -17,9 +17,9 @@ from typing import Any
 import anyio
 
 from .._config import MeshConfig, load_config
+from .._runtime import Mesh
 from ..resilience._deadline import inbound_deadline
 from ..routing._propagate import inbound_marks
-from ..security import security_for
 from ..telemetry import asgi as telemetry_around
 from ._faults import FAULT_RESPONSE_HEADER
 from ._inbound import (
@@ -30,7 +30,6 @@ from ._inbound import (
     Stage,
     joined_headers,
 )
-from ._instance import Instance
 
 __all__ = ["ASGIMiddleware"]
 
@@ -57,6 +56,14 @@ class ASGIMiddleware:
 
     Keys it adds to the scope: ``meshlib.deadline`` (a ``Deadline`` or ``None``).
 
+    Args:
+        app: the application.
+        config: configuration to use instead of reading the environment.
+        stages: inbound stages to run before the application, in order.
+        mesh: the mesh to join (default: the process's mesh for ``config``, shared with
+            its clients and other middlewares; one made with ``meshlib.Mesh`` and closed
+            by its maker keeps a test or an embedded server to itself).
+
     Raises:
         meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value, or
             the config file a bad ``faults`` entry.
@@ -68,13 +75,15 @@ class ASGIMiddleware:
         *,
         config: MeshConfig | None = None,
         stages: tuple[Stage, ...] = (),
+        mesh: Mesh | None = None,
     ) -> None:
         self.app = app
-        self.config = load_config() if config is None else config
-        self.instance = Instance.for_config(self.config)
+        self.mesh = mesh or Mesh.for_config(load_config() if config is None else config)
+        self.config = self.mesh.config
+        self.inbound = Inbound(self.mesh, stages)
+        self.instance = self.inbound.instance
         #: the HTTP path inside the SERVER span, server metrics and access log
         self._traced_http = telemetry_around(self._http, self.config)
-        self.inbound = Inbound(self.instance, stages, security_for(self.config).authorizer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

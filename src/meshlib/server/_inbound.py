@@ -49,20 +49,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from .. import __version__
-from .._config import MeshConfig
 from .._logsafe import escaped
-from .._runtime import live_meshes
+from .._runtime import Mesh, live_meshes
 from .._status import status_report
+from ..instance import Instance
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
 from ..routing._propagate import Marks, marks_of
-from ..security import Authorizer, SpiffeId, security_for
+from ..security import Authorizer, SpiffeId, TlsContexts
 from ..telemetry import prometheus_text
 from ..telemetry._admin import is_loopback, serve_admin, set_routes
 from ..telemetry._inbound import peer_service
 from ..telemetry._instruments import SERVER_FAULTS, SERVER_LOAD_SHED, SERVER_RATE_LIMITED
 from ._faults import FAULT_RESPONSE_HEADER, FaultDecision, FaultInjector
-from ._instance import Instance
 from ._limits import RateLimiter, Refusal
 
 logger = logging.getLogger("meshlib.server")
@@ -148,16 +147,12 @@ def json_response(
 class Inbound:
     """Decides, per request, whether the application runs and with what deadline."""
 
-    def __init__(
-        self,
-        instance: Instance,
-        stages: Sequence[Stage] = (),
-        authorizer: Authorizer | None = None,
-    ) -> None:
-        self.instance = instance
+    def __init__(self, mesh: Mesh, stages: Sequence[Stage] = ()) -> None:
+        self.mesh = mesh
+        self.instance = mesh.instance
         self.stages = tuple(stages)
-        self.authorizer = authorizer
-        config = instance.config
+        self.authorizer: Authorizer | None = mesh.security.authorizer
+        config = mesh.config
         self.service = config.service_name or ""
         self.limiter = RateLimiter(config.rate_limit, config.rate_limit_per_source)
         self.max_concurrent = config.max_concurrent_requests
@@ -207,7 +202,7 @@ class Inbound:
                 # The orchestrator's readiness: serving, *and* listed in discovery, *and*
                 # able to prove its identity. /mesh/health (Consul's own check) cannot ask
                 # for registration: Consul runs it to decide whether the listing is healthy.
-                certificates = _certificates(config)
+                certificates = _certificates(self.mesh.security.tls)
                 payload["registered"] = instance.registered
                 payload["certificates"] = certificates
                 ready = ready and instance.registered and certificates in ("loaded", "off")
@@ -373,16 +368,13 @@ def _aborted(fault: FaultDecision) -> LocalResponse:
 
 
 def _metrics(instance: Instance) -> LocalResponse:
-    # meshlib_ready and meshlib_inbound_requests_in_flight are in the registry (_instance.py)
+    # meshlib_ready and meshlib_inbound_requests_in_flight are in the registry (_runtime.py)
     body = prometheus_text().encode()
     return LocalResponse(200, (("content-type", "text/plain; version=0.0.4; charset=utf-8"),), body)
 
 
-def _certificates(config: MeshConfig) -> str:
+def _certificates(tls: TlsContexts | None) -> str:
     """``off`` (no mesh TLS), ``loaded`` (a leaf valid now) or ``expired``."""
-    if config.tls == "off":
-        return "off"
-    tls = security_for(config).tls
     if tls is None:
         return "off"
     return "loaded" if tls.material.not_after > dt.datetime.now(dt.UTC) else "expired"

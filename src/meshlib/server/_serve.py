@@ -44,12 +44,13 @@ from typing import Any
 from .._config import MeshConfig, load_config
 from .._exceptions import ConfigError
 from .._logsafe import escaped
-from ..security import NoServiceIdentity, TlsContexts, security_for
+from .._runtime import Mesh
+from ..instance import share_drain_with_workers
+from ..security import NoServiceIdentity, TlsContexts
 from ..security._refusals import PLAINTEXT_REFUSAL, RefusalLog, handshake_refusal
 from ._asgi import ASGIMiddleware
 from ._faults import FaultInjector
 from ._inbound import ADMIN_REUSE_PORT_ENV
-from ._instance import Instance, share_drain_with_workers
 from ._lifespan import StartupErrors
 from ._wsgi import WSGIMiddleware
 
@@ -196,7 +197,7 @@ def serve(target: str, *, host: str = "127.0.0.1", port: int = 8000, workers: in
     FaultInjector(config, follow_consul=False)
     # TLS material is loaded before the app is imported and the address announced: a
     # missing CA is the same one line for ASGI and WSGI, and nothing says "https" first.
-    security_for(config)
+    Mesh.for_config(config)
     app = meshed(load_app(target), config)
     kind = "asgi" if is_asgi(app) else "wsgi"
     shown = f"[{host}]" if ":" in host else host
@@ -283,7 +284,7 @@ def _run_uvicorn(
         "proxy_headers": False,
         "forwarded_allow_ips": "",
     }
-    tls = security_for(config).tls
+    tls = Mesh.for_config(config).security.tls
     if tls is not None:
         from ._tls_uvicorn import mesh_protocol
 
@@ -391,7 +392,7 @@ if _uvicorn is not None:
 
         def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
             config = load_config()
-            Instance.for_config(config).begin_drain()
+            Mesh.for_config(config).instance.begin_drain()
             time.sleep(config.shutdown_delay)  # deliberate: callers drop us meanwhile
             super().handle_exit(sig, frame)
 
@@ -418,7 +419,7 @@ def _run_gunicorn(sock: socket.socket, config: MeshConfig, workers: int) -> int:
     from gunicorn.app.base import BaseApplication
 
     share_drain_with_workers()
-    instance = Instance.for_config(config)
+    instance = Mesh.for_config(config).instance
     address, port = sock.getsockname()[:2]
 
     def when_ready(arbiter: Any) -> None:
@@ -461,7 +462,7 @@ def _run_gunicorn(sock: socket.socket, config: MeshConfig, workers: int) -> int:
         "when_ready": when_ready,
         "reuse_port": False,
     }
-    tls = security_for(config).tls
+    tls = Mesh.for_config(config).security.tls
     if tls is not None:
         options.update(_gunicorn_tls(tls))
 

@@ -15,14 +15,14 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .._config import MeshConfig, load_config
+from .._runtime import Mesh
 from ..resilience._deadline import inbound_deadline
 from ..routing._propagate import inbound_marks
-from ..security import NoServiceIdentity, SpiffeId, TlsContexts, security_for
+from ..security import NoServiceIdentity, SpiffeId, TlsContexts
 from ..telemetry import wsgi as telemetry_around
 from ..telemetry._inbound import OnClose
 from ._faults import FAULT_RESPONSE_HEADER
 from ._inbound import RESERVED_PREFIX, Inbound, InboundRequest, LocalResponse, Stage
-from ._instance import Instance
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -42,6 +42,13 @@ class WSGIMiddleware:
     ``MESH_FAULT_*``), and registers the instance in Consul (on the first request or
     ``start()``).
 
+    Args:
+        app: the application.
+        config: configuration to use instead of reading the environment.
+        stages: inbound stages to run before the application, in order.
+        mesh: the mesh to join (default: the process's mesh for ``config``, shared with
+            its clients and other middlewares; one made with ``meshlib.Mesh`` and closed
+            by its maker keeps a test or an embedded server to itself).
 
     Raises:
         meshlib.ConfigError: the environment holds a bad ``MESH_*``/``CONSUL_*`` value, or
@@ -54,15 +61,16 @@ class WSGIMiddleware:
         *,
         config: MeshConfig | None = None,
         stages: tuple[Stage, ...] = (),
+        mesh: Mesh | None = None,
     ) -> None:
         self.app = app
-        self.config = load_config() if config is None else config
-        self.instance = Instance.for_config(self.config)
+        self.mesh = mesh or Mesh.for_config(load_config() if config is None else config)
+        self.config = self.mesh.config
+        self._tls = self.mesh.security.tls
+        self.inbound = Inbound(self.mesh, stages)
+        self.instance = self.inbound.instance
         #: the request path inside the SERVER span, server metrics and access log
         self._traced = telemetry_around(self._handle, self.config)
-        security = security_for(self.config)
-        self._tls = security.tls
-        self.inbound = Inbound(self.instance, stages, security.authorizer)
 
     def start(self, *, address: str | None = None, port: int | None = None) -> None:
         """Become ready (open the admin listener, register with Consul) now rather than on
