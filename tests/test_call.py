@@ -13,7 +13,7 @@ import pytest
 
 import meshlib
 from meshlib._config import load_config
-from meshlib._pipeline import Call
+from meshlib._pipeline import Admission, Call
 from meshlib._service import ServiceState
 from meshlib.discovery import Endpoint, Snapshot
 
@@ -123,3 +123,22 @@ def test_no_attempt_starts_past_the_deadline() -> None:
     request = httpx.Request("GET", "http://weather/", extensions={"meshlib": {"deadline": 0.0}})
     with pytest.raises(meshlib.DeadlineExceeded):
         Call(_service(), request).start_attempt(request)
+
+
+def test_admission_classifies_routes_and_makes_the_call_without_io() -> None:
+    """Stage 1 without sockets: a mesh service gets its Call at once (no wait), a foreign
+    host gets none (the transport bypasses the mesh), an unknown ``.service.consul`` name
+    is refused while classifying."""
+    config = load_config({"MESH_STATIC_SERVICES": "weather=10.0.0.1:8001"})
+    with meshlib.Mesh(config) as mesh:
+        request = _request()
+        admission = Admission(mesh, request)
+        assert admission.next() is None
+        assert admission.call is not None
+        assert admission.call.service.name == "weather"
+        foreign = Admission(mesh, httpx.Request("GET", "http://example.org/"))
+        assert foreign.next() is None
+        assert foreign.call is None
+        unknown = Admission(mesh, httpx.Request("GET", "http://nothere.service.consul/"))
+        with pytest.raises(meshlib.NoHealthyEndpoints, match="nothere"):
+            unknown.next()

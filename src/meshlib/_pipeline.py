@@ -4,7 +4,7 @@ The sync and async transports (client.py) are thin loops around ``Call``: they a
 an attempt, do the I/O, tell it what happened, and sleep as long as it says. Every policy
 decision lives here, once. The stages, outermost first, and why they sit where they do:
 
-1. **classify, route, limits** (before a Call exists, in the transports):
+1. **classify, route, limits** (``Admission``, which makes the Call):
    ``Mesh.lookup`` (waiting once for discovery of a service never called), then only mesh
    services go on; other hosts pass the egress policy and go through untouched but for
    their telemetry (``OutboundTelemetry.external``: a span, the duration, a log line).
@@ -13,7 +13,7 @@ decision lives here, once. The stages, outermost first, and why they sit where t
    ``MaxConcurrentRequests``; ``Mesh.pending`` its ``MaxConnections`` /
    ``MaxPendingRequests``. A refusal there (``NoHealthyEndpoints``, ``CircuitOpen``) is
    recorded as any failure is, one CLIENT span and one duration observation
-   (``OutboundTelemetry.failed_early``).
+   (``OutboundTelemetry.failed_early``). The transports only do its waits (``Wait``).
 2. **deadline** (``Call.__init__``): one budget for the whole logical request, capped by the
    deadline of the inbound request being served, so no retry or backoff can outlive it.
    It is checked before every attempt and sent downstream with each. An attempt cut short
@@ -58,7 +58,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import httpx
 
@@ -67,14 +67,18 @@ from ._exceptions import (
     CircuitOpen,
     DeadlineExceeded,
     MeshError,
+    MeshRequestError,
     NoHealthyEndpoints,
     RequestFailed,
 )
+from ._runtime import Mesh, Pending
 from ._service import ServiceState
 from ._urls import with_endpoint
 from .balance import EndpointState
 from .resilience._deadline import DEADLINE_HEADER, Deadline, inbound_deadline
 from .resilience._events import EVENTS
+from .resilience._pending import POLL as PENDING_POLL
+from .resilience._pending import Ticket
 from .resilience._retry import (
     IDEMPOTENT_METHODS,
     OVERLOADED,
@@ -91,7 +95,16 @@ from .routing._rewrite import RouteEdits
 from .routing._sticky import request_key
 from .telemetry._outbound import OutboundTelemetry
 
-__all__ = ["WAIT", "Attempt", "Call", "CallInfo", "clone_request", "request_options"]
+__all__ = [
+    "WAIT",
+    "Admission",
+    "Attempt",
+    "Call",
+    "CallInfo",
+    "Wait",
+    "clone_request",
+    "request_options",
+]
 
 #: The per-request options key: ``client.post(url, extensions={"meshlib": {...}})``.
 OPTIONS_KEY = "meshlib"
@@ -131,6 +144,68 @@ def request_options(request: httpx.Request) -> Mapping[str, Any]:
 #: a failed attempt's latency floor, as a multiple of the service's costliest estimate
 #: (above 1 so the failed endpoint is never the cheaper of two; see ``Call._record``)
 _FAILURE_COST = 1.1
+
+
+class Wait(NamedTuple):
+    """What an ``Admission`` waits for before it can decide: the first answer of discovery
+    for ``service`` (at most ``seconds``), or, with ``service`` empty, a turn for a
+    connection (Consul's ``MaxConnections``), asked again after ``seconds``."""
+
+    service: str
+    seconds: float
+
+
+class Admission:
+    """Stage 1, sans-IO: which request is the mesh's, where it goes, and whether a limit
+    lets it go now. The transports call ``next()`` and do each ``Wait`` it returns until it
+    returns None; ``call`` is then the request's ``Call``, or None for a host that is no
+    mesh service. ``close()`` in a ``finally`` gives back a turn still waited for."""
+
+    __slots__ = ("_mesh", "_pending", "_request", "_route", "_started", "_ticket", "call")
+
+    def __init__(self, mesh: Mesh, request: httpx.Request) -> None:
+        self._mesh = mesh
+        self._request = request
+        self._started = time.perf_counter()
+        self._pending: Pending | None = None
+        self._ticket: Ticket | None = None
+        self._route: tuple[ServiceState, Decision | None] | None = None
+        self.call: Call | None = None
+
+    def next(self) -> Wait | None:
+        """The next wait, or None once decided (then see ``call``)."""
+        mesh, request = self._mesh, self._request
+        try:
+            if self._route is None:
+                if self._pending is None:
+                    found = mesh.lookup(request.url.host)
+                    if isinstance(found, Pending):  # a service never called: discovery first
+                        self._pending = found
+                        return Wait(found.service, mesh.wait_timeout())
+                else:
+                    found = mesh.resolve(self._pending)
+                if found is None:
+                    return None  # no mesh service: the transport bypasses the mesh
+                self._route = mesh.route(found, request)
+                self._ticket = mesh.pending(self._route[0], request)
+            ticket = self._ticket
+            if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
+                if not ticket.ready():
+                    return Wait("", PENDING_POLL)
+                self._ticket = None
+                ticket.leave()
+            service, route = self._route
+            self.call = Call(service, request, mesh.config.tls, route)
+            return None
+        except MeshRequestError as exc:  # refused before any attempt: recorded all the same
+            OutboundTelemetry.failed_early(request, exc, self._started)
+            raise
+
+    def close(self) -> None:
+        """Give back the turn still waited for (the caller gave up while waiting)."""
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            ticket.leave()
 
 
 class Attempt:

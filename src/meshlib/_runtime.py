@@ -588,14 +588,16 @@ _registry_lock = threading.RLock()  # for_config holds it while a new mesh joins
 def _after_fork_in_child() -> None:
     """A pre-forking server's worker keeps its parent's meshes (the app was built before
     the fork, and the parent registered the instance and drains it for the workers), but
-    not their discovery: its watch thread stayed behind, so the worker starts its own on
-    its first call out, with a fresh view of its destinations."""
+    not a watching discovery: its thread stayed behind, so the worker starts its own on
+    its next call out, with a fresh view of its destinations. (Static discovery has no
+    thread: the worker keeps it, and the state of every destination.)"""
     global _registry_lock
     _registry_lock = threading.RLock()  # another thread may have held it at the fork
     for mesh in _open:
         mesh._lock = threading.Lock()
         mesh._connect_lock = threading.Lock()
-        if mesh._given is None:
+        discovery = mesh._discovery
+        if mesh._given is None and not isinstance(discovery, StaticDiscovery | None):
             mesh._discovery = None
             mesh._services = {}
             mesh._targets = {}

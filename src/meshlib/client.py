@@ -37,9 +37,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._async_pool import AsyncPoolTransport
 from ._config import MeshConfig, load_config
 from ._exceptions import MeshRequestError, UntrustedCertificate
-from ._pipeline import MAX_HEDGES, WAIT, Attempt, Call, clone_request
-from ._runtime import Mesh, Pending
-from .resilience._pending import POLL as PENDING_POLL
+from ._pipeline import MAX_HEDGES, WAIT, Admission, Attempt, Call, clone_request
+from ._runtime import Mesh
 from .security._refusals import TLS_REQUIRED_HEADER, tls_required_message
 from .security._verify import async_identity_check, identity_check
 from .telemetry import OutboundTelemetry
@@ -79,27 +78,18 @@ class MeshTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
-        started = time.perf_counter()
+        admission = Admission(self.mesh, request)
         try:
-            service = self.mesh.lookup(request.url.host)
-            if isinstance(service, Pending):
-                self.mesh.discovery.wait(service.service, self.mesh.wait_timeout())
-                service = self.mesh.resolve(service)
-            if service is not None:
-                service, route = self.mesh.route(service, request)
-                ticket = self.mesh.pending(service, request)
-                if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
-                    try:
-                        while not ticket.ready():
-                            time.sleep(PENDING_POLL)
-                    finally:
-                        ticket.leave()
-        except MeshRequestError as exc:  # refused before the Call (which records the rest)
-            OutboundTelemetry.failed_early(request, exc, started)
-            raise
-        if service is None:
+            while (wait := admission.next()) is not None:
+                if wait.service:
+                    self.mesh.discovery.wait(wait.service, wait.seconds)
+                else:
+                    time.sleep(wait.seconds)
+        finally:
+            admission.close()
+        call = admission.call
+        if call is None:
             return self._bypass(request)
-        call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
             return self._hedged(call, request)
         read_body = _reads_body(request, call)
@@ -109,7 +99,7 @@ class MeshTransport(httpx.BaseTransport):
                 attempt = call.start_attempt(request)
                 inner: httpx.BaseTransport = self._inner
                 if attempt.tls:
-                    inner = self._pool(request, service.name)
+                    inner = self._pool(request, call.service.name)
                 try:
                     response = inner.handle_request(request)
                     if read_body:
@@ -237,29 +227,20 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
-        started = time.perf_counter()
+        admission = Admission(self.mesh, request)
         try:
-            service = self.mesh.lookup(request.url.host)
-            if isinstance(service, Pending):
-                await anyio.to_thread.run_sync(
-                    self.mesh.discovery.wait, service.service, self.mesh.wait_timeout()
-                )
-                service = self.mesh.resolve(service)
-            if service is not None:
-                service, route = self.mesh.route(service, request)
-                ticket = self.mesh.pending(service, request)
-                if ticket is not None:  # Limits.MaxConnections reached: wait for a connection
-                    try:
-                        while not ticket.ready():
-                            await anyio.sleep(PENDING_POLL)
-                    finally:
-                        ticket.leave()
-        except MeshRequestError as exc:  # refused before the Call (which records the rest)
-            OutboundTelemetry.failed_early(request, exc, started)
-            raise
-        if service is None:
+            while (wait := admission.next()) is not None:
+                if wait.service:
+                    await anyio.to_thread.run_sync(
+                        self.mesh.discovery.wait, wait.service, wait.seconds
+                    )
+                else:
+                    await anyio.sleep(wait.seconds)
+        finally:
+            admission.close()
+        call = admission.call
+        if call is None:
             return await self._bypass(request)
-        call = Call(service, request, self.mesh.config.tls, route)
         if call.hedge_delay:
             return await self._hedged(call, request)
         read_body = _reads_body(request, call)
@@ -269,7 +250,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 attempt = call.start_attempt(request)
                 inner: httpx.AsyncBaseTransport = self._inner
                 if attempt.tls:
-                    inner = await self._pool(request, service.name)
+                    inner = await self._pool(request, call.service.name)
                 try:
                     response = await inner.handle_async_request(request)
                     if read_body:
