@@ -23,11 +23,16 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import Line, percentile, pin_as_client, pin_server
+from harness import Line, percentile, pin_as_client, pin_server, wait_listening
+
+from meshlib._config import MeshConfig, load_config
 
 _TRUST_DOMAIN = "spiffe://meshlib.bench"
 
@@ -123,20 +128,6 @@ class _HAProxy:
             self.proc.wait(10)
 
 
-def _wait_listening(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on {port}") from None
-            time.sleep(0.02)
-
-
 def _latencies(client: httpx.Client, url: str, count: int) -> list[float]:
     out = []
     for _ in range(count):
@@ -164,15 +155,32 @@ def _figures(latencies: list[float]) -> dict[str, Any]:
     }
 
 
-def measure(quick: bool) -> dict[str, Any]:
-    """p50/p99 of c=1 calls: meshlib strict mTLS, the sidecar pair, and direct plaintext."""
-    import meshlib
+@dataclass
+class SidecarSetup:
+    """The two ways of calling one app, set up by ``sidecar_pair``."""
+
+    #: the app under ``meshlib serve`` with ``MESH_TLS=strict``, for meshlib's clients
+    mesh_app: Any
+    #: the same app with ``MESH_TLS=off``: behind the server-side proxy, and called direct
+    plain_app: Any
+    #: the client-side proxy's plain listener: ``http://127.0.0.1:<port>``
+    sidecar_url: str
+    #: a strict-mTLS caller's configuration, ``app`` being ``mesh_app`` (``http://app/``)
+    mesh_config: MeshConfig
+    #: a plaintext caller's configuration, ``plainapp`` being ``plain_app``
+    plain_config: MeshConfig
+
+
+@contextmanager
+def sidecar_pair() -> Iterator[SidecarSetup]:
+    """Both apps, a local CA for meshlib, and the HAProxy pair in front of the plain app.
+
+    All are stopped, and the CA's directory removed, on exit.
+    """
     from backends import free_port
     from meshlib import _runtime
-    from meshlib._config import load_config
     from meshlib.security import LocalCA
 
-    count = 300 if quick else 3000
     directory = Path(tempfile.mkdtemp(prefix="meshlib-bench-sidecar-"))
     ca_dir = directory / "ca"
     LocalCA(ca_dir).init("meshlib.bench")
@@ -203,32 +211,44 @@ def measure(quick: bool) -> dict[str, Any]:
         assert client_side.proc is not None
         pin_server(server_side.proc.pid)
         pin_as_client(client_side.proc.pid)
-        _wait_listening(inbound)
-        _wait_listening(outbound)
-        config = load_config(
-            {
-                **strict,
-                "MESH_SERVICE_NAME": "caller",
-                "MESH_STATIC_SERVICES": f"app={mesh_app.address}",
-            }
+        wait_listening(inbound)
+        wait_listening(outbound)
+        caller = {"MESH_SERVICE_NAME": "caller"}
+        yield SidecarSetup(
+            mesh_app,
+            plain_app,
+            f"http://127.0.0.1:{outbound}",
+            load_config({**strict, **caller, "MESH_STATIC_SERVICES": f"app={mesh_app.address}"}),
+            load_config({**caller, "MESH_STATIC_SERVICES": f"plainapp={plain_app.address}"}),
         )
-        with httpx.Client() as plain, meshlib.Client(config=config) as mesh:
-            paths = {
-                "meshlib_strict_mtls": (mesh, "http://app/hello"),
-                "sidecar_pair": (plain, f"http://127.0.0.1:{outbound}/hello"),
-                "direct_plaintext": (plain, f"{plain_app.url}/hello"),
-            }
-            for client, url in paths.values():
-                _latencies(client, url, 200)  # warm: connections, TLS sessions
-            latencies: dict[str, list[float]] = {name: [] for name in paths}
-            for _ in range(3):  # rounds, so a change in load hits every path alike
-                for name, (client, url) in paths.items():
-                    latencies[name] += _latencies(client, url, count // 3)
     finally:
         for process in reversed(started):
             process.stop()
         _runtime.reset()  # stop renewing the client's leaf from the directory about to go
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    """p50/p99 of c=1 calls: meshlib strict mTLS, the sidecar pair, and direct plaintext."""
+    import meshlib
+
+    count = 300 if quick else 3000
+    with (
+        sidecar_pair() as setup,
+        httpx.Client() as plain,
+        meshlib.Client(config=setup.mesh_config) as mesh,
+    ):
+        paths = {
+            "meshlib_strict_mtls": (mesh, "http://app/hello"),
+            "sidecar_pair": (plain, f"{setup.sidecar_url}/hello"),
+            "direct_plaintext": (plain, f"{setup.plain_app.url}/hello"),
+        }
+        for client, url in paths.values():
+            _latencies(client, url, 200)  # warm: connections, TLS sessions
+        latencies: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(3):  # rounds, so a change in load hits every path alike
+            for name, (client, url) in paths.items():
+                latencies[name] += _latencies(client, url, count // 3)
     return {name: _figures(got) for name, got in latencies.items()}
 
 
