@@ -1,23 +1,29 @@
-"""Row 3: meshlib strict mTLS against a sidecar pair (HAProxy -> mTLS -> HAProxy).
+"""Rows 3 and 3b: meshlib strict mTLS against a sidecar pair (HAProxy -> mTLS -> HAProxy).
 
 The same app (tests/apps/fastapi_app.py under ``meshlib serve``) is called two ways, one
-request at a time:
+request at a time (row 3: p50) and 32 in flight (row 3b: throughput), on one set-up
+(``sidecar_pair``):
 
-* **meshlib**: ``meshlib.Client`` with ``MESH_TLS=strict`` straight to the app served with
-  ``MESH_TLS=strict`` (a local CA made by ``LocalCA.init``), no proxy;
-* **sidecar pair**: a plain ``httpx.Client`` to a client-side HAProxy, mTLS from it to a
-  server-side HAProxy, plain HTTP from that to the app served with ``MESH_TLS=off``::
+* **meshlib**: ``meshlib.Client`` (row 3b: ``meshlib.AsyncClient``) with ``MESH_TLS=strict``
+  straight to the app served with ``MESH_TLS=strict`` (a local CA made by ``LocalCA.init``),
+  no proxy;
+* **sidecar pair**: a plain ``httpx.Client`` (row 3b: ``httpx.AsyncClient`` as it comes) to
+  a client-side HAProxy, mTLS from it to a server-side HAProxy, plain HTTP from that to the
+  app served with ``MESH_TLS=off``::
 
     client --plain--> client-side HAProxy ==mTLS==> server-side HAProxy --plain--> app
 
 Both proxies are Debian's ``haproxy`` with certificates made here by ``cryptography`` (an EC
 P-256 CA, server and client leaves carrying SPIFFE IDs) and keep connections alive on both
 hops, as Envoy and Linkerd do. The client-side proxy shares the client's CPU and the
-server-side one the server's, as sidecars share their app's host.
+server-side one the server's, as sidecars share their app's host. Both rows also call the
+plain app directly (row 3b with bare httpx and with meshlib), for what TLS and the proxies
+add.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import shutil
 import subprocess
@@ -30,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import Line, percentile, pin_as_client, pin_server, wait_listening
+from harness import Line, compare_async, percentile, pin_as_client, pin_server, wait_listening
 
 from meshlib._config import MeshConfig, load_config
 
@@ -276,3 +282,59 @@ def mtls_vs_sidecar(quick: bool) -> tuple[list[Line], dict[str, Any]]:
         )
     ]
     return lines, {"row3_mtls_vs_sidecar": figures}
+
+
+def measure_async(quick: bool) -> dict[str, Any]:
+    """Throughput, 32 in flight: meshlib strict mTLS, the sidecar pair, plaintext direct.
+
+    Plaintext direct is measured with bare httpx and with meshlib (``MESH_TLS=off``).
+    """
+    import meshlib
+
+    rounds, seconds = (1, 0.5) if quick else (4, 4.0)
+
+    async def run(setup: SidecarSetup) -> dict[str, Any]:
+        async with (
+            httpx.AsyncClient() as bare,
+            meshlib.AsyncClient(config=setup.mesh_config) as mesh,
+            meshlib.AsyncClient(config=setup.plain_config) as mesh_plain,
+        ):
+            paths = {
+                "meshlib_strict_mtls": (mesh, "http://app/hello"),
+                "sidecar_pair": (bare, f"{setup.sidecar_url}/hello"),
+                "direct_plaintext_bare": (bare, f"{setup.plain_app.url}/hello"),
+                "direct_plaintext_meshlib": (mesh_plain, "http://plainapp/hello"),
+            }
+            return await compare_async(paths, rounds, seconds, concurrency=32)
+
+    with sidecar_pair() as setup:
+        return asyncio.run(run(setup))
+
+
+def mtls_vs_sidecar_async(quick: bool) -> tuple[list[Line], dict[str, Any]]:
+    """Row 3b: throughput of meshlib strict mTLS divided by the sidecar pair's, 32 in flight."""
+    measure_name = "strict mTLS, c=32: throughput meshlib/sidecar pair"
+    if shutil.which("haproxy") is None:
+        line = Line("3b", measure_name, "not measurable: no haproxy on PATH", "≥ 1.5x", None)
+        return [line], {"row3b_mtls_vs_sidecar_c32": "no haproxy"}
+    figures = measure_async(quick)
+    mesh, pair = figures["meshlib_strict_mtls"], figures["sidecar_pair"]
+    bare, plain = figures["direct_plaintext_bare"], figures["direct_plaintext_meshlib"]
+    ratio = mesh["req_per_s"] / pair["req_per_s"]
+    lines = [
+        Line(
+            "3b",
+            measure_name,
+            f"{ratio:.2f}x (meshlib {mesh['req_per_s']:.0f}/s, sidecars {pair['req_per_s']:.0f}/s)",
+            "≥ 1.5x",
+            ratio >= 1.5,
+        ),
+        Line(
+            "3b",
+            "  for comparison: plaintext direct, c=32",
+            f"bare httpx {bare['req_per_s']:.0f}/s, meshlib {plain['req_per_s']:.0f}/s",
+            "(no TLS, no proxy)",
+            None,
+        ),
+    ]
+    return lines, {"row3b_mtls_vs_sidecar_c32": figures}
