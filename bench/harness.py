@@ -7,15 +7,20 @@ do not take turns on one core; ``pin_servers`` says which CPUs servers get.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -58,6 +63,78 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
+
+
+def wait_listening(port: int, timeout: float = 10) -> None:
+    """Return once something accepts connections on ``127.0.0.1:port``."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port}") from None
+            time.sleep(0.02)
+
+
+async def async_round(
+    client: httpx.AsyncClient, url: str, concurrency: int, seconds: float
+) -> tuple[list[float], float]:
+    """``concurrency`` workers GET ``url`` on ``client`` for ``seconds``: latencies, elapsed."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    errors: list[str] = []
+    end = loop.time() + seconds
+
+    async def worker() -> None:
+        while loop.time() < end:
+            t0 = time.perf_counter()
+            response = await client.get(url)
+            latencies.append(time.perf_counter() - t0)
+            if response.status_code != 200:
+                errors.append(str(response.status_code))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if errors:
+        raise RuntimeError(f"{url}: {len(errors)} errors, first HTTP {errors[0]}")
+    return latencies, time.perf_counter() - started
+
+
+async def compare_async(
+    paths: Mapping[str, tuple[httpx.AsyncClient, str]],
+    rounds: int,
+    seconds: float,
+    concurrency: int = 32,
+) -> dict[str, dict[str, Any]]:
+    """Throughput and latency of each path (name -> (client, url)), ``concurrency`` in flight.
+
+    Each path is warmed first; rounds alternate the paths' order, so a change in machine
+    load hits every path alike.
+    """
+    for client, url in paths.values():
+        await async_round(client, url, concurrency, min(seconds, 0.5))  # warm
+    latencies: dict[str, list[float]] = {name: [] for name in paths}
+    elapsed = dict.fromkeys(paths, 0.0)
+    names = list(paths)
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            client, url = paths[name]
+            got, took = await async_round(client, url, concurrency, seconds)
+            latencies[name] += got
+            elapsed[name] += took
+    return {
+        name: {
+            "requests": len(latencies[name]),
+            "req_per_s": len(latencies[name]) / elapsed[name],
+            "p50_ms": percentile(latencies[name], 50) * 1e3,
+            "p99_ms": percentile(latencies[name], 99) * 1e3,
+        }
+        for name in paths
+    }
 
 
 def machine() -> dict[str, Any]:

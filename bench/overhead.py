@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import httpx
-from harness import Line, PlainServer, percentile
+from harness import Line, PlainServer, compare_async, percentile
 
 import meshlib
 from meshlib._config import load_config
@@ -78,54 +78,14 @@ def sync_overhead(quick: bool) -> tuple[list[Line], dict[str, Any]]:
     return lines, {"row1_sync_c1": figures}
 
 
-async def _async_round(
-    client: httpx.AsyncClient, url: str, concurrency: int, seconds: float
-) -> tuple[list[float], float]:
-    loop = asyncio.get_running_loop()
-    latencies: list[float] = []
-    errors: list[str] = []
-    end = loop.time() + seconds
-
-    async def worker() -> None:
-        while loop.time() < end:
-            t0 = time.perf_counter()
-            response = await client.get(url)
-            latencies.append(time.perf_counter() - t0)
-            if response.status_code != 200:
-                errors.append(str(response.status_code))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    if errors:
-        raise RuntimeError(f"{url}: {len(errors)} errors, first HTTP {errors[0]}")
-    return latencies, time.perf_counter() - started
-
-
 async def _async_compare(
     address: str, clients: dict[str, httpx.AsyncClient], rounds: int, seconds: float
 ) -> dict[str, Any]:
-    concurrency = 32
-    urls = {name: f"http://{address}/v1/item" for name in clients}
-    urls.update({name: "http://bench/v1/item" for name in clients if name != "bare"})
-    for name, client in clients.items():
-        await _async_round(client, urls[name], concurrency, min(seconds, 0.5))  # warm
-    latencies: dict[str, list[float]] = {name: [] for name in clients}
-    elapsed = dict.fromkeys(clients, 0.0)
-    names = list(clients)
-    for index in range(rounds):
-        for name in names if index % 2 == 0 else reversed(names):
-            got, took = await _async_round(clients[name], urls[name], concurrency, seconds)
-            latencies[name] += got
-            elapsed[name] += took
-    return {
-        name: {
-            "requests": len(latencies[name]),
-            "req_per_s": len(latencies[name]) / elapsed[name],
-            "p50_ms": percentile(latencies[name], 50) * 1e3,
-            "p99_ms": percentile(latencies[name], 99) * 1e3,
-        }
-        for name in clients
+    paths = {
+        name: (client, f"http://{address}/v1/item" if name == "bare" else "http://bench/v1/item")
+        for name, client in clients.items()
     }
+    return await compare_async(paths, rounds, seconds)
 
 
 async def _aiohttp_round(session: Any, url: str, concurrency: int, seconds: float) -> int:

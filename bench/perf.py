@@ -1,6 +1,6 @@
 """``nox -s bench``: what the mesh costs, as ratios measured in one run on loopback.
 
-    python bench/perf.py [--quick] [--json bench-results.json] [--rows 1,2,4]
+    python bench/perf.py [--quick] [--json bench-results.json] [--rows 1,3b,7]
 
 Prints one table, each figure beside its goal, and writes the raw numbers with the machine
 they came from to a JSON file (gitignored). ``--quick`` runs every row briefly, to prove it
@@ -29,9 +29,11 @@ ROWS = {
     "1": ("overhead", "sync_overhead"),
     "2": ("overhead", "async_throughput"),
     "3": ("sidecar", "mtls_vs_sidecar"),
+    "3b": ("sidecar", "mtls_vs_sidecar_async"),
     "4": ("balance", "slow_backend_p99"),
     "5": ("consul_cost", "idle_cost"),
     "6": ("consul_cost", "scale"),
+    "7": ("serving", "serve_vs_uvicorn"),
     "8": ("consul_faults", "restarts"),
     "9": ("consul_faults", "leader_loss"),
 }

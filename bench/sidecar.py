@@ -1,33 +1,44 @@
-"""Row 3: meshlib strict mTLS against a sidecar pair (HAProxy -> mTLS -> HAProxy).
+"""Rows 3 and 3b: meshlib strict mTLS against a sidecar pair (HAProxy -> mTLS -> HAProxy).
 
 The same app (tests/apps/fastapi_app.py under ``meshlib serve``) is called two ways, one
-request at a time:
+request at a time (row 3: p50) and 32 in flight (row 3b: throughput), on one set-up
+(``sidecar_pair``):
 
-* **meshlib**: ``meshlib.Client`` with ``MESH_TLS=strict`` straight to the app served with
-  ``MESH_TLS=strict`` (a local CA made by ``LocalCA.init``), no proxy;
-* **sidecar pair**: a plain ``httpx.Client`` to a client-side HAProxy, mTLS from it to a
-  server-side HAProxy, plain HTTP from that to the app served with ``MESH_TLS=off``::
+* **meshlib**: ``meshlib.Client`` (row 3b: ``meshlib.AsyncClient``) with ``MESH_TLS=strict``
+  straight to the app served with ``MESH_TLS=strict`` (a local CA made by ``LocalCA.init``),
+  no proxy;
+* **sidecar pair**: a plain ``httpx.Client`` (row 3b: ``httpx.AsyncClient`` as it comes) to
+  a client-side HAProxy, mTLS from it to a server-side HAProxy, plain HTTP from that to the
+  app served with ``MESH_TLS=off``::
 
     client --plain--> client-side HAProxy ==mTLS==> server-side HAProxy --plain--> app
 
 Both proxies are Debian's ``haproxy`` with certificates made here by ``cryptography`` (an EC
 P-256 CA, server and client leaves carrying SPIFFE IDs) and keep connections alive on both
 hops, as Envoy and Linkerd do. The client-side proxy shares the client's CPU and the
-server-side one the server's, as sidecars share their app's host.
+server-side one the server's, as sidecars share their app's host. Both rows also call the
+plain app directly (row 3b with bare httpx and with meshlib), for what TLS and the proxies
+add.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import Line, percentile, pin_as_client, pin_server
+from harness import Line, compare_async, percentile, pin_as_client, pin_server, wait_listening
+
+from meshlib._config import MeshConfig, load_config
 
 _TRUST_DOMAIN = "spiffe://meshlib.bench"
 
@@ -123,20 +134,6 @@ class _HAProxy:
             self.proc.wait(10)
 
 
-def _wait_listening(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on {port}") from None
-            time.sleep(0.02)
-
-
 def _latencies(client: httpx.Client, url: str, count: int) -> list[float]:
     out = []
     for _ in range(count):
@@ -164,15 +161,32 @@ def _figures(latencies: list[float]) -> dict[str, Any]:
     }
 
 
-def measure(quick: bool) -> dict[str, Any]:
-    """p50/p99 of c=1 calls: meshlib strict mTLS, the sidecar pair, and direct plaintext."""
-    import meshlib
+@dataclass
+class SidecarSetup:
+    """The two ways of calling one app, set up by ``sidecar_pair``."""
+
+    #: the app under ``meshlib serve`` with ``MESH_TLS=strict``, for meshlib's clients
+    mesh_app: Any
+    #: the same app with ``MESH_TLS=off``: behind the server-side proxy, and called direct
+    plain_app: Any
+    #: the client-side proxy's plain listener: ``http://127.0.0.1:<port>``
+    sidecar_url: str
+    #: a strict-mTLS caller's configuration, ``app`` being ``mesh_app`` (``http://app/``)
+    mesh_config: MeshConfig
+    #: a plaintext caller's configuration, ``plainapp`` being ``plain_app``
+    plain_config: MeshConfig
+
+
+@contextmanager
+def sidecar_pair() -> Iterator[SidecarSetup]:
+    """Both apps, a local CA for meshlib, and the HAProxy pair in front of the plain app.
+
+    All are stopped, and the CA's directory removed, on exit.
+    """
     from backends import free_port
-    from meshlib._config import load_config
     from meshlib._runtime import live_meshes
     from meshlib.security import LocalCA
 
-    count = 300 if quick else 3000
     directory = Path(tempfile.mkdtemp(prefix="meshlib-bench-sidecar-"))
     ca_dir = directory / "ca"
     LocalCA(ca_dir).init("meshlib.bench")
@@ -203,33 +217,45 @@ def measure(quick: bool) -> dict[str, Any]:
         assert client_side.proc is not None
         pin_server(server_side.proc.pid)
         pin_as_client(client_side.proc.pid)
-        _wait_listening(inbound)
-        _wait_listening(outbound)
-        config = load_config(
-            {
-                **strict,
-                "MESH_SERVICE_NAME": "caller",
-                "MESH_STATIC_SERVICES": f"app={mesh_app.address}",
-            }
+        wait_listening(inbound)
+        wait_listening(outbound)
+        caller = {"MESH_SERVICE_NAME": "caller"}
+        yield SidecarSetup(
+            mesh_app,
+            plain_app,
+            f"http://127.0.0.1:{outbound}",
+            load_config({**strict, **caller, "MESH_STATIC_SERVICES": f"app={mesh_app.address}"}),
+            load_config({**caller, "MESH_STATIC_SERVICES": f"plainapp={plain_app.address}"}),
         )
-        with httpx.Client() as plain, meshlib.Client(config=config) as mesh:
-            paths = {
-                "meshlib_strict_mtls": (mesh, "http://app/hello"),
-                "sidecar_pair": (plain, f"http://127.0.0.1:{outbound}/hello"),
-                "direct_plaintext": (plain, f"{plain_app.url}/hello"),
-            }
-            for client, url in paths.values():
-                _latencies(client, url, 200)  # warm: connections, TLS sessions
-            latencies: dict[str, list[float]] = {name: [] for name in paths}
-            for _ in range(3):  # rounds, so a change in load hits every path alike
-                for name, (client, url) in paths.items():
-                    latencies[name] += _latencies(client, url, count // 3)
     finally:
         for process in reversed(started):
             process.stop()
         for mesh in live_meshes():  # stop renewing the client's leaf from the directory
             mesh.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    """p50/p99 of c=1 calls: meshlib strict mTLS, the sidecar pair, and direct plaintext."""
+    import meshlib
+
+    count = 300 if quick else 3000
+    with (
+        sidecar_pair() as setup,
+        httpx.Client() as plain,
+        meshlib.Client(config=setup.mesh_config) as mesh,
+    ):
+        paths = {
+            "meshlib_strict_mtls": (mesh, "http://app/hello"),
+            "sidecar_pair": (plain, f"{setup.sidecar_url}/hello"),
+            "direct_plaintext": (plain, f"{setup.plain_app.url}/hello"),
+        }
+        for client, url in paths.values():
+            _latencies(client, url, 200)  # warm: connections, TLS sessions
+        latencies: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(3):  # rounds, so a change in load hits every path alike
+            for name, (client, url) in paths.items():
+                latencies[name] += _latencies(client, url, count // 3)
     return {name: _figures(got) for name, got in latencies.items()}
 
 
@@ -257,3 +283,61 @@ def mtls_vs_sidecar(quick: bool) -> tuple[list[Line], dict[str, Any]]:
         )
     ]
     return lines, {"row3_mtls_vs_sidecar": figures}
+
+
+def measure_async(quick: bool) -> dict[str, Any]:
+    """Throughput, 32 in flight: meshlib strict mTLS, the sidecar pair, plaintext direct.
+
+    Plaintext direct is measured with bare httpx and with meshlib (``MESH_TLS=off``).
+    """
+    import meshlib
+
+    # Four paths keep both CPUs busy: 4 x 2.5 s each (about 45 s with the set-up) keeps the
+    # row's own share of the 1-minute load average near 1, under the "noisy" line (1.5).
+    rounds, seconds = (1, 0.5) if quick else (4, 2.5)
+
+    async def run(setup: SidecarSetup) -> dict[str, Any]:
+        async with (
+            httpx.AsyncClient() as bare,
+            meshlib.AsyncClient(config=setup.mesh_config) as mesh,
+            meshlib.AsyncClient(config=setup.plain_config) as mesh_plain,
+        ):
+            paths = {
+                "meshlib_strict_mtls": (mesh, "http://app/hello"),
+                "sidecar_pair": (bare, f"{setup.sidecar_url}/hello"),
+                "direct_plaintext_bare": (bare, f"{setup.plain_app.url}/hello"),
+                "direct_plaintext_meshlib": (mesh_plain, "http://plainapp/hello"),
+            }
+            return await compare_async(paths, rounds, seconds, concurrency=32)
+
+    with sidecar_pair() as setup:
+        return asyncio.run(run(setup))
+
+
+def mtls_vs_sidecar_async(quick: bool) -> tuple[list[Line], dict[str, Any]]:
+    """Row 3b: throughput of meshlib strict mTLS divided by the sidecar pair's, 32 in flight."""
+    measure_name = "strict mTLS, c=32: throughput meshlib/sidecar pair"
+    if shutil.which("haproxy") is None:
+        line = Line("3b", measure_name, "not measurable: no haproxy on PATH", "≥ 1.5x", None)
+        return [line], {"row3b_mtls_vs_sidecar_c32": "no haproxy"}
+    figures = measure_async(quick)
+    mesh, pair = figures["meshlib_strict_mtls"], figures["sidecar_pair"]
+    bare, plain = figures["direct_plaintext_bare"], figures["direct_plaintext_meshlib"]
+    ratio = mesh["req_per_s"] / pair["req_per_s"]
+    lines = [
+        Line(
+            "3b",
+            measure_name,
+            f"{ratio:.2f}x (meshlib {mesh['req_per_s']:.0f}/s, sidecars {pair['req_per_s']:.0f}/s)",
+            "≥ 1.5x",
+            ratio >= 1.5,
+        ),
+        Line(
+            "3b",
+            "  for comparison: plaintext direct, c=32",
+            f"bare httpx {bare['req_per_s']:.0f}/s, meshlib {plain['req_per_s']:.0f}/s",
+            "(no TLS, no proxy)",
+            None,
+        ),
+    ]
+    return lines, {"row3b_mtls_vs_sidecar_c32": figures}
