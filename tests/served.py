@@ -16,6 +16,19 @@ import pytest
 from polling import wait_until
 
 APPS = Path(__file__).with_name("apps")
+#: The event loops an ASGI app is served on: uvloop (installed with the ``test`` extra, as by
+#: ``meshlib[fast]``) and asyncio's own (uvloop hidden, as where it is not installed).
+#: ``@pytest.mark.parametrize("serve", LOOPS, indirect=True)`` runs a test on each; unmarked
+#: tests get ``auto``, uvloop when installed, as ``meshlib serve`` picks.
+LOOPS = ["uvloop", "asyncio"]
+#: ``target`` and ``serve`` for a test of both servers: the ASGI app (uvicorn) on each loop,
+#: the WSGI app (gunicorn's threads: no event loop) once.
+ON_EACH_LOOP = pytest.mark.parametrize(
+    ("target", "serve"),
+    [*(("fastapi_app:app", loop) for loop in LOOPS), ("flask_app:app", "auto")],
+    indirect=["serve"],
+)
+_WITHOUT_UVLOOP = Path(__file__).with_name("without_uvloop")
 _ANNOUNCE = re.compile(rb"on https?://[^ ]*:(\d+) pid (\d+), admin on http://[^ ]*:(\d+)")
 
 
@@ -23,8 +36,19 @@ class Served:
     """One ``meshlib serve <target>`` process."""
 
     def __init__(
-        self, target: str, env: dict[str, str], *, port: int = 0, args: tuple[str, ...] = ()
+        self,
+        target: str,
+        env: dict[str, str],
+        *,
+        port: int = 0,
+        args: tuple[str, ...] = (),
+        loop: str = "auto",
     ) -> None:
+        if loop == "uvloop":
+            import uvloop  # noqa: F401 - the test extra installs it; never a silent asyncio run
+        elif loop not in ("asyncio", "auto"):
+            raise ValueError(f"loop {loop!r}: one of {LOOPS} or 'auto'")
+        self.loop = loop
         self.target = target
         self.env = env
         self.port = port
@@ -55,7 +79,8 @@ class Served:
         # the apps first, then the caller's PYTHONPATH: a checkout run with PYTHONPATH=src
         # serves its own meshlib, not the one installed
         inherited = os.environ.get("PYTHONPATH")
-        path = os.pathsep.join([str(APPS), inherited] if inherited else [str(APPS)])
+        first = [str(APPS), str(_WITHOUT_UVLOOP)] if self.loop == "asyncio" else [str(APPS)]
+        path = os.pathsep.join([*first, inherited] if inherited else first)
         env = {**os.environ, **self.env, "PYTHONPATH": path}
         self.output.clear()
         self.proc = subprocess.Popen(
@@ -132,19 +157,24 @@ class Served:
 
 
 class ServedFactory:
-    def __init__(self) -> None:
+    def __init__(self, loop: str = "auto") -> None:
+        self.loop = loop
         self.started: list[Served] = []
 
     def __call__(self, target: str, env: dict[str, str], **kwargs: object) -> Served:
+        kwargs.setdefault("loop", self.loop)
         served = Served(target, env, **kwargs)  # type: ignore[arg-type]
         self.started.append(served)
         return served.start()
 
 
 @pytest.fixture
-def serve() -> Iterator[ServedFactory]:
-    """``serve("fastapi_app:app", env)`` runs ``meshlib serve``; all stopped afterwards."""
-    factory = ServedFactory()
+def serve(request: pytest.FixtureRequest) -> Iterator[ServedFactory]:
+    """``serve("fastapi_app:app", env)`` runs ``meshlib serve``; all stopped afterwards.
+
+    Parametrized indirectly with one of ``LOOPS``, it serves on that event loop.
+    """
+    factory = ServedFactory(loop=getattr(request, "param", "auto"))
     try:
         yield factory
     finally:

@@ -22,7 +22,7 @@ from certs import context_for
 from meshlib.security import LocalCA
 from meshlib.server._http_guard import HEADER_TIMEOUT
 from polling import wait_until
-from served import Served, ServedFactory
+from served import LOOPS, ON_EACH_LOOP, Served, ServedFactory
 
 TARGETS = ["fastapi_app:app", "flask_app:app"]  # uvicorn and gunicorn
 BOUND = 15.0  # seconds a refusal may take, generous for a loaded machine
@@ -167,7 +167,7 @@ def test_a_slow_drip_header_block_is_cut_off_and_others_are_served_meanwhile(
     assert handled(plain) == 20
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@ON_EACH_LOOP
 def test_tls_garbage_at_a_strict_port_is_refused_and_the_port_goes_on(
     serve: ServedFactory, tmp_path: Path, target: str
 ) -> None:
@@ -199,6 +199,29 @@ def test_tls_garbage_at_a_strict_port_is_refused_and_the_port_goes_on(
             assert int(client.get(f"https://127.0.0.1:{served.port}/handled").json()["count"]) == 1
     finally:
         stalled.close()
+
+
+@pytest.mark.parametrize("serve", LOOPS, indirect=True)
+def test_a_connection_that_never_speaks_to_a_tls_port_is_closed_and_holds_no_one_up(
+    serve: ServedFactory, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca"
+    LocalCA(ca).init("meshlib.test")
+    env = {
+        "MESH_TLS": "permissive",
+        "MESH_TLS_CA": "local",
+        "MESH_TLS_DIR": str(ca),
+        "MESH_SERVICE_NAME": "hello",
+    }
+    served = serve("fastapi_app:app", env)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=HEADER_TIMEOUT + 10) as mute:
+        with httpx.Client(verify=_client_context(ca), timeout=10) as client:
+            assert client.get(f"https://127.0.0.1:{served.port}/hello").status_code == 200
+        assert httpx.get(f"{served.url}/hello", timeout=10).status_code == 200
+        assert mute.recv(1) == b""  # closed by the server (a timeout here: never closed)
+        took = time.monotonic() - started
+    assert HEADER_TIMEOUT - 1 < took < HEADER_TIMEOUT + 5
 
 
 def _client_context(ca_dir: Path) -> ssl.SSLContext:

@@ -28,7 +28,7 @@ from certs import context_for, odd_leaf, self_signed_ca
 from meshlib.security import LocalCA, SpiffeId
 from meshlib.security._local_ca import issue_leaf
 from polling import wait_until
-from served import Served, ServedFactory
+from served import LOOPS, ON_EACH_LOOP, Served, ServedFactory
 
 TARGETS = ["fastapi_app:app", "flask_app:app"]
 TRUST_DOMAIN = "meshlib.test"
@@ -94,7 +94,7 @@ def client_context(
 # ----------------------------------------------------------------------------- both directions
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@ON_EACH_LOOP
 def test_mesh_calls_go_over_mtls_and_the_app_sees_the_verified_caller(
     serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
@@ -107,7 +107,7 @@ def test_mesh_calls_go_over_mtls_and_the_app_sees_the_verified_caller(
     assert response.request.url == "http://hello/peer"  # the caller's URL is untouched
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@ON_EACH_LOOP
 def test_a_plaintext_client_is_refused_by_a_strict_server_before_the_handler(
     serve: ServedFactory, ca_dir: Path, target: str
 ) -> None:
@@ -191,7 +191,7 @@ def test_a_certificate_from_another_ca_is_refused(
 GATEWAY = f"spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/gateway"
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@ON_EACH_LOOP
 def test_failed_handshakes_log_the_peer_and_reason_once_without_a_traceback(
     serve: ServedFactory, ca_dir: Path, target: str
 ) -> None:
@@ -238,7 +238,7 @@ UNIDENTIFIED = {
 
 
 @pytest.mark.parametrize("mode", ["strict", "permissive"])
-@pytest.mark.parametrize("target", TARGETS)
+@ON_EACH_LOOP
 def test_a_mesh_signed_certificate_without_a_service_identity_is_refused_before_the_handler(
     serve: ServedFactory, ca_dir: Path, target: str, mode: str
 ) -> None:
@@ -374,7 +374,7 @@ def test_a_path_cannot_forge_a_line_in_the_servers_log(
     assert "\x1b" not in served.output.decode(errors="replace")
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@ON_EACH_LOOP
 def test_a_permissive_server_serves_mtls_and_plaintext_on_one_port(
     serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
@@ -433,6 +433,7 @@ def test_every_worker_of_a_pre_forking_server_renews_its_leaf(
     )
 
 
+@pytest.mark.parametrize("serve", LOOPS, indirect=True)
 def test_leaves_and_a_root_rotate_under_load_without_a_failed_request(
     serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -645,6 +646,7 @@ def test_a_short_lived_leaf_is_valid_from_now_for_its_lifetime(ca_dir: Path) -> 
     assert 2 < left <= 3
 
 
+@pytest.mark.parametrize("serve", LOOPS, indirect=True)
 def test_an_idle_mtls_connection_does_not_hold_up_a_drain(
     serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -55,6 +55,18 @@ def test_apps_behind_the_middleware_serve_normally_and_admin_routes_only_on_the_
         assert "hello" not in answer.text.replace(path, "")
 
 
+@pytest.mark.parametrize(
+    ("serve", "expected"),
+    [("uvloop", "uvloop"), ("asyncio", "asyncio.unix_events")],
+    indirect=["serve"],
+)
+def test_serve_runs_asgi_apps_on_uvloop_when_it_is_installed_and_on_asyncio_otherwise(
+    serve: ServedFactory, expected: str
+) -> None:
+    served = serve("fastapi_app:app", {"MESH_SERVICE_NAME": "hello"})
+    assert httpx.get(f"{served.url}/loop").json() == {"loop": expected}
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_several_workers_share_the_one_admin_port(serve: ServedFactory, target: str) -> None:
     served = serve(target, {"MESH_SERVICE_NAME": "hello"}, args=("--workers", "2"))

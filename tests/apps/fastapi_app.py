@@ -47,6 +47,11 @@ async def peer(request: Request) -> dict[str, Any]:
     return {"peer": None if identity is None else str(identity)}
 
 
+@app.get("/loop")
+async def loop() -> dict[str, str]:
+    return {"loop": type(asyncio.get_running_loop()).__module__}
+
+
 @app.get("/header/{name}")
 async def header(name: str, request: Request) -> dict[str, Any]:
     HANDLED["count"] += 1

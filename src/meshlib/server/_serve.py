@@ -283,6 +283,10 @@ def _run_uvicorn(
         # the peer is the TCP peer: X-Forwarded-For from anyone never replaces it
         "proxy_headers": False,
         "forwarded_allow_ips": "",
+        # uvloop when it is installed (meshlib[fast]), asyncio's loop otherwise: the loop's
+        # own TLS serves mesh TLS (_tls_uvicorn.py), and uvloop's is C. The HTTP parser
+        # stays h11 either way (_http_guard.py says why).
+        "loop": "auto",
     }
     tls = Mesh.for_config(config).security.tls
     if tls is not None:
