@@ -91,6 +91,9 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[test]", "aiohttp")  # aiohttp: row 2b's yardstick
     env = _tools(session, "consul")
     session.run("python", "bench/perf.py", *session.posargs, env=env)
+    # row 1's added time, stage by stage (docs/performance.md, "Where row 1's time goes")
+    requests = "1000" if "--quick" in session.posargs else "20000"
+    session.run("python", "bench/stages.py", "--requests", requests, env=env)
 
 
 @nox.session(python=PYTHON)
