@@ -19,6 +19,7 @@ from consul_agent import ConsulAgent, register, unique
 from meshlib._config import load_config
 from meshlib._runtime import Mesh, live_meshes
 from meshlib.security import LocalCA
+from meshlib.telemetry import prometheus_text
 from polling import wait_until
 
 
@@ -157,3 +158,30 @@ def test_the_process_mesh_follows_the_environment(monkeypatch: pytest.MonkeyPatc
         assert client._transport.mesh is not mesh  # another configuration, another mesh
     with pytest.raises(httpx.ConnectError), meshlib.Client(mesh=mesh) as client:
         client.get("http://a/")
+
+
+def test_each_mesh_labels_its_calls_with_its_own_service() -> None:
+    # telemetry's process-wide state named one caller for all: the last configuration's
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"source": request.headers.get("x-mesh-source")})
+
+    configs = {
+        name: load_config({"MESH_SERVICE_NAME": name, "MESH_STATIC_SERVICES": "ledger=1:80"})
+        for name in ("billing", "checkout")
+    }
+    meshes = {name: meshlib.Mesh(config) for name, config in configs.items()}  # both first
+    seen = {}
+    for name, mesh in meshes.items():
+        with meshlib.Client(transport=httpx.MockTransport(answer), mesh=mesh) as client:
+            seen[name] = client.get("http://ledger/").json()["source"]
+        mesh.close()
+    assert seen == {"billing": "billing", "checkout": "checkout"}
+    counted = [
+        line
+        for line in prometheus_text().splitlines()
+        if line.startswith("http_client_request_duration_seconds_count{")
+        and 'service_peer_name="ledger"' in line
+    ]
+    assert len(counted) == 2, counted
+    assert any('service_name="billing"' in line for line in counted), counted
+    assert any('service_name="checkout"' in line for line in counted), counted

@@ -195,10 +195,13 @@ class Admission:
                 self._ticket = None
                 ticket.leave()
             service, route = self._route
-            self.call = Call(service, request, mesh.config.tls, route)
+            config = mesh.config
+            self.call = Call(service, request, config.tls, route, config.service_name or "")
             return None
         except MeshRequestError as exc:  # refused before any attempt: recorded all the same
-            OutboundTelemetry.failed_early(request, exc, self._started)
+            OutboundTelemetry.failed_early(
+                request, exc, self._started, mesh.config.service_name or ""
+            )
             raise
 
     def close(self) -> None:
@@ -262,13 +265,16 @@ class Call:
         request: httpx.Request,
         tls_mode: str = "off",
         route: Decision | None = None,
+        source: str = "",
     ) -> None:
+        """``source``: the calling service (telemetry's ``service.name``; empty for a pure
+        client)."""
         now = time.monotonic()
         policy = service.policy
         options = request_options(request)
         self.service = service
         self.info = CallInfo(service.name)
-        self.telemetry = OutboundTelemetry(service.name, request)
+        self.telemetry = OutboundTelemetry(service.name, request, source=source)
         budget = policy.deadline
         retries = policy.retries
         self.retry_on_status: frozenset[int] = frozenset()

@@ -615,7 +615,11 @@ def live_meshes() -> list[Mesh]:
 # The gauges over the meshes' parts, registered by their owner: exported like every other
 # metric (Prometheus text and OTLP), read when scraped.
 report_service_states(
-    lambda: [state for mesh in live_meshes() for state in mesh.services().values()]
+    lambda: [
+        (mesh.config.service_name or "", state)
+        for mesh in live_meshes()
+        for state in mesh.services().values()
+    ]
 )
 report_status(lambda: status_report(live_meshes()))
 

@@ -124,7 +124,7 @@ class MeshTransport(httpx.BaseTransport):
 
         The egress policy first, then straight to the inner transport.
         """
-        telemetry = OutboundTelemetry.external(request)
+        telemetry = OutboundTelemetry.external(request, self.mesh.config.service_name or "")
         response: httpx.Response | None = None
         try:
             self.mesh.security.egress.check(request.url.host)
@@ -272,7 +272,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     async def _bypass(self, request: httpx.Request) -> httpx.Response:
         """The async twin of ``MeshTransport._bypass``."""
-        telemetry = OutboundTelemetry.external(request)
+        telemetry = OutboundTelemetry.external(request, self.mesh.config.service_name or "")
         response: httpx.Response | None = None
         try:
             self.mesh.security.egress.check(request.url.host)

@@ -105,6 +105,7 @@ class InboundCall:
         "_method",
         "_path",
         "_scheme",
+        "_service",
         "_span",
         "_start",
         "_token",
@@ -119,8 +120,11 @@ class InboundCall:
         carrier: dict[str, str],
         scheme: str = "http",
         claimed: str = "",
+        service: tuple[str, str] = ("", ""),
     ) -> None:
         self._start = time.perf_counter()
+        #: (name, version) of the service this process serves it as (its mesh's)
+        self._service = service
         #: the caller's service as it names itself (``x-mesh-source``), unverified
         self._claimed = claimed_source(claimed)
         self._method = method
@@ -181,8 +185,7 @@ class InboundCall:
             SERVER_DURATION.record(
                 duration,
                 (
-                    STATE.source,
-                    STATE.version,
+                    *self._service,
                     caller,
                     method_label(self._method),
                     str(status),
@@ -198,7 +201,7 @@ class InboundCall:
                 SERVER_ROUTE_DURATION.record(
                     duration,
                     (
-                        STATE.source,
+                        self._service[0],
                         method_label(self._method),
                         _ROUTES(route or self._path),
                         str(status),
@@ -230,7 +233,7 @@ class InboundCall:
                         "source": caller or self._claimed or None,
                         "source_verified": bool(caller),
                         "peer": None if peer is None else str(peer),
-                        "destination": STATE.source,
+                        "destination": self._service[0],
                         "method": self._method,
                         "path": self._path,
                         "status": status,
@@ -247,6 +250,7 @@ def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
     """``handler`` (the middleware's HTTP path) with inbound telemetry around it."""
     setup(config)
     STATE.serving = True
+    service = (config.service_name or "", config.service_version or "")
 
     async def traced(scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -260,7 +264,9 @@ def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
                 carrier[_CARRIED[name]] = value.decode("latin-1")
             elif name == _SOURCE_HEADER:
                 claimed = value.decode("latin-1")
-        call = InboundCall(scope["method"], path, carrier, scope.get("scheme", "http"), claimed)
+        call = InboundCall(
+            scope["method"], path, carrier, scope.get("scheme", "http"), claimed, service
+        )
 
         async def measured_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -288,6 +294,7 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
     """``handler`` (the middleware's request path) with inbound telemetry around it."""
     setup(config)
     STATE.serving = True
+    service = (config.service_name or "", config.service_version or "")
 
     def traced(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
@@ -304,6 +311,7 @@ def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
             carrier,
             environ.get("wsgi.url_scheme", "http"),
             environ.get(_SOURCE_ENVIRON, ""),
+            service,
         )
 
         route: list[str | None] = [None]

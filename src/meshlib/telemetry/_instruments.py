@@ -198,12 +198,13 @@ CLIENT_EJECTIONS = REGISTRY.counter(
 #: Where the gauges read the process's state, registered by the state's owners as they
 #: load (``_runtime``: the destinations of its live meshes; ``security``: the certificates
 #: in use), so telemetry imports nothing above it.
-_SERVICE_STATES: list[Callable[[], Iterable[ServiceState]]] = []
+_SERVICE_STATES: list[Callable[[], Iterable[tuple[str, ServiceState]]]] = []
 _CERTIFICATES: list[Callable[[], Iterable[tuple[str, float]]]] = []
 
 
-def report_service_states(source: Callable[[], Iterable[ServiceState]]) -> None:
-    """Let the client gauges read ``source()``: the destinations' states, when scraped."""
+def report_service_states(source: Callable[[], Iterable[tuple[str, ServiceState]]]) -> None:
+    """Let the client gauges read ``source()``: (calling service, destination's state)
+    pairs, when scraped."""
     _SERVICE_STATES.append(source)
 
 
@@ -213,11 +214,8 @@ def report_certificates(source: Callable[[], Iterable[tuple[str, float]]]) -> No
 
 
 def _services() -> Iterator[tuple[str, ServiceState]]:
-    from ._state import STATE  # imported late: no cycle
-
     for source in _SERVICE_STATES:
-        for state in source():
-            yield STATE.source, state
+        yield from source()
 
 
 def _breaker_states() -> Iterator[tuple[Labels, float]]:

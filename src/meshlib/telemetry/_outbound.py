@@ -97,20 +97,29 @@ class OutboundTelemetry:
         "_path",
         "_port",
         "_service",
+        "_source",
         "_span",
         "_start",
         "_version",
     )
 
     def __init__(
-        self, service: str, request: httpx.Request, *, started: float | None = None
+        self,
+        service: str,
+        request: httpx.Request,
+        *,
+        source: str = "",
+        started: float | None = None,
     ) -> None:
         """Start timing (and the CLIENT span of) ``request`` to mesh ``service`` (empty:
-        a request that bypasses the mesh; see ``external``). ``started``: when the request
-        began (``time.perf_counter()``), if before now (``failed_early``)."""
+        a request that bypasses the mesh; see ``external``) from the service ``source``
+        (this process's, per its mesh's configuration; empty for a pure client).
+        ``started``: when the request began (``time.perf_counter()``), if before now
+        (``failed_early``)."""
         now = time.perf_counter()
         self._start = now if started is None else started
         self._service = service
+        self._source = source
         self._method = request.method
         self._version = ""
         self._span: trace.Span | None = None
@@ -149,17 +158,19 @@ class OutboundTelemetry:
             logger.exception("outbound telemetry failed")
 
     @classmethod
-    def failed_early(cls, request: httpx.Request, error: MeshRequestError, started: float) -> None:
+    def failed_early(
+        cls, request: httpx.Request, error: MeshRequestError, started: float, source: str = ""
+    ) -> None:
         """``request`` to ``error.service`` failed before any attempt could start (its
         discovery, routing or a limit refused it): one CLIENT span with ``error.type`` and
         one duration observation since ``started``, as for every other failure."""
-        cls(error.service, request, started=started).finish(None, None, error)
+        cls(error.service, request, source=source, started=started).finish(None, None, error)
 
     @classmethod
-    def external(cls, request: httpx.Request) -> OutboundTelemetry:
+    def external(cls, request: httpx.Request, source: str = "") -> OutboundTelemetry:
         """The telemetry of ``request``, which bypasses the mesh (not a mesh service):
         its trace context is injected here, as there is no attempt to inject it."""
-        telemetry = cls("", request)
+        telemetry = cls("", request, source=source)
         try:
             if telemetry._span is not None:
                 inject(request.headers, context=trace.set_span_in_context(telemetry._span))
@@ -176,8 +187,8 @@ class OutboundTelemetry:
         ``hedge`` for a hedge). Returns the attempt's span, to pass back when it ends."""
         try:
             self._version = endpoint.meta.get("version", "")
-            if STATE.source:  # who is calling, for the callee's access log (unverified there)
-                request.headers[SOURCE_HEADER] = STATE.source
+            if self._source:  # who is calling, for the callee's access log (unverified there)
+                request.headers[SOURCE_HEADER] = self._source
             span = self._span
             if span is None:
                 if self._carry:
@@ -225,12 +236,12 @@ class OutboundTelemetry:
         ``ejected``: it cost the endpoint its place in load balancing."""
         try:
             if ejected:
-                CLIENT_EJECTIONS.add((STATE.source, self._service))
+                CLIENT_EJECTIONS.add((self._source, self._service))
             if STATE.endpoint_label and endpoint is not None:
                 CLIENT_ATTEMPT_DURATION.record(
                     time.monotonic() - started,
                     (
-                        STATE.source,
+                        self._source,
                         self._service,
                         *_endpoint_labels(endpoint),
                         "" if status is None else str(status),
@@ -266,7 +277,7 @@ class OutboundTelemetry:
     def budget_exhausted(self) -> None:
         """A retryable outcome was not retried: the retry budget was spent."""
         try:
-            CLIENT_RETRY_BUDGET_EXHAUSTED.add((STATE.source, self._service))
+            CLIENT_RETRY_BUDGET_EXHAUSTED.add((self._source, self._service))
         except Exception:
             logger.exception("outbound telemetry failed")
 
@@ -277,7 +288,7 @@ class OutboundTelemetry:
         (``info``: what the mesh did; None for a request that bypassed it)."""
         try:
             duration = time.perf_counter() - self._start
-            source = STATE.source
+            source = self._source
             status = response.status_code if response is not None else None
             error_type = "" if status is not None else _error_type(error)
             address, port = self._address, self._port
@@ -358,7 +369,7 @@ class OutboundTelemetry:
                 "direction": "outbound",
                 "trace_id": trace_id,
                 "span_id": span_id,
-                "source": STATE.source,
+                "source": self._source,
                 "destination": self._service or None,
                 "method": self._method,
                 "path": self._path,

@@ -41,7 +41,8 @@ class TelemetryState:
     """Process-wide telemetry settings, read by the per-request hooks."""
 
     def __init__(self) -> None:
-        #: this process's service (the source of its outbound calls); "" for a pure client
+        #: this process's service, for its process-wide series (build info, the server
+        #: counters' zeros); a request's own telemetry is labelled with its mesh's service
         self.source = ""
         self.version = ""
         self.access_log = False
