@@ -24,8 +24,10 @@ import pytest
 import meshlib
 from consul_agent import ConsulAgent, unique
 from meshlib._config import FaultHeader, Faults, load_config, parse_rate_limit
+from meshlib.resilience._deadline import Deadline
 from meshlib.security import LocalCA, SpiffeId
-from meshlib.server._faults import FaultInjector, parse_faults
+from meshlib.server._faults import FaultDecision, FaultInjector, parse_faults
+from meshlib.server._inbound import Admitted, Inbound
 from meshlib.server._limits import UNIDENTIFIED, RateLimiter, TokenBucket, source_key
 from polling import wait_until
 from served import Served, ServedFactory
@@ -558,6 +560,21 @@ def test_header_gated_faults_only_touch_marked_requests(serve: ServedFactory, ta
     assert count_statuses(served.url, 20, {"x-chaos": "off"}) == {"200 -": 20}
     assert count_statuses(served.url, 20) == {"200 -": 20}
     assert handled(served)["hello"] == 40
+
+
+def test_a_delay_cut_to_the_deadline_that_ends_a_timer_tick_early_still_answers_504() -> None:
+    # uvloop's timers count whole milliseconds: a sleep until the caller's deadline ended
+    # up to 0.8 ms before it (25 of 300 sleeps here), and the app ran after all (CI saw a
+    # 200 where the deadline had run out). The deadline counts as passed within 5 ms.
+    config = load_config({"MESH_SERVICE_NAME": "hello", "MESH_FAULT_DELAY": "300ms"})
+    with meshlib.Mesh(config) as mesh:
+        inbound = Inbound(mesh)
+        fault = FaultDecision(delay=0.1, abort_status=None)
+        early = Admitted(Deadline.after(0.0008), fault)
+        answer = inbound.after_delay(early)
+        assert answer is not None
+        assert answer.status == 504
+        assert inbound.after_delay(Admitted(Deadline.after(1.0), fault)) is None
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -48,10 +48,10 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
-from .. import __version__
 from .._logsafe import escaped
 from .._runtime import Mesh, live_meshes
 from .._status import status_report
+from .._version import __version__
 from ..instance import Instance
 from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_header
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
@@ -81,6 +81,10 @@ RESERVED_PREFIX = "/mesh/"
 #: Set by ``meshlib serve`` to the admin address it reserved: its serving processes share
 #: that port (``SO_REUSEPORT``).
 ADMIN_REUSE_PORT_ENV = "MESHLIB_ADMIN_REUSE_PORT"
+#: A delay cut to the caller's deadline may end up to a timer tick before it: uvloop's
+#: timers count whole milliseconds (asyncio's loop pads by its clock resolution), so the
+#: deadline counts as passed within this much of it.
+_TIMER_SLACK = 0.005
 #: Marks a 503 the concurrency limit answered: the request was not handled at all.
 
 
@@ -329,7 +333,7 @@ class Inbound:
         if fault.abort_status is not None:
             return _aborted(fault)
         deadline = admitted.deadline
-        if deadline is not None and deadline.remaining() <= 0:
+        if deadline is not None and deadline.remaining() <= _TIMER_SLACK:
             return _deadline_passed(
                 "the caller's deadline ran out during an injected fault delay",
                 ((FAULT_RESPONSE_HEADER, fault.marker),),
