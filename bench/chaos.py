@@ -22,6 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import harness
 import httpx
 from harness import Line, PlainServer, pin_client, pin_server, print_table
 
@@ -205,6 +206,12 @@ class _PersistentConsul:
                     f"-data-dir={data_dir}",
                     "-hcl=performance { raft_multiplier = 1 }",
                 ]
+                if harness.SERVER_CPUS:
+                    # Started on the servers' CPUs, not pinned after it answers: a restart
+                    # inherited the load loop's CPU and, starved by its threads, took over
+                    # 30 s to answer (three times running; 1-2 s when started idle).
+                    cpus = ",".join(str(cpu) for cpu in sorted(harness.SERVER_CPUS))
+                    argv = ["taskset", "-c", cpus, *argv]
                 return argv
 
         return Agent(binary, log_dir=data_dir)
