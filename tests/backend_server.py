@@ -7,6 +7,7 @@ Routes:
   ANY  /echo                -> JSON with the method, headers and body length it received
   GET  /status/<code>       -> that status
   GET  /slow?ms=N           -> answers after N ms
+  GET  /set-cookie?k=v      -> 200 with ``Set-Cookie: k=v; Path=/``
   POST /admin/mode          -> JSON {"status": int|null, "delay_ms": int, "hang": bool,
                                "hold": bool} applies to every non-admin request from then on
   POST /admin/release       -> requests held (mode "hold") go on and answer
@@ -159,6 +160,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _send(send, 200, json.dumps(payload).encode(), "application/json")
     elif path.startswith("/status/"):
         await _send(send, int(path.rsplit("/", 1)[1]), b"as asked")
+    elif path == "/set-cookie":
+        cookie = scope["query_string"] + b"; Path=/"
+        await _send(send, 200, b"set", headers=[(b"set-cookie", cookie)])
     elif path == "/slow":
         query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if p)
         await asyncio.sleep(int(query.get("ms", "100")) / 1000)

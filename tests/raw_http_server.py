@@ -11,6 +11,9 @@ Paths:
                       connection is closed without an answer
   GET /slow-body   -> 200 with 50 chunks of 1 KiB, 20 ms apart
   GET /hold        -> answers once ``release`` is set
+  GET /big         -> 200 with a 4 MiB body (``BIG``), sent as fast as the client reads
+  GET /bye         -> 200 "ok" (keep-alive by its headers), then the server closes the
+                      connection at once: an idle connection the server has closed
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import ssl
 import threading
 import time
 from typing import Any
+
+#: /big's body: 4 MiB, no two neighbouring KiB alike, so a lost or repeated piece shows
+BIG = b"".join(index.to_bytes(4, "big") * 256 for index in range(4096))
 
 
 class RawServer:
@@ -100,6 +106,13 @@ class RawServer:
                         sock.sendall(b"x" * 1024)
                         time.sleep(0.02)
                     continue
+                if path == "/big":
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG))
+                    sock.sendall(BIG)
+                    continue
+                if path == "/bye":
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    return
                 if path == "/hold":
                     self.release.wait(30)
                 close_next = path == "/once"

@@ -191,3 +191,17 @@ async def _until(predicate: object, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {predicate}")
         await anyio.sleep(0.01)
+
+
+async def test_async_cookies_a_service_sets_are_kept_and_sent_back(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    server = backends("a")
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    async with meshlib.AsyncClient() as client:
+        await client.get("http://weather/whoami")
+        assert not client.cookies
+        await client.get("http://weather/set-cookie?session=abc")
+        assert client.cookies.get("session") == "abc"
+        echoed = (await client.get("http://weather/echo")).json()
+        assert echoed["headers"]["cookie"] == "session=abc"

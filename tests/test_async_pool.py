@@ -7,17 +7,32 @@ import ssl
 from pathlib import Path
 
 import anyio
+import httpcore
 import httpx
 import pytest
 
 import meshlib
 from certs import server_context_for
 from meshlib._async_pool import AsyncPoolTransport
+from meshlib._asyncio_stream import _HIGH_WATER, AsyncioBackend, AsyncioStream
 from meshlib.security import LocalCA, SpiffeId
 from meshlib.security._local_ca import issue_leaf
-from raw_http_server import RawServer
+from raw_http_server import BIG, RawServer
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+        pytest.param(("asyncio", {}), id="asyncio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """Each test on uvloop (the loop of `meshlib serve` when installed) and asyncio's own:
+    the pool's connections are the running loop's transports (_asyncio_stream.py)."""
+    backend: tuple[str, dict[str, bool]] = request.param
+    return backend
 
 
 async def test_many_concurrent_requests_share_few_connections() -> None:
@@ -118,3 +133,87 @@ async def test_a_renewed_client_leaf_is_used_by_the_next_new_connection(
     assert first is not None
     assert second is not None
     assert first != second  # the second connection presented the renewed leaf
+
+
+async def test_a_read_timeout_raises_read_timeout_and_closes_the_connection() -> None:
+    pool = AsyncPoolTransport()
+    with RawServer() as server:
+        async with httpx.AsyncClient(transport=pool) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get(f"{server.url}/hold", timeout=httpx.Timeout(5, read=0.2))
+            assert pool.connections == 0
+            server.release.set()
+            assert (await client.get(f"{server.url}/")).text == "ok"
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
+    # Not the stale-connection retry (a POST is never replayed): the pool sees the close
+    # before it hands the connection out, so even a POST gets a fresh connection.
+    pool = AsyncPoolTransport()
+    with RawServer() as server:
+        async with httpx.AsyncClient(transport=pool) as client:
+            assert (await client.get(f"{server.url}/bye")).text == "ok"
+            idle = [c for connections in pool._idle.values() for c in connections]
+            assert len(idle) == 1
+            with anyio.fail_after(10):
+                while not idle[0].has_expired():  # the loop reports the server's close
+                    await anyio.sleep(0.01)
+            assert (await client.post(f"{server.url}/", content=b"order")).text == "ok"
+            assert server.connections == 2
+
+
+async def _requested(server: RawServer, path: str) -> AsyncioStream:
+    """A connection of this module's backend with a GET of ``path`` written on it."""
+    stream = await AsyncioBackend().connect_tcp("127.0.0.1", server.port, timeout=5)
+    assert isinstance(stream, AsyncioStream)
+    await stream.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), timeout=5)
+    return stream
+
+
+async def test_a_large_body_read_slowly_pauses_reading_and_arrives_whole() -> None:
+    with RawServer() as server:
+        stream = await _requested(server, "/big")
+        protocol = stream._protocol
+        with anyio.fail_after(10):
+            while not protocol.reading_paused:  # nobody reads: the buffer fills, then stops
+                await anyio.sleep(0.01)
+        assert protocol.buffered <= _HIGH_WATER + 256 * 1024  # one read's worth over, at most
+        received = bytearray()
+        with anyio.fail_after(10):
+            while len(received) < len(BIG) + 40:
+                chunk = await stream.read(65536, timeout=5)
+                assert chunk, "the stream ended early"
+                received += chunk
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert body == BIG
+        assert not protocol.reading_paused
+        await stream.aclose()
+
+
+async def test_a_refused_connection_and_a_failed_handshake_raise_connect_error(
+    tmp_path: Path,
+) -> None:
+    with RawServer() as server:
+        port = server.port
+    with pytest.raises(httpcore.ConnectError):  # nothing listens there any more
+        await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
+    ca_dir = tmp_path / "ca"
+    LocalCA(ca_dir).init("meshlib.test")
+    with RawServer(tls=_server_tls(ca_dir, "hello")) as server:
+        pool = AsyncPoolTransport(verify=ssl.create_default_context())  # not the mesh's CA
+        async with httpx.AsyncClient(transport=pool) as client:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get(server.url)
+            assert pool.connections == 0
+
+
+async def test_a_write_after_the_server_closed_raises_write_error() -> None:
+    with RawServer() as server:
+        stream = await _requested(server, "/bye")
+        with anyio.fail_after(10):
+            while await stream.read(65536, timeout=5):
+                pass  # the answer, then b"": the server's end of stream
+        assert stream.get_extra_info("is_readable")  # an idle check would see it closed
+        with pytest.raises(httpcore.WriteError):
+            await stream.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)

@@ -112,6 +112,24 @@ def test_callee_sees_the_service_name_as_host_and_the_remaining_deadline(
     assert (info.service, info.endpoint, info.attempts) == ("weather", server.address, 1)
 
 
+def test_cookies_a_service_sets_are_kept_and_sent_back_as_httpx_does(
+    backends: BackendFactory, env: pytest.MonkeyPatch
+) -> None:
+    # The jar skips responses without Set-Cookie (client.py, _Cookies): those with it count
+    server = backends("a")
+    env.setenv("MESH_STATIC_SERVICES", static_env("weather", [server]))
+    with meshlib.Client() as client:
+        client.get("http://weather/whoami")
+        assert not client.cookies
+        client.get("http://weather/set-cookie?session=abc")
+        assert client.cookies.get("session") == "abc"
+        assert client.get("http://weather/echo").json()["headers"]["cookie"] == "session=abc"
+        client.cookies = {"theme": "dark"}  # replaced, as on httpx.Client
+        client.get("http://weather/set-cookie?session=def")
+        assert dict(client.cookies) == {"theme": "dark", "session": "def"}
+        assert "theme=dark" in client.get("http://weather/echo").json()["headers"]["cookie"]
+
+
 def test_service_consul_names_are_mesh_services_too(
     backends: BackendFactory, env: pytest.MonkeyPatch
 ) -> None:

@@ -43,6 +43,9 @@ from typing import Any
 import anyio
 import httpcore
 import httpx
+import sniffio
+
+from ._asyncio_stream import AsyncioBackend
 
 __all__ = ["AsyncPoolTransport"]
 
@@ -68,6 +71,7 @@ _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 _Origin = tuple[bytes, bytes, int | None]
+_ASYNCIO = AsyncioBackend()
 
 
 def _mapped(exc: Exception) -> Exception:
@@ -162,24 +166,37 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         self, origin: _Origin, timeout: float | None
     ) -> tuple[httpcore.AsyncHTTPConnection, bool]:
         """An idle connection (reused=True) or a new one, waiting for room up to ``timeout``."""
+        got = await self._take_or_open(origin)
+        if got is not None:  # the usual case: no wait, so no timer and no cancel scope
+            return got
         try:
             with anyio.fail_after(timeout) if timeout is not None else nullcontext():
                 while True:
-                    if self._closed:
-                        raise httpx.TransportError("the transport is closed")
-                    connection = await self._take_idle(origin)
-                    if connection is not None:
-                        return connection, True
-                    if self._open < self._max:
-                        self._open += 1
-                        return self._new(origin), False
-                    if await self._evict_idle():
-                        continue  # room made by closing another origin's idle connection
                     await self._wait_turn()
+                    got = await self._take_or_open(origin)
+                    if got is not None:
+                        return got
         except TimeoutError:
             raise httpx.PoolTimeout(
                 f"no connection free within the pool timeout ({self._max} open at most)"
             ) from None
+
+    async def _take_or_open(
+        self, origin: _Origin
+    ) -> tuple[httpcore.AsyncHTTPConnection, bool] | None:
+        """An idle connection, or a new one if there is room; None if it must wait."""
+        while True:
+            if self._closed:
+                raise httpx.TransportError("the transport is closed")
+            connection = await self._take_idle(origin)
+            if connection is not None:
+                return connection, True
+            if self._open < self._max:
+                self._open += 1
+                return self._new(origin), False
+            if not await self._evict_idle():
+                return None
+            # room made by closing another origin's idle connection: look again
 
     async def _wait_turn(self) -> None:
         """Wait until a connection closes or goes idle (first come, first served)."""
@@ -205,6 +222,8 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
             httpcore.Origin(scheme, host, port or (443 if scheme == b"https" else 80)),
             ssl_context=ssl_context,
             keepalive_expiry=self._expiry,
+            # asyncio's own transports (_asyncio_stream.py); httpcore's default elsewhere
+            network_backend=_ASYNCIO if sniffio.current_async_library() == "asyncio" else None,
         )
 
     async def _take_idle(self, origin: _Origin) -> httpcore.AsyncHTTPConnection | None:
