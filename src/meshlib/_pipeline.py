@@ -53,6 +53,7 @@ its error is the attempt's own, wrapped to say what was tried (``RequestFailed``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -540,7 +541,9 @@ class Call:
             for attempt in list(self._in_flight):
                 self.attempt_cancelled(attempt)
         request.url = self._original_url
-        request.headers.pop(DEADLINE_HEADER, None)
+        if self.info.attempts:  # each attempt set it; ``del`` scans the headers once, ``pop`` twice
+            with contextlib.suppress(KeyError):
+                del request.headers[DEADLINE_HEADER]
         request.extensions = self._original_extensions
         if response is not None:
             response.extensions[OPTIONS_KEY] = self.info

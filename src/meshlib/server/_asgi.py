@@ -103,8 +103,9 @@ class ASGIMiddleware:
             await _send_local(send, self.inbound.not_here(path))
             return
         raw = scope["headers"]
-        headers = joined_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
         if len(headers) != len(raw):  # a header was repeated: the app sees what rules saw
+            headers = joined_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
             scope["headers"] = [
                 (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
             ]

@@ -57,6 +57,7 @@ from ..resilience._deadline import DEADLINE_HEADER, Deadline, parse_deadline_hea
 from ..resilience._retry import OVERLOADED_HEADER  # the client reads it there
 from ..routing._propagate import Marks, marks_of
 from ..security import Authorizer, SpiffeId, TlsContexts
+from ..security._authz import LocalAuthorizer
 from ..telemetry import prometheus_text
 from ..telemetry._admin import is_loopback, serve_admin, set_routes
 from ..telemetry._inbound import peer_service
@@ -155,7 +156,13 @@ class Inbound:
         self.mesh = mesh
         self.instance = mesh.instance
         self.stages = tuple(stages)
-        self.authorizer: Authorizer | None = mesh.security.authorizer
+        authorizer = mesh.security.authorizer
+        #: None when nobody is refused (local lists empty, no intentions): nothing to ask
+        self.authorizer: Authorizer | None = (
+            None
+            if isinstance(authorizer, LocalAuthorizer) and not authorizer.restricts
+            else authorizer
+        )
         config = mesh.config
         self.service = config.service_name or ""
         self.limiter = RateLimiter(config.rate_limit, config.rate_limit_per_source)

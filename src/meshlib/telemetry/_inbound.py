@@ -137,6 +137,8 @@ class InboundCall:
         self.status: int | None = None
         try:
             tracer = STATE.tracer()
+            if tracer is None and not carrier:
+                return  # no span to make, no caller's context to carry
             outer = trace.get_current_span()
             if outer.is_recording():
                 # The framework's own instrumentation (FastAPI's, an OpenTelemetry ASGI
@@ -181,7 +183,7 @@ class InboundCall:
                 status = 500
             # error.type on every failed request (a 5xx for a server), injected faults too
             failure = error_type or (str(status) if status >= 500 else "")
-            caller = peer_service(peer)
+            caller = "" if peer is None else peer_service(peer)
             SERVER_DURATION.record(
                 duration,
                 (
