@@ -320,6 +320,40 @@ def test_a_server_proving_another_service_is_refused_by_the_client(
     assert handled(impostor, ca_dir) == 0  # refused before a byte of the request was sent
 
 
+@pytest.mark.anyio
+async def test_async_a_server_proving_another_service_is_refused_before_the_request(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    impostor = serve("fastapi_app:app", server_env(ca_dir, name="impostor"))
+    as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{impostor.port}")
+    async with meshlib.AsyncClient() as client:
+        with pytest.raises(meshlib.IdentityMismatch) as info:
+            await client.get("http://hello/hello")
+    assert "svc/impostor" in str(info.value)
+    assert handled(impostor, ca_dir) == 0  # refused before a byte of the request was sent
+
+
+def test_a_callers_own_trace_extension_sees_every_event_over_mesh_tls(
+    serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The identity check lives in the pool's network backend, not in the trace extension:
+    # the caller's own trace is left as it was given, and sees the handshake too.
+    served = serve("fastapi_app:app", server_env(ca_dir))
+    as_client(monkeypatch, ca_dir, "gateway", f"hello=127.0.0.1:{served.port}")
+    events: list[str] = []
+
+    def trace(event: str, info: object) -> None:
+        events.append(event)
+
+    with meshlib.Client() as client:
+        for _ in range(2):
+            response = client.get("http://hello/hello", extensions={"trace": trace})
+            assert response.status_code == 200
+            assert response.request.extensions["trace"] is trace
+    assert events.count("connection.start_tls.complete") == 1  # one connection, reused
+    assert events.count("http11.receive_response_headers.complete") == 2
+
+
 def test_a_wrong_server_is_skipped_for_a_right_one(
     serve: ServedFactory, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,16 +23,15 @@ from typing import Any
 
 import pytest
 
-from meshlib import client
-from meshlib.security import _verify
+from meshlib import _core, client
 
 #: async name -> its sync twin's name
 _NAMES = {
     "handle_async_request": "handle_request",
     "AsyncBaseTransport": "BaseTransport",
     "_aread_within_attempt": "_read_within_attempt",
-    "async_identity_check": "identity_check",
-    "AsyncTrace": "Trace",
+    "AsyncNetworkStream": "NetworkStream",
+    "_AsyncCheckedStream": "_CheckedStream",
     "aclose": "close",
     "aread": "read",
     "anyio": "time",
@@ -43,7 +42,8 @@ PAIRS = [
     (client.MeshTransport._bypass, client.AsyncMeshTransport._bypass),
     (client.MeshTransport._pool, client.AsyncMeshTransport._pool),
     (client._read_within_attempt, client._aread_within_attempt),
-    (_verify.identity_check, _verify.async_identity_check),
+    (_core._CheckedStream.start_tls, _core._AsyncCheckedStream.start_tls),
+    (_core.CheckedBackend.connect_tcp, _core.AsyncCheckedBackend.connect_tcp),
 ]
 
 

@@ -46,40 +46,15 @@ import httpx
 import sniffio
 
 from ._asyncio_stream import AsyncioBackend
+from ._core import AsyncCheckedBackend, Handshake, core_request, raise_mapped
 
 __all__ = ["AsyncPoolTransport"]
-
-#: httpcore's errors -> httpx's (the most specific wins; the table httpx maps with)
-_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.ProxyError, httpx.ProxyError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-)
 
 #: a request sent once more after a stale keep-alive connection failed it
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 _Origin = tuple[bytes, bytes, int | None]
 _ASYNCIO = AsyncioBackend()
-
-
-def _mapped(exc: Exception) -> Exception:
-    """The httpx error for an httpcore one (``exc`` itself if it is no httpcore error)."""
-    for source, target in _ERRORS:
-        if isinstance(exc, source):
-            return target(str(exc))
-    return exc
 
 
 #: what a reused connection fails with when the server had closed it (stale keep-alive)
@@ -94,6 +69,9 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
             first ``https`` request, since loading the CA bundle costs ~30 ms).
         limits: ``max_connections``, ``max_keepalive_connections`` and ``keepalive_expiry``,
             as ``httpx.AsyncHTTPTransport`` takes them.
+        handshake: run on each new TLS connection after its handshake, before a byte of a
+            request is written on it (the mesh checks the server's identity there:
+            ``_core.AsyncCheckedBackend``).
     """
 
     def __init__(
@@ -101,8 +79,10 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         *,
         verify: ssl.SSLContext | None = None,
         limits: httpx.Limits = httpx.Limits(),  # noqa: B008 - immutable
+        handshake: Handshake | None = None,
     ) -> None:
         self._ssl = verify
+        self._handshake = handshake
         unlimited = sys.maxsize
         self._max = unlimited if limits.max_connections is None else limits.max_connections
         self._max_idle = (
@@ -131,15 +111,7 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         """Send ``request`` on a pooled connection to its origin."""
         url = request.url
         origin: _Origin = (url.raw_scheme, url.raw_host, url.port)
-        core = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
+        core = core_request(request)
         timeouts: dict[str, Any] = request.extensions.get("timeout") or {}
         replayable = request.method in _IDEMPOTENT and isinstance(request.stream, httpx.ByteStream)
         while True:
@@ -150,10 +122,9 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
                 await self._discard(connection)
                 if reused and replayable and isinstance(exc, _STALE):
                     continue  # a stale keep-alive connection: once more on another
-                mapped = _mapped(exc) if isinstance(exc, Exception) else exc
-                if mapped is exc:
-                    raise
-                raise mapped from exc
+                if isinstance(exc, Exception):
+                    raise_mapped(exc)
+                raise
             assert isinstance(response.stream, AsyncIterable)
             return httpx.Response(
                 status_code=response.status,
@@ -218,12 +189,17 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
             if self._ssl is None:
                 self._ssl = httpx.create_ssl_context()
             ssl_context = self._ssl
+        # asyncio's own transports (_asyncio_stream.py); httpcore's default elsewhere
+        backend: httpcore.AsyncNetworkBackend | None = (
+            _ASYNCIO if sniffio.current_async_library() == "asyncio" else None
+        )
+        if self._handshake is not None:
+            backend = AsyncCheckedBackend(backend or httpcore.AnyIOBackend(), self._handshake)
         return httpcore.AsyncHTTPConnection(
             httpcore.Origin(scheme, host, port or (443 if scheme == b"https" else 80)),
             ssl_context=ssl_context,
             keepalive_expiry=self._expiry,
-            # asyncio's own transports (_asyncio_stream.py); httpcore's default elsewhere
-            network_backend=_ASYNCIO if sniffio.current_async_library() == "asyncio" else None,
+            network_backend=backend,
         )
 
     async def _take_idle(self, origin: _Origin) -> httpcore.AsyncHTTPConnection | None:
@@ -302,10 +278,7 @@ class _Body(httpx.AsyncByteStream):
             async for chunk in self._stream:
                 yield chunk
         except Exception as exc:
-            mapped = _mapped(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            raise_mapped(exc)
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None

@@ -36,11 +36,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._async_pool import AsyncPoolTransport
 from ._config import MeshConfig, load_config
+from ._core import CorePoolTransport
 from ._exceptions import MeshRequestError, UntrustedCertificate
 from ._pipeline import MAX_HEDGES, WAIT, Admission, Attempt, Call, clone_request
 from ._runtime import Mesh
 from .security._refusals import TLS_REQUIRED_HEADER, tls_required_message
-from .security._verify import async_identity_check, identity_check
+from .security._verify import identity_check
 from .telemetry import OutboundTelemetry
 
 __all__ = ["AsyncClient", "AsyncMeshTransport", "Client", "MeshTransport"]
@@ -74,7 +75,7 @@ class MeshTransport(httpx.BaseTransport):
     ) -> None:
         self.mesh = _runtime(config, mesh)
         self._inner = _Plaintext(httpx.HTTPTransport() if inner is None else inner)
-        self._tls = _TlsPools(self.mesh, _trust_checked(self.mesh, _Trust), identity_check)
+        self._tls = _TlsPools(self.mesh, _trust_checked(self.mesh, _Trust))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
@@ -221,9 +222,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self.mesh = _runtime(config, mesh)
         self._inner = _AsyncPlaintext(AsyncPoolTransport() if inner is None else inner)
-        self._tls = _TlsPools(
-            self.mesh, _trust_checked(self.mesh, _AsyncTrust), async_identity_check
-        )
+        self._tls = _TlsPools(self.mesh, _trust_checked(self.mesh, _AsyncTrust))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``: through the mesh for a mesh service, else straight through."""
@@ -608,32 +607,34 @@ class _TlsPools(Generic[Pool]):
     renewed after two thirds of their lifetime).
     """
 
-    def __init__(self, mesh: Mesh, factory: Callable[..., Pool], check: Callable[..., Any]) -> None:
+    def __init__(self, mesh: Mesh, factory: Callable[..., Pool]) -> None:
         self._security = mesh.security
         self._factory: Callable[..., Pool] = factory
-        self._check = check
         self._pools: dict[tuple[str, int], Pool] = {}
         self._retired: list[tuple[int, Pool]] = []  # (generation that retired it, pool)
         self._lock = threading.Lock()
 
     def prepare(self, request: httpx.Request, service: str) -> Pool:
-        """Set SNI and the identity check on ``request``; the pool to send it on."""
+        """Set SNI on ``request``; the pool to send it on.
+
+        The pool checks each new connection's server identity after its handshake
+        (security/_verify.py).
+        """
         tls = self._security.tls
         assert tls is not None
         key = (service, tls.generation)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._new_pool(key, tls.client)
-        extensions = request.extensions
-        extensions["sni_hostname"] = service
-        extensions["trace"] = self._check(self._security.expected(service), extensions.get("trace"))
+        request.extensions["sni_hostname"] = service
         return pool
 
     def _new_pool(self, key: tuple[str, int], context: ssl.SSLContext) -> Pool:
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
-                pool = self._factory(verify=context)
+                check = identity_check(self._security.expected(key[0]))
+                pool = self._factory(verify=context, handshake=check)
                 self._pools[key] = pool
                 stale = [k for k in self._pools if k[0] == key[0] and k[1] < key[1] - 1]
                 self._retired.extend((key[1], self._pools.pop(k)) for k in stale)
@@ -896,7 +897,7 @@ class _Trust(httpx.BaseTransport):
     """A mesh-TLS pool whose handshake failures on trust say which CA to fix."""
 
     def __init__(self, options: dict[str, Any], source: str) -> None:
-        self.inner = httpx.HTTPTransport(**options)
+        self.inner = CorePoolTransport(**options)
         self._source = source
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
