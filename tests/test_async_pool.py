@@ -178,7 +178,10 @@ async def test_a_large_body_read_slowly_pauses_reading_and_arrives_whole() -> No
             while not protocol.reading_paused:  # nobody reads: the buffer fills, then stops
                 await anyio.sleep(0.01)
         assert protocol.buffered <= _HIGH_WATER + 256 * 1024  # one read's worth over, at most
-        received = bytearray()
+        waiting, chunks = protocol.buffered, len(protocol.chunks)
+        received = bytearray(await stream.read(len(BIG) * 2, timeout=5))
+        assert chunks > 1
+        assert len(received) == waiting  # every chunk that had arrived, in one read
         with anyio.fail_after(10):
             while len(received) < len(BIG) + 40:
                 chunk = await stream.read(65536, timeout=5)

@@ -136,6 +136,17 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
                 return self._at_end()
         chunks = protocol.chunks
         data = chunks.popleft()
+        if chunks and len(data) < max_bytes:
+            # Everything that arrived, up to max_bytes: over TLS a response's head and body
+            # are two records, each its own data_received; one read saves httpcore and h11 a
+            # round (a read, a parse that needs more, another read).
+            parts = [data]
+            size = len(data)
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                part = chunks.popleft()
+                parts.append(part)
+                size += len(part)
+            data = b"".join(parts)
         if len(data) > max_bytes:
             chunks.appendleft(data[max_bytes:])
             data = data[:max_bytes]
