@@ -389,6 +389,10 @@ class Engine:
                 task.cancel()
                 with suppress(asyncio.CancelledError, Exception):
                     await task
+            elif not task.cancelled():
+                # Retrieved: a query that failed just as this watch was cancelled (the engine
+                # stopping) is not reported as "Task exception was never retrieved".
+                task.exception()
         if task.cancelled() or not task.done():
             return None
         return task.result()
