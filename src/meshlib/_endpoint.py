@@ -80,6 +80,10 @@ SnapshotListener = Callable[[Snapshot], None]
 class Discovery(Protocol):
     """A source of snapshots. Implementations: static (from config) and Consul."""
 
+    #: Whether a process forked from one using it may go on using it: True when it runs no
+    #: thread of its own (a thread stays behind in the parent at a fork).
+    survives_fork: bool
+
     def snapshot(self, service: str) -> Snapshot | None:
         """The latest snapshot of ``service``; ``None`` if it is not known (yet). Never blocks."""
 

@@ -589,15 +589,16 @@ def _after_fork_in_child() -> None:
     """A pre-forking server's worker keeps its parent's meshes (the app was built before
     the fork, and the parent registered the instance and drains it for the workers), but
     not a watching discovery: its thread stayed behind, so the worker starts its own on
-    its next call out, with a fresh view of its destinations. (Static discovery has no
-    thread: the worker keeps it, and the state of every destination.)"""
+    its next call out, with a fresh view of its destinations. (A discovery that
+    ``survives_fork``, static discovery, has no thread: the worker keeps it, and the state
+    of every destination.)"""
     global _registry_lock
     _registry_lock = threading.RLock()  # another thread may have held it at the fork
     for mesh in _open:
         mesh._lock = threading.Lock()
         mesh._connect_lock = threading.Lock()
         discovery = mesh._discovery
-        if mesh._given is None and not isinstance(discovery, StaticDiscovery | None):
+        if mesh._given is None and discovery is not None and not discovery.survives_fork:
             mesh._discovery = None
             mesh._services = {}
             mesh._targets = {}

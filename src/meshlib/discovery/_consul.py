@@ -83,6 +83,9 @@ class ConsulDiscovery:
     request never sees a chain whose targets look empty merely because nobody asked yet.
     """
 
+    #: its watches run on a thread, which a fork leaves behind: a forked worker starts anew
+    survives_fork = False
+
     def __init__(
         self,
         settings: ConsulSettings,

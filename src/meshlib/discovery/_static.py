@@ -24,6 +24,9 @@ class StaticDiscovery:
     Each endpoint's id is its ``host:port``; its weight is ``HostPort.weight``.
     """
 
+    #: no thread: a forked worker keeps it (and its destinations' state)
+    survives_fork = True
+
     def __init__(
         self,
         services: Mapping[str, tuple[HostPort, ...]],

@@ -48,7 +48,7 @@ from ._names import (
     method_label,
 )
 from ._outbound import exemplar, span_ids
-from ._state import STATE, setup
+from ._state import STATE
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -249,8 +249,9 @@ class InboundCall:
 
 
 def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
-    """``handler`` (the middleware's HTTP path) with inbound telemetry around it."""
-    setup(config)
+    """``handler`` (the middleware's HTTP path) with inbound telemetry around it.
+
+    Telemetry itself was set up by the middleware's mesh (``Mesh`` calls ``setup``)."""
     STATE.serving = True
     service = (config.service_name or "", config.service_version or "")
 
@@ -293,8 +294,9 @@ def asgi(handler: ASGIApp, config: MeshConfig) -> ASGIApp:
 
 
 def wsgi(handler: WSGIApplication, config: MeshConfig) -> WSGIApplication:
-    """``handler`` (the middleware's request path) with inbound telemetry around it."""
-    setup(config)
+    """``handler`` (the middleware's request path) with inbound telemetry around it.
+
+    Telemetry itself was set up by the middleware's mesh (``Mesh`` calls ``setup``)."""
     STATE.serving = True
     service = (config.service_name or "", config.service_version or "")
 
