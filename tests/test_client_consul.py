@@ -203,6 +203,15 @@ def test_consul_down_keeps_the_last_snapshot_and_recovers_by_itself(
         agent.stop()
         served = [client.get(f"http://{service}/whoami").text for _ in range(50)]
         assert served == ["b0"] * 50  # from the last snapshot, with Consul gone
+        # Restart only once the watch has found the agent gone: 50 quick requests may take
+        # less time than its next query (seen in CI: the agent was back before the watch
+        # asked, so no outage was there to log)
+        wait_until(
+            lambda: any("unreachable" in r.getMessage() for r in caplog.records),
+            timeout=30,
+            what="the outage noticed",
+        )
+        assert client.get(f"http://{service}/whoami").text == "b0"
 
         agent.restart()  # dev mode comes back empty: the index goes backwards
         register_backend(agent, service, second, [])
