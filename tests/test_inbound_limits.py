@@ -26,6 +26,7 @@ from consul_agent import ConsulAgent, unique
 from meshlib._config import FaultHeader, Faults, load_config, parse_rate_limit
 from meshlib.resilience._deadline import Deadline
 from meshlib.security import LocalCA, SpiffeId
+from meshlib.server._asgi import sleep_at_least
 from meshlib.server._faults import FaultDecision, FaultInjector, parse_faults
 from meshlib.server._inbound import Admitted, Inbound
 from meshlib.server._limits import UNIDENTIFIED, RateLimiter, TokenBucket, source_key
@@ -575,6 +576,26 @@ def test_a_delay_cut_to_the_deadline_that_ends_a_timer_tick_early_still_answers_
         assert answer is not None
         assert answer.status == 504
         assert inbound.after_delay(Admitted(Deadline.after(1.0), fault)) is None
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_an_asgi_fault_delay_never_ends_early_by_the_monotonic_clock(loop: str) -> None:
+    # uvloop's sleep(0.3) ended up to a millisecond early (CI: 299.92 ms of the caller's
+    # deadline spent by a 300 ms delay); sleep_at_least sleeps the rest.
+    import asyncio
+
+    import uvloop
+
+    async def shortest() -> float:
+        took = []
+        for _ in range(100):
+            started = time.monotonic()
+            await sleep_at_least(0.0025)  # a plain uvloop sleep of 2.5 ms: 299 of 300 early
+            took.append(time.monotonic() - started)
+        return min(took)
+
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    assert run(shortest()) >= 0.0025
 
 
 @pytest.mark.parametrize("target", TARGETS)

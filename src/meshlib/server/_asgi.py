@@ -11,6 +11,7 @@ then the app's own shutdown runs, so handlers still have their resources while d
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -125,7 +126,7 @@ class ASGIMiddleware:
             fault = verdict.fault
             if fault is not None:
                 if fault.delay:
-                    await anyio.sleep(fault.delay)  # never block the event loop
+                    await sleep_at_least(fault.delay)  # never block the event loop
                 answer = inbound.after_delay(verdict)
                 if answer is not None:
                     await _send_local(send, answer)
@@ -176,6 +177,19 @@ class ASGIMiddleware:
                 await anyio.to_thread.run_sync(self.instance.stop)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def sleep_at_least(seconds: float) -> None:
+    """Sleep ``seconds`` by the monotonic clock, not less: an injected delay is at least
+    what was configured, as ``time.sleep`` gives the WSGI middleware.
+
+    uvloop's timers count whole milliseconds from a clock read at the start of the loop's
+    turn, so ``sleep(0.3)`` ended up to a millisecond early (CI: a 300 ms fault delay took
+    299.92 ms of the caller's deadline); the rest is slept again.
+    """
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        await anyio.sleep(left)
 
 
 async def _send_local(send: Send, response: LocalResponse) -> None:
