@@ -8,6 +8,7 @@ do not take turns on one core; ``pin_servers`` says which CPUs servers get.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -45,15 +46,32 @@ def pin_client() -> str:
 
 
 def pin_server(pid: int) -> None:
-    """Move process ``pid`` (one this script started) to the server CPUs."""
+    """Move process ``pid`` (one this script started), all its threads, to the server CPUs."""
     if SERVER_CPUS is not None:
-        os.sched_setaffinity(pid, SERVER_CPUS)
+        _pin_threads(pid, SERVER_CPUS)
 
 
 def pin_as_client(pid: int) -> None:
     """Move process ``pid`` (a measuring worker this script started) to the client CPU."""
     if CLIENT_CPUS is not None:
-        os.sched_setaffinity(pid, CLIENT_CPUS)
+        _pin_threads(pid, CLIENT_CPUS)
+
+
+def _pin_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid``: ``sched_setaffinity(pid)`` moves only the main one.
+
+    A process started from the pinned client inherits the client's CPU in all the threads
+    it made before it was moved; Consul's Go runtime makes several at once, and its HTTP
+    API, answered on those, starved beside the load loop (chaos `rolling` in CI: the
+    agent's health query timed out after 5 s). Threads made later inherit from their maker.
+    """
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:  # no /proc: the process's main thread, as before
+        threads = [pid]
+    for tid in threads:
+        with contextlib.suppress(ProcessLookupError):  # that thread ended meanwhile
+            os.sched_setaffinity(tid, cpus)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
